@@ -1,0 +1,353 @@
+"""The one root configuration object, :class:`RunConfig`, and how it is loaded.
+
+Every default of a run lives here. A run is described by a YAML file whose top-level keys are the
+sections below; any value can be overridden from the command line with ``--set section.key=value``
+(the value is parsed as YAML, so ``--set budget.samples=512`` gives an int). Unknown keys and bad
+values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gold_ray.tasks import format_validation_error
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Section):
+    """Which task to distil.
+
+    Attributes:
+        name: A shipped task name (``sst2``) or the path of a task YAML file.
+        data_dir: Folder that relative data paths (evaluation, seed, validation) are resolved
+            against; defaults to ``$GOLD_RAY_DATA``.
+        eval_path: Overrides the task file's evaluation JSONL.
+        eval_limit: Evaluate on at most this many examples (None: all).
+        val_path: Small real labelled validation JSONL (S3 only; never the test set).
+        unlabeled_path: Unlabelled pool JSONL (LLKD only).
+    """
+
+    name: str = "sst2"
+    data_dir: str | None = None
+    eval_path: str | None = None
+    eval_limit: int | None = Field(default=None, gt=0)
+    val_path: str | None = None
+    unlabeled_path: str | None = None
+
+
+class ServeConfig(_Section):
+    """Ray Serve settings of the teacher deployment.
+
+    Attributes:
+        min_replicas: Autoscaling floor.
+        max_replicas: Autoscaling ceiling.
+        target_ongoing_requests: Requests per replica the autoscaler aims for.
+        max_ongoing_requests: Requests a replica accepts at once.
+        num_cpus: CPUs per replica.
+        num_gpus: GPUs per replica.
+        host: HTTP bind address; loopback unless the user exposes it on purpose.
+        port: HTTP port.
+    """
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=64, gt=0)
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class TeacherConfig(_Section):
+    """The teacher LLM and how it samples.
+
+    Attributes:
+        model: ``embedded:smollm2-135m-instruct``, ``embedded:gemma3-270m``, an HF id or a local path.
+        engine: ``hf`` (transformers), ``vllm`` or ``openai`` (any OpenAI-compatible endpoint).
+        prompt_style: ``chat`` for instruct models, ``continuation`` for base models, ``auto``
+            to pick from the tokenizer (a chat template means chat).
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling mass.
+        top_k: Top-k cut (0 disables it).
+        max_new_tokens: Cap on generated tokens per sample.
+        batch_size: Prompts per engine call.
+        dtype: ``auto`` (bf16 where the CPU or GPU has it), ``bfloat16``, ``float32`` or ``float16``.
+        trust_remote_code: Run model code from the model folder; off unless turned on.
+        base_url: OpenAI engine endpoint (``http://host:port/v1``).
+        api_key_env: Environment variable holding the OpenAI engine's key; the key itself is never
+            stored in a config.
+        request_timeout_s: Per-request timeout of the OpenAI engine.
+        max_retries: Retries of a failed request, with exponential backoff.
+        serve: The Ray Serve deployment.
+    """
+
+    model: str = "embedded:smollm2-135m-instruct"
+    engine: Literal["hf", "vllm", "openai"] = "hf"
+    prompt_style: Literal["auto", "chat", "continuation"] = "auto"
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    max_new_tokens: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    trust_remote_code: bool = False
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+class StudentConfig(_Section):
+    """The student model and how it trains.
+
+    Attributes:
+        model: ``embedded:all-minilm-l6-v2``, an HF id or a local path.
+        kind: ``auto`` (classifier for classification tasks, seq2seq/causal LM for text-to-text),
+            ``classifier`` or ``text_to_text``.
+        max_length: Tokens per input.
+        max_target_length: Tokens per target (text-to-text).
+        lr: AdamW learning rate.
+        batch_size: Training batch size.
+        weight_decay: AdamW weight decay.
+        epochs_per_iteration: Epochs of continued training on the data so far, each iteration.
+        final_epochs: Epochs of the final training stage.
+        final_fresh: Re-initialise the student before the final stage (the GOLD code does).
+        final_loss: ``ce`` or ``sce`` (symmetric cross-entropy, GOLD's noise-robust loss).
+        sce_alpha: Weight of the CE term of SCE.
+        sce_beta: Weight of the reverse CE term of SCE.
+        trust_remote_code: See ``TeacherConfig.trust_remote_code``.
+    """
+
+    model: str = "embedded:all-minilm-l6-v2"
+    kind: Literal["auto", "classifier", "text_to_text"] = "auto"
+    max_length: int = Field(default=128, ge=8)
+    max_target_length: int = Field(default=32, ge=1)
+    lr: float = Field(default=5e-5, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    epochs_per_iteration: int = Field(default=1, ge=0)
+    final_epochs: int = Field(default=3, ge=0)
+    final_fresh: bool = True
+    final_loss: Literal["ce", "sce"] = "ce"
+    sce_alpha: float = Field(default=1.0, ge=0)
+    sce_beta: float = Field(default=1.0, ge=0)
+    trust_remote_code: bool = False
+
+
+class StrategyConfig(_Section):
+    """Which data strategy runs the loop, and its knobs.
+
+    Attributes:
+        name: ``gold``, ``zerogen``, ``progen``, ``s3`` or ``llkd``.
+        iterations: Feedback rounds.
+        probe_fraction: Share of each iteration's generation spent on probe samples (GOLD).
+        band_lo: Lower energy percentile of the feedback band (GOLD code: 0.5).
+        band_hi: Upper energy percentile of the feedback band (GOLD code: 0.8).
+        feedback_per_prompt: Feedback examples shown in one prompt.
+        feedback_pool_size: Most recent feedback examples kept.
+        demos_per_prompt: Seed demonstrations shown in one prompt.
+        score: OOD score used for selection: ``energy``, ``nll`` or ``msp``.
+        energy_temperature: T in E = -T logsumexp(f/T).
+        energy_mode: ``masked`` (real target tokens only, the clean reading) or ``code_faithful``
+            (pads included, as the GOLD code does); text-to-text students only.
+        noise_filter_top: Drop this top share of each iteration's training data by energy (0 = off).
+        max_demo_chars: Length cap of one demonstration inside a prompt.
+    """
+
+    name: Literal["gold", "zerogen", "progen", "s3", "llkd"] = "gold"
+    iterations: int = Field(default=4, ge=1)
+    probe_fraction: float = Field(default=0.2, ge=0, lt=1)
+    band_lo: float = Field(default=0.5, ge=0, le=1)
+    band_hi: float = Field(default=0.8, ge=0, le=1)
+    feedback_per_prompt: int = Field(default=3, ge=0)
+    feedback_pool_size: int = Field(default=32, ge=1)
+    demos_per_prompt: int = Field(default=3, ge=0)
+    score: Literal["energy", "nll", "msp"] = "energy"
+    energy_temperature: float = Field(default=1.0, gt=0)
+    energy_mode: Literal["masked", "code_faithful"] = "masked"
+    noise_filter_top: float = Field(default=0.0, ge=0, lt=1)
+    max_demo_chars: int = Field(default=300, ge=20)
+
+    @model_validator(mode="after")
+    def _band(self) -> StrategyConfig:
+        if self.band_lo >= self.band_hi:
+            raise ValueError(f"band_lo ({self.band_lo}) must be below band_hi ({self.band_hi})")
+        return self
+
+
+class BudgetConfig(_Section):
+    """How much teacher work a run may spend.
+
+    Attributes:
+        samples: Training samples requested from the teacher over the whole run (probes excluded).
+        max_teacher_tokens: Stop generating once this many output tokens were spent (None: no cap).
+        max_reject_share: Stop with a clear error when an iteration rejects more than this share.
+    """
+
+    samples: int = Field(default=1024, ge=1)
+    max_teacher_tokens: int | None = Field(default=None, ge=1)
+    max_reject_share: float = Field(default=0.9, gt=0, le=1)
+
+
+class ResourcesConfig(_Section):
+    """Ray resources of the scoring pool and the trainer.
+
+    Attributes:
+        scorer_min_actors: Smallest energy-scorer actor pool.
+        scorer_max_actors: Largest energy-scorer actor pool.
+        scorer_num_cpus: CPUs per scorer actor.
+        scorer_num_gpus: GPUs per scorer actor.
+        scorer_batch_size: Rows per scoring batch.
+        train_workers: Ray Train workers.
+        train_use_gpu: Train on GPUs.
+        train_cpus_per_worker: CPUs per Ray Train worker.
+    """
+
+    scorer_min_actors: int = Field(default=1, ge=1)
+    scorer_max_actors: int = Field(default=2, ge=1)
+    scorer_num_cpus: float = Field(default=0.5, gt=0)
+    scorer_num_gpus: float = Field(default=0.0, ge=0)
+    scorer_batch_size: int = Field(default=64, ge=1)
+    train_workers: int = Field(default=1, ge=1)
+    train_use_gpu: bool = False
+    train_cpus_per_worker: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _pool(self) -> ResourcesConfig:
+        if self.scorer_min_actors > self.scorer_max_actors:
+            raise ValueError("scorer_min_actors must be <= scorer_max_actors")
+        return self
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking.
+
+    Attributes:
+        enabled: Log the run to MLflow.
+        tracking_uri: MLflow store; None means ``$MLFLOW_TRACKING_URI`` or else a SQLite file
+            in the output folder.
+        experiment: MLflow experiment name.
+    """
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "gold-ray"
+
+
+class OutputConfig(_Section):
+    """Where a run writes.
+
+    Attributes:
+        dir: Run directory.
+        overwrite: Replace a different run already in ``dir``.
+    """
+
+    dir: str = "runs/latest"
+    overwrite: bool = False
+
+
+class RunConfig(_Section):
+    """The whole description of one distillation run.
+
+    Attributes:
+        seed: Seeds prompts, sampling and training.
+        task: See :class:`TaskConfig`.
+        teacher: See :class:`TeacherConfig`.
+        student: See :class:`StudentConfig`.
+        strategy: See :class:`StrategyConfig`.
+        budget: See :class:`BudgetConfig`.
+        resources: See :class:`ResourcesConfig`.
+        tracking: See :class:`TrackingConfig`.
+        output: See :class:`OutputConfig`.
+    """
+
+    seed: int = 0
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_yaml(self) -> str:
+        """The resolved config, every default included, as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def per_iteration_samples(self) -> int:
+        """Training samples requested per iteration (the last iteration takes the remainder)."""
+        return max(1, self.budget.samples // self.strategy.iterations)
+
+
+class ConfigError(ValueError):
+    """A config that does not load; the message names the file, the key and the problem."""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw config mapping (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. strategy.name=zerogen")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {err}") from err
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a :class:`RunConfig` from YAML (or the defaults when ``path`` is None), then apply overrides.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a key is unknown or a value invalid;
+            the message names each bad key.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: no such config file")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}:\n{format_validation_error(err)}") from err

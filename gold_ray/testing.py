@@ -1,0 +1,62 @@
+"""Test doubles. Nothing here is ever a default: tests and benchmarks name these explicitly."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
+
+
+class FakeTeacherEngine(TeacherEngine):
+    """A deterministic engine for unit and Ray tests: no model, no randomness across runs.
+
+    Each answer is a function of the prompt's label, the prompt kind, a hash of the prompt and a
+    call counter, so repeated prompts give different but reproducible samples.
+
+    Args:
+        latency_s: Sleep this long per ``generate`` call (latency-bound plumbing benchmarks).
+        fail_every: Return an error generation for every n-th prompt (0: never).
+        script: Optional list of raw texts returned in turn instead of the built-in answers
+            (garbage-input tests).
+    """
+
+    name = "fake"
+
+    def __init__(self, latency_s: float = 0.0, fail_every: int = 0, script: list[str] | None = None):
+        self.latency_s = latency_s
+        self.fail_every = fail_every
+        self.script = list(script or [])
+        self.calls = 0
+
+    def _answer(self, prompt: Prompt) -> str:
+        body = prompt.text if prompt.text is not None else "\n".join(m["content"] for m in prompt.messages or ())
+        digest = hashlib.sha256(f"{body}|{self.calls}".encode()).hexdigest()[:10]
+        label = prompt.label or "plain"
+        words = {"probe": "unusual far-off", "train": "ordinary", "classify": ""}[prompt.kind]
+        return f"a {words} sample number {digest} that reads as {label.replace('_', ' ')} in tone."
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        """Deterministic answers, one per prompt."""
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        out = []
+        for prompt in prompts:
+            self.calls += 1
+            if self.fail_every and self.calls % self.fail_every == 0:
+                out.append(Generation(text="", error="fake engine: injected failure"))
+                continue
+            text = self.script[(self.calls - 1) % len(self.script)] if self.script else self._answer(prompt)
+            out.append(Generation(text=text, output_tokens=len(text.split())))
+        return out
+
+    def option_logprobs(self, prompts: list[Prompt], options: list[str]) -> list[list[float]]:
+        """Prefers the option whose words appear in the prompt's last line; uniform otherwise."""
+        rows = []
+        for prompt in prompts:
+            body = prompt.text if prompt.text is not None else (prompt.messages or ({"content": ""},))[-1]["content"]
+            hits = [1.0 if opt.lower() in body.lower() else 0.0 for opt in options]
+            z = math.log(sum(math.exp(h) for h in hits))
+            rows.append([h - z for h in hits])
+        return rows
