@@ -32,7 +32,10 @@ class FakeTeacherEngine(TeacherEngine):
 
     def _answer(self, prompt: Prompt) -> str:
         body = prompt.text if prompt.text is not None else "\n".join(m["content"] for m in prompt.messages or ())
-        digest = hashlib.sha256(f"{body}|{self.calls}".encode()).hexdigest()[:10]
+        # A prompt's uid (set by the loop) makes answers independent of call order, so a resumed
+        # run sees the same answers as an uninterrupted one.
+        salt = prompt.meta.get("uid", self.calls)
+        digest = hashlib.sha256(f"{body}|{salt}".encode()).hexdigest()[:10]
         label = prompt.label or "plain"
         words = {"probe": "unusual far-off", "train": "ordinary", "classify": ""}[prompt.kind]
         return f"a {words} sample number {digest} that reads as {label.replace('_', ' ')} in tone."

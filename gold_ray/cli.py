@@ -1,0 +1,182 @@
+"""The ``gold-ray`` command line.
+
+Commands::
+
+    gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite]
+    gold-ray tasks list
+    gold-ray tasks validate FILE...
+    gold-ray config show [CONFIG] [--set key=value ...]
+    gold-ray models list
+    gold-ray models prepare [REF ...]
+
+CONFIG is a YAML file or the name of a shipped config (``demo``, ``tiny``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gold_ray.config import ConfigError, RunConfig, load_config
+from gold_ray.tasks import TaskFileError, load_task, shipped_tasks
+
+SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def config_path(ref: str | None) -> Path | None:
+    """A config file path: a shipped config name (``demo``) or a path."""
+    if ref is None:
+        return None
+    shipped = SHIPPED_CONFIG_DIR / f"{ref}.yaml"
+    if not Path(ref).exists() and shipped.is_file():
+        return shipped
+    return Path(ref)
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    overrides = list(args.set or [])
+    if getattr(args, "overwrite", False):
+        overrides.append("output.overwrite=true")
+    if getattr(args, "output", None):
+        overrides.append(f"output.dir={args.output}")
+    return load_config(config_path(args.config), overrides)
+
+
+def _print_event(stage: str, info: dict[str, Any]) -> None:
+    it = info.get("iteration", 0)
+    total = info.get("iterations", 0)
+    head = f"[{time.strftime('%H:%M:%S')}] iteration {it + 1}/{total} {stage:<8}"
+    if stage == "final":
+        head = f"[{time.strftime('%H:%M:%S')}] final stage     "
+    keys = ("requested", "accepted", "rejected", "tokens_per_s", "samples_per_s", "records", "loss",
+            "accuracy", "macro_f1", "exact_match", "numeric_match", "size", "seconds")
+    body = " ".join(f"{k}={info[k]}" for k in keys if info.get(k) is not None)
+    if info.get("rejected_by_reason"):
+        body += f" reasons={info['rejected_by_reason']}"
+    print(f"{head} {body}", flush=True)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Run a distillation and print where its outputs are."""
+    from gold_ray.loop import distill_in_process
+
+    cfg = _load(args)
+    print(f"gold-ray: distilling task {cfg.task.name} with strategy {cfg.strategy.name} into {cfg.output.dir}")
+    metrics = distill_in_process(cfg, resume=args.resume, on_event=_print_event)
+    final = metrics.get("final", {})
+    out = Path(cfg.output.dir)
+    print(f"gold-ray: done. run directory: {out}")
+    print(f"  student (HF format): {out / 'student'}")
+    print(f"  data (Parquet):      {out / 'data'}")
+    print(f"  metrics:             {out / 'metrics.json'}")
+    for key in ("accuracy", "macro_f1", "exact_match", "numeric_match"):
+        if key in final:
+            print(f"  final {key}: {final[key]:.4f}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """List shipped tasks or validate task files."""
+    if args.tasks_cmd == "list":
+        for name, path in shipped_tasks().items():
+            task = load_task(path)
+            labels = ", ".join(task.label_names) if task.is_classification else f"-> {task.target_field}"
+            print(f"{name:<10} {task.type:<20} {labels}")
+        return 0
+    status = 0
+    for file in args.files:
+        try:
+            task = load_task(file)
+        except TaskFileError as err:
+            print(f"INVALID {err}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"ok {file}: task {task.name} ({task.type}, {len(task.seed_demos)} seed demos)")
+    return status
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the resolved config with every default."""
+    print(_load(args).to_yaml(), end="")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List embedded models, or convert and cache them (no download)."""
+    from gold_ray.models import EMBEDDED, resolve_model
+
+    if args.models_cmd == "list":
+        for m in EMBEDDED.values():
+            print(f"embedded:{m.name:<24} {m.role:<8} package {m.package} ({m.licence})")
+        return 0
+    refs = args.refs or ["embedded:smollm2-135m-instruct", "embedded:all-minilm-l6-v2"]
+    for ref in refs:
+        print(f"{ref} -> {resolve_model(ref)}", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``gold-ray``."""
+    parser = argparse.ArgumentParser(prog="gold-ray", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+        if required:
+            p.add_argument("config", help="config YAML, or a shipped config name (demo, tiny)")
+        else:
+            p.add_argument("config", nargs="?", help="config YAML or shipped name; defaults only if omitted")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set strategy.name=zerogen (repeatable)")
+
+    p = sub.add_parser("distill", help="run a distillation")
+    add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in output.dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run in output.dir")
+    p.add_argument("--output", help="output directory (output.dir)")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("tasks", help="list or validate task files")
+    tsub = p.add_subparsers(dest="tasks_cmd", required=True)
+    tsub.add_parser("list", help="list shipped tasks")
+    v = tsub.add_parser("validate", help="validate task YAML files and print every error with its field")
+    v.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("config", help="show the resolved config")
+    csub = p.add_subparsers(dest="config_cmd", required=True)
+    show = csub.add_parser("show", help="print the config with every default")
+    add_config_args(show, required=False)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("models", help="embedded models")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    msub.add_parser("list", help="list embedded models")
+    prep = msub.add_parser("prepare", help="convert and cache embedded models (downloads nothing)")
+    prep.add_argument("refs", nargs="*", help="model references (default: the embedded teacher and student)")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gold-ray`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, TaskFileError) as err:
+        print(f"gold-ray: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - the CLI turns every known failure into one clear line
+        from gold_ray.loop import RunDirError, TooManyRejectsError
+        from gold_ray.models import ModelResolutionError
+
+        if isinstance(err, RunDirError | TooManyRejectsError | ModelResolutionError | FileNotFoundError | ValueError):
+            print(f"gold-ray: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

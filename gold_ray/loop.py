@@ -1,0 +1,439 @@
+"""The distillation loop, in one process: the reference the Ray runtime must match.
+
+:class:`Distiller` runs any strategy over four committed stages per iteration::
+
+    generate  the teacher writes training samples; parse; store accepted and rejected parts
+    train     the student trains on everything kept so far; it is saved and evaluated
+    probe     the teacher writes probe samples; the student scores them (energy by default)
+    feedback  the strategy picks the next feedback pool
+
+then a final stage trains the student (fresh by default) on all kept data with the strategy's
+final loss, evaluates it and saves it in HF format.
+
+After every stage the state (counters, feedback pool, dedup hashes, parts, checkpoint) is committed
+atomically to ``state.json``; a run restarted with ``resume=True`` continues after the last
+committed stage with no committed sample lost or repeated.
+
+Teacher, scoring and training are injected callables, so the Ray driver reuses this loop with Serve,
+Ray Data and Ray Train behind them; the defaults run everything in this process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gold_ray import store
+from gold_ray.config import RunConfig
+from gold_ray.evaluation import evaluate_student, load_eval_records
+from gold_ray.models import is_chat_model, resolve_model
+from gold_ray.ood import score_quantiles
+from gold_ray.parsing import Deduplicator, parse_batch
+from gold_ray.strategies import Strategy, StrategyContext, build_strategy
+from gold_ray.student import Student, build_student, load_student
+from gold_ray.tasks import TaskSpec, load_task, resolve_data_path
+from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
+
+STAGES = ("generate", "train", "probe", "feedback")
+
+EventFn = Callable[[str, dict[str, Any]], None]
+GenerateFn = Callable[[list[Prompt], SamplingParams], list[Generation]]
+ScoreFn = Callable[[Student, list[dict[str, Any]]], np.ndarray]
+TrainFn = Callable[..., dict[str, Any]]
+
+
+class RunDirError(RuntimeError):
+    """The output directory holds a different run and neither resume nor overwrite was asked for."""
+
+
+class TooManyRejectsError(RuntimeError):
+    """An iteration rejected more than ``budget.max_reject_share`` of its samples."""
+
+
+def resolve_prompt_style(cfg: RunConfig, teacher_path: str | None) -> str:
+    """``chat`` or ``continuation``: the configured style, else what the teacher model implies."""
+    if cfg.teacher.prompt_style != "auto":
+        return cfg.teacher.prompt_style
+    chat = is_chat_model(cfg.teacher.model)
+    if chat is not None:
+        return "chat" if chat else "continuation"
+    if teacher_path is None:
+        return "chat"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=cfg.teacher.trust_remote_code)
+    return "chat" if getattr(tok, "chat_template", None) else "continuation"
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, dict[str, Any] | None]:
+    """Create or reopen the run directory; refuse to clobber a different run.
+
+    Returns:
+        The directory and its committed state (None for a fresh run).
+    """
+    run_dir = Path(cfg.output.dir)
+    state = store.load_state(run_dir)
+    occupied = state is not None or (run_dir / store.CONFIG_FILE).exists()
+    if occupied and not resume:
+        if not cfg.output.overwrite:
+            raise RunDirError(
+                f"output.dir {run_dir} already holds a run; pass --resume to continue it "
+                "or --overwrite (output.overwrite=true) to replace it"
+            )
+        shutil.rmtree(run_dir)
+        state = None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        (run_dir / store.CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+    return run_dir, state
+
+
+def _fresh_state(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "strategy": cfg.strategy.name,
+        "seed": cfg.seed,
+        "iteration": 0,
+        "stage": None,  # last committed stage of `iteration`
+        "finished": False,
+        "feedback": [],
+        "dedup": [],
+        "parts": [],
+        "checkpoint": None,
+        "teacher_tokens": 0,
+        "iterations": [],
+    }
+
+
+class Distiller:
+    """Runs one distillation (see the module docstring).
+
+    Args:
+        cfg: The run config.
+        engine: A ready teacher engine; built from ``cfg.teacher`` when None and ``generate`` is None.
+        generate: Replaces the engine call (the Ray driver sends prompts through Serve).
+        score: Replaces in-process scoring (the Ray driver scores with an actor pool).
+        train: Replaces in-process training (the Ray driver uses Ray Train).
+        resume: Continue the run committed in ``cfg.output.dir``.
+        on_event: Called with (stage, info) after every stage, for progress and logs.
+        tracker: An object with ``log_metrics(dict, step)`` and ``log_artifact(path)`` (MLflow).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        engine: TeacherEngine | None = None,
+        generate: GenerateFn | None = None,
+        score: ScoreFn | None = None,
+        train: TrainFn | None = None,
+        resume: bool = False,
+        on_event: EventFn | None = None,
+        tracker: Any = None,
+    ):
+        self.cfg = cfg
+        self.task: TaskSpec = load_task(cfg.task.name)
+        self.strategy: Strategy = build_strategy(cfg.strategy.name)
+        self.run_dir, state = prepare_run_dir(cfg, resume)
+        self.state = state or _fresh_state(cfg)
+        self._engine = engine
+        self._generate = generate
+        self._score = score or (lambda student, recs: self._score_in_process(student, recs))
+        self._train = train or self._train_in_process
+        self.on_event = on_event or (lambda stage, info: None)
+        self.tracker = tracker
+        self.teacher_path: str | None = None
+        if generate is None and engine is None:
+            self.teacher_path = resolve_model(cfg.teacher.model)
+        self.prompt_style = resolve_prompt_style(cfg, self.teacher_path)
+        self.student_path = resolve_model(cfg.student.model)
+        self.student: Student | None = None
+        self.dedup = Deduplicator(self.state["dedup"])
+        self.eval_records = self._load_eval()
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    def _load_eval(self) -> list[dict[str, Any]]:
+        path = self.cfg.task.eval_path
+        resolved = (
+            resolve_data_path(path, self.cfg.task.data_dir) if path else self.task.eval_path(self.cfg.task.data_dir)
+        )
+        if resolved is None:
+            return []
+        return load_eval_records(self.task, resolved, limit=self.cfg.task.eval_limit)
+
+    def engine(self) -> TeacherEngine:
+        """The teacher engine, built on first use."""
+        if self._engine is None:
+            from gold_ray.engines import build_engine
+
+            self._engine = build_engine(self.cfg.teacher, self.teacher_path or self.cfg.teacher.model, self.cfg.seed)
+        return self._engine
+
+    def sampling(self) -> SamplingParams:
+        """Sampling parameters from the teacher config."""
+        t = self.cfg.teacher
+        return SamplingParams(t.temperature, t.top_p, t.top_k, t.max_new_tokens, seed=self.cfg.seed)
+
+    def _rng(self, iteration: int, stage: str) -> np.random.Generator:
+        # One stream per (seed, iteration, stage): a resumed stage draws exactly what it would have.
+        return np.random.default_rng([self.cfg.seed, iteration, STAGES.index(stage)])
+
+    def _ctx(self, iteration: int, stage: str) -> StrategyContext:
+        return StrategyContext(
+            task=self.task,
+            config=self.cfg,
+            prompt_style=self.prompt_style,
+            rng=self._rng(iteration, stage),
+            iteration=iteration,
+            feedback=list(self.state["feedback"]),
+            student=self.student,
+        )
+
+    def _commit(self, iteration: int, stage: str) -> None:
+        self.state["iteration"] = iteration
+        self.state["stage"] = stage
+        self.state["dedup"] = self.dedup.state()
+        store.commit_state(self.run_dir, self.state)
+        store.atomic_write_json(self.run_dir / "metrics.json", self.metrics())
+
+    def _iter_metrics(self, iteration: int) -> dict[str, Any]:
+        its = self.state["iterations"]
+        while len(its) <= iteration:
+            its.append({"iteration": len(its)})
+        return its[iteration]
+
+    def metrics(self) -> dict[str, Any]:
+        """Run metrics so far: per iteration, totals and the final evaluation."""
+        its = self.state["iterations"]
+        totals: Counter[str] = Counter()
+        for m in its:
+            for stage in ("generate", "probe"):
+                for k, v in m.get(stage, {}).get("rejected_by_reason", {}).items():
+                    totals[f"rejected_{k}"] += v
+                totals["accepted"] += m.get(stage, {}).get("accepted", 0)
+        return {
+            "task": self.task.name,
+            "strategy": self.cfg.strategy.name,
+            "seed": self.cfg.seed,
+            "teacher": self.cfg.teacher.model,
+            "student": self.cfg.student.model,
+            "teacher_tokens": self.state["teacher_tokens"],
+            "iterations": its,
+            "totals": dict(totals),
+            "final": self.state.get("final", {}),
+        }
+
+    # ---- stages ---------------------------------------------------------------------------
+
+    def _generate_records(self, prompts: list[Prompt], iteration: int, kind: str) -> tuple[list, list, dict]:
+        prompts = [
+            dataclasses.replace(p, meta={**p.meta, "uid": f"it{iteration}-{kind}-{i}"}) for i, p in enumerate(prompts)
+        ]
+        t0 = time.perf_counter()
+        gen = self._generate or self.engine().generate
+        generations = gen(prompts, self.sampling()) if prompts else []
+        seconds = time.perf_counter() - t0
+        results = parse_batch(self.task, prompts, generations, self.dedup)
+        accepted, rejected = [], []
+        for i, (p, g, r) in enumerate(zip(prompts, generations, results, strict=True)):
+            rec: dict[str, Any] = {
+                "id": f"it{iteration:03d}-{kind}-{i:05d}",
+                "iteration": iteration,
+                "kind": kind,
+                "requested_label": p.label,
+                "raw_text": g.text if g.error is None else "",
+                "reject_reason": r.reason,
+                "reject_detail": r.detail or (g.error or ""),
+                "score": float("nan"),
+                "output_tokens": g.output_tokens,
+                "style": p.meta.get("style"),
+            }
+            if r.fields is not None:
+                rec.update(r.fields)
+                if self.task.is_classification:
+                    rec["label"] = p.label
+                accepted.append(rec)
+            else:
+                rejected.append(rec)
+        tokens = sum(g.output_tokens for g in generations)
+        self.state["teacher_tokens"] += tokens
+        stats = {
+            "requested": len(prompts),
+            "accepted": len(accepted),
+            "rejected": len(rejected),
+            "rejected_by_reason": dict(Counter(r["reject_reason"] for r in rejected)),
+            "output_tokens": tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+            "samples_per_s": round(len(prompts) / seconds, 3) if seconds > 0 else None,
+        }
+        share = len(rejected) / max(1, len(prompts))
+        if len(prompts) >= 8 and share > self.cfg.budget.max_reject_share:
+            raise TooManyRejectsError(
+                f"iteration {iteration} ({kind}): {len(rejected)} of {len(prompts)} samples rejected "
+                f"({share:.0%} > budget.max_reject_share={self.cfg.budget.max_reject_share}); "
+                f"reasons: {stats['rejected_by_reason']}. Check the teacher and the task's prompts."
+            )
+        return accepted, rejected, stats
+
+    def _write(self, kind: str, iteration: int, records: list[dict[str, Any]]) -> None:
+        path = store.part_path(self.run_dir, kind, iteration)
+        store.write_part(path, self.task, records)
+        rel = str(path.relative_to(self.run_dir))
+        if rel not in self.state["parts"]:
+            self.state["parts"].append(rel)
+
+    def training_records(self) -> list[dict[str, Any]]:
+        """All accepted training and probe records committed so far."""
+        parts = [self.run_dir / p for p in self.state["parts"] if not Path(p).name.startswith("rejects")]
+        return store.read_parts(parts)
+
+    def _score_in_process(self, student: Student, records: list[dict[str, Any]]) -> np.ndarray:
+        s = self.cfg.strategy
+        return student.ood_scores(records, score=s.score, temperature=s.energy_temperature, mode=s.energy_mode)
+
+    def _train_in_process(
+        self, student: Student, records: list[dict[str, Any]], epochs: int, loss: str, alpha: float, beta: float
+    ) -> dict[str, Any]:
+        return student.fit(records, epochs, loss=loss, alpha=alpha, beta=beta, seed=self.cfg.seed)
+
+    def _new_student(self) -> Student:
+        return build_student(self.task, self.cfg.student, self.student_path)
+
+    def _evaluate(self, student: Student) -> dict[str, Any]:
+        if not self.eval_records:
+            return {}
+        return evaluate_student(student, self.task, self.eval_records)
+
+    def _emit(self, stage: str, iteration: int, info: dict[str, Any]) -> None:
+        self.on_event(stage, {"iteration": iteration, "iterations": self.cfg.strategy.iterations, **info})
+        if self.tracker is not None:
+            flat = {f"{stage}.{k}": v for k, v in info.items() if isinstance(v, int | float) and v is not None}
+            self.tracker.log_metrics(flat, step=iteration)
+
+    def _requested(self, iteration: int) -> int:
+        per = self.cfg.per_iteration_samples()
+        if iteration == self.cfg.strategy.iterations - 1:
+            return self.cfg.budget.samples - per * (self.cfg.strategy.iterations - 1)
+        return per
+
+    def _budget_left(self) -> bool:
+        cap = self.cfg.budget.max_teacher_tokens
+        return cap is None or self.state["teacher_tokens"] < cap
+
+    def run_iteration(self, iteration: int, done: str | None) -> None:
+        """Run the stages of one iteration that come after ``done`` (the last committed stage)."""
+        start = STAGES.index(done) + 1 if done else 0
+        n_probe = 0
+        if self.strategy.uses_probes:
+            n_probe = max(1, round(self._requested(iteration) * self.cfg.strategy.probe_fraction))
+        for stage in STAGES[start:]:
+            m = self._iter_metrics(iteration)
+            if stage == "generate":
+                n = self._requested(iteration) if self._budget_left() else 0
+                prompts = self.strategy.train_prompts(self._ctx(iteration, stage), n)
+                acc, rej, stats = self._generate_records(prompts, iteration, "train")
+                self._write("train", iteration, acc)
+                self._write("rejects-train", iteration, rej)
+                m["generate"] = stats
+            elif stage == "train":
+                t0 = time.perf_counter()
+                if self.student is None or not self.strategy.continue_student:
+                    self.student = self._new_student()
+                records = self.training_records()
+                fit = self._train(self.student, records, self.cfg.student.epochs_per_iteration, "ce", 1.0, 1.0)
+                ckpt = self.run_dir / "checkpoints" / f"it{iteration:03d}"
+                self.student.save(ckpt)
+                old = self.state.get("checkpoint")
+                self.state["checkpoint"] = str(ckpt.relative_to(self.run_dir))
+                if old and old != self.state["checkpoint"]:
+                    shutil.rmtree(self.run_dir / old, ignore_errors=True)
+                ev = self._evaluate(self.student)
+                m["train"] = {"records": len(records), "seconds": round(time.perf_counter() - t0, 3), **fit, **ev}
+                stats = m["train"]
+            elif stage == "probe":
+                prompts = self.strategy.probe_prompts(self._ctx(iteration, stage), n_probe)
+                acc, rej, stats = self._generate_records(prompts, iteration, "probe")
+                if acc:
+                    t0 = time.perf_counter()
+                    scores = self._score(self.student, acc)
+                    for rec, s in zip(acc, scores, strict=True):
+                        rec["score"] = float(s)
+                    stats["score_seconds"] = round(time.perf_counter() - t0, 3)
+                    stats["scores"] = score_quantiles(np.asarray(scores, dtype=float))
+                self._write("probe", iteration, acc)
+                self._write("rejects-probe", iteration, rej)
+                m["probe"] = stats
+            else:  # feedback
+                probes = store.read_parts([store.part_path(self.run_dir, "probe", iteration)])
+                fb = self.strategy.update_feedback(self._ctx(iteration, stage), probes)
+                self.state["feedback"] = fb
+                new_ids = sorted({r["id"] for r in fb} - {r["id"] for r in probes if r not in fb})
+                m["feedback"] = {"size": len(fb), "ids": [r["id"] for r in fb], "new": len(new_ids)}
+                stats = {"size": len(fb)}
+            self._commit(iteration, stage)
+            self._emit(stage, iteration, stats)
+
+    def _restore_student(self) -> None:
+        ckpt = self.state.get("checkpoint")
+        if ckpt and self.student is None and (self.run_dir / ckpt).exists():
+            self.student = load_student(self.run_dir / ckpt, self.task)
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) the whole distillation; returns the run metrics."""
+        if self.state.get("finished"):
+            return self.metrics()
+        self._restore_student()
+        it, done = self.state["iteration"], self.state["stage"]
+        if done == STAGES[-1]:
+            it, done = it + 1, None
+        while it < self.cfg.strategy.iterations:
+            self.run_iteration(it, done)
+            it, done = it + 1, None
+        self.state["final"] = self.final_stage()
+        self.state["finished"] = True
+        self._commit(self.cfg.strategy.iterations - 1, STAGES[-1])
+        return self.metrics()
+
+    def final_stage(self) -> dict[str, Any]:
+        """Train the final student on all kept data, evaluate it and save it under ``student/``."""
+        t0 = time.perf_counter()
+        ctx = self._ctx(self.cfg.strategy.iterations, "train")
+        records = self.training_records()
+        if self.cfg.strategy.noise_filter_top > 0 and self.student is not None:
+            scores = self._score(self.student, records)
+            for rec, s in zip(records, scores, strict=True):
+                rec["score"] = float(s)
+        keep = self.strategy.keep_for_training(ctx, records)
+        kept = [r for r, k in zip(records, keep, strict=True) if k]
+        loss, alpha, beta = self.strategy.final_loss(ctx)
+        student = self._new_student() if (self.cfg.student.final_fresh or self.student is None) else self.student
+        fit = self._train(student, kept, self.cfg.student.final_epochs, loss, alpha, beta)
+        out = self.run_dir / "student"
+        student.save(out)
+        self.student = student
+        ev = self._evaluate(student)
+        final = {
+            "records": len(kept),
+            "dropped_by_noise_filter": len(records) - len(kept),
+            "loss": loss,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "fit": fit,
+            **ev,
+        }
+        self._emit("final", self.cfg.strategy.iterations, {k: v for k, v in final.items() if k != "fit"})
+        return final
+
+
+def distill_in_process(cfg: RunConfig, *, resume: bool = False, on_event: EventFn | None = None,
+                       engine: TeacherEngine | None = None) -> dict[str, Any]:
+    """Run a whole distillation in this process (no Ray) and return its metrics."""
+    return Distiller(cfg, resume=resume, on_event=on_event, engine=engine).run()

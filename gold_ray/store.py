@@ -1,0 +1,135 @@
+"""The run directory: Parquet parts per iteration, the committed state, and the outputs.
+
+Layout of a run directory::
+
+    config.yaml              resolved RunConfig (no secrets: keys live in env vars)
+    state.json               last committed stage, counters, feedback pool, part list
+    data/train-it000.parquet accepted training samples of iteration 0
+    data/probe-it000.parquet accepted probe samples
+    data/rejects-it000.parquet rejected samples with their reason
+    checkpoints/it000/       student after iteration 0
+    student/                 final student, HF format
+    metrics.json, dataset_card.md, mlflow.db
+
+Every file is written to a temporary name in the same folder and renamed into place, so a crash
+never leaves a half-written part under a data name, and ``state.json`` only lists parts that exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gold_ray.tasks import TaskSpec
+
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+
+
+def record_schema(task: TaskSpec) -> pa.Schema:
+    """The Parquet schema of a record of ``task`` (same for train, probe and rejects parts)."""
+    text_cols = [*task.field_names, task.target_key]
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("iteration", pa.int64()),
+            ("kind", pa.string()),
+            *[(c, pa.string()) for c in text_cols],
+            ("requested_label", pa.string()),
+            ("raw_text", pa.string()),
+            ("reject_reason", pa.string()),
+            ("reject_detail", pa.string()),
+            ("score", pa.float64()),
+            ("output_tokens", pa.int64()),
+            ("style", pa.string()),
+        ]
+    )
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode("utf-8"))
+
+
+def write_part(path: Path, task: TaskSpec, records: Iterable[dict[str, Any]], writer=pq.write_table) -> Path:
+    """Write records to a Parquet part atomically; ``writer`` is injectable for fault tests.
+
+    Returns:
+        ``path``, which exists only if the whole write succeeded.
+    """
+    schema = record_schema(task)
+    rows = [{name: _cell(rec.get(name), schema.field(name).type) for name in schema.names} for rec in records]
+    table = pa.Table.from_pylist(rows, schema=schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _cell(value: Any, typ: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_string(typ):
+        return str(value)
+    if pa.types.is_integer(typ):
+        return int(value)
+    if pa.types.is_floating(typ):
+        return float(value)
+    return value
+
+
+def read_parts(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """All records of the given parts, in order."""
+    out: list[dict[str, Any]] = []
+    for p in paths:
+        out.extend(pq.read_table(p).to_pylist())
+    return out
+
+
+def part_path(run_dir: Path, kind: str, iteration: int) -> Path:
+    """Where the ``kind`` part (train, probe, rejects) of an iteration lives."""
+    return run_dir / "data" / f"{kind}-it{iteration:03d}.parquet"
+
+
+def load_state(run_dir: Path) -> dict[str, Any] | None:
+    """The committed state of a run, or None for a fresh directory."""
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def commit_state(run_dir: Path, state: dict[str, Any]) -> None:
+    """Commit the run state atomically, after checking every listed part exists."""
+    missing = [p for p in state.get("parts", []) if not (run_dir / p).is_file()]
+    if missing:
+        raise RuntimeError(f"refusing to commit a state that lists missing parts: {missing}")
+    atomic_write_json(run_dir / STATE_FILE, state)

@@ -1,0 +1,137 @@
+"""The strategy interface: what to ask the teacher, what to feed back, what to keep, how to train.
+
+One iteration of every strategy runs the same stages (see :mod:`gold_ray.loop` and the Ray driver):
+
+1. ``train_prompts``: the teacher writes training samples (label-conditioned, with demonstrations).
+2. The student trains on everything kept so far (``continue_student`` decides whether it continues
+   or restarts from the pretrained weights each round).
+3. ``probe_prompts``: the teacher writes probe samples (GOLD: "significantly different" ones);
+   the student scores them (energy by default).
+4. ``update_feedback``: the strategy picks the examples that go into the next prompts.
+5. ``keep_for_training``: which accepted samples become training data.
+
+The final student is trained on all kept data with ``final_loss``.
+
+This shape holds all five methods of the specification: ZeroGen (no probes, no feedback), GOLD
+(energy-band feedback from probes), ProGen (feedback chosen by influence), S3 (feedback from the
+student's errors on a small real validation set) and LLKD (the teacher labels an unlabelled pool:
+its prompts are ``classify`` prompts that carry the unlabelled record in ``Prompt.meta["record"]``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gold_ray.config import RunConfig
+from gold_ray.prompts import draw_style, render_probe_prompt, render_train_prompt
+from gold_ray.tasks import TaskSpec
+from gold_ray.types import Prompt
+
+
+@dataclass
+class StrategyContext:
+    """What a strategy may read when it plans an iteration.
+
+    Attributes:
+        task: The task.
+        config: The whole run config.
+        prompt_style: ``chat`` or ``continuation``, resolved from the teacher.
+        rng: The run's seeded generator for this iteration (labels, styles, demo order).
+        iteration: 0-based iteration index.
+        feedback: The current feedback pool (records), oldest first.
+        student: The current student, or None before the first training stage.
+        extra: Strategy-specific inputs (S3's validation records, LLKD's unlabelled pool).
+    """
+
+    task: TaskSpec
+    config: RunConfig
+    prompt_style: str
+    rng: np.random.Generator
+    iteration: int
+    feedback: list[dict[str, Any]] = field(default_factory=list)
+    student: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def balanced_labels(task: TaskSpec, n: int, rng: np.random.Generator) -> list[str | None]:
+    """``n`` target labels, as even across the label set as ``n`` allows, in shuffled order.
+
+    Text-to-text tasks have no labels and get ``None`` for each sample.
+    """
+    if not task.is_classification:
+        return [None] * n
+    names = task.label_names
+    labels = [names[i % len(names)] for i in range(n)]
+    rng.shuffle(labels)
+    return labels
+
+
+class Strategy(ABC):
+    """A data-generation strategy. Subclasses set ``name`` and override what differs.
+
+    Attributes:
+        name: The strategy's config name.
+        uses_probes: Whether the strategy generates probe samples each iteration.
+        continue_student: Keep training the same student across iterations (GOLD) rather than
+            restarting from the pretrained weights each round (ProGen, S3).
+    """
+
+    name: str = "base"
+    uses_probes: bool = False
+    continue_student: bool = True
+
+    def demos_for_prompt(self, ctx: StrategyContext, label: str | None) -> list[dict[str, Any]]:
+        """Demonstrations for one prompt: seed demos (same label first), then feedback examples."""
+        cfg = ctx.config.strategy
+        seeds = list(ctx.task.seed_demos)
+        order = ctx.rng.permutation(len(seeds))
+        seeds = [seeds[i] for i in order]
+        if label is not None:
+            # Show demos of other labels too, so the teacher sees the contrast.
+            seeds.sort(key=lambda d: d.get("label") != label)
+        demos = seeds[: cfg.demos_per_prompt]
+        if ctx.feedback and cfg.feedback_per_prompt:
+            k = min(cfg.feedback_per_prompt, len(ctx.feedback))
+            picks = ctx.rng.choice(len(ctx.feedback), size=k, replace=False)
+            demos += [ctx.feedback[int(i)] for i in picks]
+        return demos
+
+    def _prompts(self, ctx: StrategyContext, n: int, probe: bool) -> list[Prompt]:
+        render = render_probe_prompt if probe else render_train_prompt
+        prompts = []
+        for label in balanced_labels(ctx.task, n, ctx.rng):
+            prompts.append(
+                render(
+                    ctx.task,
+                    label,
+                    self.demos_for_prompt(ctx, label),
+                    style=draw_style(ctx.task, ctx.rng),
+                    prompt_style=ctx.prompt_style,
+                    max_demo_chars=ctx.config.strategy.max_demo_chars,
+                )
+            )
+        return prompts
+
+    def train_prompts(self, ctx: StrategyContext, n: int) -> list[Prompt]:
+        """Prompts for ``n`` training samples."""
+        return self._prompts(ctx, n, probe=False)
+
+    def probe_prompts(self, ctx: StrategyContext, n: int) -> list[Prompt]:
+        """Prompts for ``n`` probe samples (empty unless ``uses_probes``)."""
+        return self._prompts(ctx, n, probe=True) if self.uses_probes else []
+
+    def update_feedback(self, ctx: StrategyContext, probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The next feedback pool, given this iteration's scored, accepted probe records."""
+        return []
+
+    def keep_for_training(self, ctx: StrategyContext, records: list[dict[str, Any]]) -> list[bool]:
+        """Which accepted records become training data (default: all of them)."""
+        return [True] * len(records)
+
+    @abstractmethod
+    def final_loss(self, ctx: StrategyContext) -> tuple[str, float, float]:
+        """Loss of the final training stage: (``ce`` or ``sce``, alpha, beta)."""
