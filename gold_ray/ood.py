@@ -96,7 +96,9 @@ def _position_energy(logits: ArrayLike, temperature: float) -> np.ndarray:
         # Reduce over the vocabulary in torch first: a [N, L, 32k] float64 numpy copy is wasteful.
         z = logits.detach().to(torch.float64) / temperature
         finite = torch.isfinite(z).all(dim=-1)
-        lse = torch.logsumexp(torch.where(finite[..., None], z, torch.zeros((), dtype=z.dtype, device=z.device)), -1)
+        lse = torch.logsumexp(
+            torch.where(finite[..., None], z, torch.zeros((), dtype=z.dtype, device=z.device)), -1
+        )
         lse = torch.where(finite, lse, torch.full_like(lse, float("nan")))
         return -temperature * lse.cpu().numpy()
     return -temperature * _logsumexp(_as_float64(logits) / temperature)
@@ -164,7 +166,7 @@ def msp_score(logits: ArrayLike) -> np.ndarray:
     """
     x = _as_float64(logits)
     _check_class_logits(x)
-    return -np.exp(_log_softmax(x)).max(axis=-1, initial=-np.inf) if x.shape[-1] else np.full(len(x), np.nan)
+    return -np.exp(_log_softmax(x)).max(axis=-1) if x.shape[-1] else np.full(len(x), np.nan)
 
 
 def _check_ids(ids: np.ndarray, n_classes: int, keep: np.ndarray | None = None) -> np.ndarray:

@@ -20,11 +20,15 @@ class FakeTeacherEngine(TeacherEngine):
         fail_every: Return an error generation for every n-th prompt (0: never).
         script: Optional list of raw texts returned in turn instead of the built-in answers
             (garbage-input tests).
+        task: When given, answers of multi-field tasks (pairs, text-to-text) come as tagged
+            ``Display: value`` lines, as a real teacher is asked to write them.
     """
 
     name = "fake"
 
-    def __init__(self, latency_s: float = 0.0, fail_every: int = 0, script: list[str] | None = None):
+    def __init__(self, latency_s: float = 0.0, fail_every: int = 0, script: list[str] | None = None,
+                 task=None):
+        self.task = task
         self.latency_s = latency_s
         self.fail_every = fail_every
         self.script = list(script or [])
@@ -38,7 +42,14 @@ class FakeTeacherEngine(TeacherEngine):
         digest = hashlib.sha256(f"{body}|{salt}".encode()).hexdigest()[:10]
         label = prompt.label or "plain"
         words = {"probe": "unusual far-off", "train": "ordinary", "classify": ""}[prompt.kind]
-        return f"a {words} sample number {digest} that reads as {label.replace('_', ' ')} in tone."
+        sentence = f"a {words} sample number {digest} that reads as {label.replace('_', ' ')} in tone."
+        task = self.task
+        if task is None or (task.is_classification and len(task.input_fields) == 1):
+            return sentence
+        lines = [f"{f.display}: {sentence} (part {i})" for i, f in enumerate(task.input_fields)]
+        if not task.is_classification:
+            lines.append(f"{task.target_display}: {int(digest[:4], 16) % 97}")
+        return "\n".join(lines)
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
         """Deterministic answers, one per prompt."""
@@ -63,3 +74,50 @@ class FakeTeacherEngine(TeacherEngine):
             z = math.log(sum(math.exp(h) for h in hits))
             rows.append([h - z for h in hits])
         return rows
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+"""A minimal chat template for tiny test teachers."""
+
+
+def tiny_tokenizer_dir() -> str:
+    """The embedded MiniLM tokenizer folder (a real WordPiece vocabulary, installed locally)."""
+    from gold_ray.models import resolve_model
+
+    return resolve_model("embedded:all-minilm-l6-v2")
+
+
+def save_tiny_classifier(out_dir, seed: int = 0) -> str:
+    """Save a tiny random BERT (hidden 32, 2 layers) with the MiniLM tokenizer; returns the folder.
+
+    The classification head is added by the student, so any label count works.
+    """
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def save_tiny_chat_lm(out_dir, seed: int = 0) -> str:
+    """Save a tiny random Llama causal LM with a chat template; returns the folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
+    tok.chat_template = CHAT_TEMPLATE
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return str(out_dir)
