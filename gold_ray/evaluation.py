@@ -1,0 +1,371 @@
+"""Evaluation of students (and of the teacher as a few-shot classifier) on real labelled data.
+
+Evaluation files are JSON Lines: one record per line with the task's input fields and its target
+(``label`` for classification tasks, the target field such as ``answer`` otherwise). Numbers in a
+target field (SVAMP's ``answer``) are turned into strings so every target is text.
+
+Metrics take lists of strings. :func:`macro_f1` follows the usual convention that a label with no
+prediction and no gold example, or no true positive, has F1 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gold_ray.tasks import TaskSpec
+from gold_ray.types import Prompt, SamplingParams, TeacherEngine
+
+if TYPE_CHECKING:
+    from gold_ray.student import Student
+
+NUMERIC_TOLERANCE = 1e-6
+"""Two answers match numerically when their first numbers differ by at most this much."""
+
+_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+
+
+def _iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
+    """``(line number, record)`` for each non-blank line of a JSONL file."""
+    p = Path(path)
+    seen = False
+    try:
+        with p.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{p}:{lineno}: not valid JSON: {err.msg}") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                seen = True
+                yield lineno, record
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not seen:
+        raise ValueError(f"{p}: no records (the file is empty or blank)")
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict]:
+    """All records of a JSON Lines file; blank lines are skipped.
+
+    Args:
+        path: The file.
+
+    Returns:
+        One dict per non-blank line.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line is not a JSON object (the message names the file and line), the file
+            is not UTF-8, or it holds no record.
+    """
+    return [record for _, record in _iter_jsonl(path)]
+
+
+def _target_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def load_eval_records(
+    task: TaskSpec,
+    path: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    *,
+    seed: int | None = 0,
+) -> list[dict]:
+    """The checked evaluation records of ``task``.
+
+    Args:
+        task: The task; its input fields and target key must be in every record.
+        path: A JSONL file; default: the task's evaluation file (``task.eval_path()``).
+        limit: Keep at most this many records.
+        seed: With ``limit``, keep a random subset drawn with this seed (in file order), since
+            evaluation files are often sorted by label; None keeps the first ``limit`` records.
+
+    Returns:
+        Records with the input fields as strings, the target as a string, and any extra keys.
+
+    Raises:
+        ValueError: a record misses a field or has an unknown label (the message names the line),
+            or the task has no evaluation file.
+    """
+    if path is None:
+        path = task.eval_path()
+        if path is None:
+            raise ValueError(f"task {task.name!r} names no evaluation file (task eval.path)")
+    label_names = set(task.label_names)
+    records = []
+    for lineno, raw in _iter_jsonl(path):
+        for name in (*task.field_names, task.target_key):
+            if raw.get(name) is None:
+                raise ValueError(f"{path}:{lineno}: missing field {name!r} (task {task.name!r})")
+        record = dict(raw)
+        for name in task.field_names:
+            record[name] = str(raw[name])
+        record[task.target_key] = _target_text(raw[task.target_key])
+        if task.is_classification and record["label"] not in label_names:
+            raise ValueError(
+                f"{path}:{lineno}: label {record['label']!r} is not one of {task.label_names} (task {task.name!r})"
+            )
+        records.append(record)
+    if limit is not None and limit < len(records):
+        if seed is None:
+            return records[:limit]
+        keep = np.sort(np.random.default_rng(seed).choice(len(records), size=limit, replace=False))
+        return [records[i] for i in keep]
+    return records
+
+
+# ----- metrics ------------------------------------------------------------------------------
+
+
+def _check_lengths(pred: Sequence[Any], gold: Sequence[Any]) -> None:
+    if len(pred) != len(gold):
+        raise ValueError(f"{len(pred)} predictions for {len(gold)} gold answers")
+
+
+def accuracy(pred: Sequence[str], gold: Sequence[str]) -> float:
+    """Share of exact matches; NaN for empty input.
+
+    Args:
+        pred: Predicted labels.
+        gold: Gold labels.
+
+    Returns:
+        Accuracy in [0, 1].
+    """
+    _check_lengths(pred, gold)
+    if not gold:
+        return math.nan
+    return sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)
+
+
+def macro_f1(pred: Sequence[str], gold: Sequence[str], labels: Sequence[str]) -> float:
+    """Unweighted mean over ``labels`` of each label's F1; NaN for empty input.
+
+    Args:
+        pred: Predicted labels (values outside ``labels`` count as wrong).
+        gold: Gold labels.
+        labels: The label set to average over.
+
+    Returns:
+        Macro F1 in [0, 1].
+    """
+    _check_lengths(pred, gold)
+    if not gold or not labels:
+        return math.nan
+    scores = []
+    for label in labels:
+        tp = sum(p == label and g == label for p, g in zip(pred, gold, strict=True))
+        fp = sum(p == label and g != label for p, g in zip(pred, gold, strict=True))
+        fn = sum(p != label and g == label for p, g in zip(pred, gold, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return float(np.mean(scores))
+
+
+def per_label_accuracy(pred: Sequence[str], gold: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy on the records of each gold label (its recall); labels absent from ``gold`` are left out.
+
+    Args:
+        pred: Predicted labels.
+        gold: Gold labels.
+        labels: The label set.
+
+    Returns:
+        ``{label: accuracy}``.
+    """
+    _check_lengths(pred, gold)
+    out = {}
+    for label in labels:
+        hits = [p == g for p, g in zip(pred, gold, strict=True) if g == label]
+        if hits:
+            out[label] = sum(hits) / len(hits)
+    return out
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-cased, whitespace collapsed, surrounding spaces and trailing ``.`` removed."""
+    return " ".join(str(text).lower().split()).rstrip(".").strip()
+
+
+def exact_match(pred: Sequence[str], gold: Sequence[str]) -> float:
+    """Share of predictions equal to the gold answer after :func:`normalize_answer`; NaN if empty.
+
+    Args:
+        pred: Predicted answers.
+        gold: Gold answers.
+
+    Returns:
+        Exact match in [0, 1].
+    """
+    _check_lengths(pred, gold)
+    if not gold:
+        return math.nan
+    return sum(normalize_answer(p) == normalize_answer(g) for p, g in zip(pred, gold, strict=True)) / len(gold)
+
+
+def first_number(text: str) -> float | None:
+    """The first number written in ``text`` (``-3``, ``1,250``, ``2.5``), or None.
+
+    Args:
+        text: Any text.
+
+    Returns:
+        The number as a float, or None when there is none.
+    """
+    for match in _NUMBER.finditer(str(text)):
+        try:
+            return float(match.group().replace(",", ""))
+        except ValueError:
+            continue
+    return None
+
+
+def numeric_match(pred: Sequence[str], gold: Sequence[str]) -> float:
+    """Share of predictions whose first number equals the gold's first number (within 1e-6).
+
+    A prediction or gold answer without any number never matches. NaN for empty input.
+
+    Args:
+        pred: Predicted answers.
+        gold: Gold answers.
+
+    Returns:
+        Numeric match in [0, 1].
+    """
+    _check_lengths(pred, gold)
+    if not gold:
+        return math.nan
+    hits = 0
+    for p, g in zip(pred, gold, strict=True):
+        a, b = first_number(p), first_number(g)
+        hits += a is not None and b is not None and abs(a - b) <= NUMERIC_TOLERANCE
+    return hits / len(gold)
+
+
+def score_predictions(task: TaskSpec, pred: Sequence[str], gold: Sequence[str]) -> dict:
+    """The task's metrics for given predictions.
+
+    Args:
+        task: The task (decides which metrics apply).
+        pred: Predictions (label names, or answer strings).
+        gold: Gold labels or answers.
+
+    Returns:
+        Classification: ``accuracy``, ``macro_f1``, ``per_label_accuracy``, ``n``.
+        Text-to-text: ``exact_match``, ``numeric_match`` (number answers only), ``n``.
+    """
+    if task.is_classification:
+        return {
+            "accuracy": accuracy(pred, gold),
+            "macro_f1": macro_f1(pred, gold, task.label_names),
+            "per_label_accuracy": per_label_accuracy(pred, gold, task.label_names),
+            "n": len(gold),
+        }
+    out: dict[str, Any] = {"exact_match": exact_match(pred, gold)}
+    if task.answer_type == "number":
+        out["numeric_match"] = numeric_match(pred, gold)
+    out["n"] = len(gold)
+    return out
+
+
+def _gold(task: TaskSpec, records: Sequence[dict]) -> list[str]:
+    return [_target_text(r[task.target_key]) for r in records]
+
+
+def evaluate_student(student: Student, task: TaskSpec, records: Sequence[dict], batch_size: int = 64) -> dict:
+    """The student's metrics on labelled records (see :func:`score_predictions`).
+
+    Args:
+        student: Any :class:`gold_ray.student.Student`.
+        task: The task.
+        records: Records with the input fields and the target (e.g. from :func:`load_eval_records`).
+        batch_size: Records per ``predict`` call.
+
+    Returns:
+        The metrics dict.
+    """
+    pred: list[str] = []
+    for start in range(0, len(records), batch_size):
+        pred.extend(student.predict(list(records[start : start + batch_size])))
+    return score_predictions(task, pred, _gold(task, records))
+
+
+def teacher_fewshot_predictions(
+    engine: TeacherEngine, prompts: Sequence[Prompt], task: TaskSpec, batch_size: int = 64
+) -> list[str]:
+    """The teacher's answer to each prompt, read as a prediction.
+
+    Classification: the label whose verbalizer gets the highest ``engine.option_logprobs``; an
+    unscored row (all NaN) predicts ``""``. Text-to-text: greedy ``engine.generate``; number
+    answers keep the first number written (``""`` when none), text answers the first line.
+
+    Args:
+        engine: Any teacher engine.
+        prompts: ``classify`` prompts, one per record.
+        task: The task.
+        batch_size: Prompts per engine call.
+
+    Returns:
+        One prediction per prompt.
+    """
+    pred: list[str] = []
+    chunks = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    if task.is_classification:
+        words = [label.word for label in task.labels]
+        for chunk in chunks:
+            for row in engine.option_logprobs(chunk, words):
+                scores = np.asarray(row, dtype=np.float64)
+                scores = np.where(np.isnan(scores), -np.inf, scores)
+                pred.append(task.label_names[int(np.argmax(scores))] if np.isfinite(scores).any() else "")
+        return pred
+    params = SamplingParams(temperature=0.0)
+    for chunk in chunks:
+        for gen in engine.generate(chunk, params):
+            text = "" if gen.error else gen.text.strip()
+            if task.answer_type == "number":
+                number = first_number(text)
+                pred.append("" if number is None else _target_text(number))
+            else:
+                pred.append(text.splitlines()[0].strip() if text else "")
+    return pred
+
+
+def evaluate_teacher_fewshot(
+    engine: TeacherEngine,
+    task: TaskSpec,
+    records: Sequence[dict],
+    render_prompt: Callable[[dict], Prompt],
+) -> dict:
+    """The teacher's own metrics on labelled records (the paper's "LLM" row).
+
+    Args:
+        engine: The teacher engine.
+        task: The task.
+        records: Labelled records.
+        render_prompt: Builds the teacher's ``classify`` prompt for one record (its target is
+            never shown to the teacher by a correct renderer).
+
+    Returns:
+        The metrics of :func:`score_predictions` plus ``unanswered`` (predictions left empty:
+        unscored rows, failed generations, answers without a number).
+    """
+    prompts = [render_prompt(r) for r in records]
+    pred = teacher_fewshot_predictions(engine, prompts, task)
+    metrics = score_predictions(task, pred, _gold(task, records))
+    metrics["unanswered"] = sum(p == "" for p in pred)
+    return metrics

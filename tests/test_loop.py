@@ -1,0 +1,115 @@
+"""The in-process loop end to end on tiny random models and the deterministic fake engine."""
+
+import json
+
+import pytest
+
+from gold_ray.config import load_config
+from gold_ray.loop import Distiller, RunDirError
+from gold_ray.store import read_parts
+from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
+
+
+class RecordingEngine(FakeTeacherEngine):
+    """The fake engine, remembering every prompt it was sent."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.prompts = []
+
+    def generate(self, prompts, params):
+        self.prompts.extend(prompts)
+        return super().generate(prompts, params)
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    return save_tiny_classifier(tmp_path_factory.mktemp("student"))
+
+
+@pytest.fixture
+def eval_file(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    rows = [{"text": f"a sample {i} that reads as {'positive' if i % 2 else 'negative'}",
+             "label": "positive" if i % 2 else "negative"} for i in range(20)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def make_cfg(tmp_path, student_dir, eval_file, *extra):
+    return load_config(None, [
+        "task.name=sst2", f"task.eval_path={eval_file}", f"student.model={student_dir}",
+        "teacher.model=fake", "budget.samples=24", "strategy.iterations=2", "strategy.probe_fraction=0.5",
+        "student.final_epochs=1", "student.batch_size=8", f"output.dir={tmp_path / 'run'}", "tracking.enabled=false",
+        *extra,
+    ])
+
+
+def test_gold_loop_feeds_back_rejects_and_saves(tmp_path, student_dir, eval_file):
+    engine = RecordingEngine(fail_every=7)
+    cfg = make_cfg(tmp_path, student_dir, eval_file)
+    metrics = Distiller(cfg, engine=engine).run()
+    run = tmp_path / "run"
+
+    it0 = metrics["iterations"][0]
+    assert it0["generate"]["requested"] == 12
+    assert it0["generate"]["rejected_by_reason"].get("error", 0) >= 1  # injected failures are kept as rejects
+    rejects = read_parts(sorted((run / "data").glob("rejects-*.parquet")))
+    assert rejects and all(r["reject_reason"] for r in rejects)
+
+    feedback = it0["feedback"]["ids"]
+    assert feedback, "the energy band of the probes must yield feedback"
+    fed_texts = {r["text"] for r in read_parts([run / "data" / "probe-it000.parquet"]) if r["id"] in feedback}
+    later = [p for p in engine.prompts if p.meta.get("uid", "").startswith("it1-")]
+    shown = "\n".join(m["content"] for p in later for m in (p.messages or ())) + "".join(p.text or "" for p in later)
+    assert any(t in shown for t in fed_texts), "feedback samples must reach the next iteration's prompts"
+
+    assert "accuracy" in metrics["final"]
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(run / "student")
+    assert set(model.config.id2label.values()) == {"negative", "positive"}
+
+
+def test_zerogen_has_no_probes_or_feedback(tmp_path, student_dir, eval_file):
+    cfg = make_cfg(tmp_path, student_dir, eval_file, "strategy.name=zerogen")
+    metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
+    assert all(m["probe"]["requested"] == 0 for m in metrics["iterations"])
+    assert all(m["feedback"]["size"] == 0 for m in metrics["iterations"])
+    assert metrics["totals"]["accepted"] > 0
+
+
+def test_existing_run_is_not_clobbered(tmp_path, student_dir, eval_file):
+    cfg = make_cfg(tmp_path, student_dir, eval_file, "strategy.iterations=1", "budget.samples=8")
+    Distiller(cfg, engine=FakeTeacherEngine()).run()
+    before = (tmp_path / "run" / "state.json").read_bytes()
+    with pytest.raises(RunDirError, match="--resume"):
+        Distiller(cfg, engine=FakeTeacherEngine())
+    assert (tmp_path / "run" / "state.json").read_bytes() == before
+
+
+class CrashAfter(Exception):
+    pass
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, student_dir, eval_file):
+    ref_cfg = make_cfg(tmp_path / "ref", student_dir, eval_file)
+    ref = Distiller(ref_cfg, engine=FakeTeacherEngine()).run()
+
+    cfg = make_cfg(tmp_path / "crash", student_dir, eval_file)
+    events = []
+
+    def crash_in_iteration_1(stage, info):
+        events.append((info["iteration"], stage))
+        if (info["iteration"], stage) == (1, "generate"):
+            raise CrashAfter
+
+    with pytest.raises(CrashAfter):
+        Distiller(cfg, engine=FakeTeacherEngine(), on_event=crash_in_iteration_1).run()
+    resumed = Distiller(cfg, engine=FakeTeacherEngine(), resume=True).run()
+
+    for key in ("accepted",):
+        assert resumed["totals"][key] == ref["totals"][key]
+    assert [m["feedback"]["ids"] for m in resumed["iterations"]] == [m["feedback"]["ids"] for m in ref["iterations"]]
+    ids = [r["id"] for r in read_parts(sorted((tmp_path / "crash" / "run" / "data").glob("*.parquet")))]
+    assert len(ids) == len(set(ids)), "no committed sample is repeated"
