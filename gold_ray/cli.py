@@ -60,18 +60,28 @@ def _print_event(stage: str, info: dict[str, Any]) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    """Run a distillation and print where its outputs are."""
-    from gold_ray.loop import distill_in_process
-
+    """Run a distillation (on Ray unless --local) and print where its outputs are."""
     cfg = _load(args)
-    print(f"gold-ray: distilling task {cfg.task.name} with strategy {cfg.strategy.name} into {cfg.output.dir}")
-    metrics = distill_in_process(cfg, resume=args.resume, on_event=_print_event)
+    where = "in this process" if args.local else "on Ray"
+    print(f"gold-ray: distilling task {cfg.task.name} with strategy {cfg.strategy.name} {where} "
+          f"into {cfg.output.dir}", flush=True)
+    if args.local:
+        from gold_ray.loop import distill_in_process
+
+        metrics = distill_in_process(cfg, resume=args.resume, on_event=_print_event)
+    else:
+        from actors.driver import run_on_ray
+
+        metrics = run_on_ray(cfg, resume=args.resume, on_event=_print_event)
     final = metrics.get("final", {})
     out = Path(cfg.output.dir)
     print(f"gold-ray: done. run directory: {out}")
     print(f"  student (HF format): {out / 'student'}")
     print(f"  data (Parquet):      {out / 'data'}")
     print(f"  metrics:             {out / 'metrics.json'}")
+    if metrics.get("mlflow"):
+        m = metrics["mlflow"]
+        print(f"  MLflow run:          {m['run_id']} in {m['tracking_uri']}")
     for key in ("accuracy", "macro_f1", "exact_match", "numeric_match"):
         if key in final:
             print(f"  final {key}: {final[key]:.4f}")
@@ -136,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir")
     p.add_argument("--overwrite", action="store_true", help="replace a different run in output.dir")
     p.add_argument("--output", help="output directory (output.dir)")
+    p.add_argument("--local", action="store_true",
+                   help="run the reference loop in this process instead of on Ray (no Serve, Data or Train)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("tasks", help="list or validate task files")

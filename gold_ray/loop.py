@@ -46,6 +46,7 @@ STAGES = ("generate", "train", "probe", "feedback")
 EventFn = Callable[[str, dict[str, Any]], None]
 GenerateFn = Callable[[list[Prompt], SamplingParams], list[Generation]]
 ScoreFn = Callable[[Student, list[dict[str, Any]]], np.ndarray]
+ProduceFn = Callable[..., tuple[list[dict[str, Any]], dict[str, Any]]]
 TrainFn = Callable[..., dict[str, Any]]
 
 
@@ -61,6 +62,8 @@ def resolve_prompt_style(cfg: RunConfig, teacher_path: str | None) -> str:
     """``chat`` or ``continuation``: the configured style, else what the teacher model implies."""
     if cfg.teacher.prompt_style != "auto":
         return cfg.teacher.prompt_style
+    if cfg.teacher.engine == "openai":
+        return "chat"  # a remote endpoint's tokenizer is not ours to inspect
     chat = is_chat_model(cfg.teacher.model)
     if chat is not None:
         return "chat" if chat else "continuation"
@@ -118,8 +121,12 @@ class Distiller:
     Args:
         cfg: The run config.
         engine: A ready teacher engine; built from ``cfg.teacher`` when None and ``generate`` is None.
-        generate: Replaces the engine call (the Ray driver sends prompts through Serve).
-        score: Replaces in-process scoring (the Ray driver scores with an actor pool).
+        generate: Replaces the engine call, keeping parsing and scoring in process.
+        produce: Replaces generation, parsing and probe scoring as one step:
+            ``produce(prompts, iteration, kind, checkpoint_dir_or_None, dedup) -> (records, stats)``
+            returns every row, accepted and rejected (the Ray driver streams them through Serve,
+            Ray Data and a scorer pool).
+        score: Replaces in-process scoring (used for the optional noise filter).
         train: Replaces in-process training (the Ray driver uses Ray Train).
         resume: Continue the run committed in ``cfg.output.dir``.
         on_event: Called with (stage, info) after every stage, for progress and logs.
@@ -132,6 +139,7 @@ class Distiller:
         *,
         engine: TeacherEngine | None = None,
         generate: GenerateFn | None = None,
+        produce: ProduceFn | None = None,
         score: ScoreFn | None = None,
         train: TrainFn | None = None,
         resume: bool = False,
@@ -145,12 +153,13 @@ class Distiller:
         self.state = state or _fresh_state(cfg)
         self._engine = engine
         self._generate = generate
+        self._produce = produce
         self._score = score or (lambda student, recs: self._score_in_process(student, recs))
         self._train = train or self._train_in_process
         self.on_event = on_event or (lambda stage, info: None)
         self.tracker = tracker
         self.teacher_path: str | None = None
-        if generate is None and engine is None:
+        if generate is None and engine is None and cfg.teacher.engine != "openai":
             self.teacher_path = resolve_model(cfg.teacher.model)
         self.prompt_style = resolve_prompt_style(cfg, self.teacher_path)
         self.student_path = resolve_model(cfg.student.model)
@@ -233,16 +242,16 @@ class Distiller:
 
     # ---- stages ---------------------------------------------------------------------------
 
-    def _generate_records(self, prompts: list[Prompt], iteration: int, kind: str) -> tuple[list, list, dict]:
-        prompts = [
-            dataclasses.replace(p, meta={**p.meta, "uid": f"it{iteration}-{kind}-{i}"}) for i, p in enumerate(prompts)
-        ]
+    def _produce_in_process(
+        self, prompts: list[Prompt], iteration: int, kind: str, score: bool, dedup: Deduplicator
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Generate, parse and (for probes) score in this process; every row is returned."""
         t0 = time.perf_counter()
         gen = self._generate or self.engine().generate
         generations = gen(prompts, self.sampling()) if prompts else []
         seconds = time.perf_counter() - t0
-        results = parse_batch(self.task, prompts, generations, self.dedup)
-        accepted, rejected = [], []
+        results = parse_batch(self.task, prompts, generations, dedup)
+        records = []
         for i, (p, g, r) in enumerate(zip(prompts, generations, results, strict=True)):
             rec: dict[str, Any] = {
                 "id": f"it{iteration:03d}-{kind}-{i:05d}",
@@ -260,21 +269,46 @@ class Distiller:
                 rec.update(r.fields)
                 if self.task.is_classification:
                     rec["label"] = p.label
-                accepted.append(rec)
-            else:
-                rejected.append(rec)
+            records.append(rec)
         tokens = sum(g.output_tokens for g in generations)
-        self.state["teacher_tokens"] += tokens
-        stats = {
-            "requested": len(prompts),
-            "accepted": len(accepted),
-            "rejected": len(rejected),
-            "rejected_by_reason": dict(Counter(r["reject_reason"] for r in rejected)),
+        stats: dict[str, Any] = {
             "output_tokens": tokens,
             "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
             "samples_per_s": round(len(prompts) / seconds, 3) if seconds > 0 else None,
         }
+        accepted = [r for r in records if r["reject_reason"] is None]
+        if score and accepted and self.student is not None:
+            t1 = time.perf_counter()
+            scores = self._score(self.student, accepted)
+            for rec, value in zip(accepted, scores, strict=True):
+                rec["score"] = float(value)
+            stats["score_seconds"] = round(time.perf_counter() - t1, 3)
+        return records, stats
+
+    def _generate_records(self, prompts: list[Prompt], iteration: int, kind: str) -> tuple[list, list, dict]:
+        prompts = [
+            dataclasses.replace(p, meta={**p.meta, "uid": f"it{iteration}-{kind}-{i}"}) for i, p in enumerate(prompts)
+        ]
+        checkpoint = self.state.get("checkpoint") if kind == "probe" else None
+        if self._produce is not None:
+            ckpt = str(self.run_dir / checkpoint) if checkpoint else None
+            records, stats = self._produce(prompts, iteration, kind, ckpt, self.dedup)
+        else:
+            records, stats = self._produce_in_process(prompts, iteration, kind, checkpoint is not None, self.dedup)
+        accepted = [r for r in records if r["reject_reason"] is None]
+        rejected = [r for r in records if r["reject_reason"] is not None]
+        self.state["teacher_tokens"] += int(stats.get("output_tokens", 0))
+        stats = {
+            **stats,
+            "requested": len(prompts),
+            "accepted": len(accepted),
+            "rejected": len(rejected),
+            "rejected_by_reason": dict(Counter(r["reject_reason"] for r in rejected)),
+        }
+        scores = np.array([r.get("score", np.nan) for r in accepted], dtype=float)
+        if np.isfinite(scores).any():
+            stats["scores"] = score_quantiles(scores)
         share = len(rejected) / max(1, len(prompts))
         if len(prompts) >= 8 and share > self.cfg.budget.max_reject_share:
             raise TooManyRejectsError(
@@ -362,13 +396,6 @@ class Distiller:
             elif stage == "probe":
                 prompts = self.strategy.probe_prompts(self._ctx(iteration, stage), n_probe)
                 acc, rej, stats = self._generate_records(prompts, iteration, "probe")
-                if acc:
-                    t0 = time.perf_counter()
-                    scores = self._score(self.student, acc)
-                    for rec, s in zip(acc, scores, strict=True):
-                        rec["score"] = float(s)
-                    stats["score_seconds"] = round(time.perf_counter() - t0, 3)
-                    stats["scores"] = score_quantiles(np.asarray(scores, dtype=float))
                 self._write("probe", iteration, acc)
                 self._write("rejects-probe", iteration, rej)
                 m["probe"] = stats

@@ -1,0 +1,52 @@
+"""Fixtures of the Ray tests of ``actors/``: a tiny student checkpoint and Serve apps torn down after use."""
+
+from __future__ import annotations
+
+import pytest
+
+from gold_ray.tasks import load_task
+
+
+@pytest.fixture(scope="session")
+def sst2():
+    """The shipped SST-2 task."""
+    return load_task("sst2")
+
+
+@pytest.fixture(scope="session")
+def student_ckpt(tmp_path_factory, sst2):
+    """A saved classifier student (tiny random BERT) for SST-2, as ``load_student`` reads it."""
+    from gold_ray.student import ClassifierStudent
+    from gold_ray.testing import save_tiny_classifier
+
+    base = save_tiny_classifier(tmp_path_factory.mktemp("tiny-bert"))
+    ckpt = tmp_path_factory.mktemp("student-ckpt")
+    ClassifierStudent(sst2, base, device="cpu").save(ckpt)
+    return str(ckpt)
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster):
+    """Starts Serve once, its HTTP proxy on a free loopback port (never the default 8000)."""
+    from ray import serve
+    from ray_testkit import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+@pytest.fixture
+def serve_apps(serve_port):
+    """Deploys teacher apps for one test (``deploy(app, name)``) and deletes them afterwards."""
+    from ray import serve
+
+    names: list[str] = []
+
+    def deploy(app, name: str, route_prefix: str | None = None):
+        names.append(name)
+        return serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+
+    yield deploy
+    for name in names:
+        serve.delete(name)

