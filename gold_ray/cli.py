@@ -8,6 +8,8 @@ Commands::
     gold-ray config show [CONFIG] [--set key=value ...]
     gold-ray models list
     gold-ray models prepare [REF ...]
+    gold-ray submit CONFIG --address URL [--follow] [--set key=value ...]
+    gold-ray jobs status|logs|stop JOB_ID --address URL
 
 CONFIG is a YAML file or the name of a shipped config (``demo``, ``tiny``).
 """
@@ -45,7 +47,7 @@ def _load(args: argparse.Namespace) -> RunConfig:
     return load_config(config_path(args.config), overrides)
 
 
-def _print_event(stage: str, info: dict[str, Any]) -> None:
+def print_event(stage: str, info: dict[str, Any]) -> None:
     it = info.get("iteration", 0)
     total = info.get("iterations", 0)
     head = f"[{time.strftime('%H:%M:%S')}] iteration {it + 1}/{total} {stage:<8}"
@@ -68,11 +70,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.local:
         from gold_ray.loop import distill_in_process
 
-        metrics = distill_in_process(cfg, resume=args.resume, on_event=_print_event)
+        metrics = distill_in_process(cfg, resume=args.resume, on_event=print_event)
     else:
         from actors.driver import run_on_ray
 
-        metrics = run_on_ray(cfg, resume=args.resume, on_event=_print_event)
+        metrics = run_on_ray(cfg, resume=args.resume, on_event=print_event)
     final = metrics.get("final", {})
     out = Path(cfg.output.dir)
     print(f"gold-ray: done. run directory: {out}")
@@ -169,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep = msub.add_parser("prepare", help="convert and cache embedded models (downloads nothing)")
     prep.add_argument("refs", nargs="*", help="model references (default: the embedded teacher and student)")
     p.set_defaults(func=cmd_models)
+
+    # Imported here: jobs.submit imports this module (circular at module level); Ray itself is only
+    # imported when a job command runs.
+    from jobs.submit import add_job_commands
+
+    add_job_commands(sub)
     return parser
 
 

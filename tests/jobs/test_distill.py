@@ -1,0 +1,100 @@
+"""The Ray job entrypoint (jobs/distill.py) without Ray: config references, auto-resume, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gold_ray import store
+from gold_ray.cli import SHIPPED_CONFIG_DIR
+from gold_ray.config import ConfigError, load_config
+from jobs import distill
+
+
+def test_shipped_name_resolves_to_the_packaged_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert distill.resolve_config_ref("tiny") == SHIPPED_CONFIG_DIR / "tiny.yaml"
+
+
+def test_relative_path_falls_back_to_gold_ray_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "cluster" / "configs").mkdir(parents=True)
+    (home / "cluster" / "configs" / "x.yaml").write_text("seed: 3\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(distill.HOME_ENV, raising=False)
+    assert distill.resolve_config_ref("cluster/configs/x.yaml") == Path("cluster/configs/x.yaml")
+    monkeypatch.setenv(distill.HOME_ENV, str(home))
+    assert load_config(distill.resolve_config_ref("cluster/configs/x.yaml")).seed == 3
+    # A file in the current folder wins over the home copy.
+    (tmp_path / "cluster" / "configs").mkdir(parents=True)
+    (tmp_path / "cluster" / "configs" / "x.yaml").write_text("seed: 4\n")
+    assert load_config(distill.resolve_config_ref("cluster/configs/x.yaml")).seed == 4
+
+
+def test_env_reference_writes_the_text_under_the_users_file_name(monkeypatch):
+    monkeypatch.setenv("GOLD_RAY_CONFIG_YAML", "budget: {samples: 7}\n")
+    monkeypatch.setenv("GOLD_RAY_CONFIG_NAME", "mine.yaml")
+    path = distill.resolve_config_ref("env:GOLD_RAY_CONFIG_YAML")
+    assert path.name == "mine.yaml"
+    assert load_config(path).budget.samples == 7
+
+
+def test_env_reference_to_an_unset_variable_is_a_config_error(monkeypatch):
+    monkeypatch.delenv("NOPE_NOT_SET", raising=False)
+    with pytest.raises(ConfigError, match="NOPE_NOT_SET"):
+        distill.resolve_config_ref("env:NOPE_NOT_SET")
+
+
+def committed_run(tmp_path: Path, **overrides):
+    cfg = load_config(None, [f"output.dir={tmp_path / 'run'}"])
+    run_dir = Path(cfg.output.dir)
+    run_dir.mkdir()
+    (run_dir / store.CONFIG_FILE).write_text(cfg.to_yaml())
+    state = {"strategy": cfg.strategy.name, "seed": cfg.seed, "iteration": 0, "stage": "generate", "parts": []}
+    state.update(overrides)
+    store.commit_state(run_dir, state)
+    return cfg
+
+
+def test_a_committed_state_of_the_same_run_is_resumed(tmp_path):
+    cfg = committed_run(tmp_path)
+    assert distill.committed_run_matches(cfg) is True
+
+
+def test_fresh_folder_is_not_resumed(tmp_path):
+    cfg = load_config(None, [f"output.dir={tmp_path / 'run'}"])
+    assert distill.committed_run_matches(cfg) is False
+
+
+@pytest.mark.parametrize("change", ["seed=1", "strategy.name=zerogen", "teacher.model=/other/teacher",
+                                    "task.name=ag_news", "output.overwrite=true"])
+def test_another_run_or_an_overwrite_is_not_resumed(tmp_path, change):
+    committed_run(tmp_path)
+    cfg = load_config(None, [f"output.dir={tmp_path / 'run'}", change])
+    assert distill.committed_run_matches(cfg) is False
+
+
+def test_main_reports_a_config_error_naming_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("budget: {samples: 8, bogus_key: 1}\n")
+    assert distill.main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "budget.bogus_key" in err and "bad.yaml" in err
+
+
+def test_main_reports_a_bad_override(tmp_path, capsys):
+    assert distill.main(["--config", "tiny", "--set", "budget.samples=lots"]) == 2
+    assert "budget.samples" in capsys.readouterr().err
+
+
+def test_module_runs_as_a_script_and_exits_non_zero_on_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("strategy: {nam: gold}\n")
+    root = Path(distill.__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "jobs.distill", "--config", str(bad)], cwd=root,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "strategy.nam" in result.stderr

