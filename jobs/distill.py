@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from gold_ray import store
-from gold_ray.cli import print_event, config_path
+from gold_ray.cli import config_path, print_event
 from gold_ray.config import ConfigError, RunConfig, load_config
 from gold_ray.tasks import TaskFileError
 
