@@ -30,9 +30,10 @@ def eval_file(tmp_path_factory):
 
 
 @pytest.fixture
-def cfg_for(eval_file):
+def cfg_for(eval_file, serve_port):
+    # Serve keeps the HTTP options of its first start in a cluster: use the session's port.
     def make(out, student, *extra):
-        return _cfg(out, student, eval_file, *extra)
+        return _cfg(out, student, eval_file, f"teacher.serve.port={serve_port}", *extra)
     return make
 
 
