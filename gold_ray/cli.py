@@ -2,7 +2,8 @@
 
 Commands::
 
-    gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite]
+    gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite] [--local]
+    gold-ray serve CONFIG [--set key=value ...]
     gold-ray tasks list
     gold-ray tasks validate FILE...
     gold-ray config show [CONFIG] [--set key=value ...]
@@ -90,6 +91,26 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the teacher alone as a Ray Serve app with OpenAI-compatible routes, until interrupted."""
+    from actors.driver import ensure_ray
+    from actors.teacher import start_teacher
+
+    cfg = _load(args)
+    ensure_ray()
+    start_teacher(cfg, name="teacher")
+    s = cfg.teacher.serve
+    print(f"gold-ray: teacher {cfg.teacher.model} ({cfg.teacher.engine}) serving on "
+          f"http://{s.host}:{s.port}/v1 (chat/completions, completions, models); Ctrl-C stops it", flush=True)
+    if args.once:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     """List shipped tasks or validate task files."""
     if args.tasks_cmd == "list":
@@ -151,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true",
                    help="run the reference loop in this process instead of on Ray (no Serve, Data or Train)")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("serve", help="run the teacher alone as a Ray Serve app (OpenAI-compatible HTTP)")
+    add_config_args(p)
+    p.add_argument("--once", action="store_true", help="start it and return (it keeps running on Ray)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("tasks", help="list or validate task files")
     tsub = p.add_subparsers(dest="tasks_cmd", required=True)

@@ -428,6 +428,8 @@ class Distiller:
         self.state["final"] = self.final_stage()
         self.state["finished"] = True
         self._commit(self.cfg.strategy.iterations - 1, STAGES[-1])
+        card = store.dataset_card(self.task, self.metrics(), self.state["parts"])
+        store.atomic_write_bytes(self.run_dir / "dataset_card.md", card.encode("utf-8"))
         return self.metrics()
 
     def final_stage(self) -> dict[str, Any]:

@@ -70,6 +70,13 @@ def test_gold_loop_feeds_back_rejects_and_saves(tmp_path, student_dir, eval_file
     model = AutoModelForSequenceClassification.from_pretrained(run / "student")
     assert set(model.config.id2label.values()) == {"negative", "positive"}
 
+    from datasets import load_dataset
+
+    ds = load_dataset("parquet", data_files={"train": str(run / "data" / "train-*.parquet")})["train"]
+    assert len(ds) == sum(m["generate"]["accepted"] for m in metrics["iterations"])
+    card = (run / "dataset_card.md").read_text()
+    assert f"Accepted samples (train and probe parts): {metrics['totals']['accepted']}" in card
+
 
 def test_zerogen_has_no_probes_or_feedback(tmp_path, student_dir, eval_file):
     cfg = make_cfg(tmp_path, student_dir, eval_file, "strategy.name=zerogen")
