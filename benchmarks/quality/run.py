@@ -88,7 +88,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: accuracy={row['accuracy']} wall={row['wall_s']}s", flush=True)
     for r in rows:
         print(f"{r['task']:<8} {r['strategy']:<8} seed {r['seed']} n={r['budget']}: acc {r['accuracy']}")
+    write_summary()
     return 0
+
+
+def write_summary() -> dict:
+    """Aggregate every result file into ``summary.json`` and ``summary.md`` (mean and spread over seeds)."""
+    import statistics
+
+    groups: dict[tuple[str, str, int], list[dict]] = {}
+    for path in sorted(RESULTS.glob("*-s*-n*.json")):
+        row = json.loads(path.read_text())
+        groups.setdefault((row["task"], row["strategy"], row["budget"]), []).append(row)
+    summary: dict = {"tasks": {}, "teacher_fewshot": {}}
+    lines = ["| task | strategy | budget | seeds | accuracy mean | std |", "| --- | --- | --- | --- | --- | --- |"]
+    for (task, strategy, budget), rows in sorted(groups.items()):
+        accs = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+        mean = statistics.fmean(accs)
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        summary["tasks"].setdefault(task, {})[strategy] = {"mean": mean, "std": std, "seeds": len(accs),
+                                                            "budget": budget}
+        lines.append(f"| {task} | {strategy} | {budget} | {len(accs)} | {mean:.4f} | {std:.4f} |")
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2))
+    (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
 
 
 if __name__ == "__main__":
