@@ -143,8 +143,11 @@ class DistillationDriver:
                 logger.warning("could not delete Serve app %s", self.app_name)
 
 
-def ensure_ray() -> None:
-    """Connect to ``$RAY_ADDRESS`` when set, otherwise start (or reuse) a local Ray."""
+def ensure_ray(cfg: RunConfig | None = None) -> None:
+    """Connect to ``$RAY_ADDRESS`` when set, otherwise start (or reuse) a local Ray.
+
+    A local Ray gets ``resources.local_ray_cpus`` logical CPUs (default: the cores, at least 4).
+    """
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
@@ -153,7 +156,9 @@ def ensure_ray() -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env})
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env})
+        cpus = cfg.resources.local_ray_cpus if cfg is not None else None
+        cpus = cpus or max(4, os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env})
 
 
 def run_on_ray(
@@ -170,7 +175,7 @@ def run_on_ray(
     When the driver actor dies (its node fails, or it is killed), a new one resumes the run from
     its last committed stage, up to ``max_driver_restarts`` times.
     """
-    ensure_ray()
+    ensure_ray(cfg)
     on_event = on_event or (lambda stage, info: None)
     attempt = 0
     while True:

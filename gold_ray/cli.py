@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from actors.teacher import start_teacher
 
     cfg = _load(args)
-    ensure_ray()
+    ensure_ray(cfg)
     start_teacher(cfg, name="teacher")
     s = cfg.teacher.serve
     print(f"gold-ray: teacher {cfg.teacher.model} ({cfg.teacher.engine}) serving on "

@@ -217,6 +217,9 @@ class ResourcesConfig(_Section):
         train_workers: Ray Train workers.
         train_use_gpu: Train on GPUs.
         train_cpus_per_worker: CPUs per Ray Train worker.
+        local_ray_cpus: Logical CPUs of a Ray started locally (no ``$RAY_ADDRESS``); None means
+            the machine's cores, but at least 4, so that a teacher, the scorer pool and a trainer
+            fit on a 2-core laptop (they rarely compute at the same time).
     """
 
     scorer_min_actors: int = Field(default=1, ge=1)
@@ -227,6 +230,7 @@ class ResourcesConfig(_Section):
     train_workers: int = Field(default=1, ge=1)
     train_use_gpu: bool = False
     train_cpus_per_worker: float = Field(default=1.0, gt=0)
+    local_ray_cpus: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _pool(self) -> ResourcesConfig:
