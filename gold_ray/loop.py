@@ -403,8 +403,9 @@ class Distiller:
                 probes = store.read_parts([store.part_path(self.run_dir, "probe", iteration)])
                 fb = self.strategy.update_feedback(self._ctx(iteration, stage), probes)
                 self.state["feedback"] = fb
-                new_ids = sorted({r["id"] for r in fb} - {r["id"] for r in probes if r not in fb})
-                m["feedback"] = {"size": len(fb), "ids": [r["id"] for r in fb], "new": len(new_ids)}
+                probe_ids = {r["id"] for r in probes}
+                new = sum(r["id"] in probe_ids for r in fb)
+                m["feedback"] = {"size": len(fb), "ids": [r["id"] for r in fb], "new": new}
                 stats = {"size": len(fb)}
             self._commit(iteration, stage)
             self._emit(stage, iteration, stats)
