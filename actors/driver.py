@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,9 @@ class DistillationDriver:
             )
             start_teacher(cfg, factory, name=self.app_name)
             metrics = distiller.run()
+            # Scratch space of the Ray stages; only an interrupted run needs it (to resume).
+            for scratch in ("tmp", "ray_train"):
+                shutil.rmtree(run_dir / scratch, ignore_errors=True)
             if tracker is not None:
                 tracker.log_metrics({f"final.{k}": v for k, v in metrics.get("final", {}).items()},
                                     step=cfg.strategy.iterations)
