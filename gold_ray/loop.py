@@ -39,12 +39,11 @@ from gold_ray.parsing import Deduplicator, parse_batch
 from gold_ray.strategies import Strategy, StrategyContext, build_strategy
 from gold_ray.student import Student, build_student, load_student
 from gold_ray.tasks import TaskSpec, load_task, resolve_data_path
-from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
+from gold_ray.types import Prompt, SamplingParams, TeacherEngine
 
 STAGES = ("generate", "train", "probe", "feedback")
 
 EventFn = Callable[[str, dict[str, Any]], None]
-GenerateFn = Callable[[list[Prompt], SamplingParams], list[Generation]]
 ScoreFn = Callable[[Student, list[dict[str, Any]]], np.ndarray]
 ProduceFn = Callable[..., tuple[list[dict[str, Any]], dict[str, Any]]]
 TrainFn = Callable[..., dict[str, Any]]
@@ -120,8 +119,7 @@ class Distiller:
 
     Args:
         cfg: The run config.
-        engine: A ready teacher engine; built from ``cfg.teacher`` when None and ``generate`` is None.
-        generate: Replaces the engine call, keeping parsing and scoring in process.
+        engine: A ready teacher engine; built from ``cfg.teacher`` on first use when None.
         produce: Replaces generation, parsing and probe scoring as one step:
             ``produce(prompts, iteration, kind, checkpoint_dir_or_None, dedup) -> (records, stats)``
             returns every row, accepted and rejected (the Ray driver streams them through Serve,
@@ -138,7 +136,6 @@ class Distiller:
         cfg: RunConfig,
         *,
         engine: TeacherEngine | None = None,
-        generate: GenerateFn | None = None,
         produce: ProduceFn | None = None,
         score: ScoreFn | None = None,
         train: TrainFn | None = None,
@@ -152,14 +149,13 @@ class Distiller:
         self.run_dir, state = prepare_run_dir(cfg, resume)
         self.state = state or _fresh_state(cfg)
         self._engine = engine
-        self._generate = generate
         self._produce = produce
-        self._score = score or (lambda student, recs: self._score_in_process(student, recs))
+        self._score = score or self._score_in_process
         self._train = train or self._train_in_process
         self.on_event = on_event or (lambda stage, info: None)
         self.tracker = tracker
         self.teacher_path: str | None = None
-        if generate is None and engine is None and cfg.teacher.engine != "openai":
+        if engine is None and cfg.teacher.engine != "openai":
             self.teacher_path = resolve_model(cfg.teacher.model)
         self.prompt_style = resolve_prompt_style(cfg, self.teacher_path)
         self.student_path = resolve_model(cfg.student.model)
@@ -247,8 +243,7 @@ class Distiller:
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Generate, parse and (for probes) score in this process; every row is returned."""
         t0 = time.perf_counter()
-        gen = self._generate or self.engine().generate
-        generations = gen(prompts, self.sampling()) if prompts else []
+        generations = self.engine().generate(prompts, self.sampling()) if prompts else []
         seconds = time.perf_counter() - t0
         results = parse_batch(self.task, prompts, generations, dedup)
         records = []
