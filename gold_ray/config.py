@@ -195,7 +195,8 @@ class BudgetConfig(_Section):
     """How much teacher work a run may spend.
 
     Attributes:
-        samples: Training samples requested from the teacher over the whole run (probes excluded).
+        samples: Samples requested from the teacher over the whole run, probes included (GOLD's
+            probes are training data too), so every strategy spends the same teacher calls.
         max_teacher_tokens: Stop generating once this many output tokens were spent (None: no cap).
         max_reject_share: Stop with a clear error when an iteration rejects more than this share.
     """
@@ -296,7 +297,7 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def per_iteration_samples(self) -> int:
-        """Training samples requested per iteration (the last iteration takes the remainder)."""
+        """Teacher samples (training and probes) per iteration; the last iteration takes the remainder."""
         return max(1, self.budget.samples // self.strategy.iterations)
 
 

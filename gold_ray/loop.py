@@ -361,13 +361,16 @@ class Distiller:
     def run_iteration(self, iteration: int, done: str | None) -> None:
         """Run the stages of one iteration that come after ``done`` (the last committed stage)."""
         start = STAGES.index(done) + 1 if done else 0
+        # Probes come out of the same budget as training samples, so that strategies with and
+        # without probes spend the same teacher calls (probes are training data too).
+        requested = self._requested(iteration)
         n_probe = 0
-        if self.strategy.uses_probes:
-            n_probe = max(1, round(self._requested(iteration) * self.cfg.strategy.probe_fraction))
+        if self.strategy.uses_probes and requested > 1:
+            n_probe = max(1, round(requested * self.cfg.strategy.probe_fraction))
         for stage in STAGES[start:]:
             m = self._iter_metrics(iteration)
             if stage == "generate":
-                n = self._requested(iteration) if self._budget_left() else 0
+                n = requested - n_probe if self._budget_left() else 0
                 prompts = self.strategy.train_prompts(self._ctx(iteration, stage), n)
                 acc, rej, stats = self._generate_records(prompts, iteration, "train")
                 self._write("train", iteration, acc)

@@ -46,13 +46,15 @@ def make_cfg(tmp_path, student_dir, eval_file, *extra):
 
 
 def test_gold_loop_feeds_back_rejects_and_saves(tmp_path, student_dir, eval_file):
-    engine = RecordingEngine(fail_every=7)
+    engine = RecordingEngine(fail_every=5)
     cfg = make_cfg(tmp_path, student_dir, eval_file)
     metrics = Distiller(cfg, engine=engine).run()
     run = tmp_path / "run"
 
     it0 = metrics["iterations"][0]
-    assert it0["generate"]["requested"] == 12
+    # Probes come out of the same budget: 24 samples over 2 iterations, half of each on probes.
+    assert it0["generate"]["requested"] == 6 and it0["probe"]["requested"] == 6
+    assert sum(m["generate"]["requested"] + m["probe"]["requested"] for m in metrics["iterations"]) == 24
     assert it0["generate"]["rejected_by_reason"].get("error", 0) >= 1  # injected failures are kept as rejects
     rejects = read_parts(sorted((run / "data").glob("rejects-*.parquet")))
     assert rejects and all(r["reject_reason"] for r in rejects)
