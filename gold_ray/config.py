@@ -248,11 +248,14 @@ class TrackingConfig(_Section):
         tracking_uri: MLflow store; None means ``$MLFLOW_TRACKING_URI`` or else a SQLite file
             in the output folder.
         experiment: MLflow experiment name.
+        parent_run_id: Nest the run under this MLflow run (in the same store); ``gold-ray
+            compare`` sets it so that every run of a comparison sits under one parent.
     """
 
     enabled: bool = True
     tracking_uri: str | None = None
     experiment: str = "gold-ray"
+    parent_run_id: str | None = None
 
 
 class OutputConfig(_Section):

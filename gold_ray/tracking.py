@@ -197,12 +197,14 @@ class MlflowTracker:
     Attributes:
         tracking_uri: The resolved tracking URI.
         experiment: The experiment name.
+        parent_run_id: The run a new run is nested under (``tracking.parent_run_id``), or None.
         run_id: The active run's id (None before :meth:`start`).
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike[str]):
         self.tracking_uri = resolve_tracking_uri(cfg, run_dir)
         self.experiment = cfg.tracking.experiment
+        self.parent_run_id = cfg.tracking.parent_run_id
         self.run_id: str | None = None
         self._client_obj: Any = None
 
@@ -255,7 +257,10 @@ class MlflowTracker:
                 self.client.update_run(resume_run_id, status="RUNNING")
                 self.run_id = resume_run_id
                 return resume_run_id
-        run = self.client.create_run(self._experiment_id(), run_name=run_name, tags={"gold_ray.run_name": run_name})
+        tags = {"gold_ray.run_name": run_name}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         return self.run_id
 

@@ -153,3 +153,16 @@ def test_resume_of_unknown_run_starts_a_new_one(tmp_path, monkeypatch):
     run_id = tracker.start("x", resume_run_id="0" * 32)
     assert run_id != "0" * 32
     assert tracker.client.get_run(run_id).info.run_name == "x"
+
+
+def test_parent_run_id_nests_the_run_and_resume_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    parent = MlflowTracker(_cfg(tmp_path), tmp_path)
+    parent_id = parent.start("compare")
+    child = MlflowTracker(_cfg(tmp_path, parent_run_id=parent_id), tmp_path)
+    child_id = child.start("gold-sst2-seed0")
+    assert parent.client.get_run(child_id).data.tags["mlflow.parentRunId"] == parent_id
+    assert "mlflow.parentRunId" not in parent.client.get_run(parent_id).data.tags
+    # Reopening keeps the run (and its parent tag) as it was.
+    assert child.start("gold-sst2-seed0", resume_run_id=child_id) == child_id
+    assert len(parent.client.search_runs([parent.client.get_run(parent_id).info.experiment_id])) == 2
