@@ -21,6 +21,7 @@ Ray Data and Ray Train behind them; the defaults run everything in this process.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import time
 from collections import Counter
@@ -42,6 +43,8 @@ from gold_ray.tasks import TaskSpec, load_task, resolve_data_path
 from gold_ray.types import Prompt, SamplingParams, TeacherEngine
 
 STAGES = ("generate", "train", "probe", "feedback")
+
+logger = logging.getLogger(__name__)
 
 EventFn = Callable[[str, dict[str, Any]], None]
 ScoreFn = Callable[[Student, list[dict[str, Any]]], np.ndarray]
@@ -97,6 +100,18 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, dict[str, Any] 
     return run_dir, state
 
 
+def write_task_copy(run_dir: Path, task: TaskSpec) -> None:
+    """Keep the run's task spec in the run directory (``task.yaml``).
+
+    ``task.name`` may be a path relative to where the run started; the copy lets ``gold-ray
+    predict`` and ``gold-ray report`` read the run from anywhere.
+    """
+    import yaml
+
+    text = yaml.safe_dump(task.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)
+    store.atomic_write_bytes(run_dir / store.TASK_FILE, text.encode("utf-8"))
+
+
 def _fresh_state(cfg: RunConfig) -> dict[str, Any]:
     return {
         "version": 1,
@@ -147,6 +162,7 @@ class Distiller:
         self.task: TaskSpec = load_task(cfg.task.name)
         self.strategy: Strategy = build_strategy(cfg.strategy.name)
         self.run_dir, state = prepare_run_dir(cfg, resume)
+        write_task_copy(self.run_dir, self.task)
         self.state = state or _fresh_state(cfg)
         self._engine = engine
         self._produce = produce
@@ -342,6 +358,17 @@ class Distiller:
             return {}
         return evaluate_student(student, self.task, self.eval_records)
 
+    def _holdout(self, probes: list[dict[str, Any]]) -> dict[str, Any]:
+        """Without a real evaluation set: the student's metrics on the fresh probes (``holdout_*``).
+
+        The probes of an iteration are written after its training stage, so the student has not
+        seen them: a synthetic hold-out, labelled by the label the teacher was asked for.
+        """
+        if self.eval_records or self.student is None or not probes:
+            return {}
+        ev = evaluate_student(self.student, self.task, probes)
+        return {f"holdout_{k}": v for k, v in ev.items() if isinstance(v, int | float)}
+
     def _emit(self, stage: str, iteration: int, info: dict[str, Any]) -> None:
         self.on_event(stage, {"iteration": iteration, "iterations": self.cfg.strategy.iterations, **info})
         if self.tracker is not None:
@@ -394,6 +421,7 @@ class Distiller:
             elif stage == "probe":
                 prompts = self.strategy.probe_prompts(self._ctx(iteration, stage), n_probe)
                 acc, rej, stats = self._generate_records(prompts, iteration, "probe")
+                stats.update(self._holdout(acc))
                 self._write("probe", iteration, acc)
                 self._write("rejects-probe", iteration, rej)
                 m["probe"] = stats
@@ -416,6 +444,8 @@ class Distiller:
     def run(self) -> dict[str, Any]:
         """Run (or resume) the whole distillation; returns the run metrics."""
         if self.state.get("finished"):
+            if not (self.run_dir / "report.html").exists():
+                self._write_report()
             return self.metrics()
         self._restore_student()
         it, done = self.state["iteration"], self.state["stage"]
@@ -429,7 +459,17 @@ class Distiller:
         self._commit(self.cfg.strategy.iterations - 1, STAGES[-1])
         card = store.dataset_card(self.task, self.metrics(), self.state["parts"])
         store.atomic_write_bytes(self.run_dir / "dataset_card.md", card.encode("utf-8"))
+        self._write_report()
         return self.metrics()
+
+    def _write_report(self) -> None:
+        # A report that fails to render must not fail a finished run: `gold-ray report` rebuilds it.
+        try:
+            from gold_ray.report import write_report
+
+            write_report(self.run_dir)
+        except Exception as err:  # noqa: BLE001 - logged; the run's outputs are already committed
+            logger.warning("could not write %s: %s", self.run_dir / "report.html", err)
 
     def final_stage(self) -> dict[str, Any]:
         """Train the final student on all kept data, evaluate it and save it under ``student/``."""
@@ -457,7 +497,8 @@ class Distiller:
             "fit": fit,
             **ev,
         }
-        self._emit("final", self.cfg.strategy.iterations, {k: v for k, v in final.items() if k != "fit"})
+        info = {k: v for k, v in final.items() if k != "fit"}
+        self._emit("final", self.cfg.strategy.iterations, {**info, "train_loss": fit.get("loss")})
         return final
 
 

@@ -3,13 +3,14 @@
 Layout of a run directory::
 
     config.yaml              resolved RunConfig (no secrets: keys live in env vars)
+    task.yaml                the task spec the run uses (a copy, for predict and report)
     state.json               last committed stage, counters, feedback pool, part list
     data/train-it000.parquet accepted training samples of iteration 0
     data/probe-it000.parquet accepted probe samples
     data/rejects-it000.parquet rejected samples with their reason
     checkpoints/it000/       student after iteration 0
     student/                 final student, HF format
-    metrics.json, dataset_card.md, mlflow.db
+    metrics.json, dataset_card.md, report.html, mlflow.db
 
 Every file is written to a temporary name in the same folder and renamed into place, so a crash
 never leaves a half-written part under a data name, and ``state.json`` only lists parts that exist.
@@ -31,6 +32,7 @@ from gold_ray.tasks import TaskSpec
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
+TASK_FILE = "task.yaml"
 
 
 def record_schema(task: TaskSpec) -> pa.Schema:
