@@ -2,7 +2,7 @@
 
 Commands::
 
-    gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite] [--local]
+    gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite] [--local] [--quiet|--json-logs]
     gold-ray serve CONFIG [--set key=value ...]
     gold-ray tasks list
     gold-ray tasks validate FILE...
@@ -49,45 +49,56 @@ def _load(args: argparse.Namespace) -> RunConfig:
 
 
 def print_event(stage: str, info: dict[str, Any]) -> None:
-    it = info.get("iteration", 0)
-    total = info.get("iterations", 0)
-    head = f"[{time.strftime('%H:%M:%S')}] iteration {it + 1}/{total} {stage:<8}"
-    if stage == "final":
-        head = f"[{time.strftime('%H:%M:%S')}] final stage     "
-    keys = ("requested", "accepted", "rejected", "tokens_per_s", "samples_per_s", "records", "loss",
-            "accuracy", "macro_f1", "exact_match", "numeric_match", "size", "seconds")
-    body = " ".join(f"{k}={info[k]}" for k in keys if info.get(k) is not None)
-    if info.get("rejected_by_reason"):
-        body += f" reasons={info['rejected_by_reason']}"
-    print(f"{head} {body}", flush=True)
+    """Print one line for a finished stage (the plain progress view, for job logs)."""
+    from gold_ray.progress import format_line
+
+    print(format_line(stage, info), flush=True)
+
+
+def _summary(metrics: dict[str, Any], out: Path) -> str:
+    lines = [f"gold-ray: done. run directory: {out}",
+             f"  student (HF format): {out / 'student'}",
+             f"  data (Parquet):      {out / 'data'}",
+             f"  metrics:             {out / 'metrics.json'}"]
+    if (out / "report.html").is_file():
+        lines.append(f"  report:              {out / 'report.html'}")
+    if metrics.get("mlflow"):
+        m = metrics["mlflow"]
+        lines.append(f"  MLflow run:          {m['run_id']} in {m['tracking_uri']}")
+    final = metrics.get("final", {})
+    for key in ("accuracy", "macro_f1", "exact_match", "numeric_match"):
+        if key in final:
+            lines.append(f"  final {key}: {final[key]:.4f}")
+    return "\n".join(lines)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    """Run a distillation (on Ray unless --local) and print where its outputs are."""
+    """Run a distillation (on Ray unless --local), showing its progress, and print where its outputs are."""
+    from gold_ray.progress import progress
+
     cfg = _load(args)
     where = "in this process" if args.local else "on Ray"
-    print(f"gold-ray: distilling task {cfg.task.name} with strategy {cfg.strategy.name} {where} "
-          f"into {cfg.output.dir}", flush=True)
-    if args.local:
-        from gold_ray.loop import distill_in_process
+    mode = "json" if args.json_logs else "quiet" if args.quiet else "auto"
+    s = cfg.student
+    final_ratio = s.final_epochs / max(1, s.epochs_per_iteration)
+    title = f"gold-ray · {cfg.task.name} · {cfg.strategy.name} · {where} · {cfg.output.dir}"
+    with progress(mode, iterations=cfg.strategy.iterations, final_ratio=final_ratio, title=title) as reporter:
+        reporter.message("start", f"gold-ray: distilling task {cfg.task.name} with strategy {cfg.strategy.name} "
+                                  f"{where} into {cfg.output.dir}",
+                         task=cfg.task.name, strategy=cfg.strategy.name, local=args.local, run_dir=cfg.output.dir)
+        if args.local:
+            from gold_ray.loop import distill_in_process
 
-        metrics = distill_in_process(cfg, resume=args.resume, on_event=print_event)
-    else:
-        from actors.driver import run_on_ray
+            metrics = distill_in_process(cfg, resume=args.resume, on_event=reporter)
+        else:
+            from actors.driver import run_on_ray
 
-        metrics = run_on_ray(cfg, resume=args.resume, on_event=print_event)
-    final = metrics.get("final", {})
-    out = Path(cfg.output.dir)
-    print(f"gold-ray: done. run directory: {out}")
-    print(f"  student (HF format): {out / 'student'}")
-    print(f"  data (Parquet):      {out / 'data'}")
-    print(f"  metrics:             {out / 'metrics.json'}")
-    if metrics.get("mlflow"):
-        m = metrics["mlflow"]
-        print(f"  MLflow run:          {m['run_id']} in {m['tracking_uri']}")
-    for key in ("accuracy", "macro_f1", "exact_match", "numeric_match"):
-        if key in final:
-            print(f"  final {key}: {final[key]:.4f}")
+            metrics = run_on_ray(cfg, resume=args.resume, on_event=reporter)
+        out = Path(cfg.output.dir)
+        report = out / "report.html"
+        reporter.message("done", _summary(metrics, out), run_dir=str(out),
+                         report=str(report) if report.is_file() else None,
+                         final=metrics.get("final", {}), mlflow=metrics.get("mlflow"))
     return 0
 
 
@@ -171,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output directory (output.dir)")
     p.add_argument("--local", action="store_true",
                    help="run the reference loop in this process instead of on Ray (no Serve, Data or Train)")
+    out_mode = p.add_mutually_exclusive_group()
+    out_mode.add_argument("--quiet", action="store_true",
+                          help="no progress output; print only where the outputs are at the end")
+    out_mode.add_argument("--json-logs", action="store_true",
+                          help="one JSON object per event per line on stdout (other output goes to stderr)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("serve", help="run the teacher alone as a Ray Serve app (OpenAI-compatible HTTP)")
