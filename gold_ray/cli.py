@@ -3,6 +3,7 @@
 Commands::
 
     gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite] [--local] [--quiet|--json-logs]
+    gold-ray compare CONFIG --strategies gold,zerogen --seeds N [--output DIR] [--local]
     gold-ray serve CONFIG [--set key=value ...]
     gold-ray tasks list
     gold-ray tasks validate FILE...
@@ -102,6 +103,35 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run every strategy x seed at the same budget and write the comparison table and plot."""
+    from gold_ray.compare import available_strategies, compare, parse_seeds, parse_strategies, run_in_process
+    from gold_ray.progress import format_line
+
+    cfg = _load(args)
+    strategies = parse_strategies(args.strategies or ",".join(available_strategies()))
+    seeds = parse_seeds(args.seeds)
+    out = Path(args.output or f"{cfg.output.dir}-compare")
+    where = "in this process" if args.local else "on Ray"
+    print(f"gold-ray: comparing {', '.join(strategies)} on task {cfg.task.name} with seeds "
+          f"{', '.join(map(str, seeds))} ({cfg.budget.samples} teacher samples per run) {where} into {out}",
+          flush=True)
+    if args.local:
+        runner = run_in_process
+    else:
+        from actors.driver import run_on_ray
+
+        runner = run_on_ray
+    table = compare(cfg, strategies, seeds, out, runner=runner, with_teacher=not args.no_teacher_fewshot,
+                    on_event=lambda name, stage, info: print(f"{name} {format_line(stage, info)}", flush=True),
+                    echo=lambda line: print(f"gold-ray: {line}", flush=True))
+    print((out / "compare.md").read_text(encoding="utf-8"), end="")
+    if table.get("mlflow"):
+        m = table["mlflow"]
+        print(f"MLflow parent run: {m['parent_run_id']} in {m['tracking_uri']}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the teacher alone as a Ray Serve app with OpenAI-compatible routes, until interrupted."""
     from actors.driver import ensure_ray
@@ -188,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     out_mode.add_argument("--json-logs", action="store_true",
                           help="one JSON object per event per line on stdout (other output goes to stderr)")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("compare", help="run strategies x seeds at one budget; write a table and a plot")
+    add_config_args(p)
+    p.add_argument("--strategies", help="comma-separated strategy names (default: every registered one)")
+    p.add_argument("--seeds", default="2",
+                   help="a number of seeds N (the seeds 0..N-1) or a comma list of seeds, e.g. 0,1 or 5, (default 2)")
+    p.add_argument("--output", help="the comparison's folder (default: output.dir + '-compare')")
+    p.add_argument("--local", action="store_true", help="run every distillation in this process instead of on Ray")
+    p.add_argument("--no-teacher-fewshot", action="store_true",
+                   help="leave out the teacher-as-classifier row (one teacher pass per eval example)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("serve", help="run the teacher alone as a Ray Serve app (OpenAI-compatible HTTP)")
     add_config_args(p)
