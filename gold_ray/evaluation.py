@@ -55,6 +55,16 @@ def _iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
         raise ValueError(f"{p}: no records (the file is empty or blank)")
 
 
+def read_jsonl_numbered(path: str | os.PathLike[str]) -> list[tuple[int, dict]]:
+    """``(line number, record)`` for every non-blank line of a JSON Lines file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: as :func:`read_jsonl` (the message names the file and line).
+    """
+    return list(_iter_jsonl(path))
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict]:
     """All records of a JSON Lines file; blank lines are skipped.
 
