@@ -4,6 +4,8 @@ Commands::
 
     gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite] [--local] [--quiet|--json-logs]
     gold-ray compare CONFIG --strategies gold,zerogen --seeds N [--output DIR] [--local]
+    gold-ray report RUN_DIR [RUN_B] [--out FILE]
+    gold-ray predict RUN_DIR TEXT... | --file input.jsonl [--output FILE]
     gold-ray serve CONFIG [--set key=value ...]
     gold-ray tasks list
     gold-ray tasks validate FILE...
@@ -132,6 +134,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild a run's report.html, or write a page comparing two runs."""
+    from gold_ray.report import write_comparison, write_report
+
+    if len(args.runs) == 1:
+        path = write_report(args.runs[0], out=args.out)
+    elif len(args.runs) == 2:
+        a, b = (Path(r) for r in args.runs)
+        path = write_comparison(a, b, args.out or a / f"compare-{b.resolve().name}.html")
+    else:
+        raise ValueError("gold-ray report takes one run directory, or two to compare")
+    print(f"gold-ray: report written to {path}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict with a run's final student; one JSON line per input (prediction and probabilities)."""
+    from gold_ray.predict import load_run_student, predict_to_jsonl, read_inputs, text_record
+
+    if bool(args.texts) == bool(args.file):
+        raise ValueError("gold-ray predict: give either texts or --file FILE.jsonl (not both)")
+    student, task = load_run_student(args.run_dir)
+    records = read_inputs(args.file, task) if args.file else [text_record(task, t) for t in args.texts]
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            n = predict_to_jsonl(student, task, records, fh)
+        print(f"gold-ray: {n} predictions written to {args.output}", file=sys.stderr)
+    else:
+        predict_to_jsonl(student, task, records, sys.stdout)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the teacher alone as a Ray Serve app with OpenAI-compatible routes, until interrupted."""
     from actors.driver import ensure_ray
@@ -229,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-teacher-fewshot", action="store_true",
                    help="leave out the teacher-as-classifier row (one teacher pass per eval example)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="rebuild RUN_DIR/report.html, or compare two runs (RUN_A RUN_B)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="one run directory, or two to compare")
+    p.add_argument("--out", help="where to write the page (default: RUN_DIR/report.html; for two runs "
+                                 "RUN_A/compare-<name of RUN_B>.html)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="predict with a run's final student (JSON lines out)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (tasks with one input field)")
+    p.add_argument("--file", help="JSONL input, one record with the task's input fields per line")
+    p.add_argument("--output", help="write the JSONL predictions here instead of stdout")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("serve", help="run the teacher alone as a Ray Serve app (OpenAI-compatible HTTP)")
     add_config_args(p)
