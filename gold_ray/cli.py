@@ -3,7 +3,7 @@
 Commands::
 
     gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite] [--local] [--quiet|--json-logs]
-    gold-ray compare CONFIG --strategies gold,zerogen --seeds N [--output DIR] [--local]
+    gold-ray compare CONFIG --strategies gold,zerogen --seeds N [--output DIR] [--local] [--quiet|--json-logs]
     gold-ray report RUN_DIR [RUN_B] [--out FILE]
     gold-ray predict RUN_DIR TEXT... | --file input.jsonl [--output FILE]
     gold-ray serve CONFIG [--set key=value ...]
@@ -108,29 +108,33 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run every strategy x seed at the same budget and write the comparison table and plot."""
     from gold_ray.compare import available_strategies, compare, parse_seeds, parse_strategies, run_in_process
-    from gold_ray.progress import format_line
+    from gold_ray.progress import progress
 
     cfg = _load(args)
     strategies = parse_strategies(args.strategies or ",".join(available_strategies()))
     seeds = parse_seeds(args.seeds)
     out = Path(args.output or f"{cfg.output.dir}-compare")
     where = "in this process" if args.local else "on Ray"
-    print(f"gold-ray: comparing {', '.join(strategies)} on task {cfg.task.name} with seeds "
-          f"{', '.join(map(str, seeds))} ({cfg.budget.samples} teacher samples per run) {where} into {out}",
-          flush=True)
-    if args.local:
-        runner = run_in_process
-    else:
-        from actors.driver import run_on_ray
+    # One line per stage, each prefixed with its run (a live view of one run does not fit several).
+    mode = "json" if args.json_logs else "quiet" if args.quiet else "plain"
+    with progress(mode, eta=False) as reporter:
+        reporter.message("start", f"gold-ray: comparing {', '.join(strategies)} on task {cfg.task.name} with seeds "
+                                  f"{', '.join(map(str, seeds))} ({cfg.budget.samples} teacher samples per run) "
+                                  f"{where} into {out}", strategies=strategies, seeds=seeds, out=str(out))
+        if args.local:
+            runner = run_in_process
+        else:
+            from actors.driver import run_on_ray
 
-        runner = run_on_ray
-    table = compare(cfg, strategies, seeds, out, runner=runner, with_teacher=not args.no_teacher_fewshot,
-                    on_event=lambda name, stage, info: print(f"{name} {format_line(stage, info)}", flush=True),
-                    echo=lambda line: print(f"gold-ray: {line}", flush=True))
-    print((out / "compare.md").read_text(encoding="utf-8"), end="")
-    if table.get("mlflow"):
-        m = table["mlflow"]
-        print(f"MLflow parent run: {m['parent_run_id']} in {m['tracking_uri']}")
+            runner = run_on_ray
+        table = compare(cfg, strategies, seeds, out, runner=runner, with_teacher=not args.no_teacher_fewshot,
+                        on_event=lambda name, stage, info: reporter(stage, {"run": name, **info}),
+                        echo=lambda line: reporter.message("info", f"gold-ray: {line}"))
+        text = (out / "compare.md").read_text(encoding="utf-8").rstrip("\n")
+        if table.get("mlflow"):
+            m = table["mlflow"]
+            text += f"\nMLflow parent run: {m['parent_run_id']} in {m['tracking_uri']}"
+        reporter.message("done", text, out=str(out), table=table)
     return 0
 
 
@@ -239,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set strategy.name=zerogen (repeatable)")
 
+    def add_output_mode_args(p: argparse.ArgumentParser) -> None:
+        mode = p.add_mutually_exclusive_group()
+        mode.add_argument("--quiet", action="store_true",
+                          help="no progress output; print only the result at the end")
+        mode.add_argument("--json-logs", action="store_true",
+                          help="one JSON object per event per line on stdout (other output goes to stderr)")
+
     p = sub.add_parser("distill", help="run a distillation")
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir")
@@ -246,11 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output directory (output.dir)")
     p.add_argument("--local", action="store_true",
                    help="run the reference loop in this process instead of on Ray (no Serve, Data or Train)")
-    out_mode = p.add_mutually_exclusive_group()
-    out_mode.add_argument("--quiet", action="store_true",
-                          help="no progress output; print only where the outputs are at the end")
-    out_mode.add_argument("--json-logs", action="store_true",
-                          help="one JSON object per event per line on stdout (other output goes to stderr)")
+    add_output_mode_args(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("compare", help="run strategies x seeds at one budget; write a table and a plot")
@@ -262,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="run every distillation in this process instead of on Ray")
     p.add_argument("--no-teacher-fewshot", action="store_true",
                    help="leave out the teacher-as-classifier row (one teacher pass per eval example)")
+    add_output_mode_args(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="rebuild RUN_DIR/report.html, or compare two runs (RUN_A RUN_B)")

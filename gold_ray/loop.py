@@ -38,7 +38,7 @@ from gold_ray.models import is_chat_model, resolve_model
 from gold_ray.ood import score_quantiles
 from gold_ray.parsing import Deduplicator, parse_batch
 from gold_ray.strategies import Strategy, StrategyContext, build_strategy
-from gold_ray.student import Student, build_student, load_student
+from gold_ray.student import Student, build_student, check_student_model, load_student
 from gold_ray.tasks import TaskSpec, load_task, resolve_data_path
 from gold_ray.types import Prompt, SamplingParams, TeacherEngine
 
@@ -77,6 +77,33 @@ def resolve_prompt_style(cfg: RunConfig, teacher_path: str | None) -> str:
     return "chat" if getattr(tok, "chat_template", None) else "continuation"
 
 
+IDENTITY_KEYS = ("seed", "task.name", "strategy.name", "teacher.model", "student.model")
+"""Config keys that make a run what it is: ``--resume`` refuses a run directory that differs in one."""
+
+
+def _identity_changes(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """``key: saved -> now`` for each identity key where the saved run's config differs from ``cfg``."""
+    import yaml
+
+    path = run_dir / store.CONFIG_FILE
+    if not path.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        return [f"its {store.CONFIG_FILE} is unreadable: {err}"]
+    now = cfg.model_dump(mode="json")
+    changes = []
+    for key in IDENTITY_KEYS:
+        old, new = saved, now
+        for part in key.split("."):
+            old = old.get(part) if isinstance(old, dict) else None
+            new = new.get(part) if isinstance(new, dict) else None
+        if old != new:
+            changes.append(f"{key}: {old!r} there, {new!r} now")
+    return changes
+
+
 def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, dict[str, Any] | None]:
     """Create or reopen the run directory; refuse to clobber a different run.
 
@@ -94,7 +121,16 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, dict[str, Any] 
             )
         shutil.rmtree(run_dir)
         state = None
+    if occupied and resume:
+        changed = _identity_changes(run_dir, cfg)
+        if changed:
+            raise RunDirError(
+                f"output.dir {run_dir} holds a different run ({'; '.join(changed)}); --resume continues "
+                "only the same run: use another output.dir, or --overwrite to replace it"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
+    # A process killed mid-write leaves its hidden temporary file; it was never data.
+    store.remove_temp_files(run_dir)
     if state is None:
         (run_dir / store.CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
     return run_dir, state
@@ -161,6 +197,15 @@ class Distiller:
         self.cfg = cfg
         self.task: TaskSpec = load_task(cfg.task.name)
         self.strategy: Strategy = build_strategy(cfg.strategy.name)
+        # Every input is checked before the run directory is touched: a bad model reference or
+        # data file must neither leave a half-made run behind nor replace one (--overwrite).
+        self.teacher_path: str | None = None
+        if engine is None and cfg.teacher.engine != "openai":
+            self.teacher_path = resolve_model(cfg.teacher.model)
+        self.prompt_style = resolve_prompt_style(cfg, self.teacher_path)
+        self.student_path = resolve_model(cfg.student.model)
+        check_student_model(self.task, cfg.student, self.student_path)
+        self.eval_records = self._load_eval()
         self.run_dir, state = prepare_run_dir(cfg, resume)
         write_task_copy(self.run_dir, self.task)
         self.state = state or _fresh_state(cfg)
@@ -170,14 +215,8 @@ class Distiller:
         self._train = train or self._train_in_process
         self.on_event = on_event or (lambda stage, info: None)
         self.tracker = tracker
-        self.teacher_path: str | None = None
-        if engine is None and cfg.teacher.engine != "openai":
-            self.teacher_path = resolve_model(cfg.teacher.model)
-        self.prompt_style = resolve_prompt_style(cfg, self.teacher_path)
-        self.student_path = resolve_model(cfg.student.model)
         self.student: Student | None = None
         self.dedup = Deduplicator(self.state["dedup"])
-        self.eval_records = self._load_eval()
 
     # ---- plumbing -------------------------------------------------------------------------
 

@@ -192,6 +192,8 @@ def format_line(stage: str, info: dict[str, Any], tracker: ProgressTracker | Non
     head = f"[{time.strftime('%H:%M:%S')}] iteration {it + 1}/{total} {stage:<8}"
     if stage == "final":
         head = f"[{time.strftime('%H:%M:%S')}] final stage     "
+    if info.get("run"):  # several runs in one stream (gold-ray compare)
+        head = f"{info['run']} {head}"
     keys = ("requested", "accepted", "rejected", "tokens_per_s", "samples_per_s", "records", "loss", "train_loss",
             "accuracy", "macro_f1", "exact_match", "numeric_match", "holdout_accuracy", "holdout_exact_match",
             "size", "seconds")
@@ -245,10 +247,16 @@ class Reporter:
 
     mode = "quiet"
 
-    def __init__(self, stream: TextIO | None = None, tracker: ProgressTracker | None = None, title: str = ""):
+    def __init__(self, stream: TextIO | None = None, tracker: ProgressTracker | None = None, title: str = "",
+                 eta: bool = True):
         self.stream = stream or sys.stdout
         self.tracker = tracker or ProgressTracker()
         self.title = title
+        self.eta = eta
+
+    @property
+    def _eta_tracker(self) -> ProgressTracker | None:
+        return self.tracker if self.eta else None
 
     def __call__(self, stage: str, info: dict[str, Any]) -> None:
         """Record a finished stage and show it."""
@@ -280,7 +288,7 @@ class PlainReporter(Reporter):
 
     def show(self, stage: str, info: dict[str, Any]) -> None:
         """Print the stage's line."""
-        self._print(format_line(stage, info, self.tracker))
+        self._print(format_line(stage, info, self._eta_tracker))
 
     def message(self, event: str, text: str, **fields: Any) -> None:
         """Print the message as is."""
@@ -306,7 +314,7 @@ class JsonReporter(Reporter):
 
     def show(self, stage: str, info: dict[str, Any]) -> None:
         """Print the stage's JSON object."""
-        self._print(json.dumps(event_record(stage, info, self.tracker)))
+        self._print(json.dumps(event_record(stage, info, self._eta_tracker)))
 
     def message(self, event: str, text: str, **fields: Any) -> None:
         """Print the message as an event object with ``message`` and the fields."""
@@ -318,8 +326,9 @@ class LiveReporter(Reporter):
 
     mode = "live"
 
-    def __init__(self, stream: TextIO | None = None, tracker: ProgressTracker | None = None, title: str = ""):
-        super().__init__(stream, tracker, title)
+    def __init__(self, stream: TextIO | None = None, tracker: ProgressTracker | None = None, title: str = "",
+                 eta: bool = True):
+        super().__init__(stream, tracker, title, eta)
         from rich.console import Console
 
         self.console = Console(file=self.stream)
@@ -426,7 +435,7 @@ def resolve_mode(mode: str, stream: TextIO | None = None) -> str:
 
 @contextlib.contextmanager
 def progress(mode: str = "auto", *, stream: TextIO | None = None, iterations: int = 0, final_ratio: float = 1.0,
-             title: str = "") -> Iterator[Reporter]:
+             title: str = "", eta: bool = True) -> Iterator[Reporter]:
     """A reporter for the run, opened for its duration (the live view needs start and stop).
 
     Args:
@@ -435,12 +444,13 @@ def progress(mode: str = "auto", *, stream: TextIO | None = None, iterations: in
         iterations: The run's iterations (for the progress bar before the first event).
         final_ratio: See :class:`ProgressTracker`.
         title: Header of the live view.
+        eta: Show ETAs (off for streams that mix several runs).
 
     Yields:
         The reporter: pass it as ``on_event`` and use :meth:`Reporter.message` for run-level lines.
     """
     stream = stream or sys.stdout
     cls = REPORTERS[resolve_mode(mode, stream)]
-    reporter = cls(stream, ProgressTracker(iterations=iterations, final_ratio=final_ratio), title)
+    reporter = cls(stream, ProgressTracker(iterations=iterations, final_ratio=final_ratio), title, eta)
     with reporter:
         yield reporter
