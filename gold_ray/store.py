@@ -8,6 +8,7 @@ Layout of a run directory::
     data/train-it000.parquet accepted training samples of iteration 0
     data/probe-it000.parquet accepted probe samples
     data/rejects-it000.parquet rejected samples with their reason
+    data/pool-it000.parquet  texts the teacher wrote to label itself (LLKD); not training data
     checkpoints/it000/       student after iteration 0
     student/                 final student, HF format
     metrics.json, dataset_card.md, report.html, mlflow.db
@@ -51,6 +52,7 @@ def record_schema(task: TaskSpec) -> pa.Schema:
             ("score", pa.float64()),
             ("output_tokens", pa.int64()),
             ("style", pa.string()),
+            ("confidence", pa.float64()),
         ]
     )
 
@@ -94,6 +96,22 @@ def write_part(path: Path, task: TaskSpec, records: Iterable[dict[str, Any]], wr
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the hidden temporary part files a killed writer left in ``run_dir/data``.
+
+    They are never data (no reader globs hidden ``.tmp`` names, and no state lists them); a
+    reopened run clears them so they do not pile up.
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for tmp in (run_dir / "data").glob(".*.parquet.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def _cell(value: Any, typ: pa.DataType) -> Any:

@@ -848,3 +848,45 @@ def build_student(
             raise ValueError(f"student.kind: a classifier cannot learn the {task.type} task {task.name!r}")
         return ClassifierStudent(task, model_path, **common)
     return TextToTextStudent(task, model_path, max_target_length=cfg.max_target_length, **common)
+
+
+def check_student_model(task: TaskSpec, cfg: StudentConfig, model_path: str | Path) -> None:
+    """Check, from the model's config alone, that it can be the student ``cfg`` asks for.
+
+    Cheap (reads ``config.json``, loads no weights), so a run can refuse a wrong student before
+    the teacher spends anything.
+
+    Args:
+        task: The task.
+        cfg: The ``student`` config section.
+        model_path: ``cfg.model`` resolved to a local folder or hub id.
+
+    Raises:
+        ValueError: the kind does not fit the task, the config does not load, or the model's
+            architecture has no head of the needed kind (the message names ``student.model``).
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto
+
+    kind = cfg.kind if cfg.kind != "auto" else ("classifier" if task.is_classification else "text_to_text")
+    if kind == "classifier" and not task.is_classification:
+        raise ValueError(f"student.kind: a classifier cannot learn the {task.type} task {task.name!r}")
+    try:
+        config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise _model_error(str(model_path), "a student", err) from err
+    if kind == "classifier":
+        needed = {"AutoModelForSequenceClassification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING}
+        what = "a sequence classifier"
+    else:
+        needed = {"AutoModelForSeq2SeqLM": modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+                  "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING}
+        what = "a seq2seq or causal LM"
+    remote = getattr(config, "auto_map", None) or {}
+    if any(type(config) in mapping or (cfg.trust_remote_code and auto in remote) for auto, mapping in needed.items()):
+        return
+    hint = "; pick a text encoder such as embedded:all-minilm-l6-v2" if kind == "classifier" else ""
+    raise ValueError(
+        f"student.model {cfg.model!r}: a {config.model_type!r} model cannot be {what}, which the "
+        f"{task.type} task {task.name!r} needs (student.kind={cfg.kind}){hint}"
+    )
