@@ -409,7 +409,8 @@ class OpenAIEngine(TeacherEngine):
     ``extra_body={"continue_final_message": True, "add_generation_prompt": False}``, then
     continue it; the returned text is taken as the continuation, the prefill is not prepended).
     Continuation prompts go to ``{base_url}/completions``. Requests failing with 429, 5xx, a
-    timeout or a connection error are retried with exponential backoff; a request that still
+    timeout, a connection error or a reply that is not JSON are retried with exponential backoff
+    (at least ``Retry-After`` seconds when the server sends one, at most 60); a request that still
     fails becomes an error :class:`Generation` naming the URL and the last status.
 
     The API key is read from ``api_key_env`` at each request; it is never logged or put in an
@@ -539,8 +540,8 @@ class OpenAIEngine(TeacherEngine):
             except (ConnectionError, OSError) as err:
                 last = f"connection error: {err}"
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                # A 200 with an HTML or cut-off body comes from a proxy or gateway in trouble: transient.
                 last = f"reply is not JSON: {err}"
-                break
             if attempt < self.max_retries:
                 time.sleep(wait)
         message = f"openai engine: POST {url} failed after {attempts} attempt(s); last status: {last}"

@@ -360,13 +360,27 @@ class Distiller:
         if np.isfinite(scores).any():
             stats["scores"] = score_quantiles(scores)
         share = len(rejected) / max(1, len(prompts))
-        if len(prompts) >= 8 and share > self.cfg.budget.max_reject_share:
-            raise TooManyRejectsError(
-                f"iteration {iteration} ({kind}): {len(rejected)} of {len(prompts)} samples rejected "
-                f"({share:.0%} > budget.max_reject_share={self.cfg.budget.max_reject_share}); "
-                f"reasons: {stats['rejected_by_reason']}. Check the teacher and the task's prompts."
-            )
+        # Small batches are noisy, so they stop the run only when nothing at all was accepted.
+        if share > self.cfg.budget.max_reject_share and (len(prompts) >= 8 or not accepted):
+            raise self._too_many_rejects(iteration, kind, len(prompts), rejected, stats["rejected_by_reason"])
         return accepted, rejected, stats
+
+    def _too_many_rejects(
+        self, iteration: int, kind: str, requested: int, rejected: list[dict[str, Any]], reasons: dict[str, int]
+    ) -> TooManyRejectsError:
+        """The error that stops a run whose teacher writes mostly rejects, its rejects kept on disk."""
+        # Written but never committed: there to be read, and replaced when the stage is resumed.
+        path = store.part_path(self.run_dir, f"rejects-{kind}", iteration)
+        store.write_part(path, self.task, rejected)
+        top = max(reasons, key=reasons.get)
+        example = next(r.get("reject_detail") or "" for r in rejected if r["reject_reason"] == top)
+        share = len(rejected) / max(1, requested)
+        return TooManyRejectsError(
+            f"iteration {iteration} ({kind}): {len(rejected)} of {requested} samples rejected "
+            f"({share:.0%} > budget.max_reject_share={self.cfg.budget.max_reject_share}); "
+            f"reasons: {reasons}; e.g. {top}: {example[:300]!r}. The rejects are in {path}. "
+            "Check the teacher and the task's prompts."
+        )
 
     def _write(self, kind: str, iteration: int, records: list[dict[str, Any]]) -> None:
         path = store.part_path(self.run_dir, kind, iteration)

@@ -144,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server's naming)
         srv: ScriptedEndpoint = self.server.owner  # type: ignore[attr-defined]
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        action = srv.next_action(self.path, body)
+        action = srv.next_action(self.path, body, self.headers.get("Authorization"))
         try:
             kind = action[0]
             if kind == "sleep":
@@ -198,10 +198,10 @@ class ScriptedEndpoint:
         self.httpd.owner = self  # type: ignore[attr-defined]
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def next_action(self, path: str, body: dict[str, Any]) -> tuple:
+    def next_action(self, path: str, body: dict[str, Any], auth: str | None = None) -> tuple:
         """Record the request and pop the next action."""
         with self.lock:
-            self.seen.append({"t": time.monotonic(), "path": path, "body": body})
+            self.seen.append({"t": time.monotonic(), "path": path, "body": body, "auth": auth})
             return self.script.pop(0) if self.script else self.default
 
 
