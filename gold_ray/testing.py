@@ -76,6 +76,36 @@ class FakeTeacherEngine(TeacherEngine):
         return rows
 
 
+class LatencyBoundEngine(FakeTeacherEngine):
+    """A teacher whose cost is pure waiting: every ``generate`` call sleeps, nothing computes.
+
+    It stands in for an accelerator that takes the same time for a batch of any size (up to the
+    batch cap), so a pipeline driving it is limited by latency and by how well it keeps every
+    replica's batches full, never by CPU. The plumbing-scaling benchmark
+    (``benchmarks/perf/scaling.py``) runs it behind 1 to 8 Serve replicas.
+
+    Args:
+        latency_s: Seconds each ``generate`` call sleeps, whatever the number of prompts.
+        per_prompt_s: Extra seconds per prompt in the call (0: batch size is free).
+        **kwargs: Passed to :class:`FakeTeacherEngine` (answers are its cheap hashed samples).
+    """
+
+    name = "latency"
+
+    def __init__(self, latency_s: float = 0.5, per_prompt_s: float = 0.0, **kwargs):
+        if latency_s < 0 or per_prompt_s < 0:
+            raise ValueError(f"latency_s and per_prompt_s must be >= 0, got {latency_s}, {per_prompt_s}")
+        super().__init__(latency_s=0.0, **kwargs)
+        self.call_latency_s = latency_s
+        self.per_prompt_s = per_prompt_s
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        """Sleep ``latency_s + per_prompt_s * len(prompts)``, then answer like the fake engine."""
+        if prompts:
+            time.sleep(self.call_latency_s + self.per_prompt_s * len(prompts))
+        return super().generate(prompts, params)
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}[assistant] {% endif %}"
