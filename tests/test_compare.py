@@ -1,5 +1,8 @@
 """``gold-ray compare`` in process: tiny random students, the deterministic fake teacher, a real
-SQLite MLflow store and real Parquet parts."""
+SQLite MLflow store and real Parquet parts.
+
+The tests on a whole comparison share one (``done``, about a minute on 2 cores) and are slow-marked.
+"""
 
 from __future__ import annotations
 
@@ -79,6 +82,7 @@ def done(env):
     return {**env, "table": table, "first": first, "second": second}
 
 
+@pytest.mark.slow
 def test_table_has_every_strategy_and_seed_with_mean_and_std(done):
     table, out = done["table"], done["out"]
     assert sorted((r["strategy"], r["seed"]) for r in table["runs"]) == sorted(
@@ -102,6 +106,7 @@ def test_table_has_every_strategy_and_seed_with_mean_and_std(done):
         assert f"| {strategy} | 2 | {table['strategies'][strategy]['mean']:.4f} |" in md
 
 
+@pytest.mark.slow
 def test_teacher_row_is_the_teacher_scored_on_the_eval_set(done):
     fewshot = done["table"]["teacher_fewshot"]
     # The fake teacher picks the label named in the question, which every eval text here names.
@@ -110,6 +115,7 @@ def test_teacher_row_is_the_teacher_scored_on_the_eval_set(done):
     assert "| teacher few-shot (chat" in (done["out"] / "compare.md").read_text()
 
 
+@pytest.mark.slow
 def test_plot_and_scores_of_accepted_data(done):
     out, table = done["out"], done["table"]
     png = (out / "compare.png").read_bytes()
@@ -123,6 +129,7 @@ def test_plot_and_scores_of_accepted_data(done):
     assert table["notes"] == []
 
 
+@pytest.mark.slow
 def test_interrupted_comparison_resumes_and_skips_finished_runs(done):
     assert done["first"] == [("gold-s0", False), ("gold-s1", False), ("zerogen-s0", False)]
     assert done["second"] == [("zerogen-s0", True), ("zerogen-s1", False)]
@@ -130,6 +137,7 @@ def test_interrupted_comparison_resumes_and_skips_finished_runs(done):
     assert status == {"gold-s0": "skipped", "gold-s1": "skipped", "zerogen-s0": "resumed", "zerogen-s1": "new"}
 
 
+@pytest.mark.slow
 def test_mlflow_runs_nest_under_one_parent(done):
     from mlflow.tracking import MlflowClient
 
@@ -152,6 +160,7 @@ def test_mlflow_runs_nest_under_one_parent(done):
     assert "final.accuracy" in resumed.data.metrics
 
 
+@pytest.mark.slow
 def test_cli_rerun_skips_everything(done, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg_file = done["root"] / "base.yaml"
@@ -165,6 +174,7 @@ def test_cli_rerun_skips_everything(done, capsys, monkeypatch):
     assert (done["out"] / "runs" / "gold-s0" / "state.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_changed_settings_are_refused_before_any_run(done):
     table_before = (done["out"] / "compare.json").read_bytes()
     other = done["base"].model_copy(update={"budget": done["base"].budget.model_copy(update={"samples": 16})})
