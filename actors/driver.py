@@ -162,7 +162,9 @@ def ensure_ray(cfg: RunConfig | None = None) -> None:
     else:
         cpus = cfg.resources.local_ray_cpus if cfg is not None else None
         cpus = cpus or max(4, os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env})
+        # No dashboard; and should one be turned on, it listens on loopback only, like Serve.
+        ray.init(num_cpus=cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env})
 
 
 def run_on_ray(

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from gold_ray.config import TeacherConfig
+from gold_ray.models import allow_remote_code
 from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ class HFEngine(TeacherEngine):
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        trust_remote_code = allow_remote_code(trust_remote_code, model_path, "teacher")
         torch.manual_seed(seed)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = resolve_dtype(dtype, self.device)
@@ -578,7 +580,7 @@ class VLLMEngine(TeacherEngine):
         seed: Engine seed.
         max_model_len: Context length to reserve KV cache for.
         add_bos: BOS in front of continuation prompts; None: :func:`wants_bos`.
-        **engine_kwargs: Passed to ``vllm.LLM``.
+        **engine_kwargs: Passed to ``vllm.LLM`` (``load_format`` defaults to ``safetensors``).
 
     Raises:
         ImportError: vLLM is not installed; the message names the extras to install.
@@ -602,6 +604,10 @@ class VLLMEngine(TeacherEngine):
             raise ImportError(VLLM_INSTALL_HINT) from err
         self._vllm = vllm
         self.add_bos = add_bos
+        # Safetensors only: vLLM's "auto" would fall back to pickled .bin weights.
+        engine_kwargs.setdefault("load_format", "safetensors")
+        if engine_kwargs.get("trust_remote_code"):
+            allow_remote_code(True, model_path, "teacher")
         self.llm = vllm.LLM(model=model_path, seed=seed, dtype=dtype, max_model_len=max_model_len, **engine_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 

@@ -34,7 +34,7 @@ import numpy as np
 from gold_ray import store
 from gold_ray.config import RunConfig
 from gold_ray.evaluation import evaluate_student, load_eval_records
-from gold_ray.models import is_chat_model, resolve_model
+from gold_ray.models import allow_remote_code, is_chat_model, resolve_model
 from gold_ray.ood import score_quantiles
 from gold_ray.parsing import Deduplicator, parse_batch
 from gold_ray.strategies import Strategy, StrategyContext, build_strategy
@@ -73,7 +73,8 @@ def resolve_prompt_style(cfg: RunConfig, teacher_path: str | None) -> str:
         return "chat"
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=cfg.teacher.trust_remote_code)
+    trust = allow_remote_code(cfg.teacher.trust_remote_code, teacher_path, "teacher")
+    tok = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust)
     return "chat" if getattr(tok, "chat_template", None) else "continuation"
 
 

