@@ -3,11 +3,20 @@
 Usage::
 
     python benchmarks/quality/run.py --task sst2 --strategies gold,zerogen --seeds 0 --samples 512 \
-        [--runtime local|ray] [--set key=value ...]
+        [--runtime local|ray] [--set key=value ...] [--teacher-fewshot]
 
 Each finished run writes ``results/<task>-<strategy>-s<seed>-n<samples>.json`` (accuracy, counts,
 wall time, machine, the exact command). A run already finished is skipped; an interrupted one
 resumes from its last committed stage, so the script can be stopped and restarted at will.
+
+``--teacher-fewshot`` first evaluates the teacher itself as a few-shot classifier on the task's
+evaluation set (``results/<task>-teacher-fewshot.json``, skipped when present);
+``--strategies ''`` then runs no distillation. ``--set task.eval_limit=N`` bounds that step to a
+seeded random subset of N examples (the file records ``n`` and the full size).
+
+Every invocation rewrites ``results/summary.json`` and ``summary.md`` from all result files
+(:func:`write_summary`). Running, resuming, the teacher row and the statistics come from
+:mod:`gold_ray.compare`, the module behind ``gold-ray compare``.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+RESULT_GLOB = "*-s*-n*.json"
+FEWSHOT_SUFFIX = "-teacher-fewshot.json"
 
 
 def machine() -> dict:
@@ -37,24 +48,70 @@ def machine() -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run every (strategy, seed) pair not yet finished; print a summary table."""
+def run_teacher_fewshot(task: str, overrides: list[str], command: str) -> dict:
+    """The teacher-as-classifier result of ``task``, computed once into ``results/<task>-teacher-fewshot.json``.
+
+    Args:
+        task: Task name.
+        overrides: ``--set`` overrides (teacher, ``task.eval_limit``, ...).
+        command: The command line, recorded in the file.
+
+    Returns:
+        The result row (``accuracy`` as a fraction, ``n`` examples scored, ``eval_total``).
+    """
+    from gold_ray.compare import eval_records, teacher_fewshot
     from gold_ray.config import load_config
-    from gold_ray.loop import distill_in_process
+    from gold_ray.tasks import load_task
+
+    out = RESULTS / f"{task}{FEWSHOT_SUFFIX}"
+    if out.is_file():
+        return json.loads(out.read_text())
+    cfg = load_config(None, [f"task.name={task}", "tracking.enabled=false", *overrides])
+    total = len(eval_records(cfg.model_copy(update={"task": cfg.task.model_copy(update={"eval_limit": None})}),
+                             load_task(cfg.task.name)))
+    t0 = time.time()
+    metrics = teacher_fewshot(cfg)
+    row = {
+        **metrics,
+        "eval_total": total,
+        "subset": (f"seeded random subset (seed 0) of {metrics['n']} of {total} examples"
+                   if metrics["n"] < total else "whole evaluation set"),
+        "wall_s": round(time.time() - t0, 1), "machine": machine(), "command": command, "overrides": overrides,
+    }
+    out.write_text(json.dumps(row, indent=2))
+    print(f"{task} teacher few-shot: accuracy={row.get('accuracy')} n={row['n']} wall={row['wall_s']}s", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the teacher step (with ``--teacher-fewshot``) and every (strategy, seed) pair not yet finished."""
+    from gold_ray.compare import execute_run, parse_strategies, run_in_process
+    from gold_ray.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="sst2")
-    p.add_argument("--strategies", default="gold,zerogen")
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--strategies", default="gold,zerogen", help="comma list; '' runs no distillation")
+    p.add_argument("--seeds", default="0", help="comma list of seeds")
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--runtime", choices=("local", "ray"), default="local")
     p.add_argument("--runs-dir", default="runs/quality")
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--teacher-fewshot", action="store_true",
+                   help=f"evaluate the teacher as a few-shot classifier first (results/<task>{FEWSHOT_SUFFIX})")
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/quality/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.teacher_fewshot:
+        run_teacher_fewshot(args.task, args.set, command)
+    strategies = parse_strategies(args.strategies) if args.strategies.strip() else []
+    if args.runtime == "ray":
+        from actors.driver import run_on_ray
+
+        runner = run_on_ray
+    else:
+        runner = run_in_process
     rows = []
-    for strategy in args.strategies.split(","):
+    for strategy in strategies:
         for seed in (int(s) for s in args.seeds.split(",")):
             name = f"{args.task}-{strategy}-s{seed}-n{args.samples}"
             out = RESULTS / f"{name}.json"
@@ -66,13 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                                      f"budget.samples={args.samples}", f"output.dir={run_dir}",
                                      "tracking.enabled=false", *args.set])
             t0 = time.time()
-            resume = (run_dir / "state.json").is_file()
-            if args.runtime == "ray":
-                from actors.driver import run_on_ray
-
-                metrics = run_on_ray(cfg, resume=resume)
-            else:
-                metrics = distill_in_process(cfg, resume=resume)
+            # A run folder from before a default changed must still resume, as it always did here.
+            metrics, status = execute_run(cfg, runner, check_config=False)
             final = metrics["final"]
             row = {
                 "task": args.task, "strategy": strategy, "seed": seed, "budget": args.samples,
@@ -80,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 "final_records": final.get("records"),
                 "per_iteration_accuracy": [m.get("train", {}).get("accuracy") for m in metrics["iterations"]],
                 "totals": metrics["totals"], "teacher_tokens": metrics["teacher_tokens"],
-                "wall_s": round(time.time() - t0, 1), "resumed": resume, "runtime": args.runtime,
+                "wall_s": round(time.time() - t0, 1), "resumed": status != "new", "runtime": args.runtime,
                 "machine": machine(), "command": command, "overrides": args.set,
             }
             out.write_text(json.dumps(row, indent=2))
@@ -92,25 +144,79 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_summary() -> dict:
-    """Aggregate every result file into ``summary.json`` and ``summary.md`` (mean and spread over seeds)."""
-    import statistics
+def _machine_text(m: dict) -> str:
+    return f"{m.get('platform')}, {m.get('cpus')} CPUs, torch {m.get('torch')}, Python {m.get('python')}"
 
-    groups: dict[tuple[str, str, int], list[dict]] = {}
-    for path in sorted(RESULTS.glob("*-s*-n*.json")):
+
+def write_summary() -> dict:
+    """Aggregate every result file into ``summary.json`` and ``summary.md``.
+
+    Per task and strategy, only the largest budget that has results counts (smaller budgets are
+    listed in ``summary.md`` but never mixed in): mean and sample standard deviation of the
+    accuracy over its seeds (:func:`gold_ray.compare.metric_stats`). The teacher few-shot files
+    give ``summary["teacher_fewshot"][task]``. Accuracies are fractions.
+
+    Returns:
+        ``{"tasks": {TASK: {STRATEGY: {"mean", "std", "seeds", "budget"}}}, "teacher_fewshot": {TASK: accuracy}}``.
+    """
+    from gold_ray.compare import markdown_table, metric_stats
+
+    groups: dict[tuple[str, str], dict[int, list[dict]]] = {}
+    for path in sorted(RESULTS.glob(RESULT_GLOB)):
+        if path.name.endswith(FEWSHOT_SUFFIX):
+            continue
         row = json.loads(path.read_text())
-        groups.setdefault((row["task"], row["strategy"], row["budget"]), []).append(row)
+        groups.setdefault((row["task"], row["strategy"]), {}).setdefault(row["budget"], []).append(row)
+    fewshot = {}
+    for path in sorted(RESULTS.glob(f"*{FEWSHOT_SUFFIX}")):
+        row = json.loads(path.read_text())
+        fewshot[row["task"]] = row
     summary: dict = {"tasks": {}, "teacher_fewshot": {}}
-    lines = ["| task | strategy | budget | seeds | accuracy mean | std |", "| --- | --- | --- | --- | --- | --- |"]
-    for (task, strategy, budget), rows in sorted(groups.items()):
-        accs = [r["accuracy"] for r in rows if r["accuracy"] is not None]
-        mean = statistics.fmean(accs)
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        summary["tasks"].setdefault(task, {})[strategy] = {"mean": mean, "std": std, "seeds": len(accs),
-                                                            "budget": budget}
-        lines.append(f"| {task} | {strategy} | {budget} | {len(accs)} | {mean:.4f} | {std:.4f} |")
+    main_rows, other_rows, used = [], [], []
+    for (task, strategy), by_budget in sorted(groups.items()):
+        budget = max(by_budget)
+        rows = sorted(by_budget[budget], key=lambda r: r["seed"])
+        stats = metric_stats([r["accuracy"] for r in rows])
+        summary["tasks"].setdefault(task, {})[strategy] = {"mean": stats["mean"], "std": stats["std"],
+                                                            "seeds": stats["seeds"], "budget": budget}
+        used += rows
+        main_rows.append([task, strategy, budget, stats["seeds"], stats["mean"], stats["std"],
+                          ", ".join(f"s{r['seed']}: {r['accuracy']:.4f}" for r in rows),
+                          ", ".join(f"{r['wall_s']:.0f}" for r in rows)])
+        for small in sorted(b for b in by_budget if b != budget):
+            old = sorted(by_budget[small], key=lambda r: r["seed"])
+            s = metric_stats([r["accuracy"] for r in old])
+            other_rows.append([task, strategy, small, s["seeds"], s["mean"], s["std"]])
+    for task, row in sorted(fewshot.items()):
+        summary["teacher_fewshot"][task] = row.get("accuracy")
+    lines = [
+        "# Quality benchmark summary",
+        "",
+        "Written by `write_summary()` in `benchmarks/quality/run.py` from the result files in this folder "
+        "(do not edit by hand). Accuracy on each task's evaluation set as a fraction; mean and sample "
+        "standard deviation over seeds, at the largest budget (teacher samples per run, probes included) "
+        "that has results for the task and strategy.",
+        "",
+        markdown_table(["task", "strategy", "budget", "seeds", "accuracy mean", "std", "per seed",
+                        "wall time per run (s)"], main_rows),
+    ]
+    if fewshot:
+        lines += ["## Teacher as a few-shot classifier", "",
+                  markdown_table(["task", "teacher", "prompt style", "demos", "examples", "accuracy",
+                                  "macro-F1", "wall time (s)"],
+                                 [[t, r.get("teacher"), r.get("prompt_style"), r.get("demos"),
+                                   f"{r.get('n')} ({r.get('subset', 'whole evaluation set')})", r.get("accuracy"),
+                                   r.get("macro_f1"), r.get("wall_s")] for t, r in sorted(fewshot.items())])]
+    everything = used + list(fewshot.values())
+    machines = sorted({_machine_text(r["machine"]) for r in everything if r.get("machine")})
+    commands = sorted({r["command"] for r in everything if r.get("command")})
+    lines += ["## Machines", ""] + [f"- {m}" for m in machines] + [""]
+    lines += ["## Commands", ""] + [f"- `{c}`" for c in commands] + [""]
+    if other_rows:
+        lines += ["## Smaller budgets (superseded; not in summary.json)", "",
+                  markdown_table(["task", "strategy", "budget", "seeds", "accuracy mean", "std"], other_rows)]
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2))
-    (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "summary.md").write_text("\n".join(lines).rstrip("\n") + "\n")
     return summary
 
 

@@ -1,0 +1,82 @@
+"""The quality benchmark's bookkeeping (benchmarks/quality/run.py): the teacher step's result file and
+the summary, which counts only the largest budget per task and strategy."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+import gold_ray.compare
+from gold_ray.testing import FakeTeacherEngine
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
+MACHINE = {"platform": "Linux-test", "cpus": 2, "torch": "2.x", "python": "3.11"}
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("quality_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(module, "machine", lambda: MACHINE)
+    (tmp_path / "results").mkdir()
+    return module
+
+
+def _result(bench, task, strategy, seed, budget, accuracy, wall_s=100.0):
+    row = {"task": task, "strategy": strategy, "seed": seed, "budget": budget, "accuracy": accuracy,
+           "wall_s": wall_s, "machine": MACHINE, "command": f"python benchmarks/quality/run.py --samples {budget}"}
+    (bench.RESULTS / f"{task}-{strategy}-s{seed}-n{budget}.json").write_text(json.dumps(row))
+
+
+def test_summary_takes_the_largest_budget_and_never_mixes_budgets(bench):
+    _result(bench, "sst2", "gold", 0, 512, 0.70)
+    _result(bench, "sst2", "gold", 0, 1000, 0.80, wall_s=3000.0)
+    _result(bench, "sst2", "gold", 1, 1000, 0.84, wall_s=3100.0)
+    _result(bench, "sst2", "zerogen", 0, 512, 0.71)  # only the small budget so far
+    (bench.RESULTS / "sst2-teacher-fewshot.json").write_text(json.dumps(
+        {"task": "sst2", "accuracy": 0.61, "n": 872, "teacher": "embedded:x", "prompt_style": "chat", "demos": 3,
+         "wall_s": 50.0, "machine": MACHINE, "command": "python benchmarks/quality/run.py --teacher-fewshot"}))
+    summary = bench.write_summary()
+
+    gold = summary["tasks"]["sst2"]["gold"]
+    assert gold == {"mean": pytest.approx(0.82), "std": pytest.approx(statistics.stdev([0.80, 0.84])),
+                    "seeds": 2, "budget": 1000}
+    assert summary["tasks"]["sst2"]["zerogen"] == {"mean": 0.71, "std": 0.0, "seeds": 1, "budget": 512}
+    assert summary["teacher_fewshot"] == {"sst2": 0.61}
+    assert json.loads((bench.RESULTS / "summary.json").read_text()) == summary
+    md = (bench.RESULTS / "summary.md").read_text()
+    assert "| sst2 | gold | 1000 | 2 | 0.8200 |" in md and "3000, 3100" in md
+    assert "Linux-test, 2 CPUs" in md and "`python benchmarks/quality/run.py --samples 1000`" in md
+    superseded = md.split("## Smaller budgets")[1]
+    assert "| sst2 | gold | 512 | 1 | 0.7000 |" in superseded and "zerogen" not in superseded
+
+
+def test_teacher_fewshot_step_writes_its_file_once(bench, tmp_path, monkeypatch):
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"text": f"sample {i} reads as {lab}", "label": lab}) + "\n"
+                                 for i, lab in enumerate(["positive", "negative"] * 10)))
+    real = gold_ray.compare.teacher_fewshot
+    monkeypatch.setattr(gold_ray.compare, "teacher_fewshot", functools.partial(real, engine=FakeTeacherEngine()))
+    sets = ["--set", f"task.eval_path={eval_file}", "--set", "task.eval_limit=8", "--set", "teacher.prompt_style=chat"]
+    assert bench.main(["--task", "sst2", "--strategies", "", "--teacher-fewshot", *sets]) == 0
+    path = bench.RESULTS / "sst2-teacher-fewshot.json"
+    row = json.loads(path.read_text())
+    assert row["n"] == 8 and row["eval_total"] == 20 and row["accuracy"] == 1.0
+    assert "seeded random subset (seed 0) of 8 of 20" in row["subset"] and "--teacher-fewshot" in row["command"]
+    assert json.loads((bench.RESULTS / "summary.json").read_text())["teacher_fewshot"] == {"sst2": 1.0}
+    before = path.read_bytes()
+    monkeypatch.setattr(gold_ray.compare, "teacher_fewshot", None)  # a second evaluation would fail
+    assert bench.main(["--task", "sst2", "--strategies", "", "--teacher-fewshot", *sets]) == 0
+    assert path.read_bytes() == before
+
+
+def test_unknown_strategy_is_refused_before_any_run(bench):
+    with pytest.raises(ValueError, match="available: gold, zerogen"):
+        bench.main(["--task", "sst2", "--strategies", "gold,bogus"])
