@@ -36,7 +36,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -208,7 +210,32 @@ def _maybe_fail(config: dict[str, Any], rank: int, epoch: int, step_in_epoch: in
     path = Path(marker)
     if not path.exists():
         path.write_text("failed once\n", encoding="utf-8")
+        if config.get("fail_by_kill"):
+            _wait_until_checkpoint_registered()
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies, as on a lost node
         raise RuntimeError(f"injected training failure (marker {path})")
+
+
+def _wait_until_checkpoint_registered(timeout_s: float = 120.0) -> None:
+    """Test hook helper: wait until the controller has recorded this worker's latest checkpoint.
+
+    A checkpoint counts once the controller polls the worker's report (every couple of seconds)
+    and writes its snapshot; a worker killed before that loses the report, and the retry starts
+    from the checkpoint before. The kill test waits so that it exercises the common case, a
+    worker dying well after its last checkpoint.
+    """
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return
+    snapshot = Path(ray.train.get_context().get_storage().experiment_fs_path) / "checkpoint_manager_snapshot.json"
+    name = Path(ckpt.path).name
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if snapshot.is_file() and name in snapshot.read_text(encoding="utf-8", errors="replace"):
+            return
+        time.sleep(0.2)
 
 
 def _save_checkpoint(
@@ -353,6 +380,7 @@ def train_student_on_ray(
     mlflow_parent: dict | None = None,
     fail_once_marker: str | None = None,
     fail_at_epoch: int = 0,
+    fail_by_kill: bool = False,
 ) -> dict[str, Any]:
     """Train a student with Ray Train V2 and save the result in HF format to ``out_dir``.
 
@@ -377,6 +405,8 @@ def train_student_on_ray(
         fail_once_marker: Tests only: rank 0 raises once in epoch ``fail_at_epoch`` unless this
             file exists (and creates it), to exercise the retry path.
         fail_at_epoch: Tests only; see ``fail_once_marker``.
+        fail_by_kill: Tests only: the failing worker kills its own process (SIGKILL) instead
+            of raising.
 
     Returns:
         ``{"loss": mean loss of the last epoch, "epochs", "steps", "seconds", "workers",
@@ -431,6 +461,7 @@ def train_student_on_ray(
         "mlflow": child_run,
         "fail_once_marker": fail_once_marker,
         "fail_at_epoch": fail_at_epoch,
+        "fail_by_kill": fail_by_kill,
     }
     dataset = ray.data.from_items([{**rec, _INDEX: i} for i, rec in enumerate(records)])
     trainer = TorchTrainer(

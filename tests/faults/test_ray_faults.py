@@ -1,0 +1,162 @@
+"""Faults of a Ray cluster: a scorer actor, the driver actor and a Ray Train worker killed mid-work.
+
+Each fault is injected at a point the test controls (a gate file holds the work there), so the
+kill lands inside the stage and not merely near it. The run then completes, with every sample
+present exactly once. Covered elsewhere: a teacher replica that dies mid-request
+(tests/actors/test_pipeline.py::test_a_replica_crash_mid_iteration_is_retried), a driver killed
+between stages (tests/actors/test_driver.py::test_driver_killed_mid_run_resumes_without_loss) and
+a resubmitted job (tests/jobs/test_submit.py::test_resubmitted_job_resumes_after_its_driver_is_killed).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from faultkit import committed_records, run_config, run_summary
+from ray_faultkit import HoldAtEngine, free_port, gated_row, wait_until
+
+from gold_ray.config import RunConfig
+from gold_ray.loop import Distiller
+from gold_ray.student import ClassifierStudent, build_student, load_student
+from gold_ray.tasks import load_task
+from gold_ray.testing import save_tiny_classifier
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SST2 = load_task("sst2")
+KINDS = ("empty", "binary", "other_label", "json")
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_cluster) -> int:
+    """Serve on a free loopback port (a no-op, with a warning, if this session started it already)."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+# --- a scorer actor killed mid-stream -----------------------------------------------------------
+
+
+def test_a_scorer_actor_killed_mid_stream_is_replaced_and_no_row_is_lost_or_doubled(ray_cluster, tiny_student,
+                                                                                  tmp_path):
+    from actors.scoring import score_dataset
+
+    ray = ray_cluster
+    ckpt = tmp_path / "ckpt"
+    ClassifierStudent(SST2, tiny_student, device="cpu").save(ckpt)
+    cfg = RunConfig.model_validate({"resources": {"scorer_min_actors": 1, "scorer_max_actors": 1,
+                                                  "scorer_num_cpus": 0.25, "scorer_batch_size": 2}})
+    rows = [{"i": i, "text": f"a film about the number {i}, {'warm' if i % 2 else 'dull'} and long",
+             "label": "positive" if i % 2 else "negative", "reject_reason": "empty" if i % 5 == 4 else None}
+            for i in range(24)]
+    gate = tmp_path / "gate"
+    ds = ray.data.from_items(rows, override_num_blocks=12).map(
+        functools.partial(gated_row, gate=str(gate), first_free=8), num_cpus=0.1)
+
+    out, killed = [], []
+    for row in score_dataset(ds, cfg, str(ckpt), SST2).iter_rows():
+        out.append(row)
+        if not killed and math.isfinite(row["score"]):
+            pid = int(row["scored_by"].rsplit(":", 1)[1])
+            os.kill(pid, signal.SIGKILL)  # the scorer process dies, as on a lost node or OOM
+            killed.append(pid)
+            assert wait_until(lambda gone=Path(f"/proc/{pid}"): not gone.exists(), 30)
+            gate.touch()  # only now may the rows from 8 on reach a scorer
+
+    assert killed
+    assert sorted(r["i"] for r in out) == list(range(24)), "every row exactly once"
+    for r in out:
+        assert math.isnan(r["score"]) == (r["reject_reason"] is not None), r
+    late = {r["scored_by"] for r in out if r["i"] >= 8}
+    assert late and all(not s.endswith(f":{killed[0]}") for s in late), "a replacement scorer did the rest"
+
+
+# --- the driver killed inside a stage ------------------------------------------------------------
+
+
+def test_the_driver_killed_inside_a_stage_resumes_to_the_counts_of_an_uninterrupted_run(
+        ray_cluster, serve_port, tiny_student, eval_file, tmp_path):
+    import ray
+
+    from actors.driver import driver_name, run_on_ray
+
+    extra = ["student.epochs_per_iteration=0", "budget.samples=16", f"teacher.serve.port={serve_port}",
+             "teacher.serve.num_cpus=0.25", "resources.scorer_num_cpus=0.25", "resources.train_cpus_per_worker=0.5"]
+    # The reference runs in process; with no in-loop training both runtimes score probes with the
+    # same student, so counts and feedback must agree exactly (tests/actors/test_driver.py).
+    reference = Distiller(run_config(tmp_path / "ref", tiny_student, eval_file, *extra),
+                          engine=HoldAtEngine("none", str(tmp_path / "unused"), str(tmp_path / "unused"),
+                                              share=0.25, kinds=KINDS)).run()
+
+    run_dir = tmp_path / "ray"
+    cfg = run_config(run_dir, tiny_student, eval_file, *extra)
+    marker, gate = tmp_path / "holding", tmp_path / "gate"
+    factory = functools.partial(HoldAtEngine, "it1-train-0", str(marker), str(gate), share=0.25, kinds=KINDS)
+    seen: dict = {}
+
+    def kill_inside_generate_of_iteration_1():
+        if wait_until(marker.exists, 600):
+            state = json.loads((run_dir / "state.json").read_text())
+            seen["state"] = (state["iteration"], state["stage"])
+            ray.kill(ray.get_actor(driver_name(cfg)), no_restart=True)
+            seen["killed"] = True
+        gate.touch()
+
+    watcher = threading.Thread(target=kill_inside_generate_of_iteration_1, daemon=True)
+    watcher.start()
+    got = run_on_ray(cfg, engine_factory=factory)
+    watcher.join(timeout=10)
+
+    assert seen.get("killed") and seen["state"] == (0, "feedback"), seen
+    assert run_summary(got) == run_summary(reference)
+    ids = [r["id"] for r in committed_records(run_dir)]
+    assert len(ids) == len(set(ids)) == 16
+    assert (run_dir / "student" / "config.json").is_file()
+
+
+# --- a Ray Train worker killed mid-epoch ---------------------------------------------------------
+
+
+def test_a_ray_train_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
+    from actors.training import train_student_on_ray
+
+    model_dir = save_tiny_classifier(tmp_path / "model")
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # comparable across runtimes
+    (Path(model_dir) / "config.json").write_text(json.dumps(config))
+    cfg = RunConfig.model_validate({"seed": 3, "student": {"model": model_dir, "batch_size": 8, "max_length": 16,
+                                                           "lr": 1e-3},
+                                    "resources": {"train_workers": 1, "train_cpus_per_worker": 0.5}})
+    records = [{"text": f"the {t} was {w}", "label": "positive" if w in ("good", "fine") else "negative"}
+               for w in ("good", "fine", "bad", "dull") for t in ("plot", "acting", "music", "ending")]
+
+    marker = tmp_path / "killed"
+    metrics = train_student_on_ray(None, model_dir, "sst2", records, cfg=cfg, epochs=2, loss="ce", alpha=1.0,
+                                   beta=1.0, out_dir=str(tmp_path / "out"), storage_path=str(tmp_path / "storage"),
+                                   name="killed", fail_once_marker=str(marker), fail_at_epoch=1, fail_by_kill=True)
+    assert marker.exists(), "the worker was killed one step into epoch 2"
+    assert metrics["resumed_from_epoch"] == 1 and metrics["epochs"] == 2 and metrics["steps"] == 4
+
+    # Optimiser, schedule and batch order came back from the checkpoint: the weights of an unbroken run.
+    unbroken = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
+    before = {k: v.clone() for k, v in unbroken.model.state_dict().items()}
+    unbroken.fit(records, 2, seed=cfg.seed)
+    got = load_student(tmp_path / "out", SST2).model.state_dict()
+    want = unbroken.model.state_dict()
+    assert _max_diff(got, want) < 1e-5 and _max_diff(before, want) > 1e-3
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
