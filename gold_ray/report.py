@@ -537,9 +537,16 @@ def render_report(run: RunData) -> str:
     plot_iteration_series(ax[0, 0], series, ylabel=f"student {metric}", title=f"student {metric} per iteration",
                           final=final)
     parts += ["<h2>Accuracy per iteration</h2>", img(figure_png(fig), f"student {metric} per iteration")]
-    if "real eval set" not in series:
-        parts.append('<p class="note">No real evaluation set: per-iteration values are on the iteration\'s fresh '
-                     "probes (written after its training stage, labelled by the requested label).</p>")
+    if "real eval set" in series:
+        parts.append('<p class="note">The student on the real evaluation set after each iteration\'s training '
+                     "stage; the star is the final student.</p>")
+    elif series:
+        parts.append('<p class="note">No real evaluation set: per-iteration values are on a synthetic hold-out, the '
+                     "iteration's fresh probes (written after its training stage, labelled by the requested "
+                     "label).</p>")
+    else:
+        parts.append('<p class="note">No real evaluation set and no probes: only the training loss is known '
+                     "per iteration (table below).</p>")
     parts.append(_table(["iteration", "train samples accepted/requested", "probes accepted/requested", "rejected",
                          "train loss", "quality", "feedback pool", "teacher tokens/s"], _iteration_rows(run)))
 
