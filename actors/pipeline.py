@@ -42,6 +42,7 @@ from actors.scoring import SCORE_COLUMN, SCORED_AT_COLUMN, SCORED_BY_COLUMN, sco
 from actors.teacher import DEPLOYMENT_NAME, default_sampling, params_to_dict, prompt_from_dict, prompt_to_dict
 from gold_ray import store
 from gold_ray.config import RunConfig
+from gold_ray.labelling import read_answer
 from gold_ray.parsing import Deduplicator, parse_generation
 from gold_ray.tasks import TaskSpec
 from gold_ray.types import Prompt, SamplingParams
@@ -111,11 +112,21 @@ def parse_row(row: dict[str, Any], *, task: TaskSpec) -> dict[str, Any]:
         "teacher_failed": bool(error),
         "reject_reason": "",
         "reject_detail": "",
+        "confidence": math.nan,
     }
     for name in (*task.field_names, task.target_key):
         out[name] = ""
     if error:
         out.update(reject_reason="error", reject_detail=error[:2000])
+        return out
+    if prompt.kind == "classify":
+        scores = row.get("teacher_option_logprobs") or ""
+        result, confidence = read_answer(task, prompt, text, json.loads(scores) if scores else None)
+        out["confidence"] = confidence
+        if result.fields is None:
+            out.update(reject_reason=result.reason, reject_detail=result.detail)
+        else:
+            out.update(result.fields)
         return out
     result = parse_generation(task, prompt, text)
     if result.fields is None:
@@ -189,6 +200,7 @@ def _error_row(row: dict[str, Any], task: TaskSpec, detail: str) -> dict[str, An
         "teacher_failed": True,
         "reject_reason": "error",
         "reject_detail": detail[:2000],
+        "confidence": math.nan,
     }
     out.update({name: "" for name in (*task.field_names, task.target_key)})
     return out
@@ -232,7 +244,10 @@ def _collect(
 def _records(
     results: dict[int, dict[str, Any]], task: TaskSpec, iteration: int, dedup: Deduplicator
 ) -> Iterator[dict[str, Any]]:
-    """Final records in prompt order: ids, duplicates marked, rejected rows without fields."""
+    """Final records in prompt order: ids, duplicates marked, rejected rows without fields.
+
+    Classify answers are not deduplicated: their texts were when they were written or loaded.
+    """
     text_cols = (*task.field_names, task.target_key)
     for i in sorted(results):
         row = results[i]
@@ -240,7 +255,7 @@ def _records(
         detail = row["reject_detail"] or ""
         score = row.get(SCORE_COLUMN)
         score = float(score) if score is not None else math.nan
-        if reason is None and dedup.seen({name: row[name] for name in task.field_names}):
+        if reason is None and row["kind"] != "classify" and dedup.seen({name: row[name] for name in task.field_names}):
             reason, detail = "duplicate", "near-duplicate of an accepted sample"
         rec = {
             "id": f"it{iteration:03d}-{row['kind']}-{i:05d}",
@@ -253,6 +268,7 @@ def _records(
             "score": score if reason is None else math.nan,
             "output_tokens": int(row["output_tokens"]),
             "style": row["style"] or None,
+            "confidence": float(row.get("confidence", math.nan)),
         }
         if reason is None:
             rec.update({name: row[name] or None for name in text_cols})

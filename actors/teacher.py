@@ -43,6 +43,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gold_ray.config import RunConfig, TeacherConfig
+from gold_ray.labelling import answer_prompts
 from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
 
 logger = logging.getLogger(__name__)
@@ -142,12 +143,15 @@ def generation_to_row(generation: Generation) -> dict[str, Any]:
 
     Keys are prefixed with ``teacher_`` because ``ray.data.llm`` merges them into the row next
     to the dataset's own columns; ``teacher_error`` is ``""`` on success so the column keeps one
-    Arrow type across blocks.
+    Arrow type across blocks. ``teacher_option_logprobs`` is the JSON list of a scored classify
+    answer's option log-probabilities (``""`` for generated answers), for the same reason.
     """
+    scores = generation.option_logprobs
     return {
         "teacher_text": generation.text,
         "teacher_tokens": int(generation.output_tokens),
         "teacher_error": generation.error or "",
+        "teacher_option_logprobs": json.dumps(list(scores)) if scores is not None else "",
         "generated_at": time.time(),
     }
 
@@ -279,7 +283,8 @@ class TeacherDeployment:
 
     async def _run_engine(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
         try:
-            generations = await asyncio.to_thread(self._engine.generate, prompts, params)
+            # The same answering rule as the in-process loop: classify prompts with options are scored.
+            generations = await asyncio.to_thread(answer_prompts, self._engine, prompts, params)
         except Exception as err:  # an engine-wide failure must not take the replica down
             logger.exception("teacher engine failed on a batch of %d", len(prompts))
             return [Generation(text="", error=f"{type(err).__name__}: {err}") for _ in prompts]

@@ -20,6 +20,7 @@ Ray Data and Ray Train behind them; the defaults run everything in this process.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import shutil
@@ -34,15 +35,19 @@ import numpy as np
 from gold_ray import store
 from gold_ray.config import RunConfig
 from gold_ray.evaluation import evaluate_student, load_eval_records
+from gold_ray.labelling import answer_prompts, read_answer
 from gold_ray.models import allow_remote_code, is_chat_model, resolve_model
 from gold_ray.ood import score_quantiles
-from gold_ray.parsing import Deduplicator, parse_batch
+from gold_ray.parsing import Deduplicator, ParseResult, parse_batch
 from gold_ray.strategies import Strategy, StrategyContext, build_strategy
 from gold_ray.student import Student, build_student, check_student_model, load_student
 from gold_ray.tasks import TaskSpec, load_task, resolve_data_path
 from gold_ray.types import Prompt, SamplingParams, TeacherEngine
 
 STAGES = ("generate", "train", "probe", "feedback")
+
+TRAINING_PARTS = ("train-", "probe-")
+"""Name prefixes of the Parquet parts that hold training data."""
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +168,7 @@ def _fresh_state(cfg: RunConfig) -> dict[str, Any]:
         "checkpoint": None,
         "teacher_tokens": 0,
         "iterations": [],
+        "strategy_state": {},
     }
 
 
@@ -198,6 +204,9 @@ class Distiller:
         self.cfg = cfg
         self.task: TaskSpec = load_task(cfg.task.name)
         self.strategy: Strategy = build_strategy(cfg.strategy.name)
+        self.eval_file = self._eval_file()
+        # Before the run directory exists: a bad strategy input must not leave a half-made run.
+        self.strategy_inputs = self.strategy.prepare(self.task, cfg, self.eval_file)
         # Every input is checked before the run directory is touched: a bad model reference or
         # data file must neither leave a half-made run behind nor replace one (--overwrite).
         self.teacher_path: str | None = None
@@ -221,14 +230,14 @@ class Distiller:
 
     # ---- plumbing -------------------------------------------------------------------------
 
-    def _load_eval(self) -> list[dict[str, Any]]:
+    def _eval_file(self) -> Path | None:
         path = self.cfg.task.eval_path
-        resolved = (
-            resolve_data_path(path, self.cfg.task.data_dir) if path else self.task.eval_path(self.cfg.task.data_dir)
-        )
-        if resolved is None:
+        return resolve_data_path(path, self.cfg.task.data_dir) if path else self.task.eval_path(self.cfg.task.data_dir)
+
+    def _load_eval(self) -> list[dict[str, Any]]:
+        if self.eval_file is None:
             return []
-        return load_eval_records(self.task, resolved, limit=self.cfg.task.eval_limit)
+        return load_eval_records(self.task, self.eval_file, limit=self.cfg.task.eval_limit)
 
     def engine(self) -> TeacherEngine:
         """The teacher engine, built on first use."""
@@ -256,6 +265,9 @@ class Distiller:
             iteration=iteration,
             feedback=list(self.state["feedback"]),
             student=self.student,
+            extra=self.strategy_inputs,
+            memory=copy.deepcopy(self.state.get("strategy_state") or {}),
+            records=self.training_records,
         )
 
     def _commit(self, iteration: int, stage: str) -> None:
@@ -297,11 +309,27 @@ class Distiller:
     def _produce_in_process(
         self, prompts: list[Prompt], iteration: int, kind: str, score: bool, dedup: Deduplicator
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Generate, parse and (for probes) score in this process; every row is returned."""
+        """Generate, parse and (for probes) score in this process; every row is returned.
+
+        ``classify`` prompts are answered and read as labels (:mod:`gold_ray.labelling`); their
+        texts are not deduplicated again (they were when they were written or loaded).
+        """
         t0 = time.perf_counter()
-        generations = self.engine().generate(prompts, self.sampling()) if prompts else []
+        generations = answer_prompts(self.engine(), prompts, self.sampling()) if prompts else []
         seconds = time.perf_counter() - t0
-        results = parse_batch(self.task, prompts, generations, dedup)
+        written = [i for i, p in enumerate(prompts) if p.kind != "classify"]
+        parsed = parse_batch(self.task, [prompts[i] for i in written], [generations[i] for i in written], dedup)
+        results: list[ParseResult] = [ParseResult(None, "error", "")] * len(prompts)
+        confidence = [float("nan")] * len(prompts)
+        for i, r in zip(written, parsed, strict=True):
+            results[i] = r
+        for i, (p, g) in enumerate(zip(prompts, generations, strict=True)):
+            if p.kind != "classify":
+                continue
+            if g.error is not None:
+                results[i] = ParseResult(None, "error", str(g.error)[:2000] or "teacher error")
+            else:
+                results[i], confidence[i] = read_answer(self.task, p, g.text, g.option_logprobs)
         records = []
         for i, (p, g, r) in enumerate(zip(prompts, generations, results, strict=True)):
             rec: dict[str, Any] = {
@@ -315,10 +343,11 @@ class Distiller:
                 "score": float("nan"),
                 "output_tokens": g.output_tokens,
                 "style": p.meta.get("style"),
+                "confidence": confidence[i],
             }
             if r.fields is not None:
                 rec.update(r.fields)
-                if self.task.is_classification:
+                if self.task.is_classification and p.kind != "classify":
                     rec["label"] = p.label
             records.append(rec)
         tokens = sum(g.output_tokens for g in generations)
@@ -391,8 +420,8 @@ class Distiller:
             self.state["parts"].append(rel)
 
     def training_records(self) -> list[dict[str, Any]]:
-        """All accepted training and probe records committed so far."""
-        parts = [self.run_dir / p for p in self.state["parts"] if not Path(p).name.startswith("rejects")]
+        """All accepted training and probe records committed so far (not rejects, not LLKD's pool)."""
+        parts = [self.run_dir / p for p in self.state["parts"] if Path(p).name.startswith(TRAINING_PARTS)]
         return store.read_parts(parts)
 
     def _score_in_process(self, student: Student, records: list[dict[str, Any]]) -> np.ndarray:
@@ -450,18 +479,29 @@ class Distiller:
             n_probe = max(1, round(requested * self.cfg.strategy.probe_fraction))
         for stage in STAGES[start:]:
             m = self._iter_metrics(iteration)
+            ctx = self._ctx(iteration, stage)
             if stage == "generate":
                 n = requested - n_probe if self._budget_left() else 0
-                prompts = self.strategy.train_prompts(self._ctx(iteration, stage), n)
+                prompts = self.strategy.train_prompts(ctx, n)
                 acc, rej, stats = self._generate_records(prompts, iteration, "train")
+                # A strategy that labels texts (LLKD) spends the rest of the stage's calls on it.
+                label = self.strategy.label_prompts(ctx, acc, max(0, n - len(prompts)))[: max(0, n - len(prompts))]
+                if label:
+                    labelled, rej_label, label_stats = self._generate_records(label, iteration, "classify")
+                    self._write("pool", iteration, [{**r, "label": None} for r in acc])
+                    acc, rej, stats = labelled, rej + rej_label, _merge_label_stats(stats, label_stats)
                 self._write("train", iteration, acc)
                 self._write("rejects-train", iteration, rej)
+                stats.update(ctx.stats)
                 m["generate"] = stats
             elif stage == "train":
                 t0 = time.perf_counter()
                 if self.student is None or not self.strategy.continue_student:
                     self.student = self._new_student()
-                records = self.training_records()
+                ctx.student = self.student
+                available = self.training_records()
+                mask = self.strategy.train_mask(ctx, available)
+                records = [r for r, keep in zip(available, mask, strict=True) if keep]
                 fit = self._train(self.student, records, self.cfg.student.epochs_per_iteration, "ce", 1.0, 1.0)
                 ckpt = self.run_dir / "checkpoints" / f"it{iteration:03d}"
                 self.student.save(ckpt)
@@ -470,10 +510,11 @@ class Distiller:
                 if old and old != self.state["checkpoint"]:
                     shutil.rmtree(self.run_dir / old, ignore_errors=True)
                 ev = self._evaluate(self.student)
-                m["train"] = {"records": len(records), "seconds": round(time.perf_counter() - t0, 3), **fit, **ev}
+                m["train"] = {"records": len(records), "available": len(available),
+                              "seconds": round(time.perf_counter() - t0, 3), **fit, **ev, **ctx.stats}
                 stats = m["train"]
             elif stage == "probe":
-                prompts = self.strategy.probe_prompts(self._ctx(iteration, stage), n_probe)
+                prompts = self.strategy.probe_prompts(ctx, n_probe)
                 acc, rej, stats = self._generate_records(prompts, iteration, "probe")
                 stats.update(self._holdout(acc))
                 self._write("probe", iteration, acc)
@@ -481,12 +522,13 @@ class Distiller:
                 m["probe"] = stats
             else:  # feedback
                 probes = store.read_parts([store.part_path(self.run_dir, "probe", iteration)])
-                fb = self.strategy.update_feedback(self._ctx(iteration, stage), probes)
+                fb = self.strategy.update_feedback(ctx, probes)
                 self.state["feedback"] = fb
                 probe_ids = {r["id"] for r in probes}
                 new = sum(r["id"] in probe_ids for r in fb)
-                m["feedback"] = {"size": len(fb), "ids": [r["id"] for r in fb], "new": new}
-                stats = {"size": len(fb)}
+                m["feedback"] = {"size": len(fb), "ids": [r["id"] for r in fb], "new": new, **ctx.stats}
+                stats = {"size": len(fb), **ctx.stats}
+            self.state["strategy_state"] = ctx.memory
             self._commit(iteration, stage)
             self._emit(stage, iteration, stats)
 
@@ -554,6 +596,26 @@ class Distiller:
         info = {k: v for k, v in final.items() if k != "fit"}
         self._emit("final", self.cfg.strategy.iterations, {**info, "train_loss": fit.get("loss")})
         return final
+
+
+def _merge_label_stats(written: dict[str, Any], labelled: dict[str, Any]) -> dict[str, Any]:
+    """One generate stage's statistics from its two passes (texts written, then labelled).
+
+    ``accepted`` counts the labelled records (the stage's training data); requests, rejects and
+    tokens add up over both passes.
+    """
+    reasons = Counter(written.get("rejected_by_reason", {})) + Counter(labelled.get("rejected_by_reason", {}))
+    return {
+        **written,
+        "requested": written["requested"] + labelled["requested"],
+        "accepted": labelled["accepted"],
+        "rejected": written["rejected"] + labelled["rejected"],
+        "rejected_by_reason": dict(reasons),
+        "output_tokens": int(written.get("output_tokens", 0)) + int(labelled.get("output_tokens", 0)),
+        "written": written["accepted"],
+        "label_requested": labelled["requested"],
+        "label_seconds": labelled.get("seconds"),
+    }
 
 
 def distill_in_process(cfg: RunConfig, *, resume: bool = False, on_event: EventFn | None = None,

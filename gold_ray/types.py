@@ -34,6 +34,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "reject_detail",
     "score",  # OOD score under the student of the iteration (energy by default); NaN if unscored
     "output_tokens",
+    "confidence",  # the teacher's probability of its own label (classify answers); NaN otherwise
 )
 """Run-level columns of a record, next to the task's input fields and target key."""
 
@@ -93,11 +94,15 @@ class Generation:
         text: Generated text without the prompt or the prefill (empty on error).
         output_tokens: Tokens generated.
         error: None on success, otherwise why the call failed (the row is kept, never dropped).
+        option_logprobs: For a ``classify`` prompt answered by scoring its options
+            (``Prompt.meta["options"]``, see :mod:`gold_ray.labelling`): the log-probability of
+            each option, in order; None for generated answers.
     """
 
     text: str
     output_tokens: int = 0
     error: str | None = None
+    option_logprobs: tuple[float, ...] | None = None
 
 
 class TeacherEngine:

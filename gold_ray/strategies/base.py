@@ -12,6 +12,18 @@ One iteration of every strategy runs the same stages (see :mod:`gold_ray.loop` a
 
 The final student is trained on all kept data with ``final_loss``.
 
+Hooks that only some strategies use (defaults do nothing):
+
+- ``prepare``: load the strategy's inputs once per run (S3's real validation set, LLKD's
+  unlabelled pool) into ``StrategyContext.extra``; refuse inputs that are the evaluation file.
+- ``label_prompts``: after the generate stage, ``classify`` prompts the teacher answers in a
+  second pass of the same stage; their labelled records become the iteration's training data and
+  the written texts are kept apart (LLKD).
+- ``train_mask``: which records the in-loop training stage uses (ProGen holds its synthetic
+  validation split out; LLKD trains on its current selection).
+- ``StrategyContext.memory``: strategy state committed with every stage (LLKD's thresholds), so a
+  resumed run continues from exactly what was committed.
+
 This shape holds all five methods of the specification: ZeroGen (no probes, no feedback), GOLD
 (energy-band feedback from probes), ProGen (feedback chosen by influence), S3 (feedback from the
 student's errors on a small real validation set) and LLKD (the teacher labels an unlabelled pool:
@@ -21,14 +33,16 @@ its prompts are ``classify`` prompts that carry the unlabelled record in ``Promp
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gold_ray.config import RunConfig
+from gold_ray.config import ConfigError, RunConfig
 from gold_ray.prompts import draw_style, render_probe_prompt, render_train_prompt
-from gold_ray.tasks import TaskSpec
+from gold_ray.tasks import TaskSpec, resolve_data_path
 from gold_ray.types import Prompt
 
 
@@ -44,7 +58,12 @@ class StrategyContext:
         iteration: 0-based iteration index.
         feedback: The current feedback pool (records), oldest first.
         student: The current student, or None before the first training stage.
-        extra: Strategy-specific inputs (S3's validation records, LLKD's unlabelled pool).
+        extra: Strategy-specific inputs from :meth:`Strategy.prepare` (S3's validation records,
+            LLKD's unlabelled pool); read-only.
+        memory: Strategy state that the loop commits with the stage (JSON-serialisable); a
+            strategy may change it in place.
+        records: Returns every accepted training record committed so far (loaded on demand).
+        stats: Numbers the strategy reports for the stage; merged into the stage's metrics.
     """
 
     task: TaskSpec
@@ -55,6 +74,51 @@ class StrategyContext:
     feedback: list[dict[str, Any]] = field(default_factory=list)
     student: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    records: Callable[[], list[dict[str, Any]]] = list
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_strategy_input(
+    cfg: RunConfig, task: TaskSpec, field_name: str, eval_file: Path | None, what: str
+) -> Path | None:
+    """The file named by ``task.<field_name>`` in the run config, else the task's ``seed_path``.
+
+    Relative paths resolve against ``task.data_dir`` or ``$GOLD_RAY_DATA``. The evaluation file is
+    refused: a strategy input is real data the strategy learns from, so it must never be the data
+    the student is tested on.
+
+    Args:
+        cfg: The run config.
+        task: The task (its ``seed_path`` is the default).
+        field_name: ``val_path`` or ``unlabeled_path`` (a :class:`~gold_ray.config.TaskConfig` field).
+        eval_file: The run's resolved evaluation file, or None.
+        what: What the file is, for messages ("S3's validation set").
+
+    Returns:
+        The resolved path, or None when neither the config nor the task names a file.
+
+    Raises:
+        ConfigError: the path is relative and no data folder is set, the file does not exist, or
+            it is the evaluation file; the message names the field.
+    """
+    configured = getattr(cfg.task, field_name)
+    source = f"task.{field_name}" if configured else f"task.{field_name} (default: the task's seed_path)"
+    raw = configured or task.seed_path
+    if not raw:
+        return None
+    try:
+        path = resolve_data_path(raw, cfg.task.data_dir)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    if not path.is_file():
+        raise ConfigError(f"{source}: {what} {str(path)!r} does not exist")
+    if eval_file is not None and Path(eval_file).is_file() and path.resolve() == Path(eval_file).resolve():
+        raise ConfigError(
+            f"{source}: {what} {str(path)!r} is the evaluation (test) file; "
+            "use real data that is not the test set (e.g. the task's seed.jsonl)"
+        )
+    return path
 
 
 def balanced_labels(task: TaskSpec, n: int, rng: np.random.Generator) -> list[str | None]:
@@ -116,9 +180,48 @@ class Strategy(ABC):
             )
         return prompts
 
+    def prepare(self, task: TaskSpec, cfg: RunConfig, eval_file: Path | None) -> dict[str, Any]:
+        """Load the strategy's inputs once per run (they become ``StrategyContext.extra``).
+
+        Args:
+            task: The task.
+            cfg: The run config.
+            eval_file: The run's resolved evaluation file (inputs must never be it), or None.
+
+        Returns:
+            Read-only inputs (any Python objects; they are not committed, ``prepare`` runs again
+            on resume); the default strategy needs none.
+
+        Raises:
+            ConfigError: an input is missing, malformed or the evaluation file.
+        """
+        return {}
+
     def train_prompts(self, ctx: StrategyContext, n: int) -> list[Prompt]:
         """Prompts for ``n`` training samples."""
         return self._prompts(ctx, n, probe=False)
+
+    def label_prompts(self, ctx: StrategyContext, written: list[dict[str, Any]], n: int) -> list[Prompt]:
+        """``classify`` prompts answered after the generate stage's first pass (default: none).
+
+        When this returns prompts, the labelled records they give become the iteration's training
+        data, and ``written`` (the accepted texts of the first pass) is kept as a ``pool`` part
+        that is not trained on.
+
+        Args:
+            ctx: The generate stage's context (the same object ``train_prompts`` got).
+            written: Accepted records of the stage's first pass.
+            n: Teacher calls left in the stage's budget; prompts beyond ``n`` are not sent.
+        """
+        return []
+
+    def train_mask(self, ctx: StrategyContext, records: list[dict[str, Any]]) -> list[bool]:
+        """Which records the in-loop training stage trains on (default: all of them).
+
+        ``ctx.student`` is the student about to be trained (fresh in the first iteration, or
+        when the strategy does not continue the student).
+        """
+        return [True] * len(records)
 
     def probe_prompts(self, ctx: StrategyContext, n: int) -> list[Prompt]:
         """Prompts for ``n`` probe samples (empty unless ``uses_probes``)."""
