@@ -31,8 +31,11 @@ class TaskConfig(_Section):
             against; defaults to ``$GOLD_RAY_DATA``.
         eval_path: Overrides the task file's evaluation JSONL.
         eval_limit: Evaluate on at most this many examples (None: all).
-        val_path: Small real labelled validation JSONL (S3 only; never the test set).
-        unlabeled_path: Unlabelled pool JSONL (LLKD only).
+        val_path: Small real labelled validation JSONL whose student errors S3 extrapolates;
+            default: the task's ``seed_path``. Never the evaluation file (refused).
+        unlabeled_path: Unlabelled pool JSONL that LLKD's teacher labels (only the input fields
+            are read; labels are dropped); default: the task's ``seed_path``. Never the
+            evaluation file (refused).
     """
 
     name: str = "sst2"
@@ -168,6 +171,19 @@ class StrategyConfig(_Section):
             (pads included, as the GOLD code does); text-to-text students only.
         noise_filter_top: Drop this top share of each iteration's training data by energy (0 = off).
         max_demo_chars: Length cap of one demonstration inside a prompt.
+        progen_val_fraction: ProGen: share of the synthetic data held out of in-loop training as
+            the synthetic validation set that influence is measured on.
+        progen_feedback_ratio: ProGen: probability that a prompt shows feedback examples (the
+            code's ``feedback_ratio`` p = 0.5).
+        progen_damping: ProGen: damping added to the Hessian before it is inverted (the code's
+            L2 term 0.005 ||theta||^2 gives 0.01).
+        progen_max_candidates: ProGen: most training records scored by influence per round (a
+            seeded random subset beyond it; the code scores 10,000).
+        s3_error_share: S3: share of each later iteration's prompts that extrapolate the student's
+            validation errors (the rest are ordinary label-conditioned prompts; 1.0 is the paper's
+            errors-only rounds).
+        llkd_momentum: LLKD: momentum of the class-wise adaptive thresholds, per iteration (0
+            uses the current iteration's statistics alone).
     """
 
     name: Literal["gold", "zerogen", "progen", "s3", "llkd"] = "gold"
@@ -183,6 +199,12 @@ class StrategyConfig(_Section):
     energy_mode: Literal["masked", "code_faithful"] = "masked"
     noise_filter_top: float = Field(default=0.0, ge=0, lt=1)
     max_demo_chars: int = Field(default=300, ge=20)
+    progen_val_fraction: float = Field(default=0.2, gt=0, le=0.5)
+    progen_feedback_ratio: float = Field(default=0.5, ge=0, le=1)
+    progen_damping: float = Field(default=0.01, gt=0)
+    progen_max_candidates: int = Field(default=2000, ge=2)
+    s3_error_share: float = Field(default=0.5, ge=0, le=1)
+    llkd_momentum: float = Field(default=0.5, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _band(self) -> StrategyConfig:

@@ -1,0 +1,216 @@
+"""LLKD, "Learning with Less" (Li et al., 2024/25): the teacher labels unlabelled text; the student
+learns from the samples the teacher is sure of and the student is unsure of.
+
+Every iteration the teacher labels texts with ``classify`` prompts (:mod:`gold_ray.labelling`):
+the few-shot prompt of the teacher-as-classifier row (all seed demos), answered by scoring each
+label word. Its label is the best-scoring word, and its **confidence** the softmax of the label
+words' log-probabilities at that word (methods.md 6.2, option B). Before each in-loop training
+round the current student gives each labelled text an **uncertainty**, its normalised entropy
+``H(p) / log K``. A text is selected when its confidence reaches the teacher threshold of its label
+and its uncertainty reaches the student threshold of its label; the student trains on the
+selection, and the final (fresh) student on every text selected at least once.
+
+The thresholds are class-wise and move with time (one step per iteration), FreeMatch-style as
+methods.md 6.2 reconstructs them (the paper's formulas are unverified)::
+
+    g_t    = m g_{t-1}    + (1 - m) mean(s)                 over all labelled texts
+    c_t(y) = m c_{t-1}(y) + (1 - m) mean(s | label y)
+    tau_t(y) = g_t * c_t(y) / max_y' c_t(y')
+
+for each signal s (teacher confidence, student uncertainty), with momentum ``llkd_momentum`` and
+the first iteration's statistics as the starting values. The thresholds are committed with each
+stage, so a resumed run goes on with the same ones.
+
+Where the texts come from, and the budget:
+
+- The unlabelled pool is ``task.unlabeled_path`` (default: the task's ``seed_path``, i.e. the
+  benchmark's ``seed.jsonl`` with its labels dropped), shuffled with the run seed and spread over
+  the iterations; never the evaluation file (refused with a ConfigError).
+- The benchmarks' pools hold 64 texts, far fewer than the budget, so the teacher also writes texts
+  to label: label-conditioned prompts with the seed demos (as ZeroGen), whose requested label is
+  dropped (the ``pool-itNNN`` parts keep them). Written texts are labelled in the same stage.
+- Every teacher request counts against ``budget.samples``: a written text costs two (writing and
+  labelling), a pool text one. So LLKD trains on fewer, teacher-labelled samples than the
+  generation strategies, for the same number of teacher calls.
+
+Runtime: answers come back through the same path in process and on Ray: the Serve teacher
+deployment answers classify prompts with ``engine.option_logprobs`` and returns the scores with the
+row. Engines that cannot score (OpenAI-compatible endpoints) generate the label word greedily
+instead; such answers have no confidence (NaN), and the teacher threshold then lets them pass, so
+selection rests on the student's uncertainty alone.
+
+Not implemented: the paper's weighted loss (each selected sample weighs 1), and selection per
+mini-batch (it runs once per iteration, over every text labelled so far). Classification tasks only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gold_ray.config import ConfigError, RunConfig
+from gold_ray.evaluation import read_jsonl
+from gold_ray.influence import softmax
+from gold_ray.labelling import OPTIONS_KEY, RECORD_KEY
+from gold_ray.prompts import render_classify_prompt
+from gold_ray.strategies.base import Strategy, StrategyContext, resolve_strategy_input
+from gold_ray.tasks import TaskSpec
+from gold_ray.types import Prompt
+
+TIE_TOLERANCE = 1e-9
+"""A value this close below its threshold still passes (texts with equal signals must all pass or fail
+together, whatever the rounding of the mean they are compared with)."""
+
+
+def load_unlabelled(task: TaskSpec, path: Path) -> list[dict[str, Any]]:
+    """The input fields of each record of a JSONL file (labels and other keys are dropped).
+
+    Raises:
+        ConfigError: the file is malformed or a record misses an input field (names the line).
+    """
+    try:
+        raw = read_jsonl(path)
+    except ValueError as err:
+        raise ConfigError(f"task.unlabeled_path: {err}") from None
+    pool = []
+    for lineno, rec in enumerate(raw, start=1):
+        missing = [f for f in task.field_names if rec.get(f) in (None, "")]
+        if missing:
+            raise ConfigError(f"task.unlabeled_path: {path}: record {lineno} has no {missing} (task {task.name!r})")
+        pool.append({"id": f"pool-{lineno:05d}", **{f: str(rec[f]) for f in task.field_names}})
+    return pool
+
+
+def update_thresholds(
+    memory: dict[str, Any], values: np.ndarray, labels: list[str], label_names: list[str], momentum: float
+) -> dict[str, float]:
+    """One time step of the class-wise adaptive threshold of one signal (see the module docstring).
+
+    Args:
+        memory: ``{"global": g, "class": {label: c}}`` of the previous step (updated in place;
+            empty at the first step).
+        values: The signal per labelled text (NaN: unknown, left out of the means).
+        labels: The teacher's label per text.
+        label_names: The task's labels.
+        momentum: ``m``.
+
+    Returns:
+        The threshold per label (NaN where the signal was never observed).
+    """
+    vals = np.asarray(values, dtype=np.float64)
+    known = np.isfinite(vals)
+    if known.any():
+        now = float(vals[known].mean())
+        prev = memory.get("global")
+        memory["global"] = now if prev is None else momentum * prev + (1 - momentum) * now
+        classes = memory.setdefault("class", {})
+        for name in label_names:
+            sel = known & np.array([lab == name for lab in labels], dtype=bool)
+            if sel.any():
+                cur = float(vals[sel].mean())
+                old = classes.get(name)
+                classes[name] = cur if old is None else momentum * old + (1 - momentum) * cur
+    g, classes = memory.get("global"), memory.get("class") or {}
+    top = max(classes.values()) if classes else None
+    return {name: (g * classes[name] / top if g is not None and name in classes and top else math.nan)
+            for name in label_names}
+
+
+def normalised_entropy(logits: np.ndarray) -> np.ndarray:
+    """Entropy of each row's softmax divided by ``log K`` (0: certain, 1: uniform)."""
+    p = softmax(logits)
+    k = p.shape[1]
+    h = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=1)
+    return h / math.log(k) if k > 1 else np.zeros(len(p))
+
+
+class LLKDStrategy(Strategy):
+    """LLKD: teacher-labelled texts selected by teacher confidence and student uncertainty."""
+
+    name = "llkd"
+    uses_probes = False
+    continue_student = True
+
+    def prepare(self, task: TaskSpec, cfg: RunConfig, eval_file: Any) -> dict[str, Any]:
+        """Load the unlabelled pool (``task.unlabeled_path``, default the task's seed file).
+
+        Raises:
+            ConfigError: the task has no labels, or the pool is missing, malformed or the
+                evaluation file.
+        """
+        if not task.is_classification:
+            raise ConfigError(f"strategy.name: llkd needs a classification task; task {task.name!r} is {task.type}")
+        path = resolve_strategy_input(cfg, task, "unlabeled_path", eval_file, "LLKD's unlabelled pool")
+        pool = load_unlabelled(task, path) if path is not None else []
+        order = np.random.default_rng([cfg.seed, 7]).permutation(len(pool))
+        chunks = np.array_split(order, cfg.strategy.iterations)
+        return {"pool": [[pool[int(i)] for i in chunk] for chunk in chunks],
+                "pool_path": str(path) if path is not None else None}
+
+    def _due(self, ctx: StrategyContext) -> list[dict[str, Any]]:
+        chunks = ctx.extra.get("pool") or []
+        return list(chunks[ctx.iteration]) if ctx.iteration < len(chunks) else []
+
+    def train_prompts(self, ctx: StrategyContext, n: int) -> list[Prompt]:
+        """Requests for texts to label: half of the calls the pool leaves (each also costs a label)."""
+        n_write = max(0, (n - len(self._due(ctx))) // 2)
+        return self._prompts(dataclasses.replace(ctx, feedback=[]), n_write, probe=False)
+
+    def label_prompts(self, ctx: StrategyContext, written: list[dict[str, Any]], n: int) -> list[Prompt]:
+        """One classify prompt per pool text due this iteration, then per accepted written text."""
+        words = [label.word for label in ctx.task.labels]
+        demos = list(ctx.task.seed_demos)
+        prompts = []
+        for rec in (self._due(ctx) + written)[:n]:
+            fields = {f: rec[f] for f in ctx.task.field_names}
+            p = render_classify_prompt(ctx.task, fields, demos, prompt_style=ctx.prompt_style,
+                                       max_demo_chars=ctx.config.strategy.max_demo_chars)
+            meta = {**p.meta, RECORD_KEY: fields, OPTIONS_KEY: words, "source_id": rec.get("id")}
+            prompts.append(dataclasses.replace(p, meta=meta))
+        return prompts
+
+    def train_mask(self, ctx: StrategyContext, records: list[dict[str, Any]]) -> list[bool]:
+        """Update the thresholds with the current student and select (see the module docstring)."""
+        state = ctx.memory.setdefault("llkd", {"teacher": {}, "student": {}, "selected": []})
+        if not records:
+            return []
+        names = ctx.task.label_names
+        labels = [str(r["label"]) for r in records]
+        conf = np.array([r.get("confidence", math.nan) for r in records], dtype=np.float64)
+        conf = np.where(np.isfinite(conf), conf, np.nan)
+        unc = normalised_entropy(ctx.student.logits(records))
+        momentum = ctx.config.strategy.llkd_momentum
+        tau_t = update_thresholds(state["teacher"], conf, labels, names, momentum)
+        tau_s = update_thresholds(state["student"], unc, labels, names, momentum)
+        mask = []
+        for c, u, lab in zip(conf, unc, labels, strict=True):
+            teacher_ok = not np.isfinite(c) or not np.isfinite(tau_t[lab]) or c >= tau_t[lab] - TIE_TOLERANCE
+            mask.append(bool(teacher_ok and u >= tau_s[lab] - TIE_TOLERANCE))
+        selected = set(state["selected"]) | {r["id"] for r, k in zip(records, mask, strict=True) if k}
+        state["selected"] = sorted(selected)
+        ctx.stats.update({
+            "llkd_selected": int(sum(mask)),
+            "llkd_selected_ever": len(selected),
+            "llkd_labelled": len(records),
+            "llkd_mean_confidence": float(np.nanmean(conf)) if np.isfinite(conf).any() else math.nan,
+            "llkd_mean_uncertainty": float(unc.mean()),
+            **{f"llkd_tau_teacher_{k}": v for k, v in tau_t.items()},
+            **{f"llkd_tau_student_{k}": v for k, v in tau_s.items()},
+        })
+        return mask
+
+    def keep_for_training(self, ctx: StrategyContext, records: list[dict[str, Any]]) -> list[bool]:
+        """Every text selected in at least one iteration (all of them when none ever was)."""
+        selected = set((ctx.memory.get("llkd") or {}).get("selected") or [])
+        if not selected:
+            return [True] * len(records)
+        return [r["id"] in selected for r in records]
+
+    def final_loss(self, ctx: StrategyContext) -> tuple[str, float, float]:
+        """The configured final loss (CE by default; the paper's sample weights are not implemented)."""
+        s = ctx.config.student
+        return s.final_loss, s.sce_alpha, s.sce_beta
