@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.perf import common, e2e, generation, memory, scaling, scoring, summary
 from gold_ray.testing import LatencyBoundEngine
 from gold_ray.types import Prompt, SamplingParams
 
@@ -30,3 +31,121 @@ def test_latency_engine_sleeps_once_per_call_and_answers_every_prompt(monkeypatc
 def test_latency_engine_rejects_negative_latency():
     with pytest.raises(ValueError, match="latency_s"):
         LatencyBoundEngine(latency_s=-1)
+
+
+# --- benchmarks/perf helpers ---------------------------------------------------------------------
+
+
+def test_summarize_gives_median_and_spread_and_skips_failed_repeats():
+    s = common.summarize([2.0, None, 4.0, float("nan"), 3.0])
+    assert (s["n"], s["median"], s["min"], s["max"]) == (3, 3.0, 2.0, 4.0)
+    assert s["rel_spread"] == pytest.approx(2.0 / 3.0)
+    assert common.summarize([5.0])["stdev"] == 0.0
+    assert common.summarize([None])["median"] is None
+
+
+def test_ratio_and_scaling_efficiency():
+    assert common.ratio(6.0, 3.0) == 2.0
+    assert common.ratio(1.0, 0.0) is None and common.ratio(None, 2.0) is None
+    assert common.scaling_efficiency(36.0, 5.0, 8) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="replica"):
+        common.scaling_efficiency(1.0, 1.0, 0)
+    eff = scaling.efficiencies({1: 10.0, 2: 19.0, 4: None})
+    assert eff == {1: 1.0, 2: pytest.approx(0.95), 4: None}
+
+
+def test_parse_replicas_requires_a_baseline_of_one():
+    assert scaling.parse_replicas("1,2,4,8") == [1, 2, 4, 8]
+    for bad in ("2,4", "1,x", "", "1,0"):
+        with pytest.raises(ValueError, match="--replicas"):
+            scaling.parse_replicas(bad)
+
+
+def _variant(sps: float, tps: float) -> dict:
+    return generation.variant_metrics([{"seconds": 10.0, "samples": sps * 10, "output_tokens": tps * 10}])
+
+
+def test_generation_ratios_come_from_one_runs_medians():
+    variants = {"reference": _variant(0.5, 25.0), "hf": _variant(4.0, 180.0), "vllm": _variant(5.0, 200.0),
+                "pipeline": _variant(4.5, 190.0)}
+    comp = generation.compare_variants(variants, bound=1000.0, prompt_tokens_per_sample=100.0)
+    assert comp["hf"]["samples_ratio_vs_reference"] == pytest.approx(8.0)
+    assert comp["pipeline"]["fraction_of_best_engine"] == pytest.approx(0.9)  # best direct engine: vllm
+    assert comp["vllm"]["roof_fraction_output"] == pytest.approx(0.2)
+    assert comp["vllm"]["roof_fraction_processed"] == pytest.approx((200.0 + 5.0 * 100.0) / 1000.0)
+    head = generation.headline(variants, comp)
+    assert head["ratio_vs_reference"] == pytest.approx(9.0)
+    assert head["teacher_roof_fraction"] == pytest.approx(0.2)
+    # Without the reference or a roof the ratios are absent, not invented.
+    comp2 = generation.compare_variants({"hf": variants["hf"]}, bound=None, prompt_tokens_per_sample=None)
+    assert comp2["hf"]["samples_ratio_vs_reference"] is None and comp2["hf"]["roof_fraction_output"] is None
+
+
+def test_result_files_round_trip_and_bad_results_are_refused(tmp_path):
+    res = common.new_result("demo-bench", "python -m x --quick", {"quick": True})
+    res["metrics"] = {"a": common.summarize([1.0, 2.0])}
+    res["headline"] = {"some_ratio": 1.5}
+    res["notes"].append("a note")
+    jp, mp = common.write_result(res, common.markdown_table(["k", "v"], [["x", 1.23456]]), tmp_path)
+    back = common.read_result(jp)
+    assert back["headline"] == {"some_ratio": 1.5} and back["machine"]["logical_cpus"]
+    text = mp.read_text()
+    assert "python -m x --quick" in text and "| x | 1.23 |" in text and "a note" in text
+    bad = dict(res, headline={"x": "fast"})
+    with pytest.raises(ValueError, match="headline 'x'"):
+        common.validate_result(bad)
+    with pytest.raises(ValueError, match="misses keys"):
+        common.validate_result({k: v for k, v in res.items() if k != "machine"})
+    with pytest.raises(ValueError, match="cells"):
+        common.markdown_table(["a", "b"], [[1]])
+
+
+def test_summary_has_every_required_key_and_says_how_far_off_a_target_is(tmp_path):
+    gen = common.new_result("generation", "cmd", {})
+    gen["headline"] = {"ratio_vs_reference": 7.5, "pipeline_fraction_of_engine": 0.95}
+    s = summary.build_summary({"generation": gen})
+    assert set(summary.REQUIRED) <= set(s) and s["peak_rss_gb"] is None
+    assert s["targets"]["ratio_vs_reference"] == {"target": 15.0, "op": ">=", "value": 7.5, "met": False,
+                                                  "shortfall": pytest.approx(0.5)}
+    assert s["targets"]["pipeline_fraction_of_engine"]["met"] is True
+    assert s["targets"]["scaling_efficiency_8"]["met"] is None
+    common.write_result(gen, "", tmp_path)
+    assert summary.main(["--out", str(tmp_path)]) == 0
+    assert "no (50% short)" in (tmp_path / "summary.md").read_text()
+
+
+def test_e2e_reads_stage_times_from_run_metrics():
+    metrics = {"iterations": [
+        {"iteration": 0, "generate": {"seconds": 10.0, "requested": 8, "output_tokens": 300},
+         "train": {"seconds": 4.0}, "probe": {"seconds": 3.0, "score_seconds": 0.5, "requested": 2,
+                                               "output_tokens": 70}},
+        {"iteration": 1, "generate": {"seconds": 12.0, "requested": 8}, "train": {"seconds": 5.0}},
+    ], "final": {"seconds": 9.0, "fit": {"seconds": 6.0}}}
+    rows = e2e.stage_rows(metrics)
+    assert rows[0] == {"iteration": 0, "generate_s": 10.0, "probe_s": 3.0, "score_s": 0.5, "train_s": 4.0,
+                       "final_s": None, "samples": 10, "output_tokens": 370}
+    assert rows[1]["probe_s"] is None and rows[-1]["final_s"] == 9.0 and rows[-1]["train_s"] == 6.0
+    walls = e2e.event_walls([("generate", 0, 5.0), ("train", 0, 7.0), ("generate", 1, 10.0), ("final", 1, 16.0)],
+                            t_start=1.0)
+    assert walls == {"0": {"generate": 4.0, "train": 2.0}, "1": {"generate": 3.0}, "final": {"final": 6.0}}
+    its = e2e.iteration_summary(rows, walls)
+    assert its["recorded_per_iteration_s"] == [17.0, 17.0] and its["wall_median_s"] == pytest.approx(4.5)
+
+
+def test_scoring_helpers():
+    assert scoring.pool_cpus(actors=2, num_cpus=0.5, logical_cpus=2) == 2  # Ray gives each actor one thread
+    assert scoring.pool_cpus(actors=4, num_cpus=2, logical_cpus=2) == 2  # never more than the machine has
+    assert scoring.steady_rate([1.0, 1.0, 3.0, 5.0], {1.0: 64, 3.0: 64, 5.0: 32}) == pytest.approx(24.0)
+    assert scoring.steady_rate([2.0], {2.0: 10}) is None
+
+
+def test_memory_tracker_keeps_the_peak_and_samples_a_real_process_tree():
+    import os
+
+    t = memory.PeakTracker()
+    for rss, pss in ((100, 80), (300, 200), (200, 250)):
+        t.add({"rss": rss, "pss": pss, "processes": 3, "top": []})
+    assert t.peak_rss["rss"] == 300 and t.peak_pss == 250 and t.samples == 3
+    sample = memory.tree_memory(os.getpid(), pss=False)
+    assert sample["rss"] > 0 and sample["processes"] >= 1 and sample["pss"] is None
+    assert memory.tree_memory(2**22 + 12345, pss=False) is None  # no such process
