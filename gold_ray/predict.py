@@ -31,8 +31,9 @@ def load_run_student(run_dir: str | os.PathLike[str], device: str | None = "cpu"
     Raises:
         RunReadError: not a run directory, or the run has no final student.
     """
+    folder = student_dir(run_dir)
     task = run_task(run_dir)
-    return load_student(student_dir(run_dir), task, device=device), task
+    return load_student(folder, task, device=device), task
 
 
 def text_record(task: TaskSpec, text: str) -> dict[str, str]:

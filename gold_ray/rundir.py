@@ -55,6 +55,8 @@ def run_task(run_dir: str | Path, config: dict[str, Any] | None = None) -> TaskS
             raise RunReadError(str(err)) from err
     config = config if config is not None else run_config(root)
     name = (config.get("task") or {}).get("name")
+    if not name:
+        raise RunReadError(f"{root}: no {store.TASK_FILE}, and {store.CONFIG_FILE} names no task.name")
     try:
         return load_task(name)
     except TaskFileError as err:
@@ -67,7 +69,10 @@ def student_dir(run_dir: str | Path) -> Path:
     Raises:
         RunReadError: the run has no final student yet.
     """
-    path = Path(run_dir) / "student"
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise RunReadError(f"{root}: no such run directory")
+    path = root / "student"
     if not (path / "config.json").is_file():
         raise RunReadError(f"{run_dir}: no final student in {path} (the run has not finished)")
     return path
