@@ -331,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         from gold_ray.models import ModelResolutionError
 
         if isinstance(err, RunDirError | TooManyRejectsError | ModelResolutionError | FileNotFoundError | ValueError):
-            print(f"gold-ray: error: {err}", file=sys.stderr)
+            # An error raised in a Ray actor is also an instance of its cause's class; print the
+            # cause's message, not the remote traceback.
+            print(f"gold-ray: error: {getattr(err, 'cause', None) or err}", file=sys.stderr)
             return 2
         raise
 

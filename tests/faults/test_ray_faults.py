@@ -160,3 +160,33 @@ def test_a_ray_train_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(ra
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# --- bad input on Ray: refused in the driver actor, reported as one line ---------------------------
+
+
+def test_bad_input_on_ray_is_one_clear_line_and_loses_nothing(ray_cluster, serve_port, tiny_student, eval_file,
+                                                             tmp_path, capsys):
+    from faultkit import tree_digest
+
+    from gold_ray.cli import main
+
+    run_dir = tmp_path / "run"
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    (run_dir / "state.json").write_text('{"parts": [], "stage": "generate", "iteration": 0}')
+    before = tree_digest(run_dir)
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text('{"text": "a fine film", "label": "positive"}\n{"text": oops}\n')
+    args = [a for item in run_config_overrides(run_dir, tiny_student, bad, serve_port) for a in ("--set", item)]
+    code = main(["distill", "tiny", "--quiet", "--overwrite", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{bad}:2: not valid JSON" in err and "Traceback" not in err and "RayTaskError" not in err
+    assert tree_digest(run_dir) == before
+
+
+def run_config_overrides(run_dir: Path, student: str, eval_path: Path, port: int) -> list[str]:
+    from faultkit import run_overrides
+
+    return run_overrides(run_dir, student, eval_path, f"teacher.serve.port={port}", "teacher.serve.num_cpus=0.25")
