@@ -80,7 +80,7 @@ def test_clear_errors_for_wrong_use(run_dir, tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     assert main(["predict", str(tmp_path), "text"]) == 2
     assert "has not finished" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="premise, hypothesis: pass them as JSON lines with --file"):
+    with pytest.raises(ValueError, match="input fields text_a, text_b: pass them as JSON lines with --file"):
         text_record(load_task("rte"), "just one text")
 
 
