@@ -1,0 +1,45 @@
+"""On Ray, the driver's events reach the progress view (here JSON lines) and the run ends with report.html."""
+
+import functools
+import io
+import json
+
+import pytest
+
+from actors.driver import run_on_ray
+from gold_ray.config import load_config
+from gold_ray.loop import STAGES
+from gold_ray.progress import progress
+from gold_ray.tasks import load_task
+from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
+
+pytestmark = pytest.mark.ray
+
+
+def test_ray_run_streams_progress_and_writes_the_report(ray_cluster, serve_port, tmp_path):
+    student = save_tiny_classifier(tmp_path / "student")
+    out = tmp_path / "run"
+    cfg = load_config(None, [
+        "task.name=sst2", f"task.eval_path={tmp_path / 'eval.jsonl'}", f"student.model={student}",
+        "teacher.model=fake", "teacher.prompt_style=chat", "budget.samples=12", "strategy.iterations=1",
+        "strategy.probe_fraction=0.5", "student.final_epochs=1", "student.batch_size=8",
+        "teacher.serve.num_cpus=0.25", f"teacher.serve.port={serve_port}", "resources.scorer_num_cpus=0.25",
+        "resources.train_cpus_per_worker=0.5", "tracking.enabled=false", f"output.dir={out}",
+    ])
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"text": f"review {i}", "label": lab}) + "\n"
+                                                 for i, lab in enumerate(["positive", "negative"] * 3)))
+    buf = io.StringIO()
+    with progress("json", stream=buf, iterations=1) as reporter:
+        metrics = run_on_ray(cfg, engine_factory=functools.partial(FakeTeacherEngine, task=load_task("sst2")),
+                             on_event=reporter, poll_s=0.2)
+    rows = [json.loads(line) for line in buf.getvalue().splitlines()]
+    assert [r["event"] for r in rows] == [*STAGES, "final"]
+    gen, probe = rows[0], rows[2]
+    assert gen["accepted"] == metrics["iterations"][0]["generate"]["accepted"] > 0
+    assert probe["scored"] == probe["accepted"] > 0  # scored by the scorer pool while generating
+    assert rows[-1]["records"] == metrics["final"]["records"] and rows[-1]["eta_run_s"] == 0.0
+
+    page = (out / "report.html").read_text()
+    assert "<h2>Energy distributions per iteration</h2>" in page
+    assert page.count('src="data:image/png;base64,') == 4
+    assert (out / "task.yaml").is_file()
