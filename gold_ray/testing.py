@@ -120,10 +120,16 @@ def tiny_tokenizer_dir() -> str:
     return resolve_model("embedded:all-minilm-l6-v2")
 
 
-def save_tiny_classifier(out_dir, seed: int = 0) -> str:
+def save_tiny_classifier(out_dir, seed: int = 0, dropout: float = 0.1) -> str:
     """Save a tiny random BERT (hidden 32, 2 layers) with the MiniLM tokenizer; returns the folder.
 
     The classification head is added by the student, so any label count works.
+
+    Args:
+        out_dir: Folder to write.
+        seed: Torch seed for the random weights.
+        dropout: Hidden and attention dropout; 0 makes training draw no random numbers, so runs
+            that split batches differently (DDP against one worker) stay comparable.
     """
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -131,7 +137,8 @@ def save_tiny_classifier(out_dir, seed: int = 0) -> str:
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=37, max_position_embeddings=128)
+                     intermediate_size=37, max_position_embeddings=128,
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(cfg).save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return str(out_dir)
