@@ -379,7 +379,11 @@ def main(argv: list[str] | None = None) -> int:
                 variants[name] = time_variant(run, prompts, repeats, task, warmup)
             finally:
                 close()
+                # Drop the last variant's model before the next one loads (a GPU holds one at a time).
+                run = None  # noqa: F841
                 gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     comparison = compare_variants(variants, bound, prompt_tokens)
     result["params"]["variant_settings"] = settings
     result["metrics"] = {"variants": variants, "comparison": comparison, "roof": roof,
@@ -408,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(["variant", "samples/s", "output tok/s", "x (a) samples/s", "x (a) tok/s",
                         "of best engine", "of roof (output)", "of roof (prompt+output)", "accepted share"], rows),
         "",
-        f"Roof: {bound and round(bound)} output tok/s ({hf_dtype}); prompts average {prompt_tokens:.0f} tokens, "
+        (f"Roof: {round(bound)} output tok/s ({hf_dtype})" if bound else "Roof: not measured")
+        + f"; prompts average {prompt_tokens:.0f} tokens, "
         f"output is capped at {cfg.teacher.max_new_tokens}.",
     ]
     jp, mp = write_result(result, "\n".join(body), args.out)
