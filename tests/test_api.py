@@ -1,0 +1,76 @@
+"""The Python API: ``from gold_ray import distill, RunConfig`` does what ``gold-ray distill`` does."""
+
+import json
+
+import pytest
+
+import gold_ray
+import gold_ray.engines
+import gold_ray.loop
+from gold_ray import RunConfig, distill
+from gold_ray.cli import main
+from gold_ray.config import load_config
+from gold_ray.loop import STAGES
+from gold_ray.testing import FakeTeacherEngine, save_tiny_chat_lm, save_tiny_classifier
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    eval_file = root / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"text": f"film {i}", "label": ["negative", "positive"][i % 2]}) + "\n"
+                                 for i in range(8)))
+    overrides = [f"teacher.model={save_tiny_chat_lm(root / 'teacher')}",
+                 f"student.model={save_tiny_classifier(root / 'student')}", "budget.samples=12",
+                 f"task.eval_path={eval_file}", "tracking.enabled=false", "student.final_epochs=1"]
+    return root, overrides
+
+
+def comparable(metrics: dict) -> dict:
+    """What must agree between two runs of the same config (timings differ)."""
+    its = [{"accepted": m["generate"]["accepted"], "probe": m["probe"]["accepted"], "loss": m["train"]["loss"],
+            "accuracy": m["train"]["accuracy"], "feedback": m["feedback"]["ids"]} for m in metrics["iterations"]]
+    return {"iterations": its, "totals": metrics["totals"], "final": metrics["final"]["accuracy"]}
+
+
+def test_api_runs_what_the_cli_runs(setup, monkeypatch, capsys):
+    root, overrides = setup
+    # The teacher's answers come from the fake engine (the models and everything else are real).
+    monkeypatch.setattr(gold_ray.engines, "build_engine", lambda *a, **k: FakeTeacherEngine())
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    assert main(["distill", "tiny", "--local", "--output", str(root / "cli"), *sets]) == 0
+    cli_lines = capsys.readouterr().out.splitlines()
+
+    cfg = RunConfig(**load_config(gold_ray.cli.config_path("tiny"), overrides).model_dump())
+    cfg.output.dir = str(root / "api")
+    events = []
+    metrics = distill(cfg, local=True, progress="plain", on_event=lambda stage, info: events.append(stage))
+    api_lines = capsys.readouterr().out.splitlines()
+
+    assert events == [*STAGES, *STAGES, "final"]
+    assert comparable(metrics) == comparable(json.loads((root / "cli" / "metrics.json").read_text()))
+    # The same progress lines (one per stage) as the command, and the same outputs.
+    assert len([line for line in api_lines if " iteration " in line or "final stage" in line]) == 9
+    assert len([line for line in cli_lines if " iteration " in line or "final stage" in line]) == 9
+    for name in ("report.html", "student/config.json", "dataset_card.md", "task.yaml"):
+        assert (root / "api" / name).is_file() and (root / "cli" / name).is_file()
+
+
+def test_a_config_name_with_overrides_resolves_like_the_cli(setup, monkeypatch):
+    root, overrides = setup
+    seen = {}
+
+    def capture(cfg, *, resume, on_event):
+        seen.update(cfg=cfg, resume=resume)
+        return {"final": {}}
+
+    monkeypatch.setattr(gold_ray.loop, "distill_in_process", capture)
+    distill("tiny", overrides=[*overrides, "output.dir=runs/x"], local=True, resume=True, progress="quiet")
+    expected = load_config(gold_ray.cli.config_path("tiny"), [*overrides, "output.dir=runs/x"])
+    assert seen["cfg"] == expected and seen["resume"] is True
+    with pytest.raises(ValueError, match="overrides apply to a config file or name"):
+        distill(expected, overrides=["seed=1"], local=True)
+
+
+def test_public_names():
+    assert {"distill", "RunConfig", "load_config"} <= set(gold_ray.__all__)
