@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from gold_ray.store import atomic_write_bytes
 
@@ -136,3 +137,138 @@ def plot_score_distributions(
     ax.set_xlabel(f"{score_name} (higher = more out-of-distribution)")
     ax.set_ylabel("density")
     ax.set_title(title or f"{score_name} of accepted data")
+
+
+# ---- run report figures (gold_ray.report) ------------------------------------------------
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """Render a figure as PNG bytes (Agg; no display, no pyplot state)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def grid_figure(ncols: int = 1, nrows: int = 1, width: float = 5.2, height: float = 3.6) -> tuple[Figure, np.ndarray]:
+    """A figure with a ``nrows`` x ``ncols`` grid of axes (always a 2-D array), each ``width`` x ``height`` inches."""
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def mark_empty(ax: Axes, text: str) -> None:
+    """Write ``text`` in the middle of an axes that has nothing to plot, without ticks."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_iteration_series(ax: Axes, series: dict[str, list[float | None]], *, ylabel: str, title: str,
+                          final: dict[str, float] | None = None) -> None:
+    """Lines over iterations 1..n, one per name, with each name's final value as a star after them."""
+    n = 0
+    for name, values in series.items():
+        y = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+        if not np.isfinite(y).any():
+            continue
+        n = max(n, len(y))
+        (line,) = ax.plot(np.arange(1, len(y) + 1), y, marker="o", label=name)
+        value = (final or {}).get(name)
+        if value is not None and math.isfinite(value):
+            ax.plot([len(y) + 1], [value], marker="*", markersize=14, color=line.get_color(), linestyle="none")
+    for name, value in (final or {}).items():
+        if name not in series and value is not None and math.isfinite(value):
+            ax.plot([n + 1], [value], marker="*", markersize=14, linestyle="none", label=f"{name}")
+    if not ax.has_data():
+        mark_empty(ax, "no values yet")
+        ax.set_title(title)
+        return
+    ticks = list(range(1, n + 2 if final else n + 1))
+    ax.set_xticks(ticks, [str(t) if t <= n else "final" for t in ticks])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_energy_band(ax: Axes, scores: np.ndarray, *, band: tuple[float, float], selected: np.ndarray | None = None,
+                     score_name: str = "energy", title: str = "") -> None:
+    """A histogram of OOD scores with the feedback band (rank quantiles ``band``) shaded.
+
+    Args:
+        ax: Where to draw.
+        scores: The probes' scores (non-finite values are ignored).
+        band: The band as rank quantiles, e.g. ``(0.5, 0.8)``.
+        selected: Scores of the probes picked as feedback, drawn as a rug.
+        score_name: The score's name, for the x label.
+        title: Axes title.
+    """
+    s = np.asarray(scores, dtype=float)
+    s = s[np.isfinite(s)]
+    ax.set_title(title)
+    if s.size == 0:
+        mark_empty(ax, "no scored probes")
+        return
+    ax.hist(s, bins=min(30, max(5, s.size // 2)), color="#8da0cb", edgecolor="white")
+    lo, hi = (float(np.quantile(s, q)) for q in band)
+    ax.axvspan(lo, hi if hi > lo else lo + 1e-9, color="#fc8d62", alpha=0.3,
+               label=f"feedback band (rank {band[0]:.0%}-{band[1]:.0%})")
+    if selected is not None and np.isfinite(selected).any():
+        sel = np.asarray(selected, dtype=float)
+        sel = sel[np.isfinite(sel)]
+        ax.plot(sel, np.zeros_like(sel), "|", color="#d62728", markersize=16, markeredgewidth=2,
+                label=f"picked as feedback ({sel.size})")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    ax.set_xlabel(f"{score_name} (higher = more out-of-distribution)")
+    ax.set_ylabel("probes")
+    ax.legend(fontsize="x-small")
+
+
+def plot_stacked_bars(ax: Axes, counts: dict[str, dict[str, float]], *, xlabel: str, ylabel: str, title: str,
+                      horizontal: bool = False) -> None:
+    """Bars per category (outer keys), stacked by series (inner keys)."""
+    ax.set_title(title)
+    cats = list(counts)
+    series = sorted({k for inner in counts.values() for k in inner})
+    if not cats or not series or not any(v for inner in counts.values() for v in inner.values()):
+        mark_empty(ax, "nothing to show")
+        return
+    pos = np.arange(len(cats))
+    base = np.zeros(len(cats))
+    for name in series:
+        values = np.array([float(counts[c].get(name, 0) or 0) for c in cats])
+        if horizontal:
+            ax.barh(pos, values, left=base, label=name)
+        else:
+            ax.bar(pos, values, bottom=base, label=name)
+        base += values
+    if horizontal:
+        ax.set_yticks(pos, cats)
+        ax.set_xlabel(ylabel)
+        ax.set_ylabel(xlabel)
+        ax.invert_yaxis()
+    else:
+        ax.set_xticks(pos, cats)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3, axis="x" if horizontal else "y")
+
+
+def plot_grouped_bars(ax: Axes, counts: dict[str, dict[str, float]], *, ylabel: str, title: str) -> None:
+    """Bars per category (outer keys) side by side per series (inner keys), e.g. two runs."""
+    ax.set_title(title)
+    cats = list(counts)
+    series = list(dict.fromkeys(k for inner in counts.values() for k in inner))
+    if not cats or not series:
+        mark_empty(ax, "nothing to show")
+        return
+    width = 0.8 / len(series)
+    pos = np.arange(len(cats))
+    for i, name in enumerate(series):
+        ax.bar(pos + i * width - 0.4 + width / 2, [float(counts[c].get(name, 0) or 0) for c in cats], width,
+               label=name)
+    ax.set_xticks(pos, cats, rotation=20 if len(cats) > 4 else 0)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3, axis="y")

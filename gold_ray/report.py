@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from collections import Counter
@@ -27,11 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from gold_ray import store
+from gold_ray.plots import (
+    figure_png,
+    grid_figure,
+    mark_empty,
+    plot_energy_band,
+    plot_grouped_bars,
+    plot_iteration_series,
+    plot_stacked_bars,
+)
 from gold_ray.progress import quality
 from gold_ray.rundir import RunReadError, run_config, run_task
 from gold_ray.tasks import TaskSpec
@@ -119,139 +124,6 @@ def load_run(run_dir: str | Path) -> RunData:
         if path.is_file() and path.name.startswith(SAMPLE_PARTS):
             records.extend(store.read_parts([path]))
     return RunData(root, config, config_text, metrics, state, task, records)
-
-
-# ---- figures ------------------------------------------------------------------------------
-
-
-def figure_png(fig: Figure, dpi: int = 100) -> bytes:
-    """Render a figure as PNG bytes (Agg; no display, no pyplot state)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
-def _figure(ncols: int = 1, nrows: int = 1, width: float = 5.2, height: float = 3.6) -> tuple[Figure, np.ndarray]:
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
-def _empty(ax: Axes, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def plot_iteration_series(ax: Axes, series: dict[str, list[float | None]], *, ylabel: str, title: str,
-                          final: dict[str, float] | None = None) -> None:
-    """Lines over iterations 1..n, one per name, with each name's final value as a star after them."""
-    n = 0
-    for name, values in series.items():
-        y = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
-        if not np.isfinite(y).any():
-            continue
-        n = max(n, len(y))
-        (line,) = ax.plot(np.arange(1, len(y) + 1), y, marker="o", label=name)
-        value = (final or {}).get(name)
-        if value is not None and math.isfinite(value):
-            ax.plot([len(y) + 1], [value], marker="*", markersize=14, color=line.get_color(), linestyle="none")
-    for name, value in (final or {}).items():
-        if name not in series and value is not None and math.isfinite(value):
-            ax.plot([n + 1], [value], marker="*", markersize=14, linestyle="none", label=f"{name}")
-    if not ax.has_data():
-        _empty(ax, "no values yet")
-        ax.set_title(title)
-        return
-    ticks = list(range(1, n + 2 if final else n + 1))
-    ax.set_xticks(ticks, [str(t) if t <= n else "final" for t in ticks])
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-
-
-def plot_energy_band(ax: Axes, scores: np.ndarray, *, band: tuple[float, float], selected: np.ndarray | None = None,
-                     score_name: str = "energy", title: str = "") -> None:
-    """A histogram of OOD scores with the feedback band (rank quantiles ``band``) shaded.
-
-    Args:
-        ax: Where to draw.
-        scores: The probes' scores (non-finite values are ignored).
-        band: The band as rank quantiles, e.g. ``(0.5, 0.8)``.
-        selected: Scores of the probes picked as feedback, drawn as a rug.
-        score_name: The score's name, for the x label.
-        title: Axes title.
-    """
-    s = np.asarray(scores, dtype=float)
-    s = s[np.isfinite(s)]
-    ax.set_title(title)
-    if s.size == 0:
-        _empty(ax, "no scored probes")
-        return
-    ax.hist(s, bins=min(30, max(5, s.size // 2)), color="#8da0cb", edgecolor="white")
-    lo, hi = (float(np.quantile(s, q)) for q in band)
-    ax.axvspan(lo, hi if hi > lo else lo + 1e-9, color="#fc8d62", alpha=0.3,
-               label=f"feedback band (rank {band[0]:.0%}-{band[1]:.0%})")
-    if selected is not None and np.isfinite(selected).any():
-        sel = np.asarray(selected, dtype=float)
-        sel = sel[np.isfinite(sel)]
-        ax.plot(sel, np.zeros_like(sel), "|", color="#d62728", markersize=16, markeredgewidth=2,
-                label=f"picked as feedback ({sel.size})")
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
-    ax.set_xlabel(f"{score_name} (higher = more out-of-distribution)")
-    ax.set_ylabel("probes")
-    ax.legend(fontsize="x-small")
-
-
-def plot_stacked_bars(ax: Axes, counts: dict[str, dict[str, float]], *, xlabel: str, ylabel: str, title: str,
-                      horizontal: bool = False) -> None:
-    """Bars per category (outer keys), stacked by series (inner keys)."""
-    ax.set_title(title)
-    cats = list(counts)
-    series = sorted({k for inner in counts.values() for k in inner})
-    if not cats or not series or not any(v for inner in counts.values() for v in inner.values()):
-        _empty(ax, "nothing to show")
-        return
-    pos = np.arange(len(cats))
-    base = np.zeros(len(cats))
-    for name in series:
-        values = np.array([float(counts[c].get(name, 0) or 0) for c in cats])
-        if horizontal:
-            ax.barh(pos, values, left=base, label=name)
-        else:
-            ax.bar(pos, values, bottom=base, label=name)
-        base += values
-    if horizontal:
-        ax.set_yticks(pos, cats)
-        ax.set_xlabel(ylabel)
-        ax.set_ylabel(xlabel)
-        ax.invert_yaxis()
-    else:
-        ax.set_xticks(pos, cats)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3, axis="x" if horizontal else "y")
-
-
-def plot_grouped_bars(ax: Axes, counts: dict[str, dict[str, float]], *, ylabel: str, title: str) -> None:
-    """Bars per category (outer keys) side by side per series (inner keys), e.g. two runs."""
-    ax.set_title(title)
-    cats = list(counts)
-    series = list(dict.fromkeys(k for inner in counts.values() for k in inner))
-    if not cats or not series:
-        _empty(ax, "nothing to show")
-        return
-    width = 0.8 / len(series)
-    pos = np.arange(len(cats))
-    for i, name in enumerate(series):
-        ax.bar(pos + i * width - 0.4 + width / 2, [float(counts[c].get(name, 0) or 0) for c in cats], width,
-               label=name)
-    ax.set_xticks(pos, cats, rotation=20 if len(cats) > 4 else 0)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3, axis="y")
 
 
 # ---- what the plots show ------------------------------------------------------------------
@@ -533,7 +405,7 @@ def render_report(run: RunData) -> str:
                      "(see the README's \"Use the student\").</p>")
 
     metric, series, final = accuracy_series(run)
-    fig, ax = _figure()
+    fig, ax = grid_figure()
     plot_iteration_series(ax[0, 0], series, ylabel=f"student {metric}", title=f"student {metric} per iteration",
                           final=final)
     parts += ["<h2>Accuracy per iteration</h2>", img(figure_png(fig), f"student {metric} per iteration")]
@@ -555,7 +427,7 @@ def render_report(run: RunData) -> str:
     if panels:
         ncols = min(3, len(panels))
         nrows = math.ceil(len(panels) / ncols)
-        fig, axes = _figure(ncols, nrows, width=4.6, height=3.3)
+        fig, axes = grid_figure(ncols, nrows, width=4.6, height=3.3)
         band = (float(s.get("band_lo", 0.5)), float(s.get("band_hi", 0.8)))
         score_name = str(s.get("score", "energy"))
         for n, (it, scores, sel) in enumerate(panels):
@@ -567,7 +439,7 @@ def render_report(run: RunData) -> str:
     else:
         parts.append('<p class="note">No scored probes: this strategy does not score probes with the student.</p>')
 
-    fig, axes = _figure(2, 1)
+    fig, axes = grid_figure(2, 1)
     counts = label_counts(run)
     label_title = "label balance of accepted data" if run.task is None or run.task.is_classification \
         else f"{run.task.target_key} values of accepted data"
@@ -581,7 +453,7 @@ def render_report(run: RunData) -> str:
     parts += ["<h2>Samples</h2>", '<p class="note">Generated text is shown as written by the teacher '
               "(escaped, truncated).</p>", _samples_html(run)]
 
-    fig, axes = _figure(2, 1)
+    fig, axes = grid_figure(2, 1)
     plot_stacked_bars(axes[0, 0], stage_seconds(run), xlabel="iteration", ylabel="seconds",
                       title="time per stage")
     plot_iteration_series(axes[0, 1], throughput_series(run), ylabel="output tokens / s", title="teacher throughput")
@@ -626,7 +498,7 @@ def render_comparison(a: RunData, b: RunData, names: tuple[str, str] = ("A", "B"
               _table(["metric", na, nb], [[k, fa.get(k, "–"), fb.get(k, "–")] for k in keys]) if keys
               else '<p class="note">Neither run has reached its final stage.</p>']
 
-    fig, axes = _figure(2, 1)
+    fig, axes = grid_figure(2, 1)
     ma, sa, fa_ = accuracy_series(a)
     mb, sb, fb_ = accuracy_series(b)
     series = {f"{na}: {k}": v for k, v in sa.items()} | {f"{nb}: {k}": v for k, v in sb.items()}
@@ -649,10 +521,10 @@ def render_comparison(a: RunData, b: RunData, names: tuple[str, str] = ("A", "B"
         ax.legend(fontsize="small")
         ax.set_title("last iteration's probe scores")
     else:
-        _empty(ax, "no scored probes in either run")
+        mark_empty(ax, "no scored probes in either run")
     parts += ["<h2>Accuracy and probe scores</h2>", img(figure_png(fig), "accuracy per iteration of both runs")]
 
-    fig, axes = _figure(3, 1, width=4.6)
+    fig, axes = grid_figure(3, 1, width=4.6)
     labels: dict[str, dict[str, float]] = {}
     for name, run in ((na, a), (nb, b)):
         for per_it in label_counts(run).values():
