@@ -333,6 +333,7 @@ class LiveReporter(Reporter):
 
         self.console = Console(file=self.stream)
         self._live: Any = None
+        self._after: list[str] = []
 
     def __enter__(self) -> LiveReporter:
         from rich.live import Live
@@ -346,6 +347,9 @@ class LiveReporter(Reporter):
         if self._live is not None:
             self._live.stop()
             self._live = None
+        for text in self._after:
+            self.console.print(text, markup=False, highlight=False)
+        self._after.clear()
 
     def show(self, stage: str, info: dict[str, Any]) -> None:
         """Redraw now (the view also redraws four times a second by itself)."""
@@ -353,11 +357,15 @@ class LiveReporter(Reporter):
             self._live.refresh()
 
     def message(self, event: str, text: str, **fields: Any) -> None:
-        """Print the message above the live view."""
+        """Print the message above the live view (``done`` below it, once the view has stopped)."""
+        if event == "done" and self._live is not None:
+            self._after.append(text)
+            return
         self.console.print(text, markup=False, highlight=False)
 
     def render(self) -> Any:
         """The whole view as a rich renderable, built from the tracker's state."""
+        from rich import box
         from rich.console import Group
         from rich.progress_bar import ProgressBar
         from rich.spinner import Spinner
@@ -365,38 +373,48 @@ class LiveReporter(Reporter):
         from rich.text import Text
 
         t = self.tracker
-        table = Table(title=self.title or None, title_justify="left", expand=False)
-        for name, justify in (("iter", "right"), ("train samples", "right"), ("probes", "right"),
-                              ("rejected (reasons)", "left"), ("teacher tok/s", "right"), ("scored/s", "right"),
-                              ("train loss", "right"), ("accuracy", "right"), ("feedback", "right"),
-                              ("time", "right")):
+        # Short headers: the table must fit an 80-column terminal.
+        table = Table(title=self.title or None, title_justify="left", expand=False, padding=(0, 1),
+                      box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+        for name, justify in (("iter", "right"), ("train", "right"), ("probes", "right"), ("rejected", "right"),
+                              ("tok/s", "right"), ("scored/s", "right"), ("loss", "right"), ("acc", "right"),
+                              ("feedback", "right"), ("time", "right")):
             table.add_column(name, justify=justify)
         for it in sorted(t.rows):
             table.add_row(*self._row_cells(it, t.rows[it]))
         lines: list[Any] = [table]
+        notes = ["train, probes: accepted/requested", "tok/s: teacher output tokens per second"]
+        reasons = self._reasons()
+        if reasons:
+            notes.append("rejected by reason: " + ", ".join(f"{k} {v}" for k, v in reasons))
+        if any(quality(r.get("probe", {})) and not quality(r.get("train", {})) for r in t.rows.values()):
+            notes.append("* acc: accuracy on a synthetic hold-out (fresh probes; no real evaluation set)")
+        lines.append(Text("\n".join(notes), style="dim"))
         if t.done:
             lines.append(Text(f"finished in {format_seconds(t.elapsed())}", style="bold green"))
         else:
             it, stage = t.current
             where = "final stage" if stage == "final" else f"iteration {it + 1}/{t.iterations or '?'} · {stage}"
-            text = (f"{where} · {format_seconds(t.stage_elapsed())} in stage · "
-                    f"ETA iteration {format_seconds(t.eta_iteration())} · ETA run {format_seconds(t.eta_run())} · "
+            text = (f"{where} {format_seconds(t.stage_elapsed())} · ETA iteration "
+                    f"{format_seconds(t.eta_iteration())}, run {format_seconds(t.eta_run())} · "
                     f"elapsed {format_seconds(t.elapsed())}")
             lines.append(Spinner("dots", text=Text(text)))
         total = t.total_stages if t.iterations else None
         lines.append(ProgressBar(total=total, completed=t.finished_stages))
         return Group(*lines)
 
+    def _reasons(self) -> list[tuple[str, int]]:
+        counts: dict[str, int] = {}
+        for row in self.tracker.rows.values():
+            for part in (row.get("generate", {}), row.get("probe", {})):
+                for k, v in (part.get("rejected_by_reason") or {}).items():
+                    counts[k] = counts.get(k, 0) + int(v)
+        return sorted(counts.items(), key=lambda kv: -kv[1])
+
     def _row_cells(self, it: int, row: dict[str, dict[str, Any]]) -> list[str]:
         gen, probe, train = row.get("generate", {}), row.get("probe", {}), row.get("train", {})
         final = row.get("final")
-        reasons: dict[str, int] = {}
-        for part in (gen, probe):
-            for k, v in (part.get("rejected_by_reason") or {}).items():
-                reasons[k] = reasons.get(k, 0) + int(v)
-        rejected = sum(reasons.values())
-        reason_text = f"{rejected}" + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ")"
-                                      if reasons else "")
+        rejected = sum(int(part.get("rejected", 0) or 0) for part in (gen, probe))
 
         def frac(part: dict[str, Any]) -> str:
             return f"{part['accepted']}/{part['requested']}" if "requested" in part else ""
@@ -406,15 +424,15 @@ class LiveReporter(Reporter):
             return format(v, fmt) if v is not None else ""
 
         q = quality(final or train) or quality(probe)
-        q_text = f"{q[1]:.3f}" + (" (hold-out)" if q[0].startswith("hold-out") else "") if q else ""
+        q_text = f"{q[1]:.3f}" + ("*" if q[0].startswith("hold-out") else "") if q else ""
         seconds = sum(d.get(it, 0.0) for d in self.tracker.durations.values())
         if final is not None:
-            return ["final", str(final.get("records", "")), "", "", "", "", num(final.get("train_loss"), ".4f"),
+            return ["final", str(final.get("records", "")), "", "", "", "", num(final.get("train_loss"), ".3f"),
                     q_text, "", format_seconds(seconds)]
         rate = scoring_rate(probe)
-        return [str(it + 1), frac(gen), frac(probe), reason_text if (gen or probe) else "",
+        return [str(it + 1), frac(gen), frac(probe), str(rejected) if (gen or probe) else "",
                 num(gen.get("tokens_per_s"), ".1f"), f"{rate:.1f}" if rate else "",
-                num(train.get("loss"), ".4f"), q_text, str(row["feedback"]["size"]) if "feedback" in row else "",
+                num(train.get("loss"), ".3f"), q_text, str(row["feedback"]["size"]) if "feedback" in row else "",
                 format_seconds(seconds)]
 
 

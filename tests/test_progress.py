@@ -154,22 +154,25 @@ def test_live_view_shows_rows_running_stage_and_etas():
 
     clock, buf = Clock(), io.StringIO()
     reporter = LiveReporter(buf, ProgressTracker(iterations=2, clock=clock), title="sst2 · gold")
-    reporter.console = Console(file=buf, width=200, force_terminal=False, color_system=None)
+    reporter.console = Console(file=buf, width=80, force_terminal=False, color_system=None)
     feed(reporter, clock, 0)
     clock.now += 3
     reporter("generate", {"iteration": 1, "iterations": 2, **GEN})
     reporter.console.print(reporter.render())
     text = buf.getvalue()
-    assert "sst2 · gold" in text
-    row1 = next(line for line in text.splitlines() if line.strip("│ ").startswith("1 "))
-    for cell in ("8/10", "4/4", "2 (duplicate 1, too_short 1)", "55.2", "8.0", "0.6900", "0.550", "2"):
-        assert cell in row1
-    assert "iteration 2/2 · train" in text and "ETA iteration" in text and "ETA run" in text
-    assert "ETA run ?" not in text
+    assert "sst2 · gold" in text and "…" not in text, "the view must fit 80 columns"
+    row1 = next(line for line in text.splitlines() if line.strip().startswith("1 "))
+    assert row1.split() == ["1", "8/10", "4/4", "2", "55.2", "8.0", "0.690", "0.550", "2", "0:39"]
+    assert "rejected by reason: duplicate 2, too_short 2" in text  # both iterations so far
+    assert "iteration 2/2 · train 0:00 · ETA iteration 0:40, run 1:00 · elapsed 0:43" in text
     clock.now += 5
-    reporter("train", {"iteration": 1, "iterations": 2, **TRAIN})
+    reporter("train", {"iteration": 1, "iterations": 2, "records": 16, "loss": 0.5})
+    reporter("probe", {"iteration": 1, "iterations": 2, **PROBE})
     reporter.console.print(reporter.render())
-    assert "iteration 2/2 · probe" in buf.getvalue()
+    text = buf.getvalue()
+    assert "iteration 2/2 · feedback" in text
+    row2 = next(line for line in text.splitlines()[::-1] if line.strip().startswith("2 "))
+    assert "0.500*" in row2 and "accuracy on a synthetic hold-out" in text
 
 
 def test_live_view_opens_and_closes_on_a_terminal_stream():
@@ -177,7 +180,10 @@ def test_live_view_opens_and_closes_on_a_terminal_stream():
     with progress("live", stream=buf, iterations=1) as reporter:
         reporter("generate", {"iteration": 0, "iterations": 1, **GEN})
         reporter.message("start", "a message above the view")
-    assert "a message above the view" in buf.getvalue() and "8/10" in buf.getvalue()
+        reporter.message("done", "the result, below the view")
+    out = buf.getvalue()
+    assert "a message above the view" in out and "8/10" in out
+    assert out.rstrip().endswith("the result, below the view")
 
 
 @pytest.fixture(scope="module")
