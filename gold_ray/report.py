@@ -45,6 +45,10 @@ REPORT_FILE = "report.html"
 SAMPLE_PARTS = ("train-", "probe-", "rejects-")
 """Name prefixes of the data parts the report reads."""
 SAMPLES_PER_COLUMN = 6
+MAX_TARGET_VALUES = 8
+"""Text-to-text answers shown by value in the balance plot; the rest are ``other``."""
+MAX_ENERGY_PANELS = 9
+"""Iterations shown in the energy plot (spread over the run, the last one always)."""
 MAX_SAMPLE_CHARS = 400
 
 
@@ -161,14 +165,22 @@ def accuracy_series(run: RunData) -> tuple[str, dict[str, list[float | None]], d
     return metric, series, final
 
 
-def label_counts(run: RunData) -> dict[str, dict[str, float]]:
-    """Accepted records per iteration (``it 1``...) and label."""
+def label_counts(run: RunData, top: int = MAX_TARGET_VALUES) -> dict[str, dict[str, float]]:
+    """Accepted records per iteration (``it 1``...) and label.
+
+    Text-to-text targets (answers) have open-ended values: the ``top`` most frequent are kept and
+    the rest counted as ``other``.
+    """
     task = run.task
     key = "label" if task is None else task.target_key
-    out: dict[str, dict[str, float]] = {}
-    for r in run.accepted():
-        out.setdefault(f"it {int(r.get('iteration') or 0) + 1}", Counter())[str(r.get(key))] += 1
-    return {k: dict(v) for k, v in sorted(out.items(), key=lambda kv: int(kv[0].split()[1]))}
+    values = [(int(r.get("iteration") or 0), str(r.get(key))) for r in run.accepted()]
+    if task is not None and not task.is_classification:
+        keep = {v for v, _ in Counter(v for _, v in values).most_common(top)}
+        values = [(it, v if v in keep else "other") for it, v in values]
+    out: dict[int, Counter] = {}
+    for it, value in values:
+        out.setdefault(it, Counter())[value] += 1
+    return {f"it {it + 1}": dict(out[it]) for it in sorted(out)}
 
 
 def reject_counts(run: RunData) -> dict[str, dict[str, float]]:
@@ -198,18 +210,25 @@ def throughput_series(run: RunData) -> dict[str, list[float | None]]:
     return series
 
 
-def energy_panels(run: RunData) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """Per iteration with scored probes: ``(iteration, probe scores, scores of the picked feedback)``."""
+def energy_panels(run: RunData, limit: int | None = None) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per iteration with scored probes: ``(iteration, probe scores, scores of the picked feedback)``.
+
+    With ``limit``, at most that many iterations, spread over the run (first and last included).
+    """
     fb = run.feedback_ids()
+    accepted = run.accepted()
     out = []
     for it in sorted({int(r.get("iteration") or 0) for r in run.records if r.get("kind") == "probe"}):
-        probes = [r for r in run.accepted() if r.get("kind") == "probe" and int(r.get("iteration") or 0) == it]
+        probes = [r for r in accepted if r.get("kind") == "probe" and int(r.get("iteration") or 0) == it]
         scores = np.array([_float(r.get("score")) for r in probes], dtype=float)
         if not np.isfinite(scores).any():
             continue
         picked = set(fb.get(it, []))
         sel = np.array([_float(r.get("score")) for r in probes if r.get("id") in picked], dtype=float)
         out.append((it, scores, sel))
+    if limit is not None and len(out) > limit:
+        keep = np.unique(np.linspace(0, len(out) - 1, limit).round().astype(int))
+        out = [out[i] for i in keep]
     return out
 
 
@@ -422,7 +441,7 @@ def render_report(run: RunData) -> str:
     parts.append(_table(["iteration", "train samples accepted/requested", "probes accepted/requested", "rejected",
                          "train loss", "quality", "feedback pool", "teacher tokens/s"], _iteration_rows(run)))
 
-    panels = energy_panels(run)
+    panels = energy_panels(run, limit=MAX_ENERGY_PANELS)
     parts.append("<h2>Energy distributions per iteration</h2>")
     if panels:
         ncols = min(3, len(panels))

@@ -5,9 +5,11 @@ import base64
 import dataclasses
 import io
 import json
+import math
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,16 @@ import pytest
 from gold_ray.cli import main
 from gold_ray.config import load_config
 from gold_ray.loop import Distiller
-from gold_ray.report import label_counts, load_run, reject_counts, write_report
+from gold_ray.report import (
+    MAX_ENERGY_PANELS,
+    RunData,
+    energy_panels,
+    label_counts,
+    load_run,
+    reject_counts,
+    render_report,
+    write_report,
+)
 from gold_ray.rundir import RunReadError
 from gold_ray.store import read_parts
 from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
@@ -196,6 +207,40 @@ def test_not_a_run_directory_is_a_clear_error(tmp_path, capsys):
         write_report(tmp_path)
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def synthetic_run(task_name: str, iterations: int, answers) -> RunData:
+    """A run's data built in memory (no models): many iterations, scored probes, open-ended answers."""
+    from gold_ray.tasks import load_task
+
+    task = load_task(task_name)
+    rng = np.random.default_rng(0)
+    records, its = [], []
+    for it in range(iterations):
+        for i in range(20):
+            kind = "probe" if i % 2 else "train"
+            rec = {"id": f"it{it}-{kind}-{i}", "iteration": it, "kind": kind, "reject_reason": None,
+                   "score": float(rng.normal()) if kind == "probe" else math.nan, task.target_key: answers(i),
+                   **{f: f"question {it}-{i}" for f in task.field_names}}
+            records.append(rec)
+        its.append({"generate": {"requested": 10, "accepted": 10, "seconds": 1.0, "tokens_per_s": 5.0},
+                    "train": {"loss": 1.0 / (it + 1), "exact_match": 0.1 * it, "seconds": 2.0},
+                    "probe": {"requested": 10, "accepted": 10, "seconds": 1.0},
+                    "feedback": {"size": 1, "ids": [f"it{it}-probe-1"]}})
+    return RunData(Path("/nonexistent/run"), {"task": {"name": task_name}, "strategy": {"name": "gold"}},
+                   "task:\n  name: x\n", {"iterations": its, "totals": {}, "final": {}}, None, task, records)
+
+
+def test_open_ended_answers_and_many_iterations_stay_readable():
+    run = synthetic_run("svamp", 12, answers=lambda i: str(i))  # 10 distinct answers per iteration
+    counts = label_counts(run)
+    values = set().union(*counts.values())
+    assert "other" in values and len(values) == 9
+    assert sum(sum(v.values()) for v in counts.values()) == 240
+    panels = energy_panels(run, limit=MAX_ENERGY_PANELS)
+    assert len(panels) == MAX_ENERGY_PANELS and panels[0][0] == 0 and panels[-1][0] == 11
+    page = render_report(run)
+    assert len(images(page)) == 4 and "student exact_match per iteration" in page
 
 
 # ---- headless Chromium ---------------------------------------------------------------------
