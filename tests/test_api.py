@@ -74,3 +74,25 @@ def test_a_config_name_with_overrides_resolves_like_the_cli(setup, monkeypatch):
 
 def test_public_names():
     assert {"distill", "RunConfig", "load_config"} <= set(gold_ray.__all__)
+
+
+def test_readme_python_api_snippet(monkeypatch):
+    """The README's Python API lines call distill with a valid config name and overrides, and a valid RunConfig."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [code] = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "from gold_ray import" in b]
+    calls = []
+
+    def recording(cfg=None, **kwargs):
+        calls.append((cfg, kwargs))
+        return {"final": {"accuracy": 0.5}}
+
+    monkeypatch.setattr(gold_ray, "distill", recording)
+    exec(compile(code, "README.md", "exec"), {})
+    assert len(calls) == 2
+    (name, kw1), (cfg, kw2) = calls
+    resolved = load_config(gold_ray.cli.config_path(name), kw1["overrides"])  # raises on a bad key
+    assert resolved.task.name == "ag_news"
+    assert isinstance(cfg, RunConfig) and kw2 == {"local": True}
