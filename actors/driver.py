@@ -34,8 +34,10 @@ from gold_ray.tracking import build_tracker
 
 logger = logging.getLogger(__name__)
 
-FORWARDED_ENV = ("GOLD_RAY_DATA", "GOLD_RAY_CACHE", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "PYTHONPATH")
-"""Environment variables a locally started Ray passes on to its workers."""
+FORWARDED_ENV = ("GOLD_RAY_DATA", "GOLD_RAY_CACHE", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "PYTHONPATH",
+                 "RAY_DATA_DISABLE_PROGRESS_BARS")
+"""Environment variables a locally started Ray passes on to its workers (the last one: ``gold-ray distill``
+sets it while its own progress view is on the terminal, so Ray Data's bars do not scroll under it)."""
 
 
 def driver_name(cfg: RunConfig) -> str:

@@ -21,6 +21,7 @@ CONFIG is a YAML file or the name of a shipped config (``demo``, ``tiny``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         else:
             from actors.driver import run_on_ray
 
+            if reporter.mode != "plain":
+                # Ray Data's progress bars would scroll under the live view (or break JSON lines).
+                os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
             metrics = run_on_ray(cfg, resume=args.resume, on_event=reporter)
         out = Path(cfg.output.dir)
         report = out / "report.html"
