@@ -37,7 +37,7 @@ from gold_ray.plots import (
     plot_iteration_series,
     plot_stacked_bars,
 )
-from gold_ray.progress import quality
+from gold_ray.progress import quality, scoring_rate
 from gold_ray.rundir import RunReadError, run_config, run_task
 from gold_ray.tasks import TaskSpec
 
@@ -405,7 +405,8 @@ def _iteration_rows(run: RunData) -> list[list[Any]]:
                      f"{probe.get('accepted', '')}/{probe.get('requested', '')}" if probe else "",
                      int(gen.get("rejected", 0)) + int(probe.get("rejected", 0)),
                      train.get("loss", ""), f"{q[1]:.4f} ({q[0]})" if q else "",
-                     (m.get("feedback") or {}).get("size", ""), gen.get("tokens_per_s") or ""])
+                     (m.get("feedback") or {}).get("size", ""), gen.get("tokens_per_s") or "",
+                     round(rate, 2) if (rate := scoring_rate(probe)) else ""])
     return rows
 
 
@@ -439,7 +440,8 @@ def render_report(run: RunData) -> str:
         parts.append('<p class="note">No real evaluation set and no probes: only the training loss is known '
                      "per iteration (table below).</p>")
     parts.append(_table(["iteration", "train samples accepted/requested", "probes accepted/requested", "rejected",
-                         "train loss", "quality", "feedback pool", "teacher tokens/s"], _iteration_rows(run)))
+                         "train loss", "quality", "feedback pool", "teacher tokens/s",
+                         "probes scored/s"], _iteration_rows(run)))
 
     panels = energy_panels(run, limit=MAX_ENERGY_PANELS)
     parts.append("<h2>Energy distributions per iteration</h2>")

@@ -112,6 +112,9 @@ def test_report_is_written_at_the_end_with_every_section_and_plot(runs):
     for png in pngs:
         assert_real_plot(png)
     assert "The student on the real evaluation set" in page
+    table = page.split("<h2>Energy distributions")[0].split("probes scored/s</th>")[1]
+    rows = re.findall(r"<tr>(.*?)</tr>", table)
+    assert len(rows) == 2 and all(float(re.findall(r'<td class="num">([\d.]+)</td>', r)[-1]) > 0 for r in rows)
     assert f"{runs['metrics_a']['final']['accuracy']:.4f}" in page
 
 
