@@ -67,6 +67,18 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
+def _common_prefix_len(rows: list[list[int]]) -> int:
+    """Length of the longest prefix all ``rows`` share."""
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for r in rows[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
 def render_prompt_text(tokenizer: Any, prompt: Prompt) -> str:
     """The exact text the model continues: chat template plus prefill, or the continuation text.
 
@@ -337,60 +349,97 @@ class HFEngine(TeacherEngine):
     def option_logprobs(self, prompts: list[Prompt], options: list[str]) -> list[list[float]]:
         """Summed log-probability of each option's tokens after each rendered prompt.
 
+        An option's score needs the logits before each of its tokens, that is its sequence
+        without the last token: every single-token option of a prompt is read off one forward
+        row, and a prefix common to a batch (few-shot instructions and demos) runs once.
+
         Returns:
             One row per prompt, one value per option; NaN where the prompt could not be
             rendered or its batch failed.
         """
         rows = [[math.nan] * len(options) for _ in prompts]
-        pairs: list[tuple[int, int, list[int], int]] = []  # prompt, option, ids, option length
+        # context (the sequence without its last token) -> (prompt, option, option token ids)
+        contexts: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
         for i, prompt in enumerate(prompts):
             try:
                 rendered = render_prompt_text(self.tokenizer, prompt)
                 p_ids = prompt_token_ids(self.tokenizer, prompt, self.add_bos)
                 for j, option in enumerate(options):
                     o_ids = option_token_ids(self.tokenizer, rendered, option)
-                    if o_ids:
-                        pairs.append((i, j, p_ids + o_ids, len(o_ids)))
-                    else:
+                    if not o_ids:
                         rows[i][j] = 0.0  # the empty continuation is certain
+                    elif p_ids:
+                        contexts.setdefault(tuple(p_ids + o_ids[:-1]), []).append((i, j, o_ids))
             except Exception as err:
                 log.warning("hf engine: cannot score prompt %d: %s", i, err)
-        pairs.sort(key=lambda p: len(p[2]))
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start : start + self.batch_size]
+        items = sorted(contexts.items(), key=lambda kv: len(kv[0]))
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
             try:
-                scores = self._score_batch([(ids, m) for _, _, ids, m in chunk])
+                scores = self._score_batch([(list(ctx), [o for _, _, o in reqs]) for ctx, reqs in chunk])
             except Exception as err:
                 log.warning("hf engine: scoring batch failed: %s", err)
                 continue
-            for (i, j, _, _), score in zip(chunk, scores, strict=True):
-                rows[i][j] = score
+            for (_, reqs), row_scores in zip(chunk, scores, strict=True):
+                for (i, j, _), score in zip(reqs, row_scores, strict=True):
+                    rows[i][j] = score
         return rows
 
-    def _score_batch(self, seqs: list[tuple[list[int], int]]) -> list[float]:
+    MIN_SHARED_PREFIX = 16
+    """Scoring runs a prefix shared by a whole batch once when it is at least this many tokens long."""
+
+    def _score_batch(self, seqs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        """Log-probabilities of continuations, one forward row per context.
+
+        Args:
+            seqs: ``(context ids, targets)``: each target's tokens, all but the last, end the
+                context, so its score comes from the context's last ``len(target)`` logits.
+
+        Returns:
+            Per context, one summed log-probability per target.
+        """
         model = self._require_model()
         pad = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids, _ in seqs)
-        keep = max(m for _, m in seqs) + 1
-        # Left padding puts every option at the end, so only the last `keep` positions need logits
-        # (a 262k vocabulary times the whole sequence would not fit).
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in seqs], device=self.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in seqs], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        need = [max(len(t) for t in targets) for _, targets in seqs]
+        # The longest token prefix common to the batch runs once and its key/value cache serves
+        # every row; it stops before the first position whose logits are needed.
+        shared = _common_prefix_len([ids for ids, _ in seqs])
+        shared = min(shared, *(len(ids) - n for (ids, _), n in zip(seqs, need, strict=True)))
+        if len(seqs) < 2 or shared < self.MIN_SHARED_PREFIX:
+            shared = 0
+        rows = [ids[shared:] for ids, _ in seqs]
+        width = max(len(r) for r in rows)
+        keep = max(need)
+        # Left padding puts every row's end at the end, so only the last `keep` positions need
+        # logits (a 262k vocabulary times the whole sequence would not fit).
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + shared
+        extra: dict[str, Any] = {}
         with torch.inference_mode():
+            if shared:
+                prefix = torch.tensor([seqs[0][0][:shared]], device=self.device)
+                cache = model(input_ids=prefix, use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(seqs))
+                extra = {"past_key_values": cache}
+                mask = torch.cat([torch.ones((len(seqs), shared), dtype=mask.dtype, device=self.device), mask], dim=1)
             try:
                 logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                               logits_to_keep=keep).logits
+                               logits_to_keep=keep, **extra).logits
             except TypeError:
-                logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
-            logits = logits[:, -keep:, :].float()
-            scores = []
-            for r, (ids, m) in enumerate(seqs):
-                # Kept position t predicts the token at t + 1; the option is the last m tokens.
-                logp = torch.log_softmax(logits[r, keep - 1 - m : keep - 1], dim=-1)
-                target = torch.tensor(ids[-m:], device=logp.device)
-                scores.append(float(logp.gather(1, target[:, None]).sum()))
-        return scores
+                logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra).logits
+            logp = torch.log_softmax(logits[:, -keep:, :].float(), dim=-1)
+            out = []
+            for r, (_, targets) in enumerate(seqs):
+                row = []
+                for target in targets:
+                    m = len(target)
+                    # Kept position t predicts the token after it; the target's tokens follow the
+                    # last m positions of the context, the last of them after the context.
+                    idx = torch.tensor(target, device=logp.device)
+                    row.append(float(logp[r, keep - m : keep].gather(1, idx[:, None]).sum()))
+                out.append(row)
+        return out
 
     def close(self) -> None:
         """Drop the model and free its memory."""

@@ -394,3 +394,30 @@ def test_openai_continuation_prefill_and_order(server):
     assert chat_body["messages"][-1] == {"role": "assistant", "content": "Label:"} and chat_body["top_k"] == 10
     rows = OpenAIEngine(server.base_url, "m").option_logprobs(prompts[:2], ["a", "b"])
     assert len(rows) == 2 and all(len(r) == 2 and all(math.isnan(v) for v in r) for r in rows)
+
+
+def test_option_logprobs_with_a_shared_few_shot_prefix_match_the_reference(engine, monkeypatch):
+    demos = " ".join(f"Example {k}: a film that was fine, label positive." for k in range(6))
+    prompts = [chat(f"{demos} Now: {q}", prefill="Label:") for q in ("great", "a dull and long film", "ok")]
+    options = ["positive", "not entailment"]
+    calls = []
+    forward = engine.model.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("past_key_values") is not None)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", spy)
+    rows = engine.option_logprobs(prompts, options)
+    monkeypatch.undo()
+    assert any(calls), "the shared prefix must be run once and reused from its cache"
+    tok = engine.tokenizer
+    for i, prompt in enumerate(prompts):
+        p_ids = prompt_token_ids(tok, prompt)
+        for j, option in enumerate(options):
+            o_ids = option_token_ids(tok, render_prompt_text(tok, prompt), option)
+            with torch.no_grad():
+                logits = engine.model(input_ids=torch.tensor([p_ids + o_ids], device=engine.device)).logits[0]
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            ref = sum(float(logp[len(p_ids) + k - 1, t]) for k, t in enumerate(o_ids))
+            assert rows[i][j] == pytest.approx(ref, abs=1e-4)
