@@ -144,8 +144,15 @@ def save_tiny_classifier(out_dir, seed: int = 0, dropout: float = 0.1) -> str:
     return str(out_dir)
 
 
-def save_tiny_chat_lm(out_dir, seed: int = 0) -> str:
-    """Save a tiny random Llama causal LM with a chat template; returns the folder."""
+def save_tiny_chat_lm(out_dir, seed: int = 0, head_dim: int = 16) -> str:
+    """Save a tiny random Llama causal LM with a chat template; returns the folder.
+
+    Args:
+        out_dir: Folder to write.
+        seed: Torch seed for the random weights.
+        head_dim: Attention head size (hidden size 32 over 2 heads by default); vLLM's CPU
+            attention takes 32 and up only.
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -153,7 +160,7 @@ def save_tiny_chat_lm(out_dir, seed: int = 0) -> str:
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
     tok.chat_template = CHAT_TEMPLATE
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=512,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
     LlamaForCausalLM(cfg).save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
