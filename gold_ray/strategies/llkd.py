@@ -30,7 +30,8 @@ Where the texts come from, and the budget:
   to label: label-conditioned prompts with the seed demos (as ZeroGen), whose requested label is
   dropped (the ``pool-itNNN`` parts keep them). Written texts are labelled in the same stage.
 - Every teacher request counts against ``budget.samples``: a written text costs two (writing and
-  labelling), a pool text one. So LLKD trains on fewer, teacher-labelled samples than the
+  labelling), a pool text one (an odd call left over is not spent, nor are the labelling calls of
+  written texts the parser rejected). So LLKD trains on fewer, teacher-labelled samples than the
   generation strategies, for the same number of teacher calls.
 
 Runtime: answers come back through the same path in process and on Ray: the Serve teacher
