@@ -621,11 +621,11 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     task = load_task(base.task.name)
     metric = primary_metric(task)
+    for run in plan_runs(base, strategies, seeds, out):
+        check_run_config(run.cfg)  # every folder before anything starts: a mismatch costs no time
     parent = _start_parent(base, out, strategies, seeds)
     uri = parent.tracking_uri if parent else None
     planned = plan_runs(base, strategies, seeds, out, tracking_uri=uri, parent_run_id=parent.run_id if parent else None)
-    for run in planned:
-        check_run_config(run.cfg)  # every folder before the first run: a mismatch costs no time
     try:
         fewshot = None
         if with_teacher:

@@ -181,6 +181,10 @@ def test_changed_settings_are_refused_before_any_run(done):
     with pytest.raises(RunDirError, match=r"budget\.samples: 12 -> 16"):
         compare(other, STRATEGIES, SEEDS, done["out"], runner=fake_runner(), with_teacher=False)
     assert (done["out"] / "compare.json").read_bytes() == table_before
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=done["table"]["mlflow"]["tracking_uri"])
+    assert client.get_run(done["table"]["mlflow"]["parent_run_id"]).info.status == "FINISHED"
 
 
 def test_a_single_run_folder_is_not_a_comparison_folder(tmp_path, env):
@@ -229,7 +233,7 @@ def test_plot_helpers_draw_one_axes_each(tmp_path):
     fig, (a, b) = new_figure(2)
     plot_metric_curves(a, {"gold": [[0.5, 0.6], [0.7, None]], "none": []}, reference=0.55)
     plot_score_distributions(b, {"gold": [1.0, 2.0, np.nan], "empty": []})
-    assert [line.get_label() for line in a.get_lines()][0] == "gold (n=2)"
+    assert [line.get_label() for line in a.get_lines()][0] == "gold (2 runs)"
     # Mean over the runs that have a value at each iteration.
     assert list(a.get_lines()[0].get_ydata()) == pytest.approx([0.6, 0.6])
     assert [t.get_text() for t in b.get_legend().get_texts()] == ["gold (n=2, median 1.50)"]
