@@ -113,6 +113,7 @@ def parse_row(row: dict[str, Any], *, task: TaskSpec) -> dict[str, Any]:
         "reject_reason": "",
         "reject_detail": "",
         "confidence": math.nan,
+        "option_logprobs": "",
     }
     for name in (*task.field_names, task.target_key):
         out[name] = ""
@@ -123,6 +124,7 @@ def parse_row(row: dict[str, Any], *, task: TaskSpec) -> dict[str, Any]:
         scores = row.get("teacher_option_logprobs") or ""
         result, confidence = read_answer(task, prompt, text, json.loads(scores) if scores else None)
         out["confidence"] = confidence
+        out["option_logprobs"] = scores
         if result.fields is None:
             out.update(reject_reason=result.reason, reject_detail=result.detail)
         else:
@@ -201,6 +203,7 @@ def _error_row(row: dict[str, Any], task: TaskSpec, detail: str) -> dict[str, An
         "reject_reason": "error",
         "reject_detail": detail[:2000],
         "confidence": math.nan,
+        "option_logprobs": "",
     }
     out.update({name: "" for name in (*task.field_names, task.target_key)})
     return out
@@ -269,6 +272,7 @@ def _records(
             "output_tokens": int(row["output_tokens"]),
             "style": row["style"] or None,
             "confidence": float(row.get("confidence", math.nan)),
+            "option_logprobs": row.get("option_logprobs") or None,
         }
         if reason is None:
             rec.update({name: row[name] or None for name in text_cols})

@@ -184,6 +184,9 @@ class StrategyConfig(_Section):
             errors-only rounds).
         llkd_momentum: LLKD: momentum of the class-wise adaptive thresholds, per iteration (0
             uses the current iteration's statistics alone).
+        llkd_calibration: LLKD: ``batch`` divides the teacher's label probabilities by their mean
+            over every text labelled so far before taking its label and confidence (batch
+            calibration, no labels used); ``none`` takes the raw label-word scores.
     """
 
     name: Literal["gold", "zerogen", "progen", "s3", "llkd"] = "gold"
@@ -205,6 +208,7 @@ class StrategyConfig(_Section):
     progen_max_candidates: int = Field(default=2000, ge=2)
     s3_error_share: float = Field(default=0.5, ge=0, le=1)
     llkd_momentum: float = Field(default=0.5, ge=0, lt=1)
+    llkd_calibration: Literal["batch", "none"] = "batch"
 
     @model_validator(mode="after")
     def _band(self) -> StrategyConfig:

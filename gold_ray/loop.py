@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -344,6 +345,7 @@ class Distiller:
                 "output_tokens": g.output_tokens,
                 "style": p.meta.get("style"),
                 "confidence": confidence[i],
+                "option_logprobs": json.dumps(list(g.option_logprobs)) if g.option_logprobs is not None else None,
             }
             if r.fields is not None:
                 rec.update(r.fields)
@@ -488,6 +490,7 @@ class Distiller:
                 label = self.strategy.label_prompts(ctx, acc, max(0, n - len(prompts)))[: max(0, n - len(prompts))]
                 if label:
                     labelled, rej_label, label_stats = self._generate_records(label, iteration, "classify")
+                    labelled = self.strategy.review_labels(ctx, labelled)
                     self._write("pool", iteration, [{**r, "label": None} for r in acc])
                     acc, rej, stats = labelled, rej + rej_label, _merge_label_stats(stats, label_stats)
                 self._write("train", iteration, acc)

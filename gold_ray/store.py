@@ -53,6 +53,7 @@ def record_schema(task: TaskSpec) -> pa.Schema:
             ("output_tokens", pa.int64()),
             ("style", pa.string()),
             ("confidence", pa.float64()),
+            ("option_logprobs", pa.string()),
         ]
     )
 

@@ -35,6 +35,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "score",  # OOD score under the student of the iteration (energy by default); NaN if unscored
     "output_tokens",
     "confidence",  # the teacher's probability of its own label (classify answers); NaN otherwise
+    "option_logprobs",  # JSON list of the teacher's log-probability per label word (classify answers)
 )
 """Run-level columns of a record, next to the task's input fields and target key."""
 

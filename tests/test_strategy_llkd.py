@@ -105,6 +105,31 @@ def test_answers_without_confidence_pass_the_teacher_test():
     assert strategy.train_mask(ctx, records) == [True, True]
 
 
+def test_batch_calibration_removes_the_teachers_label_prior():
+    from gold_ray.strategies import StrategyContext, build_strategy
+
+    def rec(i, p_neg):
+        return {"id": f"r{i}", "text": f"text {i}", "label": "positive", "confidence": 1 - p_neg,
+                "option_logprobs": json.dumps([math.log(p_neg), math.log(1 - p_neg)])}
+
+    # The teacher says "positive" to everything, but relatively less so for r0 and r2.
+    labelled = [rec(0, 0.45), rec(1, 0.05), rec(2, 0.40), rec(3, 0.10)]
+    strategy = build_strategy("llkd")
+
+    def ctx(calibration):
+        cfg = load_config(None, ["strategy.name=llkd", f"strategy.llkd_calibration={calibration}"])
+        return StrategyContext(task=SST2, config=cfg, prompt_style="chat", rng=np.random.default_rng(0), iteration=0)
+
+    out = strategy.review_labels(ctx("batch"), labelled)
+    assert [r["label"] for r in out] == ["negative", "positive", "negative", "positive"]
+    # Mean label probability (0.25, 0.75): r0 becomes (0.45/0.25, 0.55/0.75), renormalised.
+    assert out[0]["confidence"] == pytest.approx(1.8 / (1.8 + 0.55 / 0.75))
+    assert out[0]["option_logprobs"] == labelled[0]["option_logprobs"], "the raw scores are kept"
+    assert strategy.review_labels(ctx("none"), labelled) == labelled
+    with pytest.raises(ConfigError, match="llkd_calibration"):
+        load_config(None, ["strategy.llkd_calibration=platt"])
+
+
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
     return save_tiny_classifier(tmp_path_factory.mktemp("llkd-student"))
@@ -152,6 +177,7 @@ def test_llkd_labels_pool_and_written_texts_and_trains_on_its_selection(tmp_path
     # The teacher's label (the fake teacher reads the label word in the text) and its confidence.
     assert all(r["label"] in r["text"] for r in labelled)
     assert all(0.5 < r["confidence"] <= 1.0 for r in labelled)
+    assert all(len(json.loads(r["option_logprobs"])) == 2 for r in labelled)
 
     # The pool part is never trained on; the student trains on its selection.
     assert its[1]["train"]["available"] == 24

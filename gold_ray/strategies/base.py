@@ -17,8 +17,8 @@ Hooks that only some strategies use (defaults do nothing):
 - ``prepare``: load the strategy's inputs once per run (S3's real validation set, LLKD's
   unlabelled pool) into ``StrategyContext.extra``; refuse inputs that are the evaluation file.
 - ``label_prompts``: after the generate stage, ``classify`` prompts the teacher answers in a
-  second pass of the same stage; their labelled records become the iteration's training data and
-  the written texts are kept apart (LLKD).
+  second pass of the same stage; their labelled records (after ``review_labels``) become the
+  iteration's training data and the written texts are kept apart (LLKD).
 - ``train_mask``: which records the in-loop training stage uses (ProGen holds its synthetic
   validation split out; LLKD trains on its current selection).
 - ``StrategyContext.memory``: strategy state committed with every stage (LLKD's thresholds), so a
@@ -214,6 +214,13 @@ class Strategy(ABC):
             n: Teacher calls left in the stage's budget; prompts beyond ``n`` are not sent.
         """
         return []
+
+    def review_labels(self, ctx: StrategyContext, labelled: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The labelled records of the stage's labelling pass, as they will be written (default: unchanged).
+
+        ``ctx.records()`` still holds only earlier iterations' records here.
+        """
+        return labelled
 
     def train_mask(self, ctx: StrategyContext, records: list[dict[str, Any]]) -> list[bool]:
         """Which records the in-loop training stage trains on (default: all of them).

@@ -4,7 +4,15 @@ learns from the samples the teacher is sure of and the student is unsure of.
 Every iteration the teacher labels texts with ``classify`` prompts (:mod:`gold_ray.labelling`):
 the few-shot prompt of the teacher-as-classifier row (all seed demos), answered by scoring each
 label word. Its label is the best-scoring word, and its **confidence** the softmax of the label
-words' log-probabilities at that word (methods.md 6.2, option B). Before each in-loop training
+words' log-probabilities at that word (methods.md 6.2, option B).
+
+Small teachers score label words with a strong prior of their own (SmolLM2-135M labels 54 of AG
+News' 64 ``seed.jsonl`` texts "Sports": 33 % right). So by default (``llkd_calibration=batch``) the
+label probabilities are first divided by their mean over every text labelled so far, this
+iteration's included, and renormalised: batch calibration (Zhou et al., ICLR 2024), which uses
+no labels. On those 64 texts it lifts the teacher's labels to 72 % (SST-2: 64 %, unchanged); this
+was measured on ``seed.jsonl``, never on a test set. Labels of earlier iterations are not revised.
+The raw scores stay in the record's ``option_logprobs`` column. Before each in-loop training
 round the current student gives each labelled text an **uncertainty**, its normalised entropy
 ``H(p) / log K``. A text is selected when its confidence reaches the teacher threshold of its label
 and its uncertainty reaches the student threshold of its label; the student trains on the
@@ -47,6 +55,7 @@ mini-batch (it runs once per iteration, over every text labelled so far). Classi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -56,7 +65,7 @@ import numpy as np
 from gold_ray.config import ConfigError, RunConfig
 from gold_ray.evaluation import read_jsonl
 from gold_ray.influence import softmax
-from gold_ray.labelling import OPTIONS_KEY, RECORD_KEY
+from gold_ray.labelling import OPTIONS_KEY, RECORD_KEY, softmax_confidence
 from gold_ray.prompts import render_classify_prompt
 from gold_ray.strategies.base import Strategy, StrategyContext, resolve_strategy_input
 from gold_ray.tasks import TaskSpec
@@ -121,6 +130,23 @@ def update_thresholds(
             for name in label_names}
 
 
+def label_log_probs(record: dict[str, Any], k: int) -> np.ndarray | None:
+    """The teacher's log-probability per label (renormalised over the labels), or None if unscored."""
+    raw = record.get("option_logprobs")
+    if not raw:
+        return None
+    scores = np.asarray(json.loads(raw), dtype=np.float64)
+    if scores.shape != (k,) or not np.isfinite(scores).any():
+        return None
+    scores = np.where(np.isfinite(scores), scores, -np.inf)
+    return scores - np.logaddexp.reduce(scores)
+
+
+def batch_calibrate(log_probs: list[np.ndarray]) -> np.ndarray:
+    """Log of the mean label probability over a batch: the teacher's prior to divide by."""
+    return np.log(np.mean(np.exp(np.stack(log_probs)), axis=0))
+
+
 def normalised_entropy(logits: np.ndarray) -> np.ndarray:
     """Entropy of each row's softmax divided by ``log K`` (0: certain, 1: uniform)."""
     p = softmax(logits)
@@ -173,6 +199,28 @@ class LLKDStrategy(Strategy):
             meta = {**p.meta, RECORD_KEY: fields, OPTIONS_KEY: words, "source_id": rec.get("id")}
             prompts.append(dataclasses.replace(p, meta=meta))
         return prompts
+
+    def review_labels(self, ctx: StrategyContext, labelled: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Batch calibration of the new labels (see the module docstring); ``none`` keeps them raw."""
+        k = len(ctx.task.label_names)
+        if ctx.config.strategy.llkd_calibration == "none":
+            return labelled
+        earlier = [label_log_probs(r, k) for r in ctx.records()]
+        new = [label_log_probs(r, k) for r in labelled]
+        seen = [x for x in earlier + new if x is not None]
+        if not seen:
+            return labelled
+        prior = batch_calibrate(seen)
+        out = []
+        for rec, logp in zip(labelled, new, strict=True):
+            scored = softmax_confidence(logp - prior) if logp is not None else None
+            if scored is None:
+                out.append(rec)
+                continue
+            best, confidence = scored
+            out.append({**rec, "label": ctx.task.label_names[best], "confidence": confidence})
+        ctx.stats["llkd_calibration_prior"] = [round(float(v), 4) for v in np.exp(prior)]
+        return out
 
     def train_mask(self, ctx: StrategyContext, records: list[dict[str, Any]]) -> list[bool]:
         """Update the thresholds with the current student and select (see the module docstring)."""

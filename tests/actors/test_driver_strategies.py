@@ -74,14 +74,15 @@ def test_strategy_on_ray_matches_the_in_process_loop(ray_cluster, tmp_path, tiny
         # The Serve teacher answered classify prompts by scoring the label words: same labels and
         # confidences as in process, written texts kept apart from the training data.
         def labelled(run):
-            return {r["text"]: (r["label"], r["confidence"])
+            return {r["text"]: (r["label"], r["confidence"], json.loads(r["option_logprobs"]))
                     for r in read_parts(sorted((run / "data").glob("train-*.parquet")))}
 
         on_ray = labelled(tmp_path / "ray")
         assert on_ray.keys() == labelled(tmp_path / "local").keys()
-        for text, (label, conf) in on_ray.items():
-            ref_label, ref_conf = labelled(tmp_path / "local")[text]
+        for text, (label, conf, scores) in on_ray.items():
+            ref_label, ref_conf, ref_scores = labelled(tmp_path / "local")[text]
             assert label == ref_label and math.isclose(conf, ref_conf, rel_tol=1e-9) and 0.5 < conf <= 1
+            assert scores == pytest.approx(ref_scores) and len(scores) == 2
         assert read_parts(sorted((tmp_path / "ray" / "data").glob("pool-*.parquet")))
         keys = [k for k in ref["iterations"][1]["train"] if k.startswith("llkd_")]
         assert [got["iterations"][1]["train"][k] for k in keys] == [ref["iterations"][1]["train"][k] for k in keys]
