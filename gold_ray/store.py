@@ -140,12 +140,47 @@ def part_path(run_dir: Path, kind: str, iteration: int) -> Path:
     return run_dir / "data" / f"{kind}-it{iteration:03d}.parquet"
 
 
+class StateFileError(ValueError):
+    """A state file that cannot be trusted: not JSON, or naming paths outside its run directory."""
+
+
+def path_inside(run_dir: Path, rel: str, what: str) -> Path:
+    """``run_dir / rel``, refused unless ``rel`` is relative and stays inside ``run_dir``.
+
+    The state file is read back on resume and its paths are read, overwritten and deleted (an
+    old checkpoint is removed when a new one is committed), so an edited or hostile state file
+    must not reach anything outside the run.
+
+    Raises:
+        StateFileError: ``rel`` is absolute or climbs out of ``run_dir``; the message names ``what``.
+    """
+    root = run_dir.resolve()
+    target = (root / rel).resolve()
+    if Path(rel).is_absolute() or not target.is_relative_to(root):
+        raise StateFileError(f"{run_dir / STATE_FILE}: {what} {rel!r} is outside the run directory")
+    return run_dir / rel
+
+
 def load_state(run_dir: Path) -> dict[str, Any] | None:
-    """The committed state of a run, or None for a fresh directory."""
+    """The committed state of a run, or None for a fresh directory.
+
+    Raises:
+        StateFileError: The file is not JSON, or a part or checkpoint path leaves the run directory.
+    """
     path = run_dir / STATE_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StateFileError(f"{path}: not a gold-ray state file ({err})") from err
+    if not isinstance(state, dict):
+        raise StateFileError(f"{path}: not a gold-ray state file (a JSON object is expected)")
+    for i, part in enumerate(state.get("parts") or []):
+        path_inside(run_dir, str(part), f"parts[{i}]")
+    if state.get("checkpoint"):
+        path_inside(run_dir, str(state["checkpoint"]), "checkpoint")
+    return state
 
 
 def commit_state(run_dir: Path, state: dict[str, Any]) -> None:
