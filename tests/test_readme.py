@@ -27,6 +27,7 @@ COVERAGE: list[tuple[str, list[tuple[str, str]]]] = [
     (r"make demo", [("tests/test_e2e.py", "def test_readme_demo_on_ray_reduced")]),
     (r"make test", [(".ci/run", "make test"), ("tests/test_package.py", "def test_ci_runs_the_readme_test_command")]),
     (r"make (test-fast|lint)", [("tests/test_readme.py", "def test_makefile_targets_of_the_readme")]),
+    (r"make test-vllm", [(".ci/run", "make test-vllm"), ("Makefile", "tests/test_vllm_engine.py")]),
     (r"\.venv/bin/gold-ray report \S+( \S+)?",
      [("tests/test_report.py", "def test_cli_rebuilds_a_report_and_compares_two_runs")]),
     (r'\.venv/bin/gold-ray predict runs/demo ".+"', [("tests/test_predict.py", "def test_predict_texts")]),
