@@ -55,6 +55,8 @@ def test_gold_loop_feeds_back_rejects_and_saves(tmp_path, student_dir, eval_file
     # Probes come out of the same budget: 24 samples over 2 iterations, half of each on probes.
     assert it0["generate"]["requested"] == 6 and it0["probe"]["requested"] == 6
     assert sum(m["generate"]["requested"] + m["probe"]["requested"] for m in metrics["iterations"]) == 24
+    # The train stage's time covers its fit (and the checkpoint and evaluation after it).
+    assert it0["train"]["seconds"] >= it0["train"]["fit_seconds"] > 0
     assert it0["generate"]["rejected_by_reason"].get("error", 0) >= 1  # injected failures are kept as rejects
     rejects = read_parts(sorted((run / "data").glob("rejects-*.parquet")))
     assert rejects and all(r["reject_reason"] for r in rejects)

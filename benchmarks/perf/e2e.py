@@ -8,7 +8,8 @@
 
 Stage times come from the run's own ``metrics.json``: per iteration ``generate.seconds`` (teacher,
 Ray Data and parsing, streamed together), ``probe.seconds`` (the same plus energy scoring;
-``probe.score_seconds`` when run in-process), ``train.seconds`` (the student's fit), and the
+``probe.score_seconds`` when run in-process), ``train.seconds`` (the whole train stage: fit,
+checkpoint and evaluation; ``train.fit_seconds`` is the fit alone), and the
 final stage (``final.seconds`` with ``final.fit.seconds`` inside it). Parsing and evaluation
 have no time of their own in the metrics, so they are re-measured here on the run's own data
 and final student (``--no-remeasure`` skips that): parsing every stored teacher answer again,
@@ -253,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
                                 [["parse every stored answer", again.get("parse_s"), again.get("answers")],
                                  ["energy-score the probes", again.get("score_s"), again.get("scored")],
                                  ["evaluate the final student", again.get("evaluate_s"), again.get("evaluated")]])]
-    result["notes"].append("metrics.json train.seconds is the fit alone: the loop's stage time is overwritten by "
-                           "the fit's own 'seconds' key; evaluation and checkpointing show only in event wall times.")
     jp, mp = write_result(result, "\n".join(body), args.out)
     log(f"e2e: wrote {jp} and {mp}")
     return 0
