@@ -148,6 +148,13 @@ def _machine_text(m: dict) -> str:
     return f"{m.get('platform')}, {m.get('cpus')} CPUs, torch {m.get('torch')}, Python {m.get('python')}"
 
 
+def _examples(row: dict) -> str:
+    n, total = row.get("n"), row.get("eval_total")
+    if total and n is not None and n < total:
+        return f"{n} of {total} (seeded random subset)"
+    return f"{n} (all)"
+
+
 def write_summary() -> dict:
     """Aggregate every result file into ``summary.json`` and ``summary.md``.
 
@@ -204,9 +211,9 @@ def write_summary() -> dict:
         lines += ["## Teacher as a few-shot classifier", "",
                   markdown_table(["task", "teacher", "prompt style", "demos", "examples", "accuracy",
                                   "macro-F1", "wall time (s)"],
-                                 [[t, r.get("teacher"), r.get("prompt_style"), r.get("demos"),
-                                   f"{r.get('n')} ({r.get('subset', 'whole evaluation set')})", r.get("accuracy"),
-                                   r.get("macro_f1"), r.get("wall_s")] for t, r in sorted(fewshot.items())])]
+                                 [[t, r.get("teacher"), r.get("prompt_style"), r.get("demos"), _examples(r),
+                                   r.get("accuracy"), r.get("macro_f1"), f"{r.get('wall_s', 0):.0f}"]
+                                  for t, r in sorted(fewshot.items())])]
     everything = used + list(fewshot.values())
     machines = sorted({_machine_text(r["machine"]) for r in everything if r.get("machine")})
     commands = sorted({r["command"] for r in everything if r.get("command")})
