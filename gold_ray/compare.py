@@ -509,6 +509,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _count(value: float | None) -> str | None:
+    return None if value is None else f"{value:.0f}"
+
+
 def render_markdown(table: dict[str, Any]) -> str:
     """The comparison table (see :func:`compare`) as Markdown, with the settings above it."""
     metric = table["metric"]
@@ -518,14 +522,14 @@ def render_markdown(table: dict[str, Any]) -> str:
         f"# Strategy comparison: {table['task']}\n\n"
         f"Teacher `{table['teacher']}`, student `{table['student']}`; {budget['samples']} teacher samples "
         f"per run (probes included){tokens}; seeds {', '.join(map(str, table['seeds']))}. "
-        f"{metric} on the task's evaluation set (n={table['eval_n']}), mean and sample standard "
+        f"Final student {metric} on the task's evaluation set (n={table['eval_n']}), mean and sample standard "
         "deviation over seeds.\n\n"
     )
     rows = []
     for strategy, s in table["strategies"].items():
         per_seed = ", ".join(f"{v:.4f}" if v is not None else "–" for v in s["per_seed"].values())
-        rows.append([strategy, s["seeds"], s["mean"], s["std"], per_seed, s["teacher_tokens_mean"],
-                     s["final_records_mean"]])
+        rows.append([strategy, s["seeds"], s["mean"], s["std"], per_seed, _count(s["teacher_tokens_mean"]),
+                     _count(s["final_records_mean"])])
     fewshot = table.get("teacher_fewshot")
     if fewshot:
         rows.append([f"{TEACHER_ROW} ({fewshot['prompt_style']}, {fewshot['demos']} demos)", "–",

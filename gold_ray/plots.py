@@ -82,7 +82,7 @@ def plot_metric_curves(
         for i, r in enumerate(runs):
             grid[i, : len(r)] = _finite(r)
         x = np.arange(1, width + 1)
-        (line,) = ax.plot(x, _nanmean_rows(grid), marker="o", label=f"{name} ({len(runs)} runs)")
+        (line,) = ax.plot(x, _nanmean_rows(grid), marker="o", label=f"{name} ({len(runs)} run{'' if len(runs) == 1 else 's'})")
         if len(runs) > 1:
             for row in grid:
                 ax.plot(x, row, color=line.get_color(), alpha=0.25, linewidth=1)
