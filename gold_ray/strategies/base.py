@@ -148,16 +148,20 @@ class Strategy(ABC):
     uses_probes: bool = False
     continue_student: bool = True
 
-    def demos_for_prompt(self, ctx: StrategyContext, label: str | None) -> list[dict[str, Any]]:
-        """Demonstrations for one prompt: seed demos (same label first), then feedback examples."""
-        cfg = ctx.config.strategy
+    def seed_demos_for(self, ctx: StrategyContext, label: str | None) -> list[dict[str, Any]]:
+        """``strategy.demos_per_prompt`` of the task's seed demos in a random order, ``label``'s first."""
         seeds = list(ctx.task.seed_demos)
         order = ctx.rng.permutation(len(seeds))
         seeds = [seeds[i] for i in order]
         if label is not None:
             # Show demos of other labels too, so the teacher sees the contrast.
             seeds.sort(key=lambda d: d.get("label") != label)
-        demos = seeds[: cfg.demos_per_prompt]
+        return seeds[: ctx.config.strategy.demos_per_prompt]
+
+    def demos_for_prompt(self, ctx: StrategyContext, label: str | None) -> list[dict[str, Any]]:
+        """Demonstrations for one prompt: seed demos (same label first), then feedback examples."""
+        cfg = ctx.config.strategy
+        demos = self.seed_demos_for(ctx, label)
         if ctx.feedback and cfg.feedback_per_prompt:
             k = min(cfg.feedback_per_prompt, len(ctx.feedback))
             picks = ctx.rng.choice(len(ctx.feedback), size=k, replace=False)

@@ -69,12 +69,7 @@ class ProGenStrategy(Strategy):
     def demos_for_prompt(self, ctx: StrategyContext, label: str | None) -> list[dict[str, Any]]:
         """Seed demos, then (with probability ``progen_feedback_ratio``) pool examples of ``label``."""
         cfg = ctx.config.strategy
-        seeds = list(ctx.task.seed_demos)
-        order = ctx.rng.permutation(len(seeds))
-        seeds = [seeds[i] for i in order]
-        if label is not None:
-            seeds.sort(key=lambda d: d.get("label") != label)
-        demos = seeds[: cfg.demos_per_prompt]
+        demos = self.seed_demos_for(ctx, label)
         same = [r for r in ctx.feedback if r.get("label") == label]
         if same and cfg.feedback_per_prompt and ctx.rng.random() < cfg.progen_feedback_ratio:
             k = min(cfg.feedback_per_prompt, len(same))
