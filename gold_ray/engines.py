@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from gold_ray.config import TeacherConfig
+from gold_ray.decoding import decode_batch
 from gold_ray.models import allow_remote_code
 from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
 
@@ -206,7 +207,8 @@ def _error_text(engine: str, err: BaseException) -> str:
 
 
 class HFEngine(TeacherEngine):
-    """transformers ``generate``: batched, left-padded, sampled; bf16 where the hardware has it.
+    """transformers models with our decode loop (:mod:`gold_ray.decoding`): batched, left-padded,
+    sampled, finished rows dropped as they end; bf16 where the hardware has it.
 
     Args:
         model_path: A local HF model folder (safetensors only) or hub id.
@@ -253,7 +255,6 @@ class HFEngine(TeacherEngine):
         )
         self.model.to(self.device).eval()
         self._stop_ids = self._end_token_ids()
-        self._stop_strings_ok = True
 
     def _end_token_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
@@ -308,43 +309,24 @@ class HFEngine(TeacherEngine):
 
     def _generate_batch(self, rows: list[list[int]], stops: tuple[str, ...], params: SamplingParams) -> list[Generation]:
         model = self._require_model()
-        pad = self.tokenizer.pad_token_id
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": params.max_new_tokens,
-            "pad_token_id": pad,
-            "eos_token_id": self._stop_ids,
-        }
-        if params.temperature > 0:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        else:
-            # Neutralise sampling knobs from the model's generation_config so greedy is greedy.
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        stops = tuple(s for s in stops if s)
+
+        def stopped(ids: list[int]) -> bool:
+            # Stop strings can span tokens, so the row's text is checked, not its last token.
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            return any(s in text for s in stops)
+
         with torch.inference_mode():
-            if stops and self._stop_strings_ok:
-                try:
-                    out = model.generate(
-                        input_ids=input_ids, attention_mask=mask, stop_strings=list(stops),
-                        tokenizer=self.tokenizer, **kwargs,
-                    )
-                except Exception as err:
-                    if "stop" not in str(err).lower():
-                        raise
-                    log.warning("hf engine: stop_strings unsupported here (%s); truncating afterwards", err)
-                    self._stop_strings_ok = False
-                    out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-            else:
-                out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        ends = set(self._stop_ids)
-        gens = []
-        for row in out[:, width:].tolist():
-            # Tokens after the first end token are padding from finished rows: not output.
-            n = next((k for k, tok in enumerate(row) if tok in ends), len(row))
-            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-            gens.append(Generation(text=truncate_at_stop(text, stops), output_tokens=n))
-        return gens
+            outs = decode_batch(
+                model, rows, pad_id=self.tokenizer.pad_token_id, end_ids=self._stop_ids,
+                max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                top_p=params.top_p, top_k=params.top_k, stopped=stopped if stops else None,
+            )
+        return [
+            Generation(text=truncate_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops),
+                       output_tokens=len(ids))
+            for ids in outs
+        ]
 
     def option_logprobs(self, prompts: list[Prompt], options: list[str]) -> list[list[float]]:
         """Summed log-probability of each option's tokens after each rendered prompt.
