@@ -2,9 +2,10 @@
 
 ::
 
-    prompt rows ──► ray.data.llm processor ──► parse (map) ──► EnergyScorer pool ──► driver
-                    (ServeDeploymentProcessorConfig                (only with a       (dedup, ids,
-                     → TeacherDeployment.generate_rows)             checkpoint)        Parquet)
+    prompt rows ──► TeacherCaller (one actor) ──────────► EnergyScorer pool ──► driver
+                    (one Serve call per batch:              (only with a       (dedup, ids,
+                     TeacherDeployment.generate_batch,       checkpoint)        Parquet)
+                     answers parsed in place)
 
 Ray Data's streaming executor runs the stages concurrently, so the first samples are scored
 while the teacher is still writing later ones.
@@ -23,7 +24,7 @@ scored before it is rejected; its score is then cleared to NaN.
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import json
 import logging
 import math
@@ -33,28 +34,36 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 from ray import serve
-from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
 from ray.serve.handle import DeploymentHandle
 
 from actors.scoring import SCORE_COLUMN, SCORED_AT_COLUMN, SCORED_BY_COLUMN, score_dataset
-from actors.teacher import DEPLOYMENT_NAME, default_sampling, params_to_dict, prompt_from_dict, prompt_to_dict
+from actors.teacher import (
+    DEPLOYMENT_NAME,
+    default_sampling,
+    generation_to_row,
+    params_to_dict,
+    prompt_from_dict,
+    prompt_to_dict,
+)
 from gold_ray import store
 from gold_ray.config import RunConfig
 from gold_ray.labelling import read_answer
 from gold_ray.parsing import Deduplicator, parse_generation
 from gold_ray.tasks import TaskSpec
-from gold_ray.types import Prompt, SamplingParams
+from gold_ray.types import Generation, Prompt, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 CALLER_NUM_CPUS = 0.25
-"""CPUs reserved by each ``ray.data.llm`` caller actor: it only awaits Serve responses, and the
+"""CPUs reserved by the :class:`TeacherCaller` actor: it only awaits Serve responses, and the
 default (one whole CPU) would starve a small CPU cluster."""
 
-MAP_NUM_CPUS = 0.25
-"""CPUs of the light map tasks (request building, parsing)."""
+BATCHES_IN_FLIGHT_PER_REPLICA = 2
+"""Caller batches kept in flight per teacher replica: one running, one queued behind it, so a
+replica never waits for a caller's round trip between batches."""
 
 MAX_BACKOFF_S = 30.0
 
@@ -77,18 +86,53 @@ def prompt_rows(prompts: list[Prompt]) -> list[dict[str, Any]]:
     ]
 
 
-def _request(row: dict[str, Any], *, params_json: str) -> dict[str, Any]:
-    """Preprocess of the processor: the Serve method and its request for one prompt row."""
-    return {
-        "method": "generate_rows",
-        "request_kwargs": {"prompt": row["prompt_json"], "params": params_json},
-    }
+class TeacherCaller:
+    """Ray Data stage: sends each batch of prompt rows to the teacher in one Serve call
+    (:meth:`~actors.teacher.TeacherDeployment.generate_batch`) and parses the answers into record
+    rows (:func:`parse_row`).
+
+    One actor keeps every call of an iteration open at once (it only awaits Serve), so the
+    processes an iteration starts do not grow with the number of teacher replicas; and one call
+    per batch, not per row. Measured on a 2-core machine (``benchmarks/perf/results/scaling.md``),
+    a Python process started per replica per iteration and per-row Serve requests cost more CPU
+    than a small teacher's own work. A failed or timed-out call becomes an ``error`` row for
+    every prompt of the batch, which :func:`generate_iteration` retries.
+
+    Args:
+        app_name: Serve application holding the teacher deployment.
+        params_json: The sampling parameters of every request, as JSON.
+        task: The task the answers are parsed for.
+        request_timeout_s: Give up on one batch call after this long; None waits.
+    """
+
+    def __init__(self, app_name: str, params_json: str, task: TaskSpec, request_timeout_s: float | None = None):
+        self._handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
+        self._params = params_json
+        self._task = task
+        self._timeout = request_timeout_s
+
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch's record rows, one per prompt row, in order."""
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        requests = [{"prompt": r["prompt_json"], "params": self._params} for r in rows]
+        response = self._handle.generate_batch.remote(requests)
+        try:
+            replies = await asyncio.wait_for(_awaited(response), self._timeout)
+        except Exception as err:  # a timeout, a replica that died mid-call: the whole batch failed
+            response.cancel()
+            failed = generation_to_row(Generation(text="", error=f"{type(err).__name__}: {err}"))
+            replies = [failed] * len(requests)
+        records = [parse_row({**row, **reply}, task=self._task) for row, reply in zip(rows, replies, strict=True)]
+        return {key: np.asarray([r[key] for r in records]) for key in records[0]} if records else {}
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
 
 
 def parse_row(row: dict[str, Any], *, task: TaskSpec) -> dict[str, Any]:
-    """Turn one processor output row into a record row (fields or a reject reason).
+    """Turn one prompt row merged with the teacher's answer into a record row (fields or a reject reason).
 
-    Handles both the teacher's answers and ``ray.data.llm`` error rows (``__inference_error__``).
     Text columns hold ``""`` rather than None so that every block has the same Arrow types.
 
     Args:
@@ -99,7 +143,7 @@ def parse_row(row: dict[str, Any], *, task: TaskSpec) -> dict[str, Any]:
         The record row, with ``teacher_failed`` telling whether the call may be retried.
     """
     prompt = prompt_from_dict(row["prompt_json"])
-    error = str(row.get("__inference_error__") or "") or str(row.get("teacher_error") or "")
+    error = str(row.get("teacher_error") or "")
     text = "" if error else str(row.get("teacher_text") or "")
     out: dict[str, Any] = {
         "prompt_index": int(row["prompt_index"]),
@@ -140,6 +184,12 @@ def parse_row(row: dict[str, Any], *, task: TaskSpec) -> dict[str, Any]:
     return out
 
 
+def batches_in_flight(replicas: int, batches: int) -> int:
+    """Teacher calls to keep open at once: ``BATCHES_IN_FLIGHT_PER_REPLICA`` per replica, at most
+    one per batch."""
+    return max(1, min(batches, replicas * BATCHES_IN_FLIGHT_PER_REPLICA))
+
+
 def generation_dataset(
     rows: list[dict[str, Any]],
     cfg: RunConfig,
@@ -167,23 +217,20 @@ def generation_dataset(
         A dataset of record rows (see :func:`parse_row`), plus ``score``/``scored_at`` when scored.
     """
     blocks = max(1, min(len(rows), math.ceil(len(rows) / request_batch_size)))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    processor = build_processor(
-        ServeDeploymentProcessorConfig(
-            deployment_name=DEPLOYMENT_NAME,
-            app_name=app_name,
-            batch_size=request_batch_size,
-            concurrency=cfg.teacher.serve.max_replicas,
-            should_continue_on_error=True,
-            request_timeout_s=request_timeout_s,
-        ),
-        preprocess=functools.partial(_request, params_json=json.dumps(params_to_dict(params))),
-        preprocess_map_kwargs={"num_cpus": MAP_NUM_CPUS},
-        postprocess_map_kwargs={"num_cpus": MAP_NUM_CPUS},
+    in_flight = batches_in_flight(cfg.teacher.serve.max_replicas, blocks)
+    ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+        TeacherCaller,
+        fn_constructor_kwargs={
+            "app_name": app_name,
+            "params_json": json.dumps(params_to_dict(params)),
+            "task": task,
+            "request_timeout_s": request_timeout_s,
+        },
+        batch_size=request_batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=in_flight),
+        num_cpus=CALLER_NUM_CPUS,
     )
-    stage = processor.get_stage_by_name("ServeDeploymentStage")
-    stage.map_batches_kwargs = {**stage.map_batches_kwargs, "num_cpus": CALLER_NUM_CPUS}
-    ds = processor(ds).map(functools.partial(parse_row, task=task), num_cpus=MAP_NUM_CPUS)
     if checkpoint_dir is not None:
         ds = score_dataset(ds, cfg, checkpoint_dir, task)
     return ds

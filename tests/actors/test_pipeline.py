@@ -31,7 +31,6 @@ def test_parse_row_turns_answers_and_errors_into_records(sst2):
             "teacher_tokens": 11,
             "teacher_error": "",
             "generated_at": 5.0,
-            "__inference_error__": "",
         },
         task=sst2,
     )
@@ -39,9 +38,7 @@ def test_parse_row_turns_answers_and_errors_into_records(sst2):
     assert ok["teacher_failed"] is False and ok["output_tokens"] == 11
 
     engine_error = parse_row({**row, "teacher_text": "", "teacher_error": "CUDA out of memory"}, task=sst2)
-    serve_error = parse_row(
-        {**row, "__inference_error__": "TimeoutError: slow", "request_kwargs": "..."}, task=sst2
-    )
+    serve_error = parse_row({**row, "teacher_text": "", "teacher_error": "TimeoutError: slow"}, task=sst2)
     for bad, text in ((engine_error, "CUDA out of memory"), (serve_error, "TimeoutError: slow")):
         assert bad["reject_reason"] == "error" and bad["reject_detail"] == text
         assert bad["teacher_failed"] is True and bad["text"] == ""

@@ -185,6 +185,25 @@ def test_generate_rows_yields_one_row_and_rejects_bad_requests(http_teacher):
         list(handle.options(stream=True).generate_rows.remote({"prompt": "{not json"}))
 
 
+@pytest.mark.ray
+def test_generate_batch_answers_every_request_in_order_in_one_engine_call(http_teacher):
+    _, handle, _ = http_teacher
+    prompts = chat_prompts(6)
+    before = len(handle.batch_size_history.remote().result())
+    requests = [{"prompt": json.dumps(prompt_to_dict(p)), "params": {"max_new_tokens": 5}} for p in prompts]
+    requests.insert(2, {"prompt": "{not json"})
+    requests.insert(4, {"params": {}})
+    rows = handle.generate_batch.remote(requests).result()
+    assert len(rows) == 8
+    assert "malformed request" in rows[2]["teacher_error"] and "malformed request" in rows[4]["teacher_error"]
+    good = [r for i, r in enumerate(rows) if i not in (2, 4)]
+    assert all(r["teacher_error"] == "" and r["teacher_tokens"] > 0 for r in good)
+    # The fake engine echoes the requested label: answers line up with their prompts.
+    assert [p.label in r["teacher_text"] for p, r in zip(prompts, good, strict=True)] == [True] * 6
+    # Gathered into as few engine calls as the replica's batch cap allows (4 in this fixture).
+    assert handle.batch_size_history.remote().result()[before:] == [4, 2]
+
+
 def _running_replicas(app_name):
     from ray import serve
 
