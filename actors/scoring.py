@@ -127,8 +127,8 @@ def score_dataset(
 ) -> ray.data.Dataset:
     """``ds`` with a ``score`` column computed by a pool of :class:`EnergyScorer` actors (lazy).
 
-    The pool size is ``resources.scorer_min_actors`` to ``scorer_max_actors``; the score, its
-    temperature and the text-to-text mode come from the ``strategy`` section.
+    The pool size is ``resources.scorer_min_actors`` (default: the maximum) to
+    ``scorer_max_actors``; the score, its temperature and the text-to-text mode come from the ``strategy`` section.
 
     Args:
         ds: Rows with the task's input fields (and ``reject_reason``, if any row is rejected).
@@ -142,7 +142,8 @@ def score_dataset(
     r, s = cfg.resources, cfg.strategy
     return ds.map_batches(
         EnergyScorer,
-        compute=ray.data.ActorPoolStrategy(min_size=r.scorer_min_actors, max_size=r.scorer_max_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=r.scorer_min_actors or r.scorer_max_actors,
+                                           max_size=r.scorer_max_actors),
         batch_size=r.scorer_batch_size,
         batch_format="numpy",
         fn_constructor_kwargs={

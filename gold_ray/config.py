@@ -236,7 +236,10 @@ class ResourcesConfig(_Section):
     """Ray resources of the scoring pool and the trainer.
 
     Attributes:
-        scorer_min_actors: Smallest energy-scorer actor pool.
+        scorer_min_actors: Smallest energy-scorer actor pool; None (the default) means
+            ``scorer_max_actors``: a pool that grows starts its later actors when a GOLD
+            iteration's few hundred samples are nearly scored (measured on 2 cores, steady rate
+            21.6 samples/s growing from 1 actor, 94 starting with 2).
         scorer_max_actors: Largest energy-scorer actor pool.
         scorer_num_cpus: CPUs per scorer actor.
         scorer_num_gpus: GPUs per scorer actor.
@@ -249,7 +252,7 @@ class ResourcesConfig(_Section):
             fit on a 2-core laptop (they rarely compute at the same time).
     """
 
-    scorer_min_actors: int = Field(default=1, ge=1)
+    scorer_min_actors: int | None = Field(default=None, ge=1)
     scorer_max_actors: int = Field(default=2, ge=1)
     scorer_num_cpus: float = Field(default=0.5, gt=0)
     scorer_num_gpus: float = Field(default=0.0, ge=0)
@@ -261,7 +264,7 @@ class ResourcesConfig(_Section):
 
     @model_validator(mode="after")
     def _pool(self) -> ResourcesConfig:
-        if self.scorer_min_actors > self.scorer_max_actors:
+        if self.scorer_min_actors is not None and self.scorer_min_actors > self.scorer_max_actors:
             raise ValueError("scorer_min_actors must be <= scorer_max_actors")
         return self
 
