@@ -81,7 +81,9 @@ class TeacherConfig(_Section):
 
     Attributes:
         model: ``embedded:smollm2-135m-instruct``, ``embedded:gemma3-270m``, an HF id or a local path.
-        engine: ``hf`` (transformers), ``vllm`` or ``openai`` (any OpenAI-compatible endpoint).
+        engine: ``auto`` (``vllm`` where the process building the engine sees a CUDA GPU and
+            vLLM is installed, else ``hf``), ``hf`` (transformers with gold-ray's decode loop),
+            ``vllm`` or ``openai`` (any OpenAI-compatible endpoint).
         prompt_style: ``chat`` for instruct models, ``continuation`` for base models, ``auto``
             to pick from the tokenizer (a chat template means chat).
         temperature: Sampling temperature.
@@ -100,7 +102,7 @@ class TeacherConfig(_Section):
     """
 
     model: str = "embedded:smollm2-135m-instruct"
-    engine: Literal["hf", "vllm", "openai"] = "hf"
+    engine: Literal["auto", "hf", "vllm", "openai"] = "auto"
     prompt_style: Literal["auto", "chat", "continuation"] = "auto"
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)

@@ -724,8 +724,21 @@ class VLLMEngine(TeacherEngine):
 # --- factory ----------------------------------------------------------------------------------
 
 
+def auto_engine_name(device: str | None = None) -> str:
+    """The engine ``teacher.engine=auto`` means here: ``vllm`` on a CUDA GPU with vLLM installed
+    (continuous batching and paged attention; far ahead of ``hf`` there), else ``hf`` (on CPU the
+    vLLM CPU build needs an environment of its own, see ``make test-vllm``)."""
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cuda":
+        return "hf"
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "hf"
+    return "vllm"
+
+
 def build_engine(cfg: TeacherConfig, model_path: str, seed: int) -> TeacherEngine:
-    """The engine named by ``cfg.engine``.
+    """The engine named by ``cfg.engine`` (``auto``: see :func:`auto_engine_name`).
 
     Args:
         cfg: The teacher section of the run config.
@@ -740,14 +753,17 @@ def build_engine(cfg: TeacherConfig, model_path: str, seed: int) -> TeacherEngin
         ValueError: unknown engine name, or ``openai`` without ``base_url``.
         ImportError: ``vllm`` without vLLM installed.
     """
-    if cfg.engine == "hf":
+    name = auto_engine_name() if cfg.engine == "auto" else cfg.engine
+    if cfg.engine == "auto":
+        log.info("teacher.engine=auto: using %s", name)
+    if name == "hf":
         return HFEngine(model_path, dtype=cfg.dtype, batch_size=cfg.batch_size,
                         trust_remote_code=cfg.trust_remote_code, seed=seed)
-    if cfg.engine == "vllm":
+    if name == "vllm":
         return VLLMEngine(model_path, dtype=cfg.dtype, seed=seed, trust_remote_code=cfg.trust_remote_code)
-    if cfg.engine == "openai":
+    if name == "openai":
         if not cfg.base_url:
             raise ValueError("teacher.engine=openai needs teacher.base_url (e.g. http://127.0.0.1:8000/v1)")
         return OpenAIEngine(cfg.base_url, model_path, api_key_env=cfg.api_key_env,
                             timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries)
-    raise ValueError(f"teacher.engine {cfg.engine!r}: expected hf, vllm or openai")
+    raise ValueError(f"teacher.engine {cfg.engine!r}: expected auto, hf, vllm or openai")

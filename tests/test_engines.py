@@ -253,6 +253,21 @@ def test_build_engine(model_dir):
     assert isinstance(api, OpenAIEngine) and api.base_url == "http://127.0.0.1:9/v1" and api.max_retries == 5
 
 
+def test_auto_engine_is_vllm_only_on_a_gpu_with_vllm(model_dir, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    assert engines.auto_engine_name() == "hf"  # vLLM installed, no GPU
+    assert engines.auto_engine_name("cuda") == "vllm"
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm now raises ImportError
+    assert engines.auto_engine_name("cuda") == "hf"
+    eng = build_engine(TeacherConfig(dtype="float32"), model_dir, seed=0)  # the default is auto
+    assert isinstance(eng, HFEngine)
+    eng.close()
+
+
 def test_vllm_engine_without_vllm_names_the_extras(model_dir):
     try:
         import vllm  # noqa: F401

@@ -58,6 +58,19 @@ def test_summary_takes_the_largest_budget_and_never_mixes_budgets(bench):
     assert "| sst2 | gold | 512 | 1 | 0.7000 |" in superseded and "zerogen" not in superseded
 
 
+def test_tagged_runs_are_variants_kept_apart_from_the_default_rows(bench):
+    _result(bench, "sst2", "gold", 0, 1000, 0.80)
+    row = {"task": "sst2", "strategy": "gold", "seed": 0, "budget": 1000, "accuracy": 0.74, "wall_s": 900.0,
+           "tag": "gemma3", "teacher": "embedded:gemma3-270m", "machine": MACHINE, "command": "c"}
+    (bench.RESULTS / "sst2-gold-s0-n1000-gemma3.json").write_text(json.dumps(row))
+    summary = bench.write_summary()
+    assert summary["tasks"]["sst2"] == {"gold": {"mean": 0.80, "std": 0.0, "seeds": 1, "budget": 1000}}
+    assert summary["variants"]["sst2"] == {"gold@gemma3": {"mean": 0.74, "std": 0.0, "seeds": 1, "budget": 1000}}
+    assert "| sst2 | gold@gemma3 | 1000 | 1 | 0.7400 |" in (bench.RESULTS / "summary.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--tag", "../x", "--strategies", ""])
+
+
 def test_teacher_fewshot_step_writes_its_file_once(bench, tmp_path, monkeypatch):
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps({"text": f"sample {i} reads as {lab}", "label": lab}) + "\n"

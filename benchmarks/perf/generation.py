@@ -17,8 +17,8 @@ training prompts, then probe prompts), same machine, one run:
 (c) ``vllm``: :class:`gold_ray.engines.VLLMEngine` called directly; skipped, with the reason
     recorded, when vLLM does not import.
 (d) ``pipeline``: :func:`actors.pipeline.generate_iteration` on a private local Ray: the teacher
-    as a Serve deployment (the config's engine), the ``ray.data.llm`` processor, parsing, and
-    energy scoring of every accepted sample by the scorer actor pool (a fresh, untrained student
+    as a Serve deployment (the config's engine), one ``TeacherCaller`` actor (one Serve call per
+    batch, parsing in place), and energy scoring of every accepted sample by the scorer actor pool (a fresh, untrained student
     checkpoint: same cost as a trained one).
 
 Variants run one after another (load, one untimed warm-up call, the timed repeats, release), so
@@ -61,9 +61,10 @@ from benchmarks.perf.common import (
 )
 from benchmarks.perf.roof import engine_dtype_name, measure_roof, model_matmul_params, tokens_bound
 
-VARIANTS = ("reference", "hf", "vllm", "pipeline")
+VARIANTS = ("reference", "hf_generate", "hf", "vllm", "pipeline")
 LABELS = {
     "reference": "(a) GOLD authors' way (pipeline per sample, top_k=10)",
+    "hf_generate": "(b0) hf engine with transformers generate (before the decode loop)",
     "hf": "(b) hf engine, direct",
     "vllm": "(c) vllm engine, direct",
     "pipeline": "(d) gold-ray pipeline on Ray (Serve, Data, parse, score)",
@@ -156,6 +157,37 @@ def _direct(engine: Any, params: Any) -> RunFn:
                 "generations": gens}
 
     return run
+
+
+def generate_engine(model_path: str, **kwargs: Any) -> Any:
+    """An :class:`~gold_ray.engines.HFEngine` whose batches go through transformers' ``generate``,
+    as the engine did before :mod:`gold_ray.decoding` (full-vocabulary top-p sort and finished
+    rows kept in the batch): the baseline the decode loop is measured against."""
+    import torch
+
+    from gold_ray.engines import HFEngine, truncate_at_stop
+    from gold_ray.types import Generation
+
+    class GenerateEngine(HFEngine):
+        def _generate_batch(self, rows, stops, params):  # noqa: ANN001, ANN202 (benchmark-only)
+            pad = self.tokenizer.pad_token_id
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+            extra = {"stop_strings": list(stops), "tokenizer": self.tokenizer} if stops else {}
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, pad_token_id=pad,
+                    eos_token_id=self._stop_ids, do_sample=True, temperature=params.temperature,
+                    top_p=params.top_p, top_k=params.top_k, **extra)
+            gens = []
+            for row in out[:, width:].tolist():
+                n = next((k for k, tok in enumerate(row) if tok in self._stop_ids), len(row))
+                text = truncate_at_stop(self.tokenizer.decode(row[:n], skip_special_tokens=True), stops)
+                gens.append(Generation(text=text, output_tokens=n))
+            return gens
+
+    return GenerateEngine(model_path, **kwargs)
 
 
 def reference_runner(model_path: str, dtype: str, device: str, max_new_tokens: int, max_length: int | None,
@@ -360,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                     run, close, settings[name] = reference_runner(
                         model_path, cfg.teacher.dtype, args.device, cfg.teacher.max_new_tokens,
                         args.reference_max_length, cfg.seed)
-                elif name == "hf":
-                    engine = HFEngine(model_path, dtype=cfg.teacher.dtype, batch_size=cfg.teacher.batch_size,
+                elif name in ("hf", "hf_generate"):
+                    make = generate_engine if name == "hf_generate" else HFEngine
+                    engine = make(model_path, dtype=cfg.teacher.dtype, batch_size=cfg.teacher.batch_size,
                                       seed=cfg.seed, device=args.device)
                     run, close = _direct(engine, params), engine.close
                     settings[name] = {"batch_size": cfg.teacher.batch_size, "dtype": str(engine.dtype)}

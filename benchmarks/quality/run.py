@@ -3,10 +3,12 @@
 Usage::
 
     python benchmarks/quality/run.py --task sst2 --strategies gold,zerogen --seeds 0 --samples 512 \
-        [--runtime local|ray] [--set key=value ...] [--teacher-fewshot]
+        [--runtime local|ray] [--set key=value ...] [--tag NAME] [--teacher-fewshot]
 
-Each finished run writes ``results/<task>-<strategy>-s<seed>-n<samples>.json`` (accuracy, counts,
-wall time, machine, the exact command). A run already finished is skipped; an interrupted one
+Each finished run writes ``results/<task>-<strategy>-s<seed>-n<samples>[-<tag>].json`` (accuracy,
+counts, teacher, wall time, machine, the exact command). ``--tag`` names a variant of the default
+setup (``--tag gemma3 --set teacher.model=embedded:gemma3-270m``): its runs and run folders are
+kept apart, and the summary lists them as ``strategy@tag`` under ``variants``. A run already finished is skipped; an interrupted one
 resumes from its last committed stage, so the script can be stopped and restarted at will.
 
 ``--teacher-fewshot`` first evaluates the teacher itself as a few-shot classifier on the task's
@@ -96,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtime", choices=("local", "ray"), default="local")
     p.add_argument("--runs-dir", default="runs/quality")
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--tag", default="", help="variant name added to result and run names (e.g. gemma3)")
     p.add_argument("--teacher-fewshot", action="store_true",
                    help=f"evaluate the teacher as a few-shot classifier first (results/<task>{FEWSHOT_SUFFIX})")
     args = p.parse_args(argv)
+    if args.tag and not args.tag.replace("_", "").isalnum():
+        p.error(f"--tag must be letters, digits and underscores, got {args.tag!r}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/quality/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.teacher_fewshot:
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for strategy in strategies:
         for seed in (int(s) for s in args.seeds.split(",")):
-            name = f"{args.task}-{strategy}-s{seed}-n{args.samples}"
+            name = f"{args.task}-{strategy}-s{seed}-n{args.samples}" + (f"-{args.tag}" if args.tag else "")
             out = RESULTS / f"{name}.json"
             if out.is_file():
                 rows.append(json.loads(out.read_text()))
@@ -128,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             final = metrics["final"]
             row = {
                 "task": args.task, "strategy": strategy, "seed": seed, "budget": args.samples,
+                "tag": args.tag, "teacher": cfg.teacher.model,
                 "accuracy": final.get("accuracy"), "macro_f1": final.get("macro_f1"),
                 "final_records": final.get("records"),
                 "per_iteration_accuracy": [m.get("train", {}).get("accuracy") for m in metrics["iterations"]],
@@ -163,8 +169,12 @@ def write_summary() -> dict:
     accuracy over its seeds (:func:`gold_ray.compare.metric_stats`). The teacher few-shot files
     give ``summary["teacher_fewshot"][task]``. Accuracies are fractions.
 
+    Tagged runs (``--tag``) are kept out of ``tasks`` and listed under ``variants`` as
+    ``STRATEGY@TAG``, with the same statistics.
+
     Returns:
-        ``{"tasks": {TASK: {STRATEGY: {"mean", "std", "seeds", "budget"}}}, "teacher_fewshot": {TASK: accuracy}}``.
+        ``{"tasks": {TASK: {STRATEGY: {"mean", "std", "seeds", "budget"}}}, "teacher_fewshot": {TASK: accuracy},
+        "variants": {TASK: {"STRATEGY@TAG": {...}}}}`` (``variants`` only when there are tagged runs).
     """
     from gold_ray.compare import markdown_table, metric_stats
 
@@ -173,7 +183,8 @@ def write_summary() -> dict:
         if path.name.endswith(FEWSHOT_SUFFIX):
             continue
         row = json.loads(path.read_text())
-        groups.setdefault((row["task"], row["strategy"]), {}).setdefault(row["budget"], []).append(row)
+        key = row["strategy"] + (f"@{row['tag']}" if row.get("tag") else "")
+        groups.setdefault((row["task"], key), {}).setdefault(row["budget"], []).append(row)
     fewshot = {}
     for path in sorted(RESULTS.glob(f"*{FEWSHOT_SUFFIX}")):
         row = json.loads(path.read_text())
@@ -184,12 +195,13 @@ def write_summary() -> dict:
         budget = max(by_budget)
         rows = sorted(by_budget[budget], key=lambda r: r["seed"])
         stats = metric_stats([r["accuracy"] for r in rows])
-        summary["tasks"].setdefault(task, {})[strategy] = {"mean": stats["mean"], "std": stats["std"],
-                                                            "seeds": stats["seeds"], "budget": budget}
+        section = "variants" if "@" in strategy else "tasks"
+        summary.setdefault(section, {}).setdefault(task, {})[strategy] = {
+            "mean": stats["mean"], "std": stats["std"], "seeds": stats["seeds"], "budget": budget}
         used += rows
         main_rows.append([task, strategy, budget, stats["seeds"], stats["mean"], stats["std"],
                           ", ".join(f"s{r['seed']}: {r['accuracy']:.4f}" for r in rows),
-                          ", ".join(f"{r['wall_s']:.0f}" for r in rows)])
+                          ", ".join(f"{r['wall_s']:.0f}" for r in rows), rows[0].get("teacher") or "not recorded"])
         for small in sorted(b for b in by_budget if b != budget):
             old = sorted(by_budget[small], key=lambda r: r["seed"])
             s = metric_stats([r["accuracy"] for r in old])
@@ -205,7 +217,7 @@ def write_summary() -> dict:
         "that has results for the task and strategy.",
         "",
         markdown_table(["task", "strategy", "budget", "seeds", "accuracy mean", "std", "per seed",
-                        "wall time per run (s)"], main_rows),
+                        "wall time per run (s)", "teacher"], main_rows),
     ]
     if fewshot:
         lines += ["## Teacher as a few-shot classifier", "",
