@@ -2,7 +2,7 @@
 
 Why not ``model.generate``: measured on the embedded teacher (SmolLM2-135M, batch 64, 2-core CPU,
 ``benchmarks/perf/results/generation.md``), transformers' sampler sorted the whole 49k-token
-vocabulary and drew an exponential per vocabulary entry at every step, about 0.3 s of a 0.5 s
+vocabulary and drew an exponential per vocabulary entry at every step, about 0.2 s of a 0.5 s
 step, and kept computing rows that had already ended until the longest row ended. This loop
 
 - draws from the nucleus found among the top ``NUCLEUS_CANDIDATES`` tokens (an exact top-p:
@@ -14,7 +14,8 @@ step, and kept computing rows that had already ended until the longest row ended
 
 The sampling distribution is transformers' (temperature, then top-k, then top-p keeping the
 smallest set of tokens whose mass reaches ``top_p``); greedy decoding gives transformers' tokens
-exactly (``tests/test_decoding.py`` checks both).
+exactly (``tests/test_decoding.py`` checks both). Only the run's sampling parameters apply: extras
+a model's ``generation_config`` may carry (repetition penalty, min length) are not used.
 """
 
 from __future__ import annotations
