@@ -30,6 +30,16 @@ NUCLEUS_CANDIDATES = 4096
 On a 2-core CPU, ``topk(4096)`` of a 64 x 49k batch took 30 ms where a full sort took 263 ms."""
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``rows`` left-padded to the longest, so every row ends
+    at the last position."""
+    width = max(len(r) for r in rows)
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
+    mask = (torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]).long()
+    return input_ids, mask
+
+
 def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate token ids and their renormalised sampling probabilities, per row.
 
@@ -100,10 +110,7 @@ def decode_batch(
         The generated ids per row, in input order, without the end token.
     """
     device = next(model.parameters()).device
-    width = max(len(r) for r in rows)
-    lengths = torch.tensor([len(r) for r in rows], device=device)
-    input_ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
-    mask = (torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]).long()
+    input_ids, mask = left_padded(rows, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     ends = torch.tensor(sorted(set(end_ids)), device=device)
     out: list[list[int]] = [[] for _ in rows]

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from gold_ray.config import TeacherConfig
-from gold_ray.decoding import decode_batch
+from gold_ray.decoding import decode_batch, left_padded
 from gold_ray.models import allow_remote_code
 from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
 
@@ -390,12 +390,10 @@ class HFEngine(TeacherEngine):
         if len(seqs) < 2 or shared < self.MIN_SHARED_PREFIX:
             shared = 0
         rows = [ids[shared:] for ids, _ in seqs]
-        width = max(len(r) for r in rows)
         keep = max(need)
         # Left padding puts every row's end at the end, so only the last `keep` positions need
         # logits (a 262k vocabulary times the whole sequence would not fit).
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        input_ids, mask = left_padded(rows, pad, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + shared
         extra: dict[str, Any] = {}
         with torch.inference_mode():

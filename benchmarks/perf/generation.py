@@ -165,15 +165,15 @@ def generate_engine(model_path: str, **kwargs: Any) -> Any:
     rows kept in the batch): the baseline the decode loop is measured against."""
     import torch
 
+    from gold_ray.decoding import left_padded
     from gold_ray.engines import HFEngine, truncate_at_stop
     from gold_ray.types import Generation
 
     class GenerateEngine(HFEngine):
         def _generate_batch(self, rows, stops, params):  # noqa: ANN001, ANN202 (benchmark-only)
             pad = self.tokenizer.pad_token_id
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+            ids, mask = left_padded(rows, pad, self.device)
+            width = ids.shape[1]
             extra = {"stop_strings": list(stops), "tokenizer": self.tokenizer} if stops else {}
             with torch.inference_mode():
                 out = self.model.generate(
