@@ -1,0 +1,128 @@
+"""The quality benchmark's analysis scripts on a finished tiny run: the final-recipe sweep
+(benchmarks/quality/recipe.py: recipes retrained on a run's own data, chosen on a validation file, never
+on the test set) and the per-iteration diagnostics (benchmarks/quality/diagnose.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from gold_ray.config import load_config
+from gold_ray.evaluation import evaluate_student, load_eval_records
+from gold_ray.loop import Distiller
+from gold_ray.store import read_parts
+from gold_ray.student import load_student
+from gold_ray.tasks import load_task
+from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
+
+
+def _script(name, results, monkeypatch):
+    spec = importlib.util.spec_from_file_location(f"quality_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", results)
+    return module
+
+
+@pytest.fixture
+def recipe(tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir()
+    return _script("recipe", tmp_path / "results", monkeypatch)
+
+
+@pytest.fixture
+def diagnose(tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir(exist_ok=True)
+    return _script("diagnose", tmp_path / "results", monkeypatch)
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A finished GOLD run on the fake engine and a tiny student: (run folder, eval file, validation file)."""
+    rows = [{"text": f"a sample {i} that reads as {'positive' if i % 2 else 'negative'}",
+             "label": "positive" if i % 2 else "negative"} for i in range(24)]
+    eval_file, val_file = tmp_path / "eval.jsonl", tmp_path / "val.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
+    val_file.write_text("".join(json.dumps(r) + "\n" for r in rows[16:]))
+    student_dir = save_tiny_classifier(tmp_path / "student")
+    run_dir = tmp_path / "runs" / "sst2-gold-s0-n24"
+    cfg = load_config(None, [
+        "task.name=sst2", f"task.eval_path={eval_file}", f"student.model={student_dir}", "teacher.model=fake",
+        "budget.samples=24", "strategy.iterations=2", "strategy.probe_fraction=0.5", "student.final_epochs=1",
+        "student.batch_size=8", f"output.dir={run_dir}", "tracking.enabled=false"])
+    Distiller(cfg, engine=FakeTeacherEngine()).run()
+    return run_dir, eval_file, val_file
+
+
+def test_recipe_names_parse_and_bad_ones_are_refused(recipe):
+    assert recipe.parse_recipe("ce-e3") == {"name": "ce-e3", "loss": "ce", "alpha": 1.0, "beta": 1.0, "epochs": 3}
+    assert recipe.parse_recipe("sce-a0.1-b1-e6") == {"name": "sce-a0.1-b1-e6", "loss": "sce", "alpha": 0.1,
+                                                     "beta": 1.0, "epochs": 6}
+    with pytest.raises(ValueError, match="sce-a1-e3"):
+        recipe.parse_recipe("sce-a1-e3")
+
+
+def test_choice_looks_at_validation_only_and_needs_every_run(recipe):
+    def row(run, strategy, name, val, test):
+        return {"run": run, "strategy": strategy, "recipe": name, "val_accuracy": val, "test_accuracy": test}
+
+    rows = [row("gold-s0", "gold", "ce-e3", 0.70, 0.90), row("zerogen-s0", "zerogen", "ce-e3", 0.70, 0.90),
+            row("gold-s0", "gold", "sce-a1-b1-e3", 0.80, 0.60), row("zerogen-s0", "zerogen", "sce-a1-b1-e3", 0.74, 0.60),
+            row("gold-s0", "gold", "ce-e6", 0.99, 0.99)]  # best of all, but not measured on every run yet
+    out = recipe.choose(rows, ["ce-e3", "sce-a1-b1-e3", "ce-e6"])
+    assert out["chosen"] == "sce-a1-b1-e3"  # higher mean validation, although its test accuracy is lower
+    assert out["per_recipe"]["sce-a1-b1-e3"] == {"val": pytest.approx(0.77), "test": pytest.approx(0.60), "runs": 2}
+    assert out["per_strategy"]["zerogen"]["sce-a1-b1-e3"]["val"] == pytest.approx(0.74)
+    # A tie goes to the earlier recipe of the list.
+    tie = [row("gold-s0", "gold", "a", 0.5, 0.1), row("gold-s0", "gold", "b", 0.5, 0.9)]
+    assert recipe.choose(tie, ["a", "b"])["chosen"] == "a"
+
+
+def test_sweep_scores_the_run_own_student_retrains_the_rest_and_resumes(recipe, finished_run, tmp_path, monkeypatch):
+    run_dir, eval_file, val_file = finished_run
+    argv = ["--task", "sst2", "--runs", "gold-s0", "--samples", "24", "--runs-dir", str(tmp_path / "runs"),
+            "--val", str(val_file), "--recipes", "ce-e1,sce-a1-b1-e1"]
+
+    assert recipe.main(argv) == 0
+    report = json.loads((tmp_path / "results" / "sst2-recipes-n24.json").read_text())
+    own, sce = report["rows"]
+    task = load_task("sst2")
+    saved = load_student(run_dir / "student", task)
+    assert not own["retrained"] and sce["retrained"]
+    assert own["val_accuracy"] == evaluate_student(saved, task, load_eval_records(task, val_file))["accuracy"]
+    assert own["test_accuracy"] == evaluate_student(saved, task, load_eval_records(task, eval_file))["accuracy"]
+    best = max(report["rows"], key=lambda r: (r["val_accuracy"], r["recipe"] == "ce-e1"))
+    assert report["chosen"] == best["recipe"] and report["validation"] == str(val_file)
+    assert f"**{best['recipe']}**" in (tmp_path / "results" / "sst2-recipes-n24.md").read_text()
+
+    # Finished pairs are never retrained: a second invocation only re-reads the file.
+    monkeypatch.setattr("gold_ray.student.build_student", lambda *a, **k: pytest.fail("retrained a finished pair"))
+    assert recipe.main(argv) == 0
+    assert json.loads((tmp_path / "results" / "sst2-recipes-n24.json").read_text())["rows"] == report["rows"]
+    with pytest.raises(SystemExit):
+        recipe.main([*argv[:-1], "adam-e3"])
+
+
+def test_diagnostics_report_each_iteration_from_the_run_files(diagnose, finished_run, tmp_path):
+    run_dir, eval_file, _ = finished_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert diagnose.main(["--task", "sst2", "--samples", "24", "--runs-dir", str(tmp_path / "runs")]) == 0
+    report = json.loads((tmp_path / "results" / "sst2-diagnostics-n24.json").read_text())
+    assert report["chance_loss"] == pytest.approx(0.6931, abs=1e-4)
+    evaluated = [json.loads(line) for line in eval_file.read_text().splitlines()]
+    assert report["eval_mean_chars"] == pytest.approx(sum(len(r["text"]) for r in evaluated) / len(evaluated), abs=0.05)
+    assert [(r["run"], r["iteration"]) for r in report["rows"]] == [("sst2-gold-s0-n24", 0), ("sst2-gold-s0-n24", 1)]
+    first, it0 = report["rows"][0], metrics["iterations"][0]
+    assert first["train_loss"] == it0["train"]["loss"]
+    assert first["probe_score_spread"] == pytest.approx(it0["probe"]["scores"]["p90"] - it0["probe"]["scores"]["p10"])
+    train = read_parts([run_dir / "data" / "train-it000.parquet"])
+    assert first["train_chars"] == pytest.approx(sum(len(r["text"]) for r in train) / len(train), abs=0.05)
+    assert first["feedback_size"] == len(it0["feedback"]["ids"]) and first["feedback_chars"] is not None
+    assert "| sst2-gold-s0-n24 | 0 |" in (tmp_path / "results" / "sst2-diagnostics-n24.md").read_text()
+    with pytest.raises(SystemExit):  # nothing to diagnose is an error, not an empty report
+        diagnose.main(["--task", "ag_news", "--samples", "24", "--runs-dir", str(tmp_path / "runs")])
