@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,13 @@ def test_sweep_scores_the_run_own_student_retrains_the_rest_and_resumes(recipe, 
     assert json.loads((tmp_path / "results" / "sst2-recipes-n24.json").read_text())["rows"] == report["rows"]
     with pytest.raises(SystemExit):
         recipe.main([*argv[:-1], "adam-e3"])
+
+    # A --tag variant's folder is named as run.py names it; its rows are grouped as STRATEGY@TAG.
+    shutil.copytree(run_dir, run_dir.with_name("sst2-gold-s0-n24-v2"))
+    assert recipe.main([*argv[:3], "gold-s0@v2", *argv[4:-1], "ce-e1"]) == 0
+    report = json.loads((tmp_path / "results" / "sst2-recipes-n24.json").read_text())
+    assert report["rows"][-1]["run"] == "gold-s0@v2" and report["rows"][-1]["val_accuracy"] == own["val_accuracy"]
+    assert set(report["per_strategy"]) == {"gold", "gold@v2"}
 
 
 def test_diagnostics_report_each_iteration_from_the_run_files(diagnose, finished_run, tmp_path):

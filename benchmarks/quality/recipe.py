@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/quality/recipe.py --task sst2 --runs gold-s0,gold-s1,zerogen-s0,zerogen-s1 \
+    python benchmarks/quality/recipe.py --task sst2 --runs gold-s0,gold-s1,zerogen-s0,zerogen-s1,gold-s0@ep3 \
         [--samples 1000] [--recipes ce-e3,sce-a1-b1-e3,sce-a0.1-b1-e3]
 
 The final student of a quality run is trained afresh on all the run's kept data (the loop's final
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="sst2")
-    p.add_argument("--runs", required=True, help="comma list of STRATEGY-sSEED (finished quality runs)")
+    p.add_argument("--runs", required=True, help="comma list of STRATEGY-sSEED[@TAG] (finished quality runs; @TAG for a --tag variant)")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--runs-dir", default="runs/quality")
     p.add_argument("--recipes", default=DEFAULT_RECIPES)
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = json.loads(out.read_text())["rows"] if out.is_file() else []
     done = {(r["run"], r["recipe"]) for r in rows}
     for run in args.runs.split(","):
-        run_dir = Path(args.runs_dir) / f"{args.task}-{run}-n{args.samples}"
+        name, _, tag = run.partition("@")
+        run_dir = Path(args.runs_dir) / (f"{args.task}-{name}-n{args.samples}" + (f"-{tag}" if tag else ""))
         state = load_state(run_dir)
         if not state or not state.get("finished"):
             p.error(f"{run_dir} is not a finished run")
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                             beta=recipe["beta"], seed=cfg.seed)
             else:
                 student = load_student(run_dir / "student", task)
-            row = {"run": run, "strategy": cfg.strategy.name, "seed": cfg.seed, "recipe": recipe["name"],
+            row = {"run": run, "strategy": cfg.strategy.name + (f"@{tag}" if tag else ""), "seed": cfg.seed, "recipe": recipe["name"],
                    "val_accuracy": evaluate_student(student, task, val)["accuracy"],
                    "test_accuracy": evaluate_student(student, task, eval_records(cfg, task))["accuracy"],
                    "retrained": retrained, "seconds": round(time.perf_counter() - t0, 1)}
