@@ -84,6 +84,7 @@ def test_choice_looks_at_validation_only_and_needs_every_run(recipe):
     assert recipe.choose(tie, ["a", "b"])["chosen"] == "a"
 
 
+@pytest.mark.slow
 def test_sweep_scores_the_run_own_student_retrains_the_rest_and_resumes(recipe, finished_run, tmp_path, monkeypatch):
     run_dir, eval_file, val_file = finished_run
     argv = ["--task", "sst2", "--runs", "gold-s0", "--samples", "24", "--runs-dir", str(tmp_path / "runs"),
@@ -116,6 +117,7 @@ def test_sweep_scores_the_run_own_student_retrains_the_rest_and_resumes(recipe, 
     assert set(report["per_strategy"]) == {"gold", "gold@v2"}
 
 
+@pytest.mark.slow
 def test_diagnostics_report_each_iteration_from_the_run_files(diagnose, finished_run, tmp_path):
     run_dir, eval_file, _ = finished_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
