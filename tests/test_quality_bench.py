@@ -93,3 +93,24 @@ def test_teacher_fewshot_step_writes_its_file_once(bench, tmp_path, monkeypatch)
 def test_unknown_strategy_is_refused_before_any_run(bench):
     with pytest.raises(ValueError, match="available: gold, zerogen"):
         bench.main(["--task", "sst2", "--strategies", "gold,bogus"])
+
+
+def test_a_chosen_recipe_is_summarised_per_strategy_beside_the_runs_own_rows(bench):
+    _result(bench, "sst2", "gold", 0, 1000, 0.73)
+    rows = [{"run": f"{s}-s{seed}", "strategy": s, "seed": seed, "recipe": recipe, "val_accuracy": 0.8,
+             "test_accuracy": acc}
+            for s, seed, recipe, acc in [("gold", 0, "ce-e3", 0.73), ("gold", 0, "sce-a0.1-b1-e3", 0.75),
+                                         ("gold", 1, "sce-a0.1-b1-e3", 0.77), ("zerogen", 0, "sce-a0.1-b1-e3", 0.72)]]
+    (bench.RESULTS / "sst2-recipes-n1000.json").write_text(json.dumps(
+        {"task": "sst2", "samples": 1000, "validation": "sst2/seed.jsonl", "chosen": "sce-a0.1-b1-e3", "rows": rows}))
+    (bench.RESULTS / "ag_news-recipes-n1000.json").write_text(json.dumps(
+        {"task": "ag_news", "samples": 1000, "validation": "v", "chosen": None, "rows": []}))
+    summary = bench.write_summary()
+    # The runs' own rows are untouched; the chosen recipe is a section of its own.
+    assert summary["tasks"]["sst2"] == {"gold": {"mean": 0.73, "std": 0.0, "seeds": 1, "budget": 1000}}
+    assert summary["chosen_recipe"] == {"sst2": {
+        "recipe": "sce-a0.1-b1-e3", "validation": "sst2/seed.jsonl", "budget": 1000,
+        "strategies": {"gold": {"mean": pytest.approx(0.76), "std": pytest.approx(statistics.stdev([0.75, 0.77])),
+                                "seeds": 2},
+                       "zerogen": {"mean": 0.72, "std": 0.0, "seeds": 1}}}}
+    assert "| sst2 | 1000 | sce-a0.1-b1-e3 | gold | 2 | 0.7600 |" in (bench.RESULTS / "summary.md").read_text()

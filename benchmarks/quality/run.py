@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 RESULT_GLOB = "*-s*-n*.json"
 FEWSHOT_SUFFIX = "-teacher-fewshot.json"
+RECIPES_GLOB = "*-recipes-n*.json"
 
 
 def machine() -> dict:
@@ -170,11 +171,14 @@ def write_summary() -> dict:
     give ``summary["teacher_fewshot"][task]``. Accuracies are fractions.
 
     Tagged runs (``--tag``) are kept out of ``tasks`` and listed under ``variants`` as
-    ``STRATEGY@TAG``, with the same statistics.
+    ``STRATEGY@TAG``, with the same statistics. A recipe sweep (``recipe.py``) that has chosen a
+    final-training recipe adds ``chosen_recipe[TASK]``: the recipe, the validation file, and the
+    test accuracy statistics per strategy of the runs retrained with it.
 
     Returns:
         ``{"tasks": {TASK: {STRATEGY: {"mean", "std", "seeds", "budget"}}}, "teacher_fewshot": {TASK: accuracy},
-        "variants": {TASK: {"STRATEGY@TAG": {...}}}}`` (``variants`` only when there are tagged runs).
+        "variants": {TASK: {"STRATEGY@TAG": {...}}}, "chosen_recipe": {TASK: {"recipe", "validation", "budget",
+        "strategies": {STRATEGY: {"mean", "std", "seeds"}}}}}`` (the last two only when there is something to list).
     """
     from gold_ray.compare import markdown_table, metric_stats
 
@@ -183,6 +187,8 @@ def write_summary() -> dict:
         if path.name.endswith(FEWSHOT_SUFFIX):
             continue
         row = json.loads(path.read_text())
+        if "strategy" not in row or "seed" not in row:  # the analysis scripts' files share the folder
+            continue
         key = row["strategy"] + (f"@{row['tag']}" if row.get("tag") else "")
         groups.setdefault((row["task"], key), {}).setdefault(row["budget"], []).append(row)
     fewshot = {}
@@ -201,13 +207,28 @@ def write_summary() -> dict:
         used += rows
         main_rows.append([task, strategy, budget, stats["seeds"], stats["mean"], stats["std"],
                           ", ".join(f"s{r['seed']}: {r['accuracy']:.4f}" for r in rows),
-                          ", ".join(f"{r['wall_s']:.0f}" for r in rows), rows[0].get("teacher") or "not recorded"])
+                          ", ".join(f"{r['wall_s']:.0f}" + (" (resumed)" if r.get("resumed") else "") for r in rows), rows[0].get("teacher") or "not recorded"])
         for small in sorted(b for b in by_budget if b != budget):
             old = sorted(by_budget[small], key=lambda r: r["seed"])
             s = metric_stats([r["accuracy"] for r in old])
             other_rows.append([task, strategy, small, s["seeds"], s["mean"], s["std"]])
     for task, row in sorted(fewshot.items()):
         summary["teacher_fewshot"][task] = row.get("accuracy")
+    recipe_rows = []
+    for path in sorted(RESULTS.glob(RECIPES_GLOB)):
+        sweep = json.loads(path.read_text())
+        if sweep.get("chosen") is None:
+            continue
+        chosen = [r for r in sweep["rows"] if r["recipe"] == sweep["chosen"]]
+        by_strategy: dict[str, list[float]] = {}
+        for r in chosen:
+            by_strategy.setdefault(r["strategy"], []).append(r["test_accuracy"])
+        stats = {k: metric_stats(v) for k, v in sorted(by_strategy.items())}
+        summary.setdefault("chosen_recipe", {})[sweep["task"]] = {
+            "recipe": sweep["chosen"], "validation": sweep["validation"], "budget": sweep["samples"],
+            "strategies": {k: {"mean": v["mean"], "std": v["std"], "seeds": v["seeds"]} for k, v in stats.items()}}
+        recipe_rows += [[sweep["task"], sweep["samples"], sweep["chosen"], k, v["seeds"], v["mean"], v["std"]]
+                        for k, v in stats.items()]
     lines = [
         "# Quality benchmark summary",
         "",
@@ -226,6 +247,13 @@ def write_summary() -> dict:
                                  [[t, r.get("teacher"), r.get("prompt_style"), r.get("demos"), _examples(r),
                                    r.get("accuracy"), r.get("macro_f1"), f"{r.get('wall_s', 0):.0f}"]
                                   for t, r in sorted(fewshot.items())])]
+    if recipe_rows:
+        lines += ["## Final-training recipe chosen on validation (`recipe.py`)", "",
+                  "Each run's final student retrained on the run's own data with the recipe that has the best "
+                  "mean accuracy on the task's `seed.jsonl` (real examples, not the test set) over the swept runs; "
+                  "test accuracy below. Details per recipe in `<task>-recipes-n<budget>.md`.", "",
+                  markdown_table(["task", "budget", "recipe", "strategy", "seeds", "accuracy mean", "std"],
+                                 recipe_rows)]
     everything = used + list(fewshot.values())
     machines = sorted({_machine_text(r["machine"]) for r in everything if r.get("machine")})
     commands = sorted({r["command"] for r in everything if r.get("command")})
