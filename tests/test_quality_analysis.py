@@ -88,17 +88,17 @@ def test_choice_looks_at_validation_only_and_needs_every_run(recipe):
 def test_sweep_scores_the_run_own_student_retrains_the_rest_and_resumes(recipe, finished_run, tmp_path, monkeypatch):
     run_dir, eval_file, val_file = finished_run
     argv = ["--task", "sst2", "--runs", "gold-s0", "--samples", "24", "--runs-dir", str(tmp_path / "runs"),
-            "--val", str(val_file), "--recipes", "ce-e1,sce-a1-b1-e1"]
+            "--val", str(val_file), "--recipes", "sce-a0.1-b1-e1,ce-e1"]
 
     assert recipe.main(argv) == 0
     report = json.loads((tmp_path / "results" / "sst2-recipes-n24.json").read_text())
-    own, sce = report["rows"]
+    own, ce = report["rows"]  # the run trained GOLD's own final recipe (auto: SCE, alpha 0.1)
     task = load_task("sst2")
     saved = load_student(run_dir / "student", task)
-    assert not own["retrained"] and sce["retrained"]
+    assert not own["retrained"] and ce["retrained"]
     assert own["val_accuracy"] == evaluate_student(saved, task, load_eval_records(task, val_file))["accuracy"]
     assert own["test_accuracy"] == evaluate_student(saved, task, load_eval_records(task, eval_file))["accuracy"]
-    best = max(report["rows"], key=lambda r: (r["val_accuracy"], r["recipe"] == "ce-e1"))
+    best = max(report["rows"], key=lambda r: (r["val_accuracy"], r["recipe"] == "sce-a0.1-b1-e1"))
     assert report["chosen"] == best["recipe"] and report["validation"] == str(val_file)
     assert f"**{best['recipe']}**" in (tmp_path / "results" / "sst2-recipes-n24.md").read_text()
 
@@ -111,7 +111,7 @@ def test_sweep_scores_the_run_own_student_retrains_the_rest_and_resumes(recipe, 
 
     # A --tag variant's folder is named as run.py names it; its rows are grouped as STRATEGY@TAG.
     shutil.copytree(run_dir, run_dir.with_name("sst2-gold-s0-n24-v2"))
-    assert recipe.main([*argv[:3], "gold-s0@v2", *argv[4:-1], "ce-e1"]) == 0
+    assert recipe.main([*argv[:3], "gold-s0@v2", *argv[4:-1], "sce-a0.1-b1-e1"]) == 0
     report = json.loads((tmp_path / "results" / "sst2-recipes-n24.json").read_text())
     assert report["rows"][-1]["run"] == "gold-s0@v2" and report["rows"][-1]["val_accuracy"] == own["val_accuracy"]
     assert set(report["per_strategy"]) == {"gold", "gold@v2"}

@@ -57,12 +57,14 @@ def parse_recipe(name: str) -> dict:
 def run_recipe(run_dir: Path) -> dict | None:
     """The recipe the run's own final stage used, as :func:`parse_recipe` names it (None if unknown)."""
     from gold_ray.config import load_config
+    from gold_ray.strategies import build_strategy
 
     cfg = load_config(run_dir / "config.yaml")
     s = cfg.student
     if not s.final_fresh or cfg.strategy.noise_filter_top > 0:
         return None
-    name = f"ce-e{s.final_epochs}" if s.final_loss == "ce" else f"sce-a{s.sce_alpha:g}-b{s.sce_beta:g}-e{s.final_epochs}"
+    loss = build_strategy(cfg.strategy.name).default_final_loss if s.final_loss == "auto" else s.final_loss
+    name = f"ce-e{s.final_epochs}" if loss == "ce" else f"sce-a{s.sce_alpha:g}-b{s.sce_beta:g}-e{s.final_epochs}"
     return parse_recipe(name)
 
 

@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 "task": args.task, "strategy": strategy, "seed": seed, "budget": args.samples,
                 "tag": args.tag, "teacher": cfg.teacher.model,
                 "accuracy": final.get("accuracy"), "macro_f1": final.get("macro_f1"),
+                "final_loss": final.get("loss"), "sce": [cfg.student.sce_alpha, cfg.student.sce_beta],
                 "final_records": final.get("records"),
                 "per_iteration_accuracy": [m.get("train", {}).get("accuracy") for m in metrics["iterations"]],
                 "totals": metrics["totals"], "teacher_tokens": metrics["teacher_tokens"],

@@ -10,7 +10,8 @@ One iteration of every strategy runs the same stages (see :mod:`gold_ray.loop` a
 4. ``update_feedback``: the strategy picks the examples that go into the next prompts.
 5. ``keep_for_training``: which accepted samples become training data.
 
-The final student is trained on all kept data with ``final_loss``.
+The final student is trained on all kept data with ``final_loss`` (the strategy's own loss unless
+``student.final_loss`` names one for every strategy).
 
 Hooks that only some strategies use (defaults do nothing):
 
@@ -32,7 +33,6 @@ its prompts are ``classify`` prompts that carry the unlabelled record in ``Promp
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +134,7 @@ def balanced_labels(task: TaskSpec, n: int, rng: np.random.Generator) -> list[st
     return labels
 
 
-class Strategy(ABC):
+class Strategy:
     """A data-generation strategy. Subclasses set ``name`` and override what differs.
 
     Attributes:
@@ -142,11 +142,14 @@ class Strategy(ABC):
         uses_probes: Whether the strategy generates probe samples each iteration.
         continue_student: Keep training the same student across iterations (GOLD) rather than
             restarting from the pretrained weights each round (ProGen, S3).
+        default_final_loss: The final stage's loss under ``student.final_loss=auto``: ``ce``, or
+            ``sce`` where the method's paper trains with it (GOLD).
     """
 
     name: str = "base"
     uses_probes: bool = False
     continue_student: bool = True
+    default_final_loss: str = "ce"
 
     def seed_demos_for(self, ctx: StrategyContext, label: str | None) -> list[dict[str, Any]]:
         """``strategy.demos_per_prompt`` of the task's seed demos in a random order, ``label``'s first."""
@@ -246,6 +249,12 @@ class Strategy(ABC):
         """Which accepted records become training data (default: all of them)."""
         return [True] * len(records)
 
-    @abstractmethod
     def final_loss(self, ctx: StrategyContext) -> tuple[str, float, float]:
-        """Loss of the final training stage: (``ce`` or ``sce``, alpha, beta)."""
+        """Loss of the final training stage: (``ce`` or ``sce``, alpha, beta).
+
+        ``student.final_loss=auto`` means the strategy's own :attr:`default_final_loss`; ``ce`` or
+        ``sce`` applies to every strategy (for like-for-like comparisons).
+        """
+        s = ctx.config.student
+        loss = self.default_final_loss if s.final_loss == "auto" else s.final_loss
+        return loss, s.sce_alpha, s.sce_beta

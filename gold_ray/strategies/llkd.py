@@ -258,8 +258,3 @@ class LLKDStrategy(Strategy):
         if not selected:
             return [True] * len(records)
         return [r["id"] in selected for r in records]
-
-    def final_loss(self, ctx: StrategyContext) -> tuple[str, float, float]:
-        """The configured final loss (CE by default; the paper's sample weights are not implemented)."""
-        s = ctx.config.student
-        return s.final_loss, s.sce_alpha, s.sce_beta

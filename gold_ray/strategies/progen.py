@@ -111,8 +111,3 @@ class ProGenStrategy(Strategy):
             feats[:n], [label_id[r["label"]] for r in train], weight, bias,
             feats[n:], [label_id[r["label"]] for r in val], damping=ctx.config.strategy.progen_damping,
         )
-
-    def final_loss(self, ctx: StrategyContext) -> tuple[str, float, float]:
-        """The configured final loss (ProGen trains with CE, the default)."""
-        s = ctx.config.student
-        return s.final_loss, s.sce_alpha, s.sce_beta

@@ -115,8 +115,3 @@ class S3Strategy(Strategy):
         if label is not None:
             seeds.sort(key=lambda d: d.get("label") != label)
         return seeds
-
-    def final_loss(self, ctx: StrategyContext) -> tuple[str, float, float]:
-        """The configured final loss (S3 trains with CE, the default)."""
-        s = ctx.config.student
-        return s.final_loss, s.sce_alpha, s.sce_beta

@@ -8,7 +8,7 @@ because the 135 M embedded teacher ignores the label without them (design.md).
 
 from __future__ import annotations
 
-from gold_ray.strategies.base import Strategy, StrategyContext
+from gold_ray.strategies.base import Strategy
 
 
 class ZeroGenStrategy(Strategy):
@@ -16,8 +16,3 @@ class ZeroGenStrategy(Strategy):
 
     name = "zerogen"
     uses_probes = False
-
-    def final_loss(self, ctx: StrategyContext) -> tuple[str, float, float]:
-        """Plain CE, or the configured final loss when the user set ``student.final_loss``."""
-        s = ctx.config.student
-        return s.final_loss, s.sce_alpha, s.sce_beta
