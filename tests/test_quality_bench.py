@@ -52,7 +52,8 @@ def test_summary_takes_the_largest_budget_and_never_mixes_budgets(bench):
     assert summary["teacher_fewshot"] == {"sst2": 0.61}
     assert json.loads((bench.RESULTS / "summary.json").read_text()) == summary
     md = (bench.RESULTS / "summary.md").read_text()
-    assert "| sst2 | gold | 1000 | 2 | 0.8200 |" in md and "3000, 3100" in md
+    # Rows written before the teacher and the final loss were recorded: the loss was then always CE.
+    assert "| sst2 | gold | 1000 | 2 | 0.8200 |" in md and "| 3000, 3100 | not recorded | ce |" in md
     assert "Linux-test, 2 CPUs" in md and "`python benchmarks/quality/run.py --samples 1000`" in md
     superseded = md.split("## Smaller budgets")[1]
     assert "| sst2 | gold | 512 | 1 | 0.7000 |" in superseded and "zerogen" not in superseded
@@ -61,12 +62,13 @@ def test_summary_takes_the_largest_budget_and_never_mixes_budgets(bench):
 def test_tagged_runs_are_variants_kept_apart_from_the_default_rows(bench):
     _result(bench, "sst2", "gold", 0, 1000, 0.80)
     row = {"task": "sst2", "strategy": "gold", "seed": 0, "budget": 1000, "accuracy": 0.74, "wall_s": 900.0,
-           "tag": "gemma3", "teacher": "embedded:gemma3-270m", "machine": MACHINE, "command": "c"}
+           "tag": "gemma3", "teacher": "embedded:gemma3-270m", "final_loss": "sce", "machine": MACHINE, "command": "c"}
     (bench.RESULTS / "sst2-gold-s0-n1000-gemma3.json").write_text(json.dumps(row))
     summary = bench.write_summary()
     assert summary["tasks"]["sst2"] == {"gold": {"mean": 0.80, "std": 0.0, "seeds": 1, "budget": 1000}}
     assert summary["variants"]["sst2"] == {"gold@gemma3": {"mean": 0.74, "std": 0.0, "seeds": 1, "budget": 1000}}
-    assert "| sst2 | gold@gemma3 | 1000 | 1 | 0.7400 |" in (bench.RESULTS / "summary.md").read_text()
+    md = (bench.RESULTS / "summary.md").read_text()
+    assert "| sst2 | gold@gemma3 | 1000 | 1 | 0.7400 |" in md and "| 900 | embedded:gemma3-270m | sce |" in md
     with pytest.raises(SystemExit):
         bench.main(["--tag", "../x", "--strategies", ""])
 

@@ -208,7 +208,10 @@ def write_summary() -> dict:
         used += rows
         main_rows.append([task, strategy, budget, stats["seeds"], stats["mean"], stats["std"],
                           ", ".join(f"s{r['seed']}: {r['accuracy']:.4f}" for r in rows),
-                          ", ".join(f"{r['wall_s']:.0f}" + (" (resumed)" if r.get("resumed") else "") for r in rows), rows[0].get("teacher") or "not recorded"])
+                          ", ".join(f"{r['wall_s']:.0f}" + (" (resumed)" if r.get("resumed") else "") for r in rows),
+                          rows[0].get("teacher") or "not recorded",
+                          # Rows from before the field existed ran the default of their time, CE.
+                          ", ".join(sorted({r.get("final_loss") or "ce" for r in rows}))])
         for small in sorted(b for b in by_budget if b != budget):
             old = sorted(by_budget[small], key=lambda r: r["seed"])
             s = metric_stats([r["accuracy"] for r in old])
@@ -239,7 +242,7 @@ def write_summary() -> dict:
         "that has results for the task and strategy.",
         "",
         markdown_table(["task", "strategy", "budget", "seeds", "accuracy mean", "std", "per seed",
-                        "wall time per run (s)", "teacher"], main_rows),
+                        "wall time per run (s)", "teacher", "final loss"], main_rows),
     ]
     if fewshot:
         lines += ["## Teacher as a few-shot classifier", "",
