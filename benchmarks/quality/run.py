@@ -237,7 +237,7 @@ def write_summary() -> dict:
         "# Quality benchmark summary",
         "",
         "Written by `write_summary()` in `benchmarks/quality/run.py` from the result files in this folder "
-        "(do not edit by hand). Accuracy on each task's evaluation set as a fraction; mean and sample "
+        "(do not edit by hand; what the numbers mean is in `findings.md`). Accuracy on each task's evaluation set as a fraction; mean and sample "
         "standard deviation over seeds, at the largest budget (teacher samples per run, probes included) "
         "that has results for the task and strategy.",
         "",
