@@ -79,6 +79,8 @@ def test_choice_looks_at_validation_only_and_needs_every_run(recipe):
     assert out["chosen"] == "sce-a1-b1-e3"  # higher mean validation, although its test accuracy is lower
     assert out["per_recipe"]["sce-a1-b1-e3"] == {"val": pytest.approx(0.77), "test": pytest.approx(0.60), "runs": 2}
     assert out["per_strategy"]["zerogen"]["sce-a1-b1-e3"]["val"] == pytest.approx(0.74)
+    # A sweep asked for a run it has not measured yet chooses nothing.
+    assert recipe.choose(rows, ["ce-e3", "sce-a1-b1-e3"], ["gold-s0", "zerogen-s0", "gold-s1"])["chosen"] is None
     # A tie goes to the earlier recipe of the list.
     tie = [row("gold-s0", "gold", "a", 0.5, 0.1), row("gold-s0", "gold", "b", 0.5, 0.9)]
     assert recipe.choose(tie, ["a", "b"])["chosen"] == "a"

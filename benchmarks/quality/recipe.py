@@ -68,18 +68,20 @@ def run_recipe(run_dir: Path) -> dict | None:
     return parse_recipe(name)
 
 
-def choose(rows: list[dict], recipes: list[str]) -> dict:
+def choose(rows: list[dict], recipes: list[str], runs: list[str] | None = None) -> dict:
     """Mean validation and test accuracy per recipe over ``rows``, and the recipe chosen on validation.
 
     Args:
         rows: ``{"run", "strategy", "recipe", "val_accuracy", "test_accuracy"}`` rows.
         recipes: Candidate names in order of preference (ties go to the earlier one).
+        runs: The runs the sweep was asked for; a recipe must be measured on each of them (and on
+            every run in ``rows``) to take part, so an interrupted sweep chooses nothing yet.
 
     Returns:
         ``{"per_recipe": {NAME: {"val", "test", "runs"}}, "per_strategy": {STRATEGY: {NAME: {...}}},
         "chosen": NAME or None}``; only recipes measured on every run take part in the choice.
     """
-    runs = sorted({r["run"] for r in rows})
+    runs = sorted(set(runs or []) | {r["run"] for r in rows})
 
     def means(subset: list[dict]) -> dict:
         out = {}
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"{args.task}-recipes-n{args.samples}.json"
     rows: list[dict] = json.loads(out.read_text())["rows"] if out.is_file() else []
     done = {(r["run"], r["recipe"]) for r in rows}
-    for run in args.runs.split(","):
+    requested = args.runs.split(",")
+    for run in requested:
         name, _, tag = run.partition("@")
         run_dir = Path(args.runs_dir) / (f"{args.task}-{name}-n{args.samples}" + (f"-{tag}" if tag else ""))
         state = load_state(run_dir)
@@ -183,13 +186,13 @@ def main(argv: list[str] | None = None) -> int:
                    "test_accuracy": evaluate_student(student, task, eval_records(cfg, task))["accuracy"],
                    "retrained": retrained, "seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)
-            summary = choose(rows, [r["name"] for r in recipes])
+            summary = choose(rows, [r["name"] for r in recipes], requested)
             out.write_text(json.dumps({"task": args.task, "samples": args.samples, "validation": val_name,
                                        "recipes": [r["name"] for r in recipes], **summary, "rows": rows}, indent=2))
             out.with_suffix(".md").write_text(render(args.task, args.samples, summary, rows, val_name))
             print(f"{run} {recipe['name']}: val {row['val_accuracy']:.4f} test {row['test_accuracy']:.4f} "
                   f"({row['seconds']} s)", flush=True)
-    summary = choose(rows, [r["name"] for r in recipes])
+    summary = choose(rows, [r["name"] for r in recipes], requested)
     print(f"chosen on validation: {summary['chosen']}")
     return 0
 
