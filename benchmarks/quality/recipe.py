@@ -16,8 +16,9 @@ task file). The recipe with the highest mean validation accuracy over all the ru
 ties go to the earlier recipe in ``--recipes``. Test accuracy is computed for every recipe so the
 cost of each choice is visible, but it takes no part in the choice.
 
-Test accuracy is on the evaluation set the run itself used. The run's own final student (saved under ``student/``) is the ``ce-e3`` row when the run used
-that recipe; it is scored, not retrained. Each retraining uses the run's seed, as the loop does.
+Test accuracy is on the evaluation set the run itself used. The run's own final student (saved
+under ``student/``) is the row of the recipe the run used; it is scored, not retrained. Each
+retraining uses the run's seed, as the loop does.
 
 Writes ``results/<task>-recipes-n<samples>.json`` (every run x recipe: validation and test
 accuracy, training seconds) and ``.md`` (means per recipe and per strategy), rewritten after each
@@ -32,6 +33,10 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gold_ray.config import RunConfig
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -54,17 +59,16 @@ def parse_recipe(name: str) -> dict:
             "epochs": int(m["epochs"])}
 
 
-def run_recipe(run_dir: Path) -> dict | None:
-    """The recipe the run's own final stage used, as :func:`parse_recipe` names it (None if unknown)."""
-    from gold_ray.config import load_config
+def run_recipe(cfg: RunConfig) -> dict | None:
+    """The recipe the final stage of a run with config ``cfg`` used, as :func:`parse_recipe` names it
+    (None when it is none of them)."""
     from gold_ray.strategies import build_strategy
 
-    cfg = load_config(run_dir / "config.yaml")
     s = cfg.student
     if not s.final_fresh or cfg.strategy.noise_filter_top > 0:
         return None
-    loss = build_strategy(cfg.strategy.name).default_final_loss if s.final_loss == "auto" else s.final_loss
-    name = f"ce-e{s.final_epochs}" if loss == "ce" else f"sce-a{s.sce_alpha:g}-b{s.sce_beta:g}-e{s.final_epochs}"
+    loss, alpha, beta = build_strategy(cfg.strategy.name).final_loss_for(s)
+    name = f"ce-e{s.final_epochs}" if loss == "ce" else f"sce-a{alpha:g}-b{beta:g}-e{s.final_epochs}"
     return parse_recipe(name)
 
 
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="sst2")
-    p.add_argument("--runs", required=True, help="comma list of STRATEGY-sSEED[@TAG] (finished quality runs; @TAG for a --tag variant)")
+    p.add_argument("--runs", required=True,
+                   help="comma list of STRATEGY-sSEED[@TAG] (finished quality runs; @TAG for a --tag variant)")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--runs-dir", default="runs/quality")
     p.add_argument("--recipes", default=DEFAULT_RECIPES)
@@ -164,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         if not state or not state.get("finished"):
             p.error(f"{run_dir} is not a finished run")
         cfg = load_config(run_dir / "config.yaml")
-        own = run_recipe(run_dir)
-        records = None
+        own = run_recipe(cfg)
+        records = test = None
         for recipe in recipes:
             if (run, recipe["name"]) in done:
                 continue
+            if test is None:
+                test = eval_records(cfg, task)
             t0 = time.perf_counter()
             retrained = own is None or own["name"] != recipe["name"]
             if retrained:
@@ -181,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                             beta=recipe["beta"], seed=cfg.seed)
             else:
                 student = load_student(run_dir / "student", task)
-            row = {"run": run, "strategy": cfg.strategy.name + (f"@{tag}" if tag else ""), "seed": cfg.seed, "recipe": recipe["name"],
-                   "val_accuracy": evaluate_student(student, task, val)["accuracy"],
-                   "test_accuracy": evaluate_student(student, task, eval_records(cfg, task))["accuracy"],
+            row = {"run": run, "strategy": cfg.strategy.name + (f"@{tag}" if tag else ""), "seed": cfg.seed,
+                   "recipe": recipe["name"], "val_accuracy": evaluate_student(student, task, val)["accuracy"],
+                   "test_accuracy": evaluate_student(student, task, test)["accuracy"],
                    "retrained": retrained, "seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)
             summary = choose(rows, [r["name"] for r in recipes], requested)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from gold_ray.config import ConfigError, RunConfig
+from gold_ray.config import ConfigError, RunConfig, StudentConfig
 from gold_ray.prompts import draw_style, render_probe_prompt, render_train_prompt
 from gold_ray.tasks import TaskSpec, resolve_data_path
 from gold_ray.types import Prompt
@@ -255,6 +255,9 @@ class Strategy:
         ``student.final_loss=auto`` means the strategy's own :attr:`default_final_loss`; ``ce`` or
         ``sce`` applies to every strategy (for like-for-like comparisons).
         """
-        s = ctx.config.student
-        loss = self.default_final_loss if s.final_loss == "auto" else s.final_loss
-        return loss, s.sce_alpha, s.sce_beta
+        return self.final_loss_for(ctx.config.student)
+
+    def final_loss_for(self, student: StudentConfig) -> tuple[str, float, float]:
+        """:meth:`final_loss` from the ``student`` config section alone (for tools that read a run's config)."""
+        loss = self.default_final_loss if student.final_loss == "auto" else student.final_loss
+        return loss, student.sce_alpha, student.sce_beta
