@@ -111,7 +111,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run every strategy x seed at the same budget and write the comparison table and plot."""
-    from gold_ray.compare import available_strategies, compare, parse_seeds, parse_strategies, run_in_process
+    from gold_ray.compare import available_strategies, compare, parse_seeds, parse_strategies
+    from gold_ray.loop import distill_in_process
     from gold_ray.progress import progress
 
     cfg = _load(args)
@@ -126,7 +127,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                   f"{', '.join(map(str, seeds))} ({cfg.budget.samples} teacher samples per run) "
                                   f"{where} into {out}", strategies=strategies, seeds=seeds, out=str(out))
         if args.local:
-            runner = run_in_process
+            runner = distill_in_process
         else:
             from actors.driver import run_on_ray
 

@@ -35,7 +35,7 @@ Choices where the issue leaves room:
   below those as usual.
 
 This module imports no Ray: the runner that executes one run is passed in
-(:func:`run_in_process`, or ``actors.driver.run_on_ray``).
+(:func:`gold_ray.loop.distill_in_process`, or ``actors.driver.run_on_ray``).
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ import numpy as np
 
 from gold_ray import store
 from gold_ray.config import ConfigError, RunConfig, load_config
-from gold_ray.loop import Distiller, EventFn, RunDirError
+from gold_ray.loop import EventFn, RunDirError, distill_in_process
 from gold_ray.tasks import TaskSpec, load_task, resolve_data_path
-from gold_ray.tracking import MlflowTracker, build_tracker, flatten_params
+from gold_ray.tracking import MlflowTracker, flatten_params
 from gold_ray.types import TeacherEngine
 
 RUNS_DIR = "runs"
@@ -254,7 +254,7 @@ def execute_run(cfg: RunConfig, runner: Runner, *, on_event: EventFn | None = No
 
     Args:
         cfg: The run's config (``output.dir`` is its folder).
-        runner: Executes a run (:func:`run_in_process` or ``actors.driver.run_on_ray``).
+        runner: Executes a run (:func:`gold_ray.loop.distill_in_process` or ``actors.driver.run_on_ray``).
         on_event: Progress callback of the run.
         check_config: Refuse a folder holding a run of another config (:func:`check_run_config`).
 
@@ -269,48 +269,6 @@ def execute_run(cfg: RunConfig, runner: Runner, *, on_event: EventFn | None = No
     resume = store.load_state(run_dir) is not None or (run_dir / store.CONFIG_FILE).exists()
     metrics = runner(cfg, resume=resume, on_event=on_event)
     return metrics, "resumed" if resume else "new"
-
-
-def run_in_process(cfg: RunConfig, *, resume: bool = False, on_event: EventFn | None = None,
-                   engine: TeacherEngine | None = None) -> dict[str, Any]:
-    """Run one distillation in this process with MLflow tracking as the Ray driver does it.
-
-    The run is an MLflow run (nested under ``tracking.parent_run_id`` when set) with the config
-    as params, per-stage metrics, the final metrics, ``metrics.json`` and the student.
-
-    Args:
-        cfg: The run config.
-        resume: Continue the run committed in ``cfg.output.dir``.
-        on_event: Progress callback.
-        engine: A ready teacher engine (tests); built from ``cfg.teacher`` when None.
-
-    Returns:
-        The run metrics, with ``mlflow`` (tracking URI and run id) when tracking is on.
-    """
-    distiller = Distiller(cfg, engine=engine, resume=resume, on_event=on_event)
-    if not cfg.tracking.enabled:
-        return distiller.run()
-    tracker = build_tracker(cfg, distiller.run_dir)
-    assert isinstance(tracker, MlflowTracker)
-    try:
-        known = distiller.state.get("mlflow_run_id")
-        run_id = tracker.start(f"{cfg.strategy.name}-{distiller.task.name}-seed{cfg.seed}", resume_run_id=known)
-        if run_id != known:
-            tracker.log_params(cfg)
-        distiller.state["mlflow_run_id"] = run_id
-        distiller.tracker = tracker
-        metrics = distiller.run()
-        tracker.log_metrics({f"final.{k}": v for k, v in metrics.get("final", {}).items()},
-                            step=cfg.strategy.iterations)
-        tracker.log_artifact(distiller.run_dir / "metrics.json")
-        tracker.log_student_model(distiller.run_dir / "student")
-        tracker.end("FINISHED")
-    except BaseException:
-        if tracker.run_id:
-            tracker.end("FAILED")
-        raise
-    metrics["mlflow"] = {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id}
-    return metrics
 
 
 # ---- the teacher as a classifier ------------------------------------------------------------
@@ -599,7 +557,7 @@ def compare(
         strategies: Registered strategy names (see :func:`parse_strategies`).
         seeds: Seeds; every strategy runs with each.
         out_dir: The comparison's folder.
-        runner: Executes one run; default :func:`run_in_process`.
+        runner: Executes one run; default :func:`distill_in_process`.
         with_teacher: Add the teacher-as-classifier row.
         teacher_engine: A ready engine for that row (tests); default built from ``base.teacher``.
         on_event: Progress of the runs: (run name, stage, info).
@@ -619,7 +577,7 @@ def compare(
     seeds = parse_seeds(seeds)
     out = Path(out_dir)
     say = echo or (lambda line: None)
-    runner = runner or run_in_process
+    runner = runner or distill_in_process
     if (out / store.STATE_FILE).is_file():
         raise RunDirError(f"{out} holds a single run (state.json); give the comparison its own folder")
     out.mkdir(parents=True, exist_ok=True)

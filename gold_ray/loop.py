@@ -626,5 +626,43 @@ def _merge_label_stats(written: dict[str, Any], labelled: dict[str, Any]) -> dic
 
 def distill_in_process(cfg: RunConfig, *, resume: bool = False, on_event: EventFn | None = None,
                        engine: TeacherEngine | None = None) -> dict[str, Any]:
-    """Run a whole distillation in this process (no Ray) and return its metrics."""
-    return Distiller(cfg, resume=resume, on_event=on_event, engine=engine).run()
+    """Run a whole distillation in this process (no Ray), tracked in MLflow as the Ray driver does it.
+
+    With ``tracking.enabled`` the run is an MLflow run (nested under ``tracking.parent_run_id``
+    when set; a resumed run continues its own) with the config as params, per-stage metrics, the
+    final metrics, ``metrics.json`` and the student.
+
+    Args:
+        cfg: The run config.
+        resume: Continue the run committed in ``cfg.output.dir``.
+        on_event: Progress callback.
+        engine: A ready teacher engine (tests); built from ``cfg.teacher`` when None.
+
+    Returns:
+        The run metrics, with ``mlflow`` (tracking URI and run id) when tracking is on.
+    """
+    from gold_ray.tracking import build_tracker
+
+    distiller = Distiller(cfg, engine=engine, resume=resume, on_event=on_event)
+    if not cfg.tracking.enabled:
+        return distiller.run()
+    tracker = build_tracker(cfg, distiller.run_dir)
+    try:
+        known = distiller.state.get("mlflow_run_id")
+        run_id = tracker.start(f"{cfg.strategy.name}-{distiller.task.name}-seed{cfg.seed}", resume_run_id=known)
+        if run_id != known:
+            tracker.log_params(cfg)
+        distiller.state["mlflow_run_id"] = run_id
+        distiller.tracker = tracker
+        metrics = distiller.run()
+        tracker.log_metrics({f"final.{k}": v for k, v in metrics.get("final", {}).items()},
+                            step=cfg.strategy.iterations)
+        tracker.log_artifact(distiller.run_dir / "metrics.json")
+        tracker.log_student_model(distiller.run_dir / "student")
+        tracker.end("FINISHED")
+    except BaseException:
+        if tracker.run_id:
+            tracker.end("FAILED")
+        raise
+    metrics["mlflow"] = {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id}
+    return metrics

@@ -72,6 +72,35 @@ def test_a_config_name_with_overrides_resolves_like_the_cli(setup, monkeypatch):
         distill(expected, overrides=["seed=1"], local=True)
 
 
+def test_local_distill_is_an_mlflow_run_that_a_resume_continues(setup, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    root, overrides = setup
+    monkeypatch.setattr(gold_ray.engines, "build_engine", lambda *a, **k: FakeTeacherEngine())
+    tracked = [o for o in overrides if o != "tracking.enabled=false"]
+    cfg = load_config(gold_ray.cli.config_path("tiny"), [*tracked, f"output.dir={root / 'tracked'}"])
+    assert cfg.tracking.enabled
+
+    def crash_in_second_iteration(stage, info):
+        if stage == "generate" and info["iteration"] == 1:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        distill(cfg, local=True, progress="quiet", on_event=crash_in_second_iteration)
+    client = MlflowClient(tracking_uri=f"sqlite:///{(root / 'tracked').resolve()}/mlflow.db")
+    [failed] = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert failed.info.status == "FAILED" and failed.data.params["strategy.name"] == "gold"
+
+    metrics = distill(cfg, local=True, resume=True, progress="quiet")
+    assert metrics["mlflow"]["run_id"] == failed.info.run_id  # the resumed run continues its MLflow run
+    run = client.get_run(failed.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["final.accuracy"] == pytest.approx(metrics["final"]["accuracy"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train.loss")] == [0, 1]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "metrics.json" in artifacts and any("student" in a for a in artifacts)
+
+
 def test_public_names():
     assert {"distill", "RunConfig", "load_config"} <= set(gold_ray.__all__)
 

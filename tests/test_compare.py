@@ -15,11 +15,11 @@ import pytest
 from gold_ray.cli import main
 from gold_ray.compare import (
     compare,
+    distill_in_process,
     markdown_table,
     metric_stats,
     parse_seeds,
     parse_strategies,
-    run_in_process,
 )
 from gold_ray.config import ConfigError, load_config
 from gold_ray.loop import RunDirError
@@ -51,7 +51,7 @@ def env(tmp_path_factory):
 
 
 def fake_runner(calls=None, crash_in=None):
-    """run_in_process with the fake teacher; records run names; ``crash_in`` dies after that run's first stage."""
+    """distill_in_process with the fake teacher; records run names; ``crash_in`` dies after that run's first stage."""
 
     def run(cfg, *, resume, on_event):
         name = f"{cfg.strategy.name}-s{cfg.seed}"
@@ -62,7 +62,7 @@ def fake_runner(calls=None, crash_in=None):
             def events(stage, info):
                 on_event(stage, info)
                 raise Crash(name)
-        return run_in_process(cfg, resume=resume, on_event=events, engine=FakeTeacherEngine(task=load_task("sst2")))
+        return distill_in_process(cfg, resume=resume, on_event=events, engine=FakeTeacherEngine(task=load_task("sst2")))
 
     return run
 

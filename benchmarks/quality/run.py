@@ -88,8 +88,9 @@ def run_teacher_fewshot(task: str, overrides: list[str], command: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the teacher step (with ``--teacher-fewshot``) and every (strategy, seed) pair not yet finished."""
-    from gold_ray.compare import execute_run, parse_strategies, run_in_process
+    from gold_ray.compare import execute_run, parse_strategies
     from gold_ray.config import load_config
+    from gold_ray.loop import distill_in_process
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="sst2")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
         runner = run_on_ray
     else:
-        runner = run_in_process
+        runner = distill_in_process
     rows = []
     for strategy in strategies:
         for seed in (int(s) for s in args.seeds.split(",")):
