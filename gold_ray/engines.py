@@ -609,6 +609,8 @@ class VLLMEngine(TeacherEngine):
         seed: Engine seed.
         max_model_len: Context length to reserve KV cache for.
         add_bos: BOS in front of continuation prompts; None: :func:`wants_bos`.
+        cpu_kv_cache_gib: On a host without CUDA, the KV cache to reserve (GiB), exported as
+            ``VLLM_CPU_KVCACHE_SPACE`` unless that is already set.
         **engine_kwargs: Passed to ``vllm.LLM`` (``load_format`` defaults to ``safetensors``).
 
     Raises:
@@ -625,12 +627,16 @@ class VLLMEngine(TeacherEngine):
         seed: int = 0,
         max_model_len: int = 2048,
         add_bos: bool | None = None,
+        cpu_kv_cache_gib: int = 4,
         **engine_kwargs: Any,
     ):
         try:
             import vllm
         except ImportError as err:
             raise ImportError(VLLM_INSTALL_HINT) from err
+        if not torch.cuda.is_available():
+            # vLLM reads it when the engine starts, and its worker processes inherit it.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
         self._vllm = vllm
         self.add_bos = add_bos
         # Safetensors only: vLLM's "auto" would fall back to pickled .bin weights.
@@ -758,7 +764,8 @@ def build_engine(cfg: TeacherConfig, model_path: str, seed: int) -> TeacherEngin
         return HFEngine(model_path, dtype=cfg.dtype, batch_size=cfg.batch_size,
                         trust_remote_code=cfg.trust_remote_code, seed=seed)
     if name == "vllm":
-        return VLLMEngine(model_path, dtype=cfg.dtype, seed=seed, trust_remote_code=cfg.trust_remote_code)
+        return VLLMEngine(model_path, dtype=cfg.dtype, seed=seed, trust_remote_code=cfg.trust_remote_code,
+                          cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib)
     if name == "openai":
         if not cfg.base_url:
             raise ValueError("teacher.engine=openai needs teacher.base_url (e.g. http://127.0.0.1:8000/v1)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import threading
 import time
@@ -266,6 +267,41 @@ def test_auto_engine_is_vllm_only_on_a_gpu_with_vllm(model_dir, monkeypatch):
     eng = build_engine(TeacherConfig(dtype="float32"), model_dir, seed=0)  # the default is auto
     assert isinstance(eng, HFEngine)
     eng.close()
+
+
+class FakeVLLM:
+    """Stands in for the ``vllm`` module: records the KV cache setting each ``LLM`` starts with."""
+
+    def __init__(self):
+        self.started_with: list[str | None] = []
+        outer = self
+
+        class LLM:
+            def __init__(self, **kwargs):
+                outer.started_with.append(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+
+            def get_tokenizer(self):
+                return None
+
+        self.LLM = LLM
+
+
+def test_vllm_on_a_cpu_host_caps_its_kv_cache_unless_the_user_did(monkeypatch):
+    import sys
+
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    build_engine(TeacherConfig(engine="vllm", vllm_cpu_kv_cache_gib=2), "m", seed=0)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "9")
+    build_engine(TeacherConfig(engine="vllm"), "m", seed=0)
+    assert fake.started_with == ["2", "9"]
+    # On a GPU host the variable is not vLLM's concern and is left unset.
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    build_engine(TeacherConfig(engine="vllm"), "m", seed=0)
+    assert fake.started_with[-1] is None
 
 
 def test_vllm_engine_without_vllm_names_the_extras(model_dir):
