@@ -8,6 +8,7 @@ extra), so CI installs it in a venv of its own and runs ``pytest -m vllm`` there
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import pytest
@@ -38,15 +39,19 @@ def model_dir(tmp_path_factory) -> str:
 def engine(model_dir):
     psutil = pytest.importorskip("psutil")
     mp = pytest.MonkeyPatch()
-    mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default reserves far more than a test needs
+    # The engine sets the KV cache size itself on a CPU host (vllm-cpu's own default needs 92 % of
+    # RAM free); 1 GiB is plenty for a test.
+    mp.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     # Eager mode: torch.compile would add minutes on 2 cores and is not what is under test.
-    eng = VLLMEngine(model_dir, dtype="float32", seed=0, max_model_len=256, enforce_eager=True)
+    eng = VLLMEngine(model_dir, dtype="float32", seed=0, max_model_len=256, enforce_eager=True, cpu_kv_cache_gib=1)
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
     # multiprocessing's resource tracker is Python's, not vLLM's: it lives as long as this process.
     eng.test_spawned = {p.pid for p in psutil.Process().children(recursive=True)
                         if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())}
     yield eng
     eng.close()
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     mp.undo()
 
 
