@@ -165,3 +165,19 @@ def save_tiny_chat_lm(out_dir, seed: int = 0, head_dim: int = 16) -> str:
     LlamaForCausalLM(cfg).save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return str(out_dir)
+
+
+def tiny_run_config(out_dir, student_dir, *overrides: str):
+    """A :class:`~gold_ray.config.RunConfig` for a fake-teacher test run; ``overrides`` come last.
+
+    SST-2 with the fake teacher (``teacher.model=fake``; the test passes the engine), the given
+    tiny student, 2 iterations, one final epoch, batches of 8, no MLflow, written to ``out_dir``.
+    The test adds its evaluation set (``task.eval_path`` or ``task.data_dir``), budget and strategy.
+    """
+    from gold_ray.config import load_config
+
+    return load_config(None, [
+        "task.name=sst2", f"student.model={student_dir}", "teacher.model=fake", "strategy.iterations=2",
+        "student.final_epochs=1", "student.batch_size=8", f"output.dir={out_dir}", "tracking.enabled=false",
+        *overrides,
+    ])

@@ -4,10 +4,9 @@ import json
 
 import pytest
 
-from gold_ray.config import load_config
 from gold_ray.loop import Distiller, RunDirError
 from gold_ray.store import read_parts
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
+from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
 
 
 class RecordingEngine(FakeTeacherEngine):
@@ -37,12 +36,8 @@ def eval_file(tmp_path):
 
 
 def make_cfg(tmp_path, student_dir, eval_file, *extra):
-    return load_config(None, [
-        "task.name=sst2", f"task.eval_path={eval_file}", f"student.model={student_dir}",
-        "teacher.model=fake", "budget.samples=24", "strategy.iterations=2", "strategy.probe_fraction=0.5",
-        "student.final_epochs=1", "student.batch_size=8", f"output.dir={tmp_path / 'run'}", "tracking.enabled=false",
-        *extra,
-    ])
+    return tiny_run_config(tmp_path / "run", student_dir, f"task.eval_path={eval_file}", "budget.samples=24",
+                           "strategy.probe_fraction=0.5", *extra)
 
 
 def test_gold_loop_feeds_back_rejects_and_saves(tmp_path, student_dir, eval_file):

@@ -13,7 +13,7 @@ from gold_ray.loop import Distiller
 from gold_ray.store import read_parts
 from gold_ray.strategies.llkd import normalised_entropy, update_thresholds
 from gold_ray.tasks import load_task
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
+from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
 
 SST2 = load_task("sst2")
 
@@ -148,11 +148,8 @@ def data_dir(tmp_path):
 
 
 def cfg_for(out, student_dir, data_dir, *extra):
-    return load_config(None, [
-        "task.name=sst2", f"task.data_dir={data_dir}", f"student.model={student_dir}", "teacher.model=fake",
-        "strategy.name=llkd", "budget.samples=40", "strategy.iterations=2", "student.final_epochs=1",
-        "student.batch_size=8", f"output.dir={out}", "tracking.enabled=false", *extra,
-    ])
+    return tiny_run_config(out, student_dir, f"task.data_dir={data_dir}", "strategy.name=llkd", "budget.samples=40",
+                           *extra)
 
 
 def test_llkd_labels_pool_and_written_texts_and_trains_on_its_selection(tmp_path, student_dir, data_dir):

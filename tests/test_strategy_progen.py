@@ -11,7 +11,7 @@ from gold_ray.store import read_parts
 from gold_ray.strategies import StrategyContext, build_strategy
 from gold_ray.strategies.progen import in_validation_split
 from gold_ray.tasks import load_task
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
+from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
 
 SST2 = load_task("sst2")
 
@@ -40,12 +40,9 @@ def eval_file(tmp_path):
 
 
 def cfg_for(tmp_path, student_dir, eval_file, *extra):
-    return load_config(None, [
-        "task.name=sst2", f"task.eval_path={eval_file}", f"student.model={student_dir}", "teacher.model=fake",
-        "strategy.name=progen", "budget.samples=48", "strategy.iterations=2", "strategy.progen_val_fraction=0.25",
-        "strategy.progen_feedback_ratio=1.0", "student.final_epochs=1", "student.batch_size=8",
-        f"output.dir={tmp_path / 'run'}", "tracking.enabled=false", *extra,
-    ])
+    return tiny_run_config(tmp_path / "run", student_dir, f"task.eval_path={eval_file}", "strategy.name=progen",
+                           "budget.samples=48", "strategy.progen_val_fraction=0.25",
+                           "strategy.progen_feedback_ratio=1.0", *extra)
 
 
 def test_a_planted_mislabelled_record_ranks_last_through_a_trained_student(student_dir):

@@ -9,7 +9,7 @@ from gold_ray.loop import Distiller
 from gold_ray.store import read_parts
 from gold_ray.strategies.s3 import EXTRAPOLATE_STYLE
 from gold_ray.tasks import load_task
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
+from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
 
 SST2 = load_task("sst2")
 
@@ -43,12 +43,8 @@ def data_dir(tmp_path):
 
 
 def cfg_for(tmp_path, student_dir, data_dir, *extra):
-    return load_config(None, [
-        "task.name=sst2", f"task.data_dir={data_dir}", f"student.model={student_dir}", "teacher.model=fake",
-        "strategy.name=s3", "budget.samples=40", "strategy.iterations=2", "strategy.s3_error_share=0.5",
-        "student.final_epochs=1", "student.batch_size=8", f"output.dir={tmp_path / 'run'}",
-        "tracking.enabled=false", *extra,
-    ])
+    return tiny_run_config(tmp_path / "run", student_dir, f"task.data_dir={data_dir}", "strategy.name=s3",
+                           "budget.samples=40", "strategy.s3_error_share=0.5", *extra)
 
 
 def test_s3_extrapolates_the_students_validation_errors(tmp_path, student_dir, data_dir):

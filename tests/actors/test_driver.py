@@ -7,11 +7,10 @@ import sqlite3
 import pytest
 
 from actors.driver import driver_name, run_on_ray
-from gold_ray.config import load_config
 from gold_ray.loop import Distiller
 from gold_ray.store import read_parts
 from gold_ray.tasks import load_task
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
+from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
 
 pytestmark = pytest.mark.ray
 
@@ -38,12 +37,11 @@ def cfg_for(eval_file, serve_port):
 
 
 def _cfg(out, student, eval_file, *extra):
-    return load_config(None, [
-        "task.name=sst2", f"task.eval_path={eval_file}", f"student.model={student}", "teacher.model=fake", "teacher.prompt_style=chat",
-        "budget.samples=16", "strategy.iterations=2", "strategy.probe_fraction=0.5",
-        "student.final_epochs=1", "student.batch_size=8", "teacher.serve.num_cpus=0.25",
-        "resources.scorer_num_cpus=0.25", "resources.train_cpus_per_worker=0.5", f"output.dir={out}", *extra,
-    ])
+    # Tracked: the driver's MLflow run is under test here too.
+    return tiny_run_config(out, student, f"task.eval_path={eval_file}", "teacher.prompt_style=chat",
+                           "budget.samples=16", "strategy.probe_fraction=0.5", "teacher.serve.num_cpus=0.25",
+                           "resources.scorer_num_cpus=0.25", "resources.train_cpus_per_worker=0.5",
+                           "tracking.enabled=true", *extra)
 
 
 def fake_factory():

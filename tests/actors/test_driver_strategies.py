@@ -8,11 +8,10 @@ import math
 import pytest
 
 from actors.driver import run_on_ray
-from gold_ray.config import load_config
 from gold_ray.loop import Distiller
 from gold_ray.store import read_parts
 from gold_ray.tasks import load_task
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
+from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -38,13 +37,10 @@ def data_dir(tmp_path_factory):
 def _cfg(out, student, data_dir, strategy, *extra):
     # No in-loop training: both runtimes then judge with the same deterministic student, so the
     # strategies' choices (influence pool, errors, selection) must agree exactly.
-    return load_config(None, [
-        "task.name=sst2", f"task.data_dir={data_dir}", f"student.model={student}", "teacher.model=fake",
-        "teacher.prompt_style=chat", f"strategy.name={strategy}", "budget.samples=16", "strategy.iterations=2",
-        "student.epochs_per_iteration=0", "student.final_epochs=1", "student.batch_size=8",
-        "teacher.serve.num_cpus=0.25", "resources.scorer_num_cpus=0.25", "resources.train_cpus_per_worker=0.5",
-        "tracking.enabled=false", f"output.dir={out}", *extra,
-    ])
+    return tiny_run_config(out, student, f"task.data_dir={data_dir}", "teacher.prompt_style=chat",
+                           f"strategy.name={strategy}", "budget.samples=16", "student.epochs_per_iteration=0",
+                           "teacher.serve.num_cpus=0.25", "resources.scorer_num_cpus=0.25",
+                           "resources.train_cpus_per_worker=0.5", *extra)
 
 
 @pytest.mark.parametrize("strategy", ["progen", "s3", "llkd"])
