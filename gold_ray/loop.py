@@ -88,8 +88,9 @@ IDENTITY_KEYS = ("seed", "task.name", "strategy.name", "teacher.model", "student
 """Config keys that make a run what it is: ``--resume`` refuses a run directory that differs in one."""
 
 
-def _identity_changes(run_dir: Path, cfg: RunConfig) -> list[str]:
-    """``key: saved -> now`` for each identity key where the saved run's config differs from ``cfg``."""
+def identity_changes(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """``key: saved -> now`` for each of :data:`IDENTITY_KEYS` where the run saved in ``run_dir`` differs
+    from ``cfg`` (an unreadable saved config counts as a change; no saved config, as none)."""
     import yaml
 
     path = run_dir / store.CONFIG_FILE
@@ -129,7 +130,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, dict[str, Any] 
         shutil.rmtree(run_dir)
         state = None
     if occupied and resume:
-        changed = _identity_changes(run_dir, cfg)
+        changed = identity_changes(run_dir, cfg)
         if changed:
             raise RunDirError(
                 f"output.dir {run_dir} holds a different run ({'; '.join(changed)}); --resume continues "

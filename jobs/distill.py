@@ -28,11 +28,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gold_ray import store
 from gold_ray.cli import config_path, print_event
 from gold_ray.config import ConfigError, RunConfig, load_config
+from gold_ray.loop import identity_changes
 from gold_ray.tasks import TaskFileError
 
 CONFIG_TEXT_ENV = "GOLD_RAY_CONFIG_YAML"
@@ -45,9 +44,6 @@ HOME_ENV = "GOLD_RAY_HOME"
 """Folder of a project copy (set in the cluster image) that relative config paths fall back to."""
 
 ENV_PREFIX = "env:"
-
-# The settings that make two runs the same run: a committed state of another run is never resumed.
-_IDENTITY_KEYS = (("task", "name"), ("teacher", "model"), ("student", "model"))
 
 
 def resolve_config_ref(ref: str) -> Path:
@@ -92,15 +88,7 @@ def committed_run_matches(cfg: RunConfig) -> bool:
     state = store.load_state(run_dir)
     if state is None or state.get("strategy") != cfg.strategy.name or state.get("seed") != cfg.seed:
         return False
-    saved_path = run_dir / store.CONFIG_FILE
-    if not saved_path.is_file():
-        return True
-    try:
-        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        return False
-    current = cfg.model_dump(mode="json")
-    return all(saved.get(section, {}).get(key) == current[section][key] for section, key in _IDENTITY_KEYS)
+    return not identity_changes(run_dir, cfg)
 
 
 def connect_ray() -> str:
