@@ -362,7 +362,7 @@ def generate_iteration(
     params: SamplingParams | None = None,
     request_batch_size: int | None = None,
     request_timeout_s: float | None = None,
-    retry_backoff_s: float = 1.0,
+    retry_backoff_s: float | None = None,
 ) -> dict[str, Any]:
     """Generate, parse and score one batch of prompts through the teacher deployment; write Parquet.
 
@@ -383,7 +383,8 @@ def generate_iteration(
         request_batch_size: Requests one caller sends at once; defaults to ``teacher.batch_size``.
         request_timeout_s: Per-request timeout; None (the default) lets requests queue at a busy
             teacher for as long as it takes, since queueing is normal under load.
-        retry_backoff_s: First retry delay; doubles per retry (capped at 30 s).
+        retry_backoff_s: First retry delay; doubles per retry (capped at 30 s). Defaults to
+            ``teacher.retry_backoff_s``.
 
     Returns:
         Statistics: ``requested``, ``accepted``, ``rejected``, ``rejected_by_reason``,
@@ -410,7 +411,7 @@ def generate_iteration(
             ),
             task,
             cfg.teacher.max_retries,
-            retry_backoff_s,
+            cfg.teacher.retry_backoff_s if retry_backoff_s is None else retry_backoff_s,
         )
     else:
         results, retry_stats = {}, {"attempts": 0, "retried": 0}

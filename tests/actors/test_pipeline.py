@@ -119,11 +119,9 @@ def test_iteration_writes_every_row_with_scores_and_errors(serve_apps, student_c
 
 @pytest.mark.ray
 def test_failed_requests_are_retried(serve_apps, sst2, tmp_path):
-    cfg = make_cfg(teacher={"max_retries": 1})
+    cfg = make_cfg(teacher={"max_retries": 1, "retry_backoff_s": 0.1})  # the retry delay comes from the config
     serve_apps(build_teacher_app(cfg, functools.partial(FakeTeacherEngine, fail_every=4)), "flaky")
-    stats = generate_iteration(
-        chat_prompts(12), cfg, sst2, "flaky", None, tmp_path / "out.parquet", retry_backoff_s=0.1
-    )
+    stats = generate_iteration(chat_prompts(12), cfg, sst2, "flaky", None, tmp_path / "out.parquet")
     # Calls 4, 8 and 12 fail; their retries are calls 13 to 15, which succeed.
     assert stats["attempts"] == 2 and stats["retried"] == 3
     assert stats["accepted"] == 12 and stats["rejected_by_reason"] == {}
