@@ -72,6 +72,7 @@ def test_a_config_name_with_overrides_resolves_like_the_cli(setup, monkeypatch):
         distill(expected, overrides=["seed=1"], local=True)
 
 
+@pytest.mark.slow  # two runs and an MLflow store: over ten seconds
 def test_local_distill_is_an_mlflow_run_that_a_resume_continues(setup, monkeypatch):
     from mlflow.tracking import MlflowClient
 
