@@ -43,6 +43,7 @@ from gold_ray.parsing import Deduplicator, ParseResult, parse_batch
 from gold_ray.strategies import Strategy, StrategyContext, build_strategy
 from gold_ray.student import Student, build_student, check_student_model, load_student
 from gold_ray.tasks import TaskSpec, load_task, resolve_data_path
+from gold_ray.tracking import build_tracker
 from gold_ray.types import Prompt, SamplingParams, TeacherEngine
 
 STAGES = ("generate", "train", "probe", "feedback")
@@ -642,8 +643,6 @@ def distill_in_process(cfg: RunConfig, *, resume: bool = False, on_event: EventF
     Returns:
         The run metrics, with ``mlflow`` (tracking URI and run id) when tracking is on.
     """
-    from gold_ray.tracking import build_tracker
-
     distiller = Distiller(cfg, engine=engine, resume=resume, on_event=on_event)
     if not cfg.tracking.enabled:
         return distiller.run()
