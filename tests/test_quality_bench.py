@@ -91,6 +91,15 @@ def test_teacher_fewshot_step_writes_its_file_once(bench, tmp_path, monkeypatch)
     assert bench.main(["--task", "sst2", "--strategies", "", "--teacher-fewshot", *sets]) == 0
     assert path.read_bytes() == before
 
+    # Another teacher is a variant: its own file, kept out of the benchmark's teacher row.
+    monkeypatch.setattr(gold_ray.compare, "teacher_fewshot", functools.partial(real, engine=FakeTeacherEngine()))
+    assert bench.main(["--task", "sst2", "--strategies", "", "--teacher-fewshot", "--tag", "other", *sets]) == 0
+    assert json.loads((bench.RESULTS / "sst2-other-teacher-fewshot.json").read_text())["tag"] == "other"
+    summary = json.loads((bench.RESULTS / "summary.json").read_text())
+    assert summary["teacher_fewshot"] == {"sst2": 1.0}
+    assert summary["teacher_fewshot_variants"] == {"sst2": {"other": 1.0}}
+    assert "| sst2 | other |" in (bench.RESULTS / "summary.md").read_text()
+
 
 def test_unknown_strategy_is_refused_before_any_run(bench):
     with pytest.raises(ValueError, match="available: gold, zerogen"):

@@ -12,7 +12,8 @@ kept apart, and the summary lists them as ``strategy@tag`` under ``variants``. A
 resumes from its last committed stage, so the script can be stopped and restarted at will.
 
 ``--teacher-fewshot`` first evaluates the teacher itself as a few-shot classifier on the task's
-evaluation set (``results/<task>-teacher-fewshot.json``, skipped when present);
+evaluation set (``results/<task>[-<tag>]-teacher-fewshot.json``, skipped when present; with a tag
+it is a variant, listed in the summary under ``teacher_fewshot_variants``);
 ``--strategies ''`` then runs no distillation. ``--set task.eval_limit=N`` bounds that step to a
 seeded random subset of N examples (the file records ``n`` and the full size).
 
@@ -51,13 +52,14 @@ def machine() -> dict:
     }
 
 
-def run_teacher_fewshot(task: str, overrides: list[str], command: str) -> dict:
-    """The teacher-as-classifier result of ``task``, computed once into ``results/<task>-teacher-fewshot.json``.
+def run_teacher_fewshot(task: str, overrides: list[str], command: str, tag: str = "") -> dict:
+    """The teacher-as-classifier result of ``task``, computed once into ``results/<task>[-<tag>]-teacher-fewshot.json``.
 
     Args:
         task: Task name.
         overrides: ``--set`` overrides (teacher, ``task.eval_limit``, ...).
         command: The command line, recorded in the file.
+        tag: Variant name (``--tag``), for another teacher than the benchmark's.
 
     Returns:
         The result row (``accuracy`` as a fraction, ``n`` examples scored, ``eval_total``).
@@ -66,7 +68,7 @@ def run_teacher_fewshot(task: str, overrides: list[str], command: str) -> dict:
     from gold_ray.config import load_config
     from gold_ray.tasks import load_task
 
-    out = RESULTS / f"{task}{FEWSHOT_SUFFIX}"
+    out = RESULTS / (f"{task}-{tag}{FEWSHOT_SUFFIX}" if tag else f"{task}{FEWSHOT_SUFFIX}")
     if out.is_file():
         return json.loads(out.read_text())
     cfg = load_config(None, [f"task.name={task}", "tracking.enabled=false", *overrides])
@@ -76,6 +78,7 @@ def run_teacher_fewshot(task: str, overrides: list[str], command: str) -> dict:
     metrics = teacher_fewshot(cfg)
     row = {
         **metrics,
+        "tag": tag,
         "eval_total": total,
         "subset": (f"seeded random subset (seed 0) of {metrics['n']} of {total} examples"
                    if metrics["n"] < total else "whole evaluation set"),
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/quality/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.teacher_fewshot:
-        run_teacher_fewshot(args.task, args.set, command)
+        run_teacher_fewshot(args.task, args.set, command, args.tag)
     strategies = parse_strategies(args.strategies) if args.strategies.strip() else []
     if args.runtime == "ray":
         from actors.driver import run_on_ray
@@ -179,7 +182,7 @@ def write_summary() -> dict:
 
     Returns:
         ``{"tasks": {TASK: {STRATEGY: {"mean", "std", "seeds", "budget"}}}, "teacher_fewshot": {TASK: accuracy},
-        "variants": {TASK: {"STRATEGY@TAG": {...}}}, "chosen_recipe": {TASK: {"recipe", "validation", "budget",
+        "variants": {TASK: {"STRATEGY@TAG": {...}}}, "teacher_fewshot_variants": {TASK: {TAG: accuracy}}, "chosen_recipe": {TASK: {"recipe", "validation", "budget",
         "strategies": {STRATEGY: {"mean", "std", "seeds"}}}}}`` (the last two only when there is something to list).
     """
     from gold_ray.compare import markdown_table, metric_stats
@@ -193,10 +196,13 @@ def write_summary() -> dict:
             continue
         key = row["strategy"] + (f"@{row['tag']}" if row.get("tag") else "")
         groups.setdefault((row["task"], key), {}).setdefault(row["budget"], []).append(row)
-    fewshot = {}
+    fewshot, fewshot_variants = {}, []
     for path in sorted(RESULTS.glob(f"*{FEWSHOT_SUFFIX}")):
         row = json.loads(path.read_text())
-        fewshot[row["task"]] = row
+        if row.get("tag"):
+            fewshot_variants.append(row)
+        else:
+            fewshot[row["task"]] = row
     summary: dict = {"tasks": {}, "teacher_fewshot": {}}
     main_rows, other_rows, used = [], [], []
     for (task, strategy), by_budget in sorted(groups.items()):
@@ -219,6 +225,8 @@ def write_summary() -> dict:
             other_rows.append([task, strategy, small, s["seeds"], s["mean"], s["std"]])
     for task, row in sorted(fewshot.items()):
         summary["teacher_fewshot"][task] = row.get("accuracy")
+    for row in fewshot_variants:
+        summary.setdefault("teacher_fewshot_variants", {}).setdefault(row["task"], {})[row["tag"]] = row.get("accuracy")
     recipe_rows = []
     for path in sorted(RESULTS.glob(RECIPES_GLOB)):
         sweep = json.loads(path.read_text())
@@ -245,13 +253,15 @@ def write_summary() -> dict:
         markdown_table(["task", "strategy", "budget", "seeds", "accuracy mean", "std", "per seed",
                         "wall time per run (s)", "teacher", "final loss"], main_rows),
     ]
-    if fewshot:
+    if fewshot or fewshot_variants:
+        teacher_rows = [*sorted(fewshot.values(), key=lambda r: r["task"]),
+                        *sorted(fewshot_variants, key=lambda r: (r["task"], r["tag"]))]
         lines += ["## Teacher as a few-shot classifier", "",
-                  markdown_table(["task", "teacher", "prompt style", "demos", "examples", "accuracy",
+                  markdown_table(["task", "variant", "teacher", "prompt style", "demos", "examples", "accuracy",
                                   "macro-F1", "wall time (s)"],
-                                 [[t, r.get("teacher"), r.get("prompt_style"), r.get("demos"), _examples(r),
-                                   r.get("accuracy"), r.get("macro_f1"), f"{r.get('wall_s', 0):.0f}"]
-                                  for t, r in sorted(fewshot.items())])]
+                                 [[r["task"], r.get("tag") or "", r.get("teacher"), r.get("prompt_style"),
+                                   r.get("demos"), _examples(r), r.get("accuracy"), r.get("macro_f1"),
+                                   f"{r.get('wall_s', 0):.0f}"] for r in teacher_rows])]
     if recipe_rows:
         lines += ["## Final-training recipe chosen on validation (`recipe.py`)", "",
                   "Each run's final student retrained on the run's own data with the recipe that has the best "
@@ -259,7 +269,7 @@ def write_summary() -> dict:
                   "test accuracy below. Details per recipe in `<task>-recipes-n<budget>.md`.", "",
                   markdown_table(["task", "budget", "recipe", "strategy", "seeds", "accuracy mean", "std"],
                                  recipe_rows)]
-    everything = used + list(fewshot.values())
+    everything = used + list(fewshot.values()) + fewshot_variants
     machines = sorted({_machine_text(r["machine"]) for r in everything if r.get("machine")})
     commands = sorted({r["command"] for r in everything if r.get("command")})
     lines += ["## Machines", ""] + [f"- {m}" for m in machines] + [""]
