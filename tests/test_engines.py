@@ -294,7 +294,9 @@ def test_vllm_on_a_cpu_host_caps_its_kv_cache_unless_the_user_did(monkeypatch):
     fake = FakeVLLM()
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    # setenv first records the variable's state before the test, so what the engine exports is undone.
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
     build_engine(TeacherConfig(engine="vllm", vllm_cpu_kv_cache_gib=2), "m", seed=0)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "9")
     build_engine(TeacherConfig(engine="vllm"), "m", seed=0)
