@@ -131,12 +131,7 @@ class DistillationDriver:
             for scratch in ("tmp", "ray_train"):
                 shutil.rmtree(run_dir / scratch, ignore_errors=True)
             if tracker is not None:
-                tracker.log_metrics({f"final.{k}": v for k, v in metrics.get("final", {}).items()},
-                                    step=cfg.strategy.iterations)
-                tracker.log_artifact(str(run_dir / "metrics.json"))
-                tracker.log_student_model(str(run_dir / "student"))
-                tracker.end("FINISHED")
-                metrics["mlflow"] = {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id}
+                tracker.finish(metrics, run_dir, step=cfg.strategy.iterations)
             return metrics
         except BaseException:
             if tracker is not None and tracker.run_id:

@@ -655,14 +655,9 @@ def distill_in_process(cfg: RunConfig, *, resume: bool = False, on_event: EventF
         distiller.state["mlflow_run_id"] = run_id
         distiller.tracker = tracker
         metrics = distiller.run()
-        tracker.log_metrics({f"final.{k}": v for k, v in metrics.get("final", {}).items()},
-                            step=cfg.strategy.iterations)
-        tracker.log_artifact(distiller.run_dir / "metrics.json")
-        tracker.log_student_model(distiller.run_dir / "student")
-        tracker.end("FINISHED")
+        tracker.finish(metrics, distiller.run_dir, step=cfg.strategy.iterations)
     except BaseException:
         if tracker.run_id:
             tracker.end("FAILED")
         raise
-    metrics["mlflow"] = {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id}
     return metrics

@@ -350,6 +350,21 @@ class MlflowTracker:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
 
+    def finish(self, metrics: dict[str, Any], run_dir: str | os.PathLike[str], step: int) -> None:
+        """End a finished distillation's run: its ``final.*`` metrics at ``step``, ``metrics.json``
+        and the student, status FINISHED; ``metrics["mlflow"]`` then names the run.
+
+        Args:
+            metrics: The run metrics (updated in place).
+            run_dir: The run's output directory.
+            step: The step of the final metrics (the number of iterations).
+        """
+        self.log_metrics({f"final.{k}": v for k, v in metrics.get("final", {}).items()}, step=step)
+        self.log_artifact(Path(run_dir) / "metrics.json")
+        self.log_student_model(Path(run_dir) / "student")
+        self.end("FINISHED")
+        metrics["mlflow"] = {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
+
 
 class NullTracker:
     """A tracker that does nothing (``tracking.enabled: false``); same methods as :class:`MlflowTracker`."""
@@ -380,6 +395,9 @@ class NullTracker:
         """Do nothing."""
 
     def end(self, status: str = "FINISHED") -> None:
+        """Do nothing."""
+
+    def finish(self, metrics: dict[str, Any], run_dir: str | os.PathLike[str], step: int) -> None:
         """Do nothing."""
 
 
