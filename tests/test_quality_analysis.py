@@ -118,6 +118,15 @@ def test_sweep_scores_the_run_own_student_retrains_the_rest_and_resumes(recipe, 
     assert report["rows"][-1]["run"] == "gold-s0@v2" and report["rows"][-1]["val_accuracy"] == own["val_accuracy"]
     assert set(report["per_strategy"]) == {"gold", "gold@v2"}
 
+    # --name keeps an experiment's rows and choice in a file of its own; the sweep's file is untouched.
+    sweep = (tmp_path / "results" / "sst2-recipes-n24.json").read_text()
+    assert recipe.main([*argv[:3], "gold-s0@v2", *argv[4:-1], "sce-a0.1-b1-e1", "--name", "v2-check"]) == 0
+    assert (tmp_path / "results" / "sst2-recipes-n24.json").read_text() == sweep
+    apart = json.loads((tmp_path / "results" / "sst2-v2-check-n24.json").read_text())
+    assert [(r["run"], r["recipe"]) for r in apart["rows"]] == [("gold-s0@v2", "sce-a0.1-b1-e1")]
+    with pytest.raises(SystemExit):
+        recipe.main([*argv, "--name", "../x"])
+
 
 @pytest.mark.slow
 def test_diagnostics_report_each_iteration_from_the_run_files(diagnose, finished_run, tmp_path):

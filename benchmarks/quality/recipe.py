@@ -20,7 +20,7 @@ Test accuracy is on the evaluation set the run itself used. The run's own final 
 under ``student/``) is the row of the recipe the run used; it is scored, not retrained. Each
 retraining uses the run's seed, as the loop does.
 
-Writes ``results/<task>-recipes-n<samples>.json`` (every run x recipe: validation and test
+Writes ``results/<task>-recipes-n<samples>.json`` (``--name`` replaces ``recipes``) (every run x recipe: validation and test
 accuracy, training seconds) and ``.md`` (means per recipe and per strategy), rewritten after each
 retraining, so an interrupted sweep resumes where it stopped.
 """
@@ -148,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", default="runs/quality")
     p.add_argument("--recipes", default=DEFAULT_RECIPES)
     p.add_argument("--val", default=None, help="validation JSONL (default: the task's seed_path)")
+    p.add_argument("--name", default="recipes",
+                   help="results file stem: results/<task>-<name>-n<samples>.json (another name keeps an "
+                        "experiment's rows and choice apart from the recipe sweep)")
     args = p.parse_args(argv)
+    if not args.name.replace("_", "").replace("-", "").isalnum():
+        p.error(f"--name must be letters, digits, '-' and '_', got {args.name!r}")
     try:
         recipes = [parse_recipe(n) for n in args.recipes.split(",")]
     except ValueError as err:
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if not val_name:
         p.error(f"task {args.task!r} names no seed_path to validate on; pass --val")
     val = load_eval_records(task, resolve_data_path(val_name))
-    out = RESULTS / f"{args.task}-recipes-n{args.samples}.json"
+    out = RESULTS / f"{args.task}-{args.name}-n{args.samples}.json"
     rows: list[dict] = json.loads(out.read_text())["rows"] if out.is_file() else []
     done = {(r["run"], r["recipe"]) for r in rows}
     requested = args.runs.split(",")
