@@ -438,7 +438,8 @@ class Distiller:
         return student.fit(records, epochs, loss=loss, alpha=alpha, beta=beta, seed=self.cfg.seed)
 
     def _new_student(self) -> Student:
-        return build_student(self.task, self.cfg.student, self.student_path)
+        # The run seed, as the Ray train stage passes it, so a run's students match on both runtimes.
+        return build_student(self.task, self.cfg.student, self.student_path, seed=self.cfg.seed)
 
     def _evaluate(self, student: Student) -> dict[str, Any]:
         if not self.eval_records:

@@ -119,3 +119,23 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, student_dir
     assert [m["feedback"]["ids"] for m in resumed["iterations"]] == [m["feedback"]["ids"] for m in ref["iterations"]]
     ids = [r["id"] for r in read_parts(sorted((tmp_path / "crash" / "run" / "data").glob("*.parquet")))]
     assert len(ids) == len(set(ids)), "no committed sample is repeated"
+
+
+def test_fresh_student_head_follows_the_run_seed(tmp_path, student_dir, eval_file):
+    """A new in-process student's head is drawn from the run seed, as the Ray train stage draws it."""
+    import torch
+
+    from gold_ray.student import build_student
+
+    def fresh(seed):
+        distiller = Distiller(make_cfg(tmp_path / f"s{seed}", student_dir, eval_file, f"seed={seed}"),
+                              engine=FakeTeacherEngine())
+        return distiller, dict(distiller._new_student().model.named_parameters())
+
+    distiller, w1 = fresh(1)
+    _, w0 = fresh(0)
+    drawn = [n for n in w0 if not torch.equal(w0[n], w1[n])]
+    assert drawn, "seeds 0 and 1 gave the same fresh student"
+    assert all(n.startswith(("classifier", "score")) for n in drawn), drawn
+    ray_side = dict(build_student(distiller.task, distiller.cfg.student, student_dir, seed=1).model.named_parameters())
+    assert all(torch.equal(w1[n], ray_side[n]) for n in w1)

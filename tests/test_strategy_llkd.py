@@ -220,3 +220,18 @@ def test_llkd_pool_records_need_the_input_fields(tmp_path, student_dir, data_dir
 def test_llkd_momentum_is_checked():
     with pytest.raises(ConfigError, match="llkd_momentum"):
         load_config(None, ["strategy.llkd_momentum=1.0"])
+
+
+def test_llkd_warns_when_the_pool_is_far_smaller_than_the_budget(tmp_path, student_dir, data_dir, caplog):
+    """8 pool texts for 40 calls: the teacher writes the rest, so 8 + 32 // 2 = 24 texts get labelled."""
+    with caplog.at_level("WARNING", logger="gold_ray.strategies.llkd"):
+        Distiller(cfg_for(tmp_path / "small", student_dir, data_dir), engine=FakeTeacherEngine(task=SST2))
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "task.unlabeled_path" in message and "holds 8 texts for budget.samples=40" in message
+    assert "about 24 texts get labelled" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gold_ray.strategies.llkd"):
+        Distiller(cfg_for(tmp_path / "enough", student_dir, data_dir, "budget.samples=16"),
+                  engine=FakeTeacherEngine(task=SST2))
+    assert not caplog.records

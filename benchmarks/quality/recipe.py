@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     parts = [run_dir / q for q in state["parts"] if Path(q).name.startswith(TRAINING_PARTS)]
                     records = read_parts(parts)
                 # As the loop's final stage: a fresh student, the run's seed for training.
-                student = build_student(task, cfg.student, resolve_model(cfg.student.model))
+                student = build_student(task, cfg.student, resolve_model(cfg.student.model), seed=cfg.seed)
                 student.fit(records, recipe["epochs"], loss=recipe["loss"], alpha=recipe["alpha"],
                             beta=recipe["beta"], seed=cfg.seed)
             else:

@@ -40,7 +40,8 @@ Where the texts come from, and the budget:
 - Every teacher request counts against ``budget.samples``: a written text costs two (writing and
   labelling), a pool text one (an odd call left over is not spent, nor are the labelling calls of
   written texts the parser rejected). So LLKD trains on fewer, teacher-labelled samples than the
-  generation strategies, for the same number of teacher calls.
+  generation strategies, for the same number of teacher calls. When the pool holds fewer texts than
+  half the budget, ``prepare`` logs a warning with the number of texts the budget will label.
 
 Runtime: answers come back through the same path in process and on Ray: the Serve teacher
 deployment answers classify prompts with ``engine.option_logprobs`` and returns the scores with the
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,8 @@ from gold_ray.prompts import render_classify_prompt
 from gold_ray.strategies.base import Strategy, StrategyContext, resolve_strategy_input
 from gold_ray.tasks import TaskSpec
 from gold_ray.types import Prompt
+
+logger = logging.getLogger(__name__)
 
 TIE_TOLERANCE = 1e-9
 """A value this close below its threshold still passes (texts with equal signals must all pass or fail
@@ -173,6 +177,14 @@ class LLKDStrategy(Strategy):
             raise ConfigError(f"strategy.name: llkd needs a classification task; task {task.name!r} is {task.type}")
         path = resolve_strategy_input(cfg, task, "unlabeled_path", eval_file, "LLKD's unlabelled pool")
         pool = load_unlabelled(task, path) if path is not None else []
+        budget = cfg.budget.samples
+        if len(pool) < budget // 2:
+            # Each written text costs two teacher calls, so a small pool halves what the budget labels.
+            labelled = len(pool) + (budget - len(pool)) // 2
+            logger.warning(
+                "llkd: the unlabelled pool (task.unlabeled_path, %s) holds %d texts for budget.samples=%d, so the "
+                "teacher writes the rest and about %d texts get labelled; a pool of %d or more texts labels %d",
+                path, len(pool), budget, labelled, budget, budget)
         order = np.random.default_rng([cfg.seed, 7]).permutation(len(pool))
         chunks = np.array_split(order, cfg.strategy.iterations)
         return {"pool": [[pool[int(i)] for i in chunk] for chunk in chunks],
