@@ -20,9 +20,11 @@ Test accuracy is on the evaluation set the run itself used. The run's own final 
 under ``student/``) is the row of the recipe the run used; it is scored, not retrained. Each
 retraining uses the run's seed, as the loop does.
 
-Writes ``results/<task>-recipes-n<samples>.json`` (``--name`` replaces ``recipes``) (every run x recipe: validation and test
+Writes ``results/<task>-recipes-n<samples>.json`` (every run x recipe: validation and test
 accuracy, training seconds) and ``.md`` (means per recipe and per strategy), rewritten after each
-retraining, so an interrupted sweep resumes where it stopped.
+retraining, so an interrupted sweep resumes where it stopped. ``--name NAME`` writes
+``results/<task>-NAME-n<samples>.*`` instead, so an experiment's rows and choice stay apart from
+the sweep's.
 """
 
 from __future__ import annotations
