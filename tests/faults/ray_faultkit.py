@@ -40,9 +40,16 @@ def wait_until(check: Callable[[], bool], timeout_s: float, interval_s: float = 
     return check()
 
 
-def wait_for_gate(gate: Path, timeout_s: float = 300.0) -> None:
-    """Block until ``gate`` exists (or ``timeout_s`` passes, so a broken test cannot hang forever)."""
-    wait_until(gate.exists, timeout_s, 0.05)
+def wait_for_gate(gate: Path, timeout_s: float = 900.0) -> None:
+    """Block until ``gate`` exists.
+
+    Raises:
+        TimeoutError: ``gate`` did not appear within ``timeout_s``. Passing on instead would let
+            held work run before the fault it was held for, and the test would then fail on a
+            misleading assertion (or, worse, pass without the fault landing where it claims).
+    """
+    if not wait_until(gate.exists, timeout_s, 0.05):
+        raise TimeoutError(f"the test's gate {gate} did not open within {timeout_s:.0f} s")
 
 
 class HoldAtEngine(SometimesGarbageEngine):

@@ -79,7 +79,8 @@ def test_a_scorer_actor_killed_mid_stream_is_replaced_and_no_row_is_lost_or_doub
     for r in out:
         assert math.isnan(r["score"]) == (r["reject_reason"] is not None), r
     late = {r["scored_by"] for r in out if r["i"] >= 8}
-    assert late and all(not s.endswith(f":{killed[0]}") for s in late), "a replacement scorer did the rest"
+    assert late and all(not s.endswith(f":{killed[0]}") for s in late), (
+        f"a replacement scorer did the rest (killed pid {killed[0]}; rows from 8 on scored by {sorted(late)})")
 
 
 # --- the driver killed inside a stage ------------------------------------------------------------
