@@ -67,7 +67,7 @@ class EnergyScorer:
     Args:
         checkpoint_dir: Folder of a saved student (``Student.save``).
         task_name_or_path: The task, as a shipped name, a task YAML path or a :class:`TaskSpec`.
-        score: ``energy``, ``msp`` or ``nll`` (see ``Student.ood_scores``).
+        score: ``energy``, ``msp``, ``nll`` or ``random`` (see ``Student.ood_scores``).
         temperature: Energy temperature T.
         mode: Text-to-text energy mode, ``masked`` or ``code_faithful``.
     """

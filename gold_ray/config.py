@@ -178,7 +178,8 @@ class StrategyConfig(_Section):
         feedback_per_prompt: Feedback examples shown in one prompt.
         feedback_pool_size: Most recent feedback examples kept.
         demos_per_prompt: Seed demonstrations shown in one prompt.
-        score: OOD score used for selection: ``energy``, ``nll`` or ``msp``.
+        score: OOD score used for selection: ``energy``, ``nll`` or ``msp``; ``random`` is the
+            ablation control (a fixed hash of each text, so the band picks probes at random).
         energy_temperature: T in E = -T logsumexp(f/T).
         energy_mode: ``masked`` (real target tokens only, the clean reading) or ``code_faithful``
             (pads included, as the GOLD code does); text-to-text students only.
@@ -210,7 +211,7 @@ class StrategyConfig(_Section):
     feedback_per_prompt: int = Field(default=3, ge=0)
     feedback_pool_size: int = Field(default=32, ge=1)
     demos_per_prompt: int = Field(default=3, ge=0)
-    score: Literal["energy", "nll", "msp"] = "energy"
+    score: Literal["energy", "nll", "msp", "random"] = "energy"
     energy_temperature: float = Field(default=1.0, gt=0)
     energy_mode: Literal["masked", "code_faithful"] = "masked"
     noise_filter_top: float = Field(default=0.0, ge=0, lt=1)

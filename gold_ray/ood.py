@@ -15,8 +15,11 @@ top fifth is treated as noise. With B = 8 that is ranks 4 and 5.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -251,6 +254,27 @@ def _finite_order(scores: ArrayLike) -> np.ndarray:
     finite = np.flatnonzero(np.isfinite(s))
     # A stable sort over indices that are already ascending breaks ties by index.
     return finite[np.argsort(s[finite], kind="stable")]
+
+
+def hashed_uniform_scores(inputs: Sequence[dict[str, Any]]) -> np.ndarray:
+    """A fixed number in ``[0, 1)`` per input, from the SHA-256 of its fields: the ``random`` score.
+
+    It is the ablation control for OOD guidance: it knows nothing of the student, so a band taken
+    over it picks samples at random, with the same band size as the energy's. Being a function of
+    the text alone (labels are not passed in), it is the same in every process, on every scorer
+    actor and on every resume, as the model's scores are for a given checkpoint.
+
+    Args:
+        inputs: One dict of input fields per sample (JSON-serialisable values).
+
+    Returns:
+        float64 array of length ``len(inputs)``.
+    """
+    values = np.empty(len(inputs), dtype=np.float64)
+    for i, fields in enumerate(inputs):
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).digest()
+        values[i] = int.from_bytes(digest[:8], "big") / 2.0**64
+    return values
 
 
 def band_indices(scores: ArrayLike, lo: float = 0.5, hi: float = 0.8) -> np.ndarray:

@@ -299,7 +299,6 @@ class Student(ABC):
     def logits(self, records: Sequence[dict]) -> np.ndarray:
         """Raw output scores (see the subclass for the shape)."""
 
-    @abstractmethod
     def ood_scores(
         self,
         records: Sequence[dict],
@@ -312,7 +311,9 @@ class Student(ABC):
 
         Args:
             records: Records (with the target for ``nll`` and for text-to-text students).
-            score: ``energy``, ``msp`` or ``nll``.
+            score: ``energy``, ``msp`` or ``nll`` from the model, or ``random``: the ablation
+                control :func:`gold_ray.ood.hashed_uniform_scores` of the input fields, which
+                runs no model.
             temperature: Energy temperature.
             mode: Text-to-text energy over ``masked`` real target tokens or ``code_faithful``
                 (every position up to ``max_target_length``, pads included).
@@ -320,6 +321,15 @@ class Student(ABC):
         Returns:
             ``float64`` array of length ``len(records)``.
         """
+        if score == "random":
+            return ood.hashed_uniform_scores([_inputs_only(r, self.task) for r in records])
+        return self._model_ood_scores(records, score=score, temperature=temperature, mode=mode)
+
+    @abstractmethod
+    def _model_ood_scores(
+        self, records: Sequence[dict], *, score: str, temperature: float, mode: str
+    ) -> np.ndarray:
+        """The model-based scores of :meth:`ood_scores` (``energy``, ``msp``, ``nll``)."""
 
     @abstractmethod
     def predict(self, records: Sequence[dict]) -> list[str]:
@@ -520,13 +530,8 @@ class ClassifierStudent(Student):
             out.append(self.model(**inputs).logits.float().cpu().numpy())
         return np.concatenate(out)
 
-    def ood_scores(
-        self,
-        records: Sequence[dict],
-        *,
-        score: str = "energy",
-        temperature: float = 1.0,
-        mode: str = "masked",
+    def _model_ood_scores(
+        self, records: Sequence[dict], *, score: str, temperature: float, mode: str
     ) -> np.ndarray:
         """Class-logit OOD scores; ``mode`` does not apply to a classifier. See :meth:`Student.ood_scores`."""
         logits = self.logits(records)
@@ -538,7 +543,7 @@ class ClassifierStudent(Student):
             labels = np.array([self.label2id[_field(r, "label")] for r in records], dtype=np.int64)
             values = ood.nll_score(logits, labels)
         else:
-            raise ValueError(f"unknown OOD score {score!r}: expected energy, msp or nll")
+            raise ValueError(f"unknown OOD score {score!r}: expected energy, msp, nll or random")
         return np.asarray(values, dtype=np.float64).reshape(len(records))
 
     def predict(self, records: Sequence[dict]) -> list[str]:
@@ -721,13 +726,8 @@ class TextToTextStudent(Student):
         return np.concatenate(out)
 
     @torch.no_grad()
-    def ood_scores(
-        self,
-        records: Sequence[dict],
-        *,
-        score: str = "energy",
-        temperature: float = 1.0,
-        mode: str = "masked",
+    def _model_ood_scores(
+        self, records: Sequence[dict], *, score: str, temperature: float, mode: str
     ) -> np.ndarray:
         """Token-level OOD scores under teacher forcing; see :meth:`Student.ood_scores`.
 
@@ -737,7 +737,7 @@ class TextToTextStudent(Student):
         always averages the real target tokens.
         """
         if score not in ("energy", "nll"):
-            raise ValueError(f"unknown OOD score {score!r} for a text-to-text student: expected energy or nll")
+            raise ValueError(f"unknown OOD score {score!r} for a text-to-text student: expected energy, nll or random")
         if mode not in ("masked", "code_faithful"):
             raise ValueError(f"unknown energy mode {mode!r}: expected masked or code_faithful")
         self.model.eval()

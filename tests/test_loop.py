@@ -139,3 +139,17 @@ def test_fresh_student_head_follows_the_run_seed(tmp_path, student_dir, eval_fil
     assert all(n.startswith(("classifier", "score")) for n in drawn), drawn
     ray_side = dict(build_student(distiller.task, distiller.cfg.student, student_dir, seed=1).model.named_parameters())
     assert all(torch.equal(w1[n], ray_side[n]) for n in w1)
+
+
+def test_random_score_control_feeds_back_a_band_ranked_by_text_hash(tmp_path, student_dir, eval_file):
+    import numpy as np
+
+    from gold_ray.ood import band_indices, hashed_uniform_scores
+
+    cfg = make_cfg(tmp_path, student_dir, eval_file, "strategy.score=random", "budget.samples=48")
+    metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
+    probes = [r for r in read_parts([tmp_path / "run" / "data" / "probe-it000.parquet"]) if not r["reject_reason"]]
+    scores = np.array([r["score"] for r in probes])
+    np.testing.assert_array_equal(scores, hashed_uniform_scores([{"text": r["text"]} for r in probes]))
+    band = {probes[i]["id"] for i in band_indices(scores, cfg.strategy.band_lo, cfg.strategy.band_hi)}
+    assert band and set(metrics["iterations"][0]["feedback"]["ids"]) == band

@@ -7,6 +7,7 @@ import torch
 from gold_ray.ood import (
     band_indices,
     energy_from_logits,
+    hashed_uniform_scores,
     msp_score,
     nll_score,
     noise_filter_mask,
@@ -218,6 +219,22 @@ def test_invalid_band_raises():
         band_indices(np.zeros(4), 0.8, 0.5)
     with pytest.raises(ValueError):
         band_indices(np.zeros(4), -0.1, 0.5)
+
+
+def test_random_control_scores_are_fixed_per_input_and_spread_evenly():
+    inputs = [{"text": f"review number {i}"} for i in range(2000)]
+    scores = hashed_uniform_scores(inputs)
+    assert scores.dtype == np.float64 and ((scores >= 0) & (scores < 1)).all()
+    assert len(set(scores.tolist())) == len(inputs)
+    # Fixed per input: same in another call, key order aside, and independent of its neighbours.
+    again = hashed_uniform_scores([{"text": "review number 7"}, {"text": "review number 3"}])
+    assert again.tolist() == [scores[7], scores[3]]
+    pair = hashed_uniform_scores([{"a": "x", "b": "y"}, {"b": "y", "a": "x"}])
+    assert pair[0] == pair[1]
+    # Evenly spread, so a band over them is a random subset of the right size.
+    assert np.histogram(scores, bins=10, range=(0, 1))[0].min() > 150
+    assert len(band_indices(scores, 0.5, 0.8)) == 600
+    assert hashed_uniform_scores([]).shape == (0,)
 
 
 # --- noise filter and quantiles -------------------------------------------------------------

@@ -136,6 +136,19 @@ def test_classifier_logits_shape_and_ood_scores(models):
         student.ood_scores(SENTIMENT, score="mahalanobis")
 
 
+def test_random_score_is_the_text_hash_whatever_the_model_or_the_label(models):
+    from gold_ray.ood import hashed_uniform_scores
+
+    flipped = [{**r, "label": "negative" if r["label"] == "positive" else "positive"} for r in SENTIMENT]
+    expected = hashed_uniform_scores([{"text": r["text"]} for r in SENTIMENT])
+    student = _classifier(models)
+    energy = student.ood_scores(SENTIMENT)
+    np.testing.assert_array_equal(student.ood_scores(SENTIMENT, score="random"), expected)
+    student.fit(SENTIMENT, 2)
+    assert not np.allclose(student.ood_scores(SENTIMENT), energy)  # the model's scores move with training
+    np.testing.assert_array_equal(student.ood_scores(flipped, score="random"), expected)  # the control does not
+
+
 def test_fit_is_deterministic_given_seed_and_leaves_global_rng_alone(models):
     runs = []
     for seed in (3, 3, 4):
@@ -233,7 +246,7 @@ def test_text_to_text_fit_predict_and_scores(models, arch, tmp_path):
     for p, t in zip(pred, first_tokens, strict=True):
         assert (tok.tokenize(p) or [tok.sep_token])[0] == t
 
-    for kwargs in ({}, {"mode": "code_faithful"}, {"score": "nll"}, {"temperature": 2.0}):
+    for kwargs in ({}, {"mode": "code_faithful"}, {"score": "nll"}, {"temperature": 2.0}, {"score": "random"}):
         scores = student.ood_scores(COPY[:5], **kwargs)
         assert scores.shape == (5,) and np.isfinite(scores).all(), kwargs
     after = student.ood_scores(COPY)
