@@ -30,7 +30,11 @@ class TaskConfig(_Section):
         data_dir: Folder that relative data paths (evaluation, seed, validation) are resolved
             against; defaults to ``$GOLD_RAY_DATA``.
         eval_path: Overrides the task file's evaluation JSONL.
-        eval_limit: Evaluate on at most this many examples (None: all).
+        eval_limit: Evaluate on at most this many examples, a seeded subset (None: all).
+        iteration_eval_limit: Evaluate each iteration's student on at most this many of them
+            (None: as ``eval_limit``). The final student is always evaluated under
+            ``eval_limit``; per-iteration accuracy only tracks progress, and on a large
+            evaluation set it can cost more than the iteration's training.
         val_path: Small real labelled validation JSONL whose student errors S3 extrapolates;
             default: the task's ``seed_path``. Never the evaluation file (refused).
         unlabeled_path: Unlabelled pool JSONL that LLKD's teacher labels (only the input fields
@@ -42,6 +46,7 @@ class TaskConfig(_Section):
     data_dir: str | None = None
     eval_path: str | None = None
     eval_limit: int | None = Field(default=None, gt=0)
+    iteration_eval_limit: int | None = Field(default=None, gt=0)
     val_path: str | None = None
     unlabeled_path: str | None = None
 

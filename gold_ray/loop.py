@@ -219,6 +219,7 @@ class Distiller:
         self.student_path = resolve_model(cfg.student.model)
         check_student_model(self.task, cfg.student, self.student_path)
         self.eval_records = self._load_eval()
+        self.iteration_eval_records = self._iteration_eval()
         self.run_dir, state = prepare_run_dir(cfg, resume)
         write_task_copy(self.run_dir, self.task)
         self.state = state or _fresh_state(cfg)
@@ -241,6 +242,14 @@ class Distiller:
         if self.eval_file is None:
             return []
         return load_eval_records(self.task, self.eval_file, limit=self.cfg.task.eval_limit)
+
+    def _iteration_eval(self) -> list[dict[str, Any]]:
+        limit = self.cfg.task.iteration_eval_limit
+        if limit is None or limit >= len(self.eval_records):
+            return self.eval_records
+        # Drawn from the final evaluation records, so every iteration's examples are among the final ones.
+        keep = np.sort(np.random.default_rng(0).choice(len(self.eval_records), size=limit, replace=False))
+        return [self.eval_records[i] for i in keep]
 
     def engine(self) -> TeacherEngine:
         """The teacher engine, built on first use."""
@@ -441,10 +450,11 @@ class Distiller:
         # The run seed, as the Ray train stage passes it, so a run's students match on both runtimes.
         return build_student(self.task, self.cfg.student, self.student_path, seed=self.cfg.seed)
 
-    def _evaluate(self, student: Student) -> dict[str, Any]:
-        if not self.eval_records:
+    def _evaluate(self, student: Student, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        records = self.eval_records if records is None else records
+        if not records:
             return {}
-        return evaluate_student(student, self.task, self.eval_records)
+        return evaluate_student(student, self.task, records)
 
     def _holdout(self, probes: list[dict[str, Any]]) -> dict[str, Any]:
         """Without a real evaluation set: the student's metrics on the fresh probes (``holdout_*``).
@@ -515,7 +525,7 @@ class Distiller:
                 self.state["checkpoint"] = str(ckpt.relative_to(self.run_dir))
                 if old and old != self.state["checkpoint"]:
                     shutil.rmtree(self.run_dir / old, ignore_errors=True)
-                ev = self._evaluate(self.student)
+                ev = self._evaluate(self.student, self.iteration_eval_records)
                 # ``seconds`` is the whole stage (fit, checkpoint, evaluation); the fit's own time
                 # is kept as ``fit_seconds`` so stage timings add up.
                 fit = {("fit_seconds" if k == "seconds" else k): v for k, v in fit.items()}

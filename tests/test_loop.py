@@ -153,3 +153,10 @@ def test_random_score_control_feeds_back_a_band_ranked_by_text_hash(tmp_path, st
     np.testing.assert_array_equal(scores, hashed_uniform_scores([{"text": r["text"]} for r in probes]))
     band = {probes[i]["id"] for i in band_indices(scores, cfg.strategy.band_lo, cfg.strategy.band_hi)}
     assert band and set(metrics["iterations"][0]["feedback"]["ids"]) == band
+
+
+def test_iteration_eval_limit_bounds_only_the_per_iteration_evaluation(tmp_path, student_dir, eval_file):
+    cfg = make_cfg(tmp_path, student_dir, eval_file, "task.iteration_eval_limit=6", "strategy.name=zerogen")
+    metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
+    assert [m["train"]["n"] for m in metrics["iterations"]] == [6, 6]
+    assert metrics["final"]["n"] == 20
