@@ -133,11 +133,25 @@ def load_eval_records(
             )
         records.append(record)
     if limit is not None and limit < len(records):
-        if seed is None:
-            return records[:limit]
-        keep = np.sort(np.random.default_rng(seed).choice(len(records), size=limit, replace=False))
-        return [records[i] for i in keep]
+        return records[:limit] if seed is None else seeded_subset(records, limit, seed)
     return records
+
+
+def seeded_subset(records: Sequence[dict], limit: int, seed: int = 0) -> list[dict]:
+    """At most ``limit`` of ``records``, drawn without replacement with ``seed``, in their original order.
+
+    Args:
+        records: The records to draw from.
+        limit: How many to keep (all of them when there are no more).
+        seed: The draw's seed.
+
+    Returns:
+        The kept records, in the order they had in ``records``.
+    """
+    if limit >= len(records):
+        return list(records)
+    keep = np.sort(np.random.default_rng(seed).choice(len(records), size=limit, replace=False))
+    return [records[i] for i in keep]
 
 
 # ----- metrics ------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 
 from gold_ray import store
 from gold_ray.config import RunConfig
-from gold_ray.evaluation import evaluate_student, load_eval_records
+from gold_ray.evaluation import evaluate_student, load_eval_records, seeded_subset
 from gold_ray.labelling import answer_prompts, read_answer
 from gold_ray.models import allow_remote_code, is_chat_model, resolve_model
 from gold_ray.ood import score_quantiles
@@ -245,11 +245,10 @@ class Distiller:
 
     def _iteration_eval(self) -> list[dict[str, Any]]:
         limit = self.cfg.task.iteration_eval_limit
-        if limit is None or limit >= len(self.eval_records):
+        if limit is None:
             return self.eval_records
         # Drawn from the final evaluation records, so every iteration's examples are among the final ones.
-        keep = np.sort(np.random.default_rng(0).choice(len(self.eval_records), size=limit, replace=False))
-        return [self.eval_records[i] for i in keep]
+        return seeded_subset(self.eval_records, limit)
 
     def engine(self) -> TeacherEngine:
         """The teacher engine, built on first use."""
