@@ -11,20 +11,26 @@ prediction and no gold example, or no true positive, has F1 0.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gold_ray.tasks import TaskSpec
+from gold_ray.config import ConfigError
+from gold_ray.tasks import DATA_DIR_ENV, HfEvalSource, TaskFileError, TaskSpec, resolve_data_path
 from gold_ray.types import Prompt, SamplingParams, TeacherEngine
 
 if TYPE_CHECKING:
+    from gold_ray.config import TaskConfig
     from gold_ray.student import Student
+
+logger = logging.getLogger(__name__)
 
 NUMERIC_TOLERANCE = 1e-6
 """Two answers match numerically when their first numbers differ by at most this much."""
@@ -152,6 +158,207 @@ def seeded_subset(records: Sequence[dict], limit: int, seed: int = 0) -> list[di
         return list(records)
     keep = np.sort(np.random.default_rng(seed).choice(len(records), size=limit, replace=False))
     return [records[i] for i in keep]
+
+
+# ----- a task's evaluation set, wherever it lives ------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A run's real evaluation records and where they came from.
+
+    Attributes:
+        records: Checked records (see :func:`load_eval_records`); empty when none could be loaded.
+        source: ``file:<path>`` (a file the user named), ``mirror:<path>`` (the task's file in the
+            local data mirror), ``hf:<path>[/<name>]:<split>`` (a ``datasets`` dataset) or ``none``.
+        note: One line for people: what the run evaluates on, or why it has no real evaluation set.
+        file: The local file the records were read from, or None.
+    """
+
+    records: list[dict] = field(default_factory=list)
+    source: str = "none"
+    note: str = ""
+    file: Path | None = None
+
+
+def _local_eval_file(task: TaskSpec, task_cfg: TaskConfig) -> tuple[Path | None, str, str]:
+    """``(file, kind, why)``: the local evaluation file, ``file`` or ``mirror``, and why there is none."""
+    if task_cfg.eval_path:
+        try:
+            return resolve_data_path(task_cfg.eval_path, task_cfg.data_dir).absolute(), "file", ""
+        except FileNotFoundError as err:
+            raise ConfigError(f"task.eval_path: {err}") from None
+    raw = task.eval.path if task.eval else None
+    if raw is None:
+        return None, "", "the task names no evaluation file"
+    if Path(os.path.expanduser(raw)).is_absolute():
+        return Path(os.path.expanduser(raw)), "file", ""
+    base = task_cfg.data_dir or os.environ.get(DATA_DIR_ENV)
+    if not base:
+        return None, "", f"no data folder is set (${DATA_DIR_ENV} or task.data_dir) for its mirror file {raw!r}"
+    candidate = (Path(os.path.expanduser(base)) / raw).absolute()
+    if candidate.is_file():
+        return candidate, "mirror", ""
+    # A mirror may hold only some tasks: the task's dataset can still stand in for the missing file.
+    return None, "", f"the data folder {str(base)!r} holds no {raw!r}"
+
+
+def task_eval_file(task: TaskSpec, task_cfg: TaskConfig) -> Path | None:
+    """The local file :func:`load_task_eval` reads, found without reading it; None for any other source.
+
+    Strategies that read real data of their own refuse this file, so they never learn from the
+    test set.
+
+    Args:
+        task: The task.
+        task_cfg: The run's ``task`` config section (``eval_path``, ``data_dir``).
+
+    Returns:
+        ``task.eval_path``, an absolute ``eval.path`` of the task, or the task's file in the data
+        mirror when the mirror holds it; else None.
+
+    Raises:
+        ConfigError: ``task.eval_path`` is relative and no data folder is set.
+    """
+    return _local_eval_file(task, task_cfg)[0]
+
+
+def load_task_eval(task: TaskSpec, task_cfg: TaskConfig, *, seed: int = 0) -> EvalSet:
+    """A run's real evaluation set, from the first source that has it.
+
+    In order: ``task.eval_path`` from the config; an absolute ``eval.path`` of the task; the
+    task's relative ``eval.path`` in the local data mirror (``task.data_dir`` or
+    ``$GOLD_RAY_DATA``), when set and holding it; the task's ``eval.hf`` dataset through
+    ``datasets.load_dataset``, which reads its cache and respects ``HF_DATASETS_OFFLINE=1``.
+    When none of these has the set, the result has no records, source ``none`` and a note that
+    the run evaluates on a synthetic hold-out, and why. ``task_cfg.eval_limit`` keeps a seeded
+    subset of any source.
+
+    Args:
+        task: The task.
+        task_cfg: The run's ``task`` config section (``eval_path``, ``data_dir``, ``eval_limit``).
+        seed: Seed of the ``eval_limit`` subset.
+
+    Returns:
+        The :class:`EvalSet`.
+
+    Raises:
+        ConfigError: a file named by ``task.eval_path`` cannot be read or does not check.
+        TaskFileError: a file named by the task's absolute ``eval.path`` cannot be read or does
+            not check, or the ``eval.hf`` dataset was reached but does not fit the task (the
+            message names the field).
+        ValueError: the mirror file does not check (the message names the file and line).
+    """
+    limit = task_cfg.eval_limit
+    path, kind, why = _local_eval_file(task, task_cfg)
+    if kind == "file":
+        named_by = "task.eval_path" if task_cfg.eval_path else f"task {task.name!r} eval.path"
+        try:
+            records = load_eval_records(task, path, limit, seed=seed)
+        except (OSError, ValueError) as err:
+            error = ConfigError if task_cfg.eval_path else TaskFileError
+            raise error(f"{named_by}: cannot read the evaluation file {str(path)!r}: {err}") from None
+        return EvalSet(records, f"file:{path}", f"evaluating on {len(records)} records of {path}", path)
+    if kind == "mirror":
+        records = load_eval_records(task, path, limit, seed=seed)
+        return EvalSet(records, f"mirror:{path}", f"evaluating on {len(records)} records of the mirror file {path}", path)
+    hf = task.eval.hf if task.eval else None
+    if hf is None:
+        return _no_eval_set(task, why)
+    try:
+        dataset = _load_hf_split(hf)
+    except OSError as err:
+        return _no_eval_set(task, f"{why}, and {hf.source[3:]} cannot be reached ({_first_line(err)})")
+    except ValueError as err:
+        if _is_uncached(err):
+            return _no_eval_set(task, f"{why}, and {hf.source[3:]} is not in the datasets cache ({_first_line(err)})")
+        raise TaskFileError(f"task {task.name!r} eval.hf: cannot load {hf.source[3:]}: {_first_line(err)}") from None
+    records = _hf_eval_records(task, hf, dataset)
+    if limit is not None:
+        records = seeded_subset(records, limit, seed)
+    because = f" ({why})" if task.eval and task.eval.path else ""
+    return EvalSet(records, hf.source, f"evaluating on {len(records)} records of {hf.source[3:]}{because}")
+
+
+def _no_eval_set(task: TaskSpec, why: str) -> EvalSet:
+    note = f"task {task.name!r} has no real evaluation set here: {why}; the run evaluates on a synthetic hold-out"
+    logger.warning(note)
+    return EvalSet([], "none", note)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _is_uncached(err: ValueError) -> bool:
+    # Offline, a Hub dataset cached under another configuration fails with this ValueError
+    # (datasets' cache lookup), which means "not cached", not a wrong spec.
+    return "find cache" in str(err)
+
+
+def _load_hf_split(hf: HfEvalSource) -> Any:
+    """The split ``hf`` names, from ``datasets.load_dataset`` (its cache first when offline)."""
+    import datasets  # only runs that reach for a Hub dataset pay for the import
+
+    return datasets.load_dataset(hf.path, hf.name, split=hf.split, data_files=hf.data_files)
+
+
+def _hf_eval_records(task: TaskSpec, hf: HfEvalSource, dataset: Any) -> list[dict]:
+    """The task's records from a loaded ``datasets.Dataset``, with ``hf.fields`` and the labels mapped."""
+    where = f"task {task.name!r} eval.hf"
+    keys = (*task.field_names, task.target_key)
+    columns = {key: hf.fields.get(key, key) for key in keys}
+    missing = sorted({c for c in columns.values() if c not in dataset.column_names})
+    if missing:
+        raise TaskFileError(
+            f"{where}.fields: {hf.source[3:]} has no column(s) {missing}; its columns are {dataset.column_names}"
+        )
+    class_names: list[str] | None = None
+    if task.is_classification:
+        feature = dataset.features.get(columns["label"])
+        names = list(getattr(feature, "names", None) or [])
+        class_names = hf.label_names or names or None
+        if hf.label_names and set(names) == set(hf.label_names) and names != hf.label_names:
+            # Same names in another order would silently swap the classes.
+            raise TaskFileError(f"{where}.label_names: {hf.label_names} lists the classes out of their order {names}")
+    table = dataset.select_columns(sorted(set(columns.values()))).to_dict()
+    records = []
+    for i in range(len(dataset)):
+        record = {}
+        for key, column in columns.items():
+            value = table[column][i]
+            if value is None:
+                raise TaskFileError(f"{where}: {hf.source[3:]} row {i}: no value in column {column!r} ({key!r})")
+            record[key] = value
+        for name in task.field_names:
+            record[name] = str(record[name])
+        if task.is_classification:
+            record["label"] = _class_label(task, record["label"], class_names, f"{where}.label_names", hf, i)
+        else:
+            record[task.target_key] = _target_text(record[task.target_key])
+        records.append(record)
+    if not records:
+        raise TaskFileError(f"{where}: {hf.source[3:]} has no records")
+    return records
+
+
+def _class_label(
+    task: TaskSpec, value: Any, class_names: list[str] | None, field_name: str, hf: HfEvalSource, row: int
+) -> str:
+    """The task label of one dataset label value (an integer class or a label name)."""
+    at = f"{field_name}: {hf.source[3:]} row {row}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if class_names is None:
+            raise TaskFileError(f"{at}: integer class {value} and no class names; list the task label of each class")
+        if not 0 <= value < len(class_names):
+            unlabelled = " (-1 marks an unlabelled example: choose a labelled split)" if value == -1 else ""
+            raise TaskFileError(f"{at}: class {value} has no name in {class_names}{unlabelled}")
+        value = class_names[value]
+    label = str(value)
+    if label not in task.label_names:
+        raise TaskFileError(f"{at}: label {label!r} is not one of {task.label_names}; map the classes in eval.hf.label_names")
+    return label
 
 
 # ----- metrics ------------------------------------------------------------------------------

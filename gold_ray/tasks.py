@@ -67,18 +67,53 @@ class LabelSpec(_Strict):
         return self.verbalizer or self.name.replace("_", " ")
 
 
-class EvalSource(_Strict):
-    """Where the real evaluation set of a task lives.
+class HfEvalSource(_Strict):
+    """A dataset loadable by ``datasets.load_dataset`` that holds a task's real evaluation set.
 
     Attributes:
-        path: A JSONL file. Relative paths are resolved against ``$GOLD_RAY_DATA``.
-        hf_dataset: An HF dataset name, used only when ``path`` is unset and a hub is reachable.
-        hf_split: Split of ``hf_dataset``.
+        path: What ``load_dataset`` takes as its path: a Hub dataset id (``nyu-mll/glue``), a
+            packaged loader (``json``, ``csv``, ``parquet``) with ``data_files``, or a local folder.
+        name: The dataset's configuration (``sst2``), when it has several.
+        split: The split to evaluate on (``validation``).
+        data_files: Data files for a packaged loader or a folder, in any form ``load_dataset`` takes.
+        fields: Task field to dataset column, for the task's input fields and its target
+            (``label`` or the target field); a field left out is read from the column of its own name.
+        label_names: Classification only: the task label of each integer class, in class order
+            (``[negative, positive]``: class 0 is ``negative``). Several classes may share a label.
+            Default: the names of the column's ``ClassLabel`` feature. Text labels are read as they are.
+    """
+
+    path: str = Field(min_length=1)
+    name: str | None = None
+    split: str = Field(min_length=1)
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    fields: dict[str, str] = Field(default_factory=dict)
+    label_names: list[str] | None = Field(default=None, min_length=1)
+
+    @property
+    def source(self) -> str:
+        """``hf:<path>[/<name>]:<split>``, how runs record this dataset."""
+        return f"hf:{self.path}{'/' + self.name if self.name else ''}:{self.split}"
+
+
+class EvalSource(_Strict):
+    """Where the real evaluation set of a task lives; see :func:`gold_ray.evaluation.load_task_eval`.
+
+    Attributes:
+        path: A JSONL file with the task's input fields and target. A relative path names a file
+            of the local data mirror (``$GOLD_RAY_DATA`` or ``task.data_dir``), used when the mirror
+            is set and holds it; an absolute path is the user's own file and must be readable.
+        hf: A ``datasets`` dataset with the same examples, used when no mirror file is found.
     """
 
     path: str | None = None
-    hf_dataset: str | None = None
-    hf_split: str = "validation"
+    hf: HfEvalSource | None = None
+
+    @model_validator(mode="after")
+    def _names_a_source(self) -> EvalSource:
+        if self.path is None and self.hf is None:
+            raise ValueError("eval: name a `path`, an `hf` dataset, or both")
+        return self
 
 
 class TaskSpec(_Strict):
@@ -156,6 +191,17 @@ class TaskSpec(_Strict):
                 raise ValueError(
                     f"seed_demos[{i}].label: {demo['label']!r} is not in the label set {sorted(label_names)}"
                 )
+        hf = self.eval.hf if self.eval else None
+        if hf is not None:
+            unknown = sorted(set(hf.fields) - wanted)
+            if unknown:
+                raise ValueError(f"eval.hf.fields: {unknown} are not fields of the task; its fields are {sorted(wanted)}")
+            if hf.label_names is not None:
+                if not self.is_classification:
+                    raise ValueError("eval.hf.label_names: a text_to_text task has no label set")
+                bad = sorted(set(hf.label_names) - label_names)
+                if bad:
+                    raise ValueError(f"eval.hf.label_names: {bad} are not in the label set {sorted(label_names)}")
         return self
 
     @property

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from gold_ray.config import ConfigError, TaskConfig
 from gold_ray.evaluation import (
     accuracy,
     evaluate_student,
@@ -12,13 +13,14 @@ from gold_ray.evaluation import (
     exact_match,
     first_number,
     load_eval_records,
+    load_task_eval,
     macro_f1,
     numeric_match,
     per_label_accuracy,
     read_jsonl,
     teacher_fewshot_predictions,
 )
-from gold_ray.tasks import DATA_DIR_ENV, load_task
+from gold_ray.tasks import DATA_DIR_ENV, TaskFileError, load_task
 from gold_ray.testing import FakeTeacherEngine
 from gold_ray.types import Prompt
 
@@ -100,6 +102,124 @@ def test_load_eval_records_limit_draws_a_seeded_subset(tmp_path):
     assert idx == sorted(idx) and idx != list(range(10))
     assert {r["label"] for r in sub} == {"negative", "positive"}
     assert len(load_eval_records(SST2, path, limit=500)) == 100
+
+
+# ----- a task's evaluation set: config file, local mirror, datasets dataset, or none -----------
+
+MY_TASK = """
+name: mine
+type: classification
+description: Is the review good or bad?
+input_fields: [{name: text, display: Review}]
+labels:
+  - {name: good, description: the reviewer liked it}
+  - {name: bad, description: the reviewer did not}
+seed_demos:
+  - {text: "lovely stuff", label: good}
+"""
+
+
+@pytest.fixture
+def hf_offline(monkeypatch, tmp_path):
+    """``datasets`` offline, with an empty cache of its own: nothing is fetched or reused."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+
+
+def _my_task(tmp_path: Path, eval_yaml: str):
+    return load_task(_write(tmp_path / "mine.yaml", MY_TASK + eval_yaml))
+
+
+def _sentences_dataset(folder: Path, n: int = 6) -> Path:
+    """A local ``datasets`` folder: a validation split with SST-2-like columns and integer classes."""
+    folder.mkdir(parents=True)
+    rows = [{"sentence": f"review {i}", "label": i % 2, "idx": i} for i in range(n)]
+    _write(folder / "validation.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_task_eval_reads_the_local_mirror_first(tmp_path, hf_offline):
+    mirror = tmp_path / "mirror"
+    (mirror / "mine").mkdir(parents=True)
+    _write(mirror / "mine" / "test.jsonl", '{"text": "from the mirror", "label": "good"}\n')
+    folder = _sentences_dataset(tmp_path / "ds")
+    task = _my_task(tmp_path, f"eval: {{path: mine/test.jsonl, hf: {{path: {folder}, split: validation, "
+                              "fields: {text: sentence}, label_names: [bad, good]}}\n")
+    got = load_task_eval(task, TaskConfig(name="mine", data_dir=str(mirror)))
+    assert got.source == f"mirror:{(mirror / 'mine' / 'test.jsonl').absolute()}"
+    assert [r["text"] for r in got.records] == ["from the mirror"]
+    assert got.file == (mirror / "mine" / "test.jsonl").absolute()
+
+
+def test_task_eval_reads_a_datasets_dataset_with_fields_and_labels_mapped(tmp_path, hf_offline):
+    folder = _sentences_dataset(tmp_path / "ds")
+    # The mirror is unset: the named dataset stands in for it.
+    task = _my_task(tmp_path, f"eval: {{path: mine/test.jsonl, hf: {{path: {folder}, split: validation, "
+                              "fields: {text: sentence}, label_names: [bad, good]}}\n")
+    got = load_task_eval(task, TaskConfig(name="mine"))
+    assert got.source == f"hf:{folder}:validation" and got.file is None
+    assert got.records == [{"text": f"review {i}", "label": ["bad", "good"][i % 2]} for i in range(6)]
+    assert "6 records" in got.note and "no data folder is set" in got.note
+    # eval_limit keeps the same seeded subset as for a file.
+    limited = load_task_eval(task, TaskConfig(name="mine", eval_limit=3))
+    assert len(limited.records) == 3 and limited.records == load_task_eval(task, TaskConfig(name="mine", eval_limit=3)).records
+    assert all(r in got.records for r in limited.records)
+
+
+def test_task_eval_takes_class_names_from_a_classlabel_column(tmp_path, hf_offline):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    features = Features({"review": Value("string"), "stars": ClassLabel(names=["bad", "good"])})
+    Dataset.from_dict({"review": ["meh", "great"], "stars": [0, 1]}, features=features).to_parquet(
+        folder / "test.parquet")
+    task = _my_task(tmp_path, f"eval: {{hf: {{path: {folder}, split: test, fields: {{text: review, label: stars}}}}}}\n")
+    got = load_task_eval(task, TaskConfig(name="mine"))
+    assert got.records == [{"text": "meh", "label": "bad"}, {"text": "great", "label": "good"}]
+    # The same names listed in another order would swap the classes: refused, naming the field.
+    task = _my_task(tmp_path, f"eval: {{hf: {{path: {folder}, split: test, fields: {{text: review, label: stars}}, "
+                              "label_names: [good, bad]}}\n")
+    with pytest.raises(TaskFileError, match=r"eval\.hf\.label_names: .*out of their order"):
+        load_task_eval(task, TaskConfig(name="mine"))
+
+
+def test_task_eval_without_mirror_or_reachable_dataset_has_no_records_and_says_why(hf_offline):
+    got = load_task_eval(SST2, TaskConfig(name="sst2"))
+    assert got.records == [] and got.source == "none" and got.file is None
+    assert "\n" not in got.note and "synthetic hold-out" in got.note
+    assert "nyu-mll/glue/sst2:validation cannot be reached" in got.note and DATA_DIR_ENV in got.note
+    # A task with no dataset to fall back on says so too.
+    got = load_task_eval(SVAMP, TaskConfig(name="svamp"))
+    assert got.source == "none" and "svamp/test.jsonl" in got.note
+
+
+def test_task_eval_dataset_that_does_not_fit_the_task_names_the_field(tmp_path, hf_offline):
+    folder = _sentences_dataset(tmp_path / "ds")
+    task = _my_task(tmp_path, f"eval: {{hf: {{path: {folder}, split: validation, label_names: [bad, good]}}}}\n")
+    with pytest.raises(TaskFileError, match=r"eval\.hf\.fields: .*no column\(s\) \['text'\]"):
+        load_task_eval(task, TaskConfig(name="mine"))
+    task = _my_task(tmp_path, f"eval: {{hf: {{path: {folder}, split: validation, fields: {{text: sentence}}}}}}\n")
+    with pytest.raises(TaskFileError, match=r"eval\.hf\.label_names: .*integer class 0"):
+        load_task_eval(task, TaskConfig(name="mine"))
+
+
+def test_an_explicit_eval_file_that_cannot_be_read_is_an_error_naming_the_field(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    with pytest.raises(ConfigError, match=r"task\.eval_path: cannot read .*nope\.jsonl"):
+        load_task_eval(SST2, TaskConfig(name="sst2", eval_path=str(tmp_path / "nope.jsonl")))
+    bad = _write(tmp_path / "bad.jsonl", '{"text": "x", "label": "maybe"}\n')
+    with pytest.raises(ConfigError, match=r"task\.eval_path: .*bad\.jsonl:1: label 'maybe'"):
+        load_task_eval(SST2, TaskConfig(name="sst2", eval_path=str(bad)))
+    with pytest.raises(ConfigError, match=r"task\.eval_path: .*no data folder is set"):
+        load_task_eval(SST2, TaskConfig(name="sst2", eval_path="sst2/test.jsonl"))
+    # The task's own absolute file is named by the user too: no fallback, an error.
+    task = _my_task(tmp_path, f"eval: {{path: {tmp_path / 'gone.jsonl'}}}\n")
+    with pytest.raises(TaskFileError, match=r"eval\.path: cannot read .*gone\.jsonl"):
+        load_task_eval(task, TaskConfig(name="mine"))
 
 
 # ----- metrics -------------------------------------------------------------------------------

@@ -68,3 +68,32 @@ def test_relative_data_path_needs_a_data_dir(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="GOLD_RAY_DATA"):
         resolve_data_path("sst2/test.jsonl")
     assert resolve_data_path("sst2/test.jsonl", tmp_path) == tmp_path / "sst2/test.jsonl"
+
+
+def test_shipped_tasks_name_their_public_dataset():
+    named = {name: load_task(name).eval.hf for name in shipped_tasks()}
+    assert named["svamp"] is None  # its question joins two columns: the local mirror only
+    assert named["sst2"].source == "hf:nyu-mll/glue/sst2:validation"
+    assert named["ag_news"].source == "hf:fancyzhx/ag_news:test"
+    for name, hf in named.items():
+        if hf is not None:
+            assert sorted(hf.label_names) == sorted(load_task(name).label_names), name
+
+
+@pytest.mark.parametrize(
+    ("eval_yaml", "field"),
+    [
+        ("eval: {}\n", r"eval: .*name a `path`, an `hf` dataset"),
+        ("eval: {hf: {path: glue, name: sst2}}\n", r"eval\.hf\.split"),
+        ("eval: {hf: {path: '', split: test}}\n", r"eval\.hf\.path"),
+        ("eval: {hf: {path: glue, split: test, fields: {sentence: text}}}\n", r"eval\.hf\.fields: \['sentence'\]"),
+        ("eval: {hf: {path: glue, split: test, label_names: [good, meh]}}\n", r"eval\.hf\.label_names: \['meh'\]"),
+        ("eval: {hf: {path: glue, split: test, label_names: []}}\n", r"eval\.hf\.label_names"),
+        ("eval: {hf: {path: glue, split: test, revision: main}}\n", r"eval\.hf\.revision"),
+    ],
+)
+def test_bad_eval_dataset_spec_names_the_field(tmp_path, eval_yaml, field):
+    path = tmp_path / "broken.yaml"
+    path.write_text(SST2 + eval_yaml)
+    with pytest.raises(TaskFileError, match=field):
+        load_task(path)
