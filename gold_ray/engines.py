@@ -324,8 +324,8 @@ class HFEngine(TeacherEngine):
             )
         return [
             Generation(text=truncate_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops),
-                       output_tokens=len(ids))
-            for ids in outs
+                       output_tokens=len(ids), prompt_tokens=len(row))
+            for row, ids in zip(rows, outs, strict=True)
         ]
 
     def option_logprobs(self, prompts: list[Prompt], options: list[str]) -> list[list[float]]:
@@ -532,8 +532,10 @@ class OpenAIEngine(TeacherEngine):
                 return Generation(text="", error=error)
             choice = reply["choices"][0]
             text = choice["message"]["content"] if prompt.messages is not None else choice["text"]
-            tokens = int((reply.get("usage") or {}).get("completion_tokens") or 0)
-            return Generation(text=truncate_at_stop(text or "", prompt.stop), output_tokens=tokens)
+            usage = reply.get("usage") or {}
+            return Generation(text=truncate_at_stop(text or "", prompt.stop),
+                              output_tokens=int(usage.get("completion_tokens") or 0),
+                              prompt_tokens=int(usage.get("prompt_tokens") or 0))
         except Exception as err:  # malformed reply: keep the row
             return Generation(text="", error=self._scrub(f"openai engine: POST {url}: bad reply: {type(err).__name__}: {err}"))
 
@@ -670,10 +672,11 @@ class VLLMEngine(TeacherEngine):
         if inputs:
             try:
                 outputs = self.llm.generate(inputs, sampling, use_tqdm=False)
-                for i, out in zip(index, outputs, strict=True):
+                for i, given, out in zip(index, inputs, outputs, strict=True):
                     best = out.outputs[0]
                     results[i] = Generation(
-                        text=truncate_at_stop(best.text, prompts[i].stop), output_tokens=len(best.token_ids)
+                        text=truncate_at_stop(best.text, prompts[i].stop), output_tokens=len(best.token_ids),
+                        prompt_tokens=len(given["prompt_token_ids"]),
                     )
             except Exception as err:
                 for i in index:

@@ -98,12 +98,15 @@ class Generation:
         option_logprobs: For a ``classify`` prompt answered by scoring its options
             (``Prompt.meta["options"]``, see :mod:`gold_ray.labelling`): the log-probability of
             each option, in order; None for generated answers.
+        prompt_tokens: Tokens of the rendered prompt the model read (chat template, prefill and
+            BOS included); 0 where the engine does not count them.
     """
 
     text: str
     output_tokens: int = 0
     error: str | None = None
     option_logprobs: tuple[float, ...] | None = None
+    prompt_tokens: int = 0
 
 
 class TeacherEngine:
