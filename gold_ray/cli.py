@@ -16,6 +16,10 @@ Commands::
     gold-ray jobs status|logs|stop JOB_ID --address URL
 
 CONFIG is a YAML file or the name of a shipped config (``demo``, ``tiny``).
+
+Exit status: 0 on success; 2 for bad input (one line on stderr naming the key, field, file or
+argument); 1 for an internal error (a bug), whose traceback goes to the run's ``logs/gold-ray.log``
+when there is a run directory, and to stderr with ``gold-ray --debug``.
 """
 
 from __future__ import annotations
@@ -25,55 +29,25 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-from gold_ray.config import ConfigError, RunConfig, load_config
+from gold_ray.config import RunConfig
+from gold_ray.entry import SHIPPED_CONFIG_DIR, config_path, load_run_config, report_failure, summary_text
+from gold_ray.errors import InputError
 from gold_ray.tasks import TaskFileError, load_task, shipped_tasks
 
-SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def config_path(ref: str | None) -> Path | None:
-    """A config file path: a shipped config name (``demo``) or a path."""
-    if ref is None:
-        return None
-    shipped = SHIPPED_CONFIG_DIR / f"{ref}.yaml"
-    if not Path(ref).exists() and shipped.is_file():
-        return shipped
-    return Path(ref)
+# SHIPPED_CONFIG_DIR and config_path live in gold_ray.entry; callers that import them from the CLI
+# (gold_ray.distill, the benchmarks, tests) keep working.
+__all__ = ["SHIPPED_CONFIG_DIR", "build_parser", "config_path", "main"]
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
-    overrides = list(args.set or [])
-    if getattr(args, "overwrite", False):
-        overrides.append("output.overwrite=true")
-    if getattr(args, "output", None):
-        overrides.append(f"output.dir={args.output}")
-    return load_config(config_path(args.config), overrides)
+    return load_run_config(config_path(args.config), args.set, overwrite=getattr(args, "overwrite", False),
+                           output_dir=getattr(args, "output", None))
 
 
-def print_event(stage: str, info: dict[str, Any]) -> None:
-    """Print one line for a finished stage (the plain progress view, for job logs)."""
-    from gold_ray.progress import format_line
-
-    print(format_line(stage, info), flush=True)
-
-
-def _summary(metrics: dict[str, Any], out: Path) -> str:
-    lines = [f"gold-ray: done. run directory: {out}",
-             f"  student (HF format): {out / 'student'}",
-             f"  data (Parquet):      {out / 'data'}",
-             f"  metrics:             {out / 'metrics.json'}"]
-    if (out / "report.html").is_file():
-        lines.append(f"  report:              {out / 'report.html'}")
-    if metrics.get("mlflow"):
-        m = metrics["mlflow"]
-        lines.append(f"  MLflow run:          {m['run_id']} in {m['tracking_uri']}")
-    final = metrics.get("final", {})
-    for key in ("accuracy", "macro_f1", "exact_match", "numeric_match"):
-        if key in final:
-            lines.append(f"  final {key}: {final[key]:.4f}")
-    return "\n".join(lines)
+def _note_run_dir(args: argparse.Namespace, run_dir: str | Path) -> None:
+    # Where main() writes the traceback of an internal error (RUN_DIR/logs/gold-ray.log).
+    args.known_run_dir = Path(run_dir)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -81,6 +55,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from gold_ray.progress import progress
 
     cfg = _load(args)
+    _note_run_dir(args, cfg.output.dir)
     where = "in this process" if args.local else "on Ray"
     mode = "json" if args.json_logs else "quiet" if args.quiet else "auto"
     s = cfg.student
@@ -103,7 +78,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
             metrics = run_on_ray(cfg, resume=args.resume, on_event=reporter)
         out = Path(cfg.output.dir)
         report = out / "report.html"
-        reporter.message("done", _summary(metrics, out), run_dir=str(out),
+        reporter.message("done", summary_text(metrics, out, tracking=cfg.tracking.enabled), run_dir=str(out),
                          report=str(report) if report.is_file() else None,
                          final=metrics.get("final", {}), mlflow=metrics.get("mlflow"))
     return 0
@@ -119,6 +94,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     strategies = parse_strategies(args.strategies or ",".join(available_strategies()))
     seeds = parse_seeds(args.seeds)
     out = Path(args.output or f"{cfg.output.dir}-compare")
+    _note_run_dir(args, out)
     where = "in this process" if args.local else "on Ray"
     # One line per stage, each prefixed with its run (a live view of one run does not fit several).
     mode = "json" if args.json_logs else "quiet" if args.quiet else "plain"
@@ -153,7 +129,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         a, b = (Path(r) for r in args.runs)
         path = write_comparison(a, b, args.out or a / f"compare-{b.resolve().name}.html")
     else:
-        raise ValueError("gold-ray report takes one run directory, or two to compare")
+        raise InputError("gold-ray report takes one run directory, or two to compare")
     print(f"gold-ray: report written to {path}")
     return 0
 
@@ -163,11 +139,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from gold_ray.predict import load_run_student, predict_to_jsonl, read_inputs, text_record
 
     if bool(args.texts) == bool(args.file):
-        raise ValueError("gold-ray predict: give either texts or --file FILE.jsonl (not both)")
+        raise InputError("gold-ray predict: give either texts or --file FILE.jsonl (not both)")
     student, task = load_run_student(args.run_dir)
+    _note_run_dir(args, args.run_dir)
     records = read_inputs(args.file, task) if args.file else [text_record(task, t) for t in args.texts]
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
+        try:
+            fh = open(args.output, "w", encoding="utf-8")  # noqa: SIM115 - closed below; only opening is user input
+        except OSError as err:
+            raise InputError(f"--output {args.output}: cannot write there ({err.strerror})") from err
+        with fh:
             n = predict_to_jsonl(student, task, records, fh)
         print(f"gold-ray: {n} predictions written to {args.output}", file=sys.stderr)
     else:
@@ -177,7 +158,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the teacher alone as a Ray Serve app with OpenAI-compatible routes, until interrupted."""
-    from actors.driver import ensure_ray
+    from actors.connect import ensure_ray
     from actors.teacher import start_teacher
 
     cfg = _load(args)
@@ -238,6 +219,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``gold-ray``."""
     parser = argparse.ArgumentParser(prog="gold-ray", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -315,32 +297,45 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("refs", nargs="*", help="model references (default: the embedded teacher and student)")
     p.set_defaults(func=cmd_models)
 
-    # Imported here: jobs.submit imports this module (circular at module level); Ray itself is only
-    # imported when a job command runs.
+    # The top-level package `jobs` sits beside gold_ray; importing it only here keeps `import
+    # gold_ray.cli` free of it (and Ray is imported only when a job command runs).
     from jobs.submit import add_job_commands
 
     add_job_commands(sub)
+    _accept_debug_after_the_command(sub)
     return parser
 
 
+_DEBUG_HELP = "on an internal error, print its full traceback to stderr"
+
+
+def _accept_debug_after_the_command(sub: argparse._SubParsersAction) -> None:
+    # `gold-ray distill demo --debug` should work as well as `gold-ray --debug distill demo`.
+    # SUPPRESS: a sub-command that is not given --debug must not reset the global flag to False.
+    for parser in sub.choices.values():
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _accept_debug_after_the_command(action)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``gold-ray`` console script."""
+    """Entry point of the ``gold-ray`` console script.
+
+    Returns:
+        The exit status: 0, 2 for bad input, 1 for an internal error (see the module docstring).
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, TaskFileError) as err:
-        print(f"gold-ray: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - the CLI turns every known failure into one clear line
-        from gold_ray.loop import RunDirError, TooManyRejectsError
-        from gold_ray.models import ModelResolutionError
-
-        if isinstance(err, RunDirError | TooManyRejectsError | ModelResolutionError | FileNotFoundError | ValueError):
-            # An error raised in a Ray actor is also an instance of its cause's class; print the
-            # cause's message, not the remote traceback.
-            print(f"gold-ray: error: {getattr(err, 'cause', None) or err}", file=sys.stderr)
-            return 2
-        raise
+    except BrokenPipeError:
+        # The reader of stdout left (`gold-ray predict ... | head`): no bug, and nothing to say.
+        # stdout goes to devnull so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as err:  # noqa: BLE001 - every failure becomes an exit status; report_failure sorts them
+        return report_failure(err, prog="gold-ray", run_dir=getattr(args, "known_run_dir", None), debug=args.debug,
+                              argv=["gold-ray", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

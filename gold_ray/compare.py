@@ -53,6 +53,7 @@ import numpy as np
 
 from gold_ray import store
 from gold_ray.config import ConfigError, RunConfig, load_config
+from gold_ray.errors import InputError
 from gold_ray.loop import EventFn, RunDirError, distill_in_process
 from gold_ray.tasks import TaskSpec, load_task, resolve_data_path
 from gold_ray.tracking import MlflowTracker, flatten_params
@@ -311,7 +312,7 @@ def teacher_fewshot(cfg: RunConfig, *, engine: TeacherEngine | None = None) -> d
     task = load_task(cfg.task.name)
     records = eval_records(cfg, task)
     if not records:
-        raise ValueError(f"task {task.name!r} has no evaluation set (task eval.path or task.eval_path)")
+        raise InputError(f"task {task.name!r} has no evaluation set (task eval.path or task.eval_path)")
     teacher_path = None
     if engine is None and cfg.teacher.engine != "openai":
         teacher_path = resolve_model(cfg.teacher.model)

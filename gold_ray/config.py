@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gold_ray.errors import UserError
 from gold_ray.tasks import format_validation_error
 
 
@@ -352,7 +353,7 @@ class RunConfig(_Section):
         return max(1, self.budget.samples // self.strategy.iterations)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that does not load; the message names the file, the key and the problem."""
 
 

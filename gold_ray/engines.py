@@ -36,6 +36,7 @@ import torch
 
 from gold_ray.config import TeacherConfig
 from gold_ray.decoding import decode_batch, left_padded
+from gold_ray.errors import InputError
 from gold_ray.models import allow_remote_code
 from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
 
@@ -96,7 +97,7 @@ def render_prompt_text(tokenizer: Any, prompt: Prompt) -> str:
     if prompt.messages is None:
         return str(prompt.text)
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat prompt but the tokenizer has no chat template; use prompt_style=continuation")
+        raise InputError("chat prompt but the tokenizer has no chat template; use prompt_style=continuation")
     rendered = tokenizer.apply_chat_template(
         [dict(m) for m in prompt.messages], add_generation_prompt=True, tokenize=False
     )
@@ -247,7 +248,7 @@ class HFEngine(TeacherEngine):
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             if self.tokenizer.eos_token is None:
-                raise ValueError(f"{model_path}: the tokenizer has neither a pad nor an eos token")
+                raise InputError(f"{model_path}: the tokenizer has neither a pad nor an eos token")
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -474,7 +475,7 @@ class OpenAIEngine(TeacherEngine):
         extra_body: dict[str, Any] | None = None,
     ):
         if not base_url:
-            raise ValueError("the openai engine needs teacher.base_url (e.g. http://127.0.0.1:8000/v1)")
+            raise InputError("the openai engine needs teacher.base_url (e.g. http://127.0.0.1:8000/v1)")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
@@ -771,7 +772,7 @@ def build_engine(cfg: TeacherConfig, model_path: str, seed: int) -> TeacherEngin
                           cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib)
     if name == "openai":
         if not cfg.base_url:
-            raise ValueError("teacher.engine=openai needs teacher.base_url (e.g. http://127.0.0.1:8000/v1)")
+            raise InputError("teacher.engine=openai needs teacher.base_url (e.g. http://127.0.0.1:8000/v1)")
         return OpenAIEngine(cfg.base_url, model_path, api_key_env=cfg.api_key_env,
                             timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries,
                             backoff_s=cfg.retry_backoff_s)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gold_ray.config import ConfigError
+from gold_ray.errors import InputError, MissingFileError
 from gold_ray.tasks import DATA_DIR_ENV, HfEvalSource, TaskFileError, TaskSpec, resolve_data_path
 from gold_ray.types import Prompt, SamplingParams, TeacherEngine
 
@@ -50,15 +51,17 @@ def _iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{p}:{lineno}: not valid JSON: {err.msg}") from None
+                    raise InputError(f"{p}:{lineno}: not valid JSON: {err.msg}") from None
                 if not isinstance(record, dict):
-                    raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                    raise InputError(f"{p}:{lineno}: expected a JSON object, got {type(record).__name__}")
                 seen = True
                 yield lineno, record
+    except FileNotFoundError:
+        raise MissingFileError(f"{p}: no such file") from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise InputError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not seen:
-        raise ValueError(f"{p}: no records (the file is empty or blank)")
+        raise InputError(f"{p}: no records (the file is empty or blank)")
 
 
 def read_jsonl_numbered(path: str | os.PathLike[str]) -> list[tuple[int, dict]]:
@@ -122,19 +125,19 @@ def load_eval_records(
     if path is None:
         path = task.eval_path()
         if path is None:
-            raise ValueError(f"task {task.name!r} names no evaluation file (task eval.path)")
+            raise InputError(f"task {task.name!r} names no evaluation file (task eval.path)")
     label_names = set(task.label_names)
     records = []
     for lineno, raw in _iter_jsonl(path):
         for name in (*task.field_names, task.target_key):
             if raw.get(name) is None:
-                raise ValueError(f"{path}:{lineno}: missing field {name!r} (task {task.name!r})")
+                raise InputError(f"{path}:{lineno}: missing field {name!r} (task {task.name!r})")
         record = dict(raw)
         for name in task.field_names:
             record[name] = str(raw[name])
         record[task.target_key] = _target_text(raw[task.target_key])
         if task.is_classification and record["label"] not in label_names:
-            raise ValueError(
+            raise InputError(
                 f"{path}:{lineno}: label {record['label']!r} is not one of {task.label_names} (task {task.name!r})"
             )
         records.append(record)

@@ -28,13 +28,15 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from gold_ray.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "GOLD_RAY_CACHE"
 EMBEDDED_PREFIX = "embedded:"
 
 
-class ModelResolutionError(ValueError):
+class ModelResolutionError(UserError, ValueError):
     """A model reference that cannot be resolved; the message says what to install or fix."""
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from gold_ray.errors import InputError
 from gold_ray.evaluation import read_jsonl_numbered
 from gold_ray.rundir import run_task, student_dir
 from gold_ray.student import Student, load_student
@@ -43,7 +44,7 @@ def text_record(task: TaskSpec, text: str) -> dict[str, str]:
         ValueError: the task has several input fields (they need ``--file``).
     """
     if len(task.field_names) != 1:
-        raise ValueError(f"task {task.name!r} has the input fields {', '.join(task.field_names)}: "
+        raise InputError(f"task {task.name!r} has the input fields {', '.join(task.field_names)}: "
                          "pass them as JSON lines with --file")
     return {task.field_names[0]: text}
 
@@ -60,10 +61,10 @@ def read_inputs(path: str | os.PathLike[str], task: TaskSpec) -> list[dict[str, 
         for name in task.field_names:
             value = rec.get(name)
             if value is None or (isinstance(value, str) and not value.strip()):
-                raise ValueError(f"{path}:{lineno}: missing input field {name!r} "
+                raise InputError(f"{path}:{lineno}: missing input field {name!r} "
                                  f"(task {task.name!r} needs {', '.join(task.field_names)})")
             if not isinstance(value, str | int | float):
-                raise ValueError(f"{path}:{lineno}: field {name!r} must be a string, got {type(value).__name__}")
+                raise InputError(f"{path}:{lineno}: field {name!r} must be a string, got {type(value).__name__}")
         out.append(rec)
     return out
 

@@ -12,10 +12,11 @@ from typing import Any
 import yaml
 
 from gold_ray import store
+from gold_ray.errors import UserError
 from gold_ray.tasks import TaskFileError, TaskSpec, load_task
 
 
-class RunReadError(ValueError):
+class RunReadError(UserError, ValueError):
     """A folder that is not a readable gold-ray run directory (the message names the file)."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gold_ray.errors import UserError
 from gold_ray.tasks import TaskSpec
 
 STATE_FILE = "state.json"
@@ -140,7 +141,7 @@ def part_path(run_dir: Path, kind: str, iteration: int) -> Path:
     return run_dir / "data" / f"{kind}-it{iteration:03d}.parquet"
 
 
-class StateFileError(ValueError):
+class StateFileError(UserError, ValueError):
     """A state file that cannot be trusted: not JSON, or naming paths outside its run directory."""
 
 

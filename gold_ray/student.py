@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from gold_ray import ood
 from gold_ray.config import StudentConfig
+from gold_ray.errors import InputError
 from gold_ray.losses import loss_fn
 from gold_ray.models import allow_remote_code
 from gold_ray.tasks import TaskSpec
@@ -78,8 +79,8 @@ def _field(record: dict, name: str) -> str:
     return str(value)
 
 
-def _model_error(path: str, what: str, err: Exception) -> ValueError:
-    return ValueError(f"student.model {path!r} cannot be loaded as {what}: {err}")
+def _model_error(path: str, what: str, err: Exception) -> InputError:
+    return InputError(f"student.model {path!r} cannot be loaded as {what}: {err}")
 
 
 class Student(ABC):
@@ -149,7 +150,7 @@ class Student(ABC):
             # Decoder-only tokenizers often lack a pad token; padding is always masked anyway.
             tok.pad_token = tok.eos_token or tok.unk_token
         if tok.pad_token is None:
-            raise ValueError(f"student.model {path!r}: the tokenizer has no pad, eos or unk token to pad with")
+            raise InputError(f"student.model {path!r}: the tokenizer has no pad, eos or unk token to pad with")
         return tok
 
     @abstractmethod
@@ -175,7 +176,7 @@ class Student(ABC):
             self.model = model.to(self.device)
             self.model.eval()
             return
-        raise ValueError(f"student.model: neither {self.base_model_path!r} nor {self.model_path!r} loads")
+        raise InputError(f"student.model: neither {self.base_model_path!r} nor {self.model_path!r} loads")
 
     # ----- batches and loss (also used by the Ray Train loop) --------------------------------
 
@@ -382,15 +383,15 @@ class Student(ABC):
         meta = read_student_meta(out_dir)
         target_cls = _KINDS.get(meta.get("kind", ""))
         if target_cls is None:
-            raise ValueError(f"{Path(out_dir) / META_FILE}: unknown student kind {meta.get('kind')!r}")
+            raise InputError(f"{Path(out_dir) / META_FILE}: unknown student kind {meta.get('kind')!r}")
         if cls is not Student and not issubclass(target_cls, cls):
-            raise ValueError(f"{out_dir}: holds a {meta['kind']} student, not a {cls.kind} student")
+            raise InputError(f"{out_dir}: holds a {meta['kind']} student, not a {cls.kind} student")
         if task.is_classification and meta.get("labels") != task.label_names:
-            raise ValueError(
+            raise InputError(
                 f"{out_dir}: student labels {meta.get('labels')} differ from task {task.name!r} labels {task.label_names}"
             )
         if meta.get("target_key") not in (None, task.target_key):
-            raise ValueError(f"{out_dir}: student target {meta['target_key']!r} is not task target {task.target_key!r}")
+            raise InputError(f"{out_dir}: student target {meta['target_key']!r} is not task target {task.target_key!r}")
         settings = {k: v for k, v in dict(meta.get("settings", {})).items() if k in target_cls._settings()}
         settings.update(overrides)
         student = target_cls(task, out_dir, **settings)
@@ -408,11 +409,11 @@ def read_student_meta(out_dir: str | Path) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{out_dir}: not a saved gold-ray student (no {META_FILE})") from None
+        raise InputError(f"{out_dir}: not a saved gold-ray student (no {META_FILE})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
+        raise InputError(f"{path}: not valid JSON: {err}") from err
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise InputError(f"{path}: expected a JSON object")
     return meta
 
 
@@ -577,7 +578,7 @@ class TextToTextStudent(Student):
         tok = self.tokenizer
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
         if eos is None:
-            raise ValueError(f"student.model {self.model_path!r}: the tokenizer has no eos (or sep) token")
+            raise InputError(f"student.model {self.model_path!r}: the tokenizer has no eos (or sep) token")
         self.eos_id = int(eos)
         self.pad_id = int(tok.pad_token_id)
 
@@ -846,7 +847,7 @@ def build_student(
     }
     if kind == "classifier":
         if not task.is_classification:
-            raise ValueError(f"student.kind: a classifier cannot learn the {task.type} task {task.name!r}")
+            raise InputError(f"student.kind: a classifier cannot learn the {task.type} task {task.name!r}")
         return ClassifierStudent(task, model_path, **common)
     return TextToTextStudent(task, model_path, max_target_length=cfg.max_target_length, **common)
 
@@ -871,7 +872,7 @@ def check_student_model(task: TaskSpec, cfg: StudentConfig, model_path: str | Pa
 
     kind = cfg.kind if cfg.kind != "auto" else ("classifier" if task.is_classification else "text_to_text")
     if kind == "classifier" and not task.is_classification:
-        raise ValueError(f"student.kind: a classifier cannot learn the {task.type} task {task.name!r}")
+        raise InputError(f"student.kind: a classifier cannot learn the {task.type} task {task.name!r}")
     trust = allow_remote_code(cfg.trust_remote_code, str(model_path), "student")
     try:
         config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust)
@@ -888,7 +889,7 @@ def check_student_model(task: TaskSpec, cfg: StudentConfig, model_path: str | Pa
     if any(type(config) in mapping or (trust and auto in remote) for auto, mapping in needed.items()):
         return
     hint = "; pick a text encoder such as embedded:all-minilm-l6-v2" if kind == "classifier" else ""
-    raise ValueError(
+    raise InputError(
         f"student.model {cfg.model!r}: a {config.model_type!r} model cannot be {what}, which the "
         f"{task.type} task {task.name!r} needs (student.kind={cfg.kind}){hint}"
     )

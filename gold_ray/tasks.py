@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gold_ray.errors import MissingFileError, UserError
+
 TaskType = Literal["classification", "pair_classification", "text_to_text"]
 
 SHIPPED_TASK_DIR = Path(__file__).parent / "tasks"
@@ -248,13 +250,13 @@ def resolve_data_path(path: str, data_dir: str | os.PathLike[str] | None = None)
         return p
     base = data_dir or os.environ.get(DATA_DIR_ENV)
     if not base:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path!r} is relative and no data folder is set: set ${DATA_DIR_ENV} or task.data_dir"
         )
     return Path(base) / p
 
 
-class TaskFileError(ValueError):
+class TaskFileError(UserError, ValueError):
     """A task file that does not parse or validate; the message names the file and the fields."""
 
 

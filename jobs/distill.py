@@ -15,8 +15,10 @@ A resubmitted job resumes by itself: when ``output.dir`` already holds a committ
 of the same run (same strategy, seed, task, teacher and student), ``--resume`` is implied. So a
 job whose driver crashed is recovered by submitting the same command again.
 
-Exit status: 0 on success; 2 for a config, task, model or run-directory problem (one line on
-stderr that names the key or path); 1 with a traceback for anything unexpected.
+Exit status (what Ray's job status sees), as for ``gold-ray distill`` (:mod:`gold_ray.entry`):
+0 on success; 2 for bad input, a config, task, data, model or run-directory problem (one line on
+stderr that names the key or path); 1 for an internal error (a bug): its traceback goes to stderr,
+which is the job's log, and to ``logs/gold-ray.log`` in the run directory once the config named it.
 """
 
 from __future__ import annotations
@@ -26,13 +28,11 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from gold_ray import store
-from gold_ray.cli import config_path, print_event
-from gold_ray.config import ConfigError, RunConfig, load_config
+from gold_ray.config import ConfigError, RunConfig
+from gold_ray.entry import config_path, load_run_config, print_event, report_failure, summary_text
 from gold_ray.loop import identity_changes
-from gold_ray.tasks import TaskFileError
 
 CONFIG_TEXT_ENV = "GOLD_RAY_CONFIG_YAML"
 """Environment variable that carries a submitted config's YAML text (``--config env:...``)."""
@@ -91,25 +91,6 @@ def committed_run_matches(cfg: RunConfig) -> bool:
     return not identity_changes(run_dir, cfg)
 
 
-def connect_ray() -> str:
-    """Connect to Ray: the job's cluster, ``$RAY_ADDRESS``, or else a new local one.
-
-    Returns:
-        The GCS address connected to.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        # Inside a Ray job the supervisor sets RAY_ADDRESS (and the job's runtime_env, which
-        # init picks up so workers get the uploaded working dir); "auto" reads it.
-        in_job = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-        if in_job:
-            ray.init(address="auto")
-        else:
-            ray.init()
-    return ray.get_runtime_context().gcs_address
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m jobs.distill``."""
     parser = argparse.ArgumentParser(prog="python -m jobs.distill", description=__doc__.split("\n")[0])
@@ -123,35 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_errors() -> tuple[type[BaseException], ...]:
-    # Imported on demand: the loop pulls in torch, which a config error should not wait for.
-    # A failed import must not hide the error being handled, so it only narrows the list.
-    errors: list[type[BaseException]] = [FileNotFoundError]
-    try:
-        from gold_ray.loop import RunDirError, TooManyRejectsError
-        from gold_ray.models import ModelResolutionError
-    except ImportError:
-        return tuple(errors)
-    return (RunDirError, TooManyRejectsError, ModelResolutionError, *errors)
-
-
-def _report(cfg: RunConfig, metrics: dict[str, Any]) -> None:
-    out = Path(cfg.output.dir).resolve()
-    print(f"gold-ray job: done. run directory: {out}")
-    print(f"  student (HF format): {out / 'student'}")
-    print(f"  data (Parquet):      {out / 'data'}")
-    print(f"  metrics:             {out / 'metrics.json'}")
-    mlflow = metrics.get("mlflow") or {}
-    if mlflow.get("run_id"):
-        print(f"  MLflow run:          {mlflow['run_id']} at {mlflow.get('tracking_uri')}")
-    elif cfg.tracking.enabled:
-        print("  MLflow run:          (the driver reported none)")
-    for key in ("accuracy", "macro_f1", "exact_match", "numeric_match"):
-        value = (metrics.get("final") or {}).get(key)
-        if isinstance(value, int | float):
-            print(f"  final {key}: {value:.4f}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Load the config, connect to Ray and run the distillation; see the module docstring.
 
@@ -162,13 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         The exit status.
     """
     args = build_parser().parse_args(argv)
-    overrides = list(args.set or [])
-    if args.overwrite:
-        overrides.append("output.overwrite=true")
+    run_dir: Path | None = None
     try:
-        cfg = load_config(resolve_config_ref(args.config), overrides)
+        cfg = load_run_config(resolve_config_ref(args.config), args.set, overwrite=args.overwrite)
+        run_dir = Path(cfg.output.dir)
         resume = args.resume or committed_run_matches(cfg)
-        address = connect_ray()
+        # Imported here: a config error is reported before Ray is imported (seconds).
+        from actors.connect import connect_ray
+
+        address = connect_ray(cfg)
         out = Path(cfg.output.dir).resolve()
         print(f"gold-ray job: task {cfg.task.name}, strategy {cfg.strategy.name}, teacher {cfg.teacher.model} "
               f"({cfg.teacher.engine}) -> {out} on Ray at {address}", flush=True)
@@ -179,17 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         from actors.driver import run_on_ray
 
         metrics = run_on_ray(cfg, resume=resume, on_event=print_event)
-    except (ConfigError, TaskFileError) as err:
-        print(f"gold-ray job: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:
-        # An error raised in a Ray actor arrives as a RayTaskError that is also an instance of
-        # the original class; print the original's message, not the remote traceback.
-        if isinstance(err, _run_errors()):
-            print(f"gold-ray job: error: {getattr(err, 'cause', None) or err}", file=sys.stderr)
-            return 2
-        raise
-    _report(cfg, metrics)
+    except Exception as err:  # noqa: BLE001 - every failure becomes the job's exit status
+        # debug: a job's stderr is its log, the one place a cluster user is sure to read.
+        return report_failure(err, prog="gold-ray job", run_dir=run_dir, debug=True,
+                              argv=["python -m jobs.distill", *(sys.argv[1:] if argv is None else argv)])
+    print(summary_text(metrics, Path(cfg.output.dir).resolve(), prog="gold-ray job", tracking=cfg.tracking.enabled),
+          flush=True)
     return 0
 
 

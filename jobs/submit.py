@@ -24,8 +24,9 @@ URL is the Ray dashboard (``http://HEAD:8265``). The job runs ``python -m jobs.d
   config with ``--image``) travels as YAML text in ``$GOLD_RAY_CONFIG_YAML``; a shipped name
   (``tiny``) is passed as is. Paths *inside* the config (task files, local models, data) must
   exist on the cluster.
-- Environment: ``GOLD_RAY_DATA``, ``GOLD_RAY_CACHE`` and ``MLFLOW_TRACKING_URI`` are forwarded when
-  set here. Nothing else is, API keys included, unless named with ``--env``.
+- Environment: the variables of :data:`~gold_ray.entry.FORWARDED_ENV` (``GOLD_RAY_DATA``,
+  ``GOLD_RAY_CACHE``, ``MLFLOW_TRACKING_URI``, ...) are forwarded when set here. Nothing else is,
+  API keys included, unless named with ``--env``.
 - Output: a relative ``output.dir`` would land in the job's temporary copy of the working dir, so
   on a local cluster it is made absolute against the working dir; for a remote cluster a warning
   says to point it at shared storage.
@@ -47,11 +48,9 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlparse
 
-from gold_ray.cli import SHIPPED_CONFIG_DIR, config_path
 from gold_ray.config import ConfigError, load_config
-
-FORWARDED_ENV = ("GOLD_RAY_DATA", "GOLD_RAY_CACHE", "MLFLOW_TRACKING_URI")
-"""Environment variables forwarded to the job whenever they are set locally."""
+from gold_ray.entry import FORWARDED_ENV, SHIPPED_CONFIG_DIR, config_path
+from gold_ray.errors import UserError
 
 EXCLUDES = [".venv", "runs", ".cache", ".git", "__pycache__", ".pytest_cache", ".ruff_cache",
             ".hypothesis", "*.egg-info", "mlruns", "*.db"]
@@ -66,7 +65,7 @@ _CONFIG_TEXT_ENV = "GOLD_RAY_CONFIG_YAML"
 _CONFIG_NAME_ENV = "GOLD_RAY_CONFIG_NAME"
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError, RuntimeError):
     """A submission that cannot be made (unreachable cluster, bad arguments); the message says why."""
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from gold_ray import store
-from gold_ray.cli import SHIPPED_CONFIG_DIR
+from gold_ray import entry, store
 from gold_ray.config import ConfigError, load_config
+from gold_ray.entry import SHIPPED_CONFIG_DIR
+from gold_ray.errors import InputError
 from jobs import distill
 
 
@@ -98,3 +99,38 @@ def test_module_runs_as_a_script_and_exits_non_zero_on_error(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "strategy.nam" in result.stderr
+
+
+@pytest.mark.parametrize(("err", "code"), [
+    (InputError("task.eval_path: eval.jsonl:3: not valid JSON"), 2),
+    (KeyError("stage"), 1),
+    (ValueError("an internal check failed"), 1),  # a ValueError that is no user input is a bug
+], ids=["user error", "KeyError", "internal ValueError"])
+def test_main_maps_errors_as_gold_ray_does(tmp_path, monkeypatch, capsys, err, code):
+    def broken(run_dir):
+        raise err
+
+    # Before Ray: the job checks for a committed run of the same config first.
+    monkeypatch.setattr(store, "load_state", broken)
+    assert distill.main(["--config", "tiny", "--set", f"output.dir={tmp_path / 'run'}"]) == code
+    assert entry.exit_code(err) == code
+    out = capsys.readouterr().err
+    if code == 2:
+        assert out == f"gold-ray job: error: {err}\n"
+        assert not (tmp_path / "run").exists()
+        return
+    assert f"gold-ray job: internal error (this is a bug; please report it): {type(err).__name__}: {err}" in out
+    # A job's stderr is its log: the traceback is there, and in the run directory's log.
+    assert "Traceback (most recent call last)" in out and "in broken" in out
+    log = tmp_path / "run" / "logs" / "gold-ray.log"
+    assert "in broken" in log.read_text() and f"the full traceback is in {log}" in out
+
+
+def test_main_reports_a_corrupt_state_file_as_bad_input(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / store.STATE_FILE).write_text("{not json")
+    assert distill.main(["--config", "tiny", "--set", f"output.dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gold-ray job: error: {run / store.STATE_FILE}: not a gold-ray state file")
+    assert "Traceback" not in err

@@ -1,0 +1,41 @@
+"""actors.connect without a cluster: which Ray each entry point joins, and what it forwards."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from actors import connect
+from gold_ray import entry
+
+
+@pytest.fixture
+def inits(monkeypatch):
+    """The keyword arguments of every ``ray.init`` call (none reaches Ray); no Ray is running."""
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    for name in (*entry.FORWARDED_ENV, "RAY_ADDRESS", connect.JOB_CONFIG_ENV, "PYTHONPATH"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def test_inside_a_ray_job_the_jobs_runtime_env_is_kept(inits, monkeypatch):
+    # ray.init refuses a runtime_env that sets a variable the job's runtime_env sets too.
+    monkeypatch.setenv(connect.JOB_CONFIG_ENV, '{"runtime_env": {"env_vars": {"GOLD_RAY_DATA": "/data"}}}')
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setenv("GOLD_RAY_DATA", "/data")
+    connect.ensure_ray()
+    assert inits == [{"address": "auto"}]
+
+
+def test_a_cluster_named_by_ray_address_gets_the_forwarded_env(inits, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setenv("GOLD_RAY_DATA", "/data")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PYTHONPATH", "/home/me/checkout")
+    connect.ensure_ray()
+    [kw] = inits
+    assert kw["address"] == "10.0.0.1:6379"
+    assert kw["runtime_env"]["env_vars"] == {"GOLD_RAY_DATA": "/data", "HF_HUB_OFFLINE": "1",
+                                             "TOKENIZERS_PARALLELISM": "false"}

@@ -1,0 +1,83 @@
+"""``gold-ray`` errors by kind: bad input exits 2 with one line naming the field; a bug exits 1 and keeps its traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import gold_ray.loop
+from gold_ray.cli import main
+from gold_ray.config import RunConfig
+from gold_ray.tasks import SHIPPED_TASK_DIR
+
+INTERNAL = "gold-ray: internal error (this is a bug; please report it):"
+
+
+def _broken_strategy_table(name: str):
+    # Not user input: the name was validated by the config; a lookup deep in the loop fails.
+    raise ValueError(f"strategy table has no entry {name!r}")
+
+
+def distill(run: Path, *args: str) -> list[str]:
+    return ["distill", "tiny", "--local", "--quiet", "--output", str(run), *args]
+
+
+def test_an_internal_error_exits_1_and_writes_its_traceback_to_the_run_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gold_ray.loop, "build_strategy", _broken_strategy_table)
+    run = tmp_path / "run"
+    assert main(distill(run)) == 1
+    err = capsys.readouterr().err
+    assert f"{INTERNAL} ValueError: strategy table has no entry 'gold'" in err
+    log = run / "logs" / "gold-ray.log"
+    assert f"the full traceback is in {log}" in err
+    assert "Traceback" not in err
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "_broken_strategy_table" in text
+    assert "distill tiny --local" in text  # the command that failed
+
+
+@pytest.mark.parametrize("where", ["before the command", "after the command"])
+def test_debug_prints_the_traceback_of_an_internal_error(tmp_path, monkeypatch, capsys, where):
+    monkeypatch.setattr(gold_ray.loop, "build_strategy", _broken_strategy_table)
+    args = distill(tmp_path / "run")
+    args = ["--debug", *args] if where == "before the command" else [*args, "--debug"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert INTERNAL in err
+    assert "Traceback (most recent call last)" in err and "_broken_strategy_table" in err
+
+
+def test_an_internal_error_without_a_run_directory_says_how_to_see_the_traceback(monkeypatch, capsys):
+    def broken(self: RunConfig) -> str:
+        raise KeyError("teacher")
+
+    monkeypatch.setattr(RunConfig, "to_yaml", broken)
+    assert main(["config", "show", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert f"{INTERNAL} KeyError: 'teacher'" in err
+    assert "run it again with --debug" in err and "Traceback" not in err
+
+
+def test_a_bad_config_key_exits_2_naming_the_key_without_a_traceback(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--debug", *distill(run, "--set", "budget.samplez=3")]) == 2
+    err = capsys.readouterr().err
+    assert "gold-ray: error:" in err and "budget.samplez: Extra inputs are not permitted" in err
+    assert "Traceback" not in err and "internal error" not in err
+    assert not run.exists()
+
+
+def test_a_bad_task_field_exits_2_naming_the_field_without_a_traceback(tmp_path, capsys):
+    data = yaml.safe_load((SHIPPED_TASK_DIR / "sst2.yaml").read_text())
+    data["seed_demos"][0]["label"] = "neutral"
+    task = tmp_path / "my_task.yaml"
+    task.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    assert main(["--debug", *distill(run, "--set", f"task.name={task}")]) == 2
+    err = capsys.readouterr().err
+    assert "gold-ray: error:" in err and str(task) in err and "seed_demos[0].label: 'neutral'" in err
+    assert "Traceback" not in err and "internal error" not in err
+    assert not (run / "logs").exists()
+
