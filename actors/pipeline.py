@@ -142,7 +142,6 @@ def parse_row(row: dict[str, Any], *, task: TaskSpec) -> dict[str, Any]:
     Returns:
         The record row, with ``teacher_failed`` telling whether the call may be retried.
     """
-    prompt = prompt_from_dict(row["prompt_json"])
     error = str(row.get("teacher_error") or "")
     text = "" if error else str(row.get("teacher_text") or "")
     out: dict[str, Any] = {
@@ -164,6 +163,7 @@ def parse_row(row: dict[str, Any], *, task: TaskSpec) -> dict[str, Any]:
     if error:
         out.update(reject_reason="error", reject_detail=error[:2000])
         return out
+    prompt = prompt_from_dict(row["prompt_json"])
     if prompt.kind == "classify":
         scores = row.get("teacher_option_logprobs") or ""
         result, confidence = read_answer(task, prompt, text, json.loads(scores) if scores else None)
@@ -238,22 +238,7 @@ def generation_dataset(
 
 def _error_row(row: dict[str, Any], task: TaskSpec, detail: str) -> dict[str, Any]:
     """A record row for a prompt whose teacher call never came back."""
-    out = {
-        "prompt_index": row["prompt_index"],
-        "kind": row["kind"],
-        "requested_label": row["requested_label"],
-        "style": row["style"],
-        "raw_text": "",
-        "output_tokens": 0,
-        "generated_at": math.nan,
-        "teacher_failed": True,
-        "reject_reason": "error",
-        "reject_detail": detail[:2000],
-        "confidence": math.nan,
-        "option_logprobs": "",
-    }
-    out.update({name: "" for name in (*task.field_names, task.target_key)})
-    return out
+    return parse_row({**row, "teacher_error": detail or "teacher error"}, task=task)
 
 
 def _collect(
@@ -303,27 +288,17 @@ def _records(
         row = results[i]
         reason = row["reject_reason"] or None
         detail = row["reject_detail"] or ""
-        score = row.get(SCORE_COLUMN)
-        score = float(score) if score is not None else math.nan
         if reason is None and row["kind"] != "classify" and dedup.seen({name: row[name] for name in task.field_names}):
             reason, detail = "duplicate", "near-duplicate of an accepted sample"
-        rec = {
-            "id": f"it{iteration:03d}-{row['kind']}-{i:05d}",
-            "iteration": iteration,
-            "kind": row["kind"],
-            "requested_label": row["requested_label"] or None,
-            "raw_text": row["raw_text"],
-            "reject_reason": reason,
-            "reject_detail": detail,
-            "score": score if reason is None else math.nan,
-            "output_tokens": int(row["output_tokens"]),
-            "style": row["style"] or None,
-            "confidence": float(row.get("confidence", math.nan)),
-            "option_logprobs": row.get("option_logprobs") or None,
-        }
-        if reason is None:
-            rec.update({name: row[name] or None for name in text_cols})
-        yield rec
+        score = row.get(SCORE_COLUMN)
+        yield store.make_record(
+            task, iteration=iteration, kind=row["kind"], index=i, requested_label=row["requested_label"],
+            raw_text=row["raw_text"], reject_reason=reason, reject_detail=detail,
+            fields={name: row[name] for name in text_cols},
+            score=float(score) if score is not None else math.nan, output_tokens=row["output_tokens"],
+            style=row["style"], confidence=float(row.get("confidence", math.nan)),
+            option_logprobs=row.get("option_logprobs"),
+        )
 
 
 def _app_name(handle_or_app_name: DeploymentHandle | str) -> str:

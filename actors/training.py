@@ -1,26 +1,25 @@
 """Student training on Ray Train V2: data-parallel (DDP) fine-tuning with checkpoints and retries.
 
 :func:`train_student_on_ray` runs one training job with ``ray.train.torch.TorchTrainer``;
-:func:`make_ray_train_fn` adapts it to the ``train`` hook of :class:`gold_ray.loop.Distiller`.
+:func:`make_ray_train_fn` adapts it to the runtime's ``train`` step (:mod:`actors.runtime`).
 
-What a training job does, per worker:
+Each worker runs :func:`gold_ray.training.fit`, the same loop as the in-process runtime, with its
+DDP-wrapped model and its rank: every worker holds all rows, draws the same batch order and takes
+its own slice of each *global* batch, so the result does not depend on the worker count. Why not a
+Ray Data split: ``streaming_split`` hands blocks to whichever worker asks first, so which rows a
+worker sees is not reproducible. A generated data set is small (thousands of short texts).
+
+Per worker:
 
 1. Load the student: from the latest Ray Train checkpoint when the job is resuming (after a
    worker failure, or a second call with the same ``storage_path``/``name``), else from
    ``student_dir`` (continued training), else fresh from ``model_path``.
-2. Read every training row from the ``train`` Ray dataset and put them back in the order given.
-3. Each epoch, draw the batch order from ``numpy.random.default_rng(seed)`` exactly as
-   :meth:`gold_ray.student.Student.fit` does, cut each *global* batch of ``student.batch_size``
-   rows into one contiguous slice per worker, and step AdamW (same parameter groups, clipping at
-   norm 1 and learning-rate schedule as ``Student.fit``) on the DDP-averaged gradients.
-4. After each epoch, report the loss; rank 0 attaches a checkpoint with the student in HF format
-   (``student/``), the optimiser and scheduler state and ``train_state.json`` (epochs done).
-
-Why each worker reads the *whole* dataset instead of a Ray Data split: ``streaming_split`` hands
-blocks to whichever worker asks first, so which rows a worker sees is not reproducible, and a run
-with N workers would not see the same global batches as a run with one. Here every worker holds
-the same rows (a generated data set is small: thousands of short texts) and takes its own slice of
-each global batch, so the result does not depend on the worker count (see :func:`local_slice`).
+2. Read every training row from the ``train`` Ray dataset, back in the order given.
+3. Train with the recipe; after each epoch rank 0 reports a checkpoint holding the student
+   (``student/``), the optimiser and scheduler state with the best weights so far
+   (``optimizer.pt``) and the loop's state (``train_state.json``).
+4. At the end, rank 0 reports a last checkpoint with the weights the job returns (the best epoch's,
+   when a validation split chose it), marked ``finished``.
 
 MLflow: when ``mlflow_parent`` names a run, the driver creates a nested child run and rank 0
 logs per-step loss and learning rate plus per-epoch loss into it; the driver closes it with the
@@ -36,121 +35,36 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
 from gold_ray.config import RunConfig, StudentConfig
+from gold_ray.faults import fault_point
 from gold_ray.losses import loss_fn
 from gold_ray.student import Student, build_student, load_student
 from gold_ray.tasks import load_task
+from gold_ray.training import FitState, Recipe, fit
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
-"""In each checkpoint: ``{"epoch": epochs done, "loss", "steps", "resumed_from_epoch"}``."""
+"""In each checkpoint: the loop's :class:`~gold_ray.training.FitState`, ``resumed_from_epoch`` and
+``finished``."""
 
 OPTIM_FILE = "optimizer.pt"
-"""In each checkpoint: optimiser and scheduler state, so a resumed job continues exactly."""
+"""In each checkpoint: optimiser and scheduler state and the best weights so far (None when they
+are the checkpoint's own), so a resumed job continues exactly."""
 
 STUDENT_SUBDIR = "student"
 """In each checkpoint: the student in HF format (``Student.save``)."""
 
 _INDEX = "_gold_ray_row"  # column that carries each record's position through Ray Data
-
-
-# ---- pure helpers (no Ray) ---------------------------------------------------------------------
-
-
-def local_slice(batch_size: int, world_size: int, rank: int) -> slice:
-    """The rows of a global batch that one worker trains on.
-
-    The batch is cut into ``world_size`` contiguous parts whose sizes differ by at most one
-    (``numpy.array_split``); a part may be empty when the batch has fewer rows than workers.
-
-    Args:
-        batch_size: Rows in this global batch.
-        world_size: Number of workers.
-        rank: This worker's rank.
-
-    Returns:
-        The slice of the batch's rows for ``rank``.
-    """
-    base, extra = divmod(batch_size, world_size)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (1 if rank < extra else 0))
-
-
-def target_count(batch: dict[str, torch.Tensor]) -> int:
-    """Loss terms in a collated batch: label ids for a classifier, real target tokens for text-to-text."""
-    return int((batch["labels"] != -100).sum())
-
-
-def loss_weight(local_count: int, global_count: int, world_size: int) -> float:
-    """Factor that turns a worker's mean loss into its share of the global-batch mean loss.
-
-    DDP averages gradients over workers, i.e. divides their sum by ``world_size``. A worker whose
-    slice holds ``local_count`` of the batch's ``global_count`` loss terms therefore scales its
-    own mean loss by ``local_count * world_size / global_count``: the average of the scaled
-    gradients is then exactly the gradient of the mean over the whole global batch, even when
-    the slices are uneven (last batch) or hold different numbers of target tokens.
-
-    Args:
-        local_count: Loss terms in this worker's slice.
-        global_count: Loss terms in the global batch.
-        world_size: Number of workers.
-
-    Returns:
-        The weight (1.0 with one worker).
-    """
-    if global_count <= 0:
-        return 0.0
-    return local_count * world_size / global_count
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Torch seed (dropout) of one worker in one epoch.
-
-    Seeding per epoch makes a job resumed at epoch ``e`` draw what an uninterrupted job draws.
-    """
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only, as ``Student.fit`` builds it.
-
-    Args:
-        model: The (unwrapped) student model.
-        lr: Learning rate.
-        weight_decay: Decay of parameters with two or more dimensions.
-
-    Returns:
-        The optimiser.
-    """
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def lr_schedule(
-    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear decay to zero over ``total_steps`` (``schedule="linear"``) or a flat rate."""
-    if schedule == "linear":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
 def run_name_for(
@@ -162,9 +76,9 @@ def run_name_for(
     gets the same name, so Ray Train resumes its checkpoints; any other call gets a new name.
 
     Args:
-        records: The training records, in order.
+        records: The training records, in order (validation records go into ``settings``).
         student: The student before training.
-        settings: Epochs, loss, seeds ….
+        settings: Recipe, seeds ….
         prefix: Start of the name.
 
     Returns:
@@ -180,8 +94,8 @@ def run_name_for(
     return f"{prefix}-{digest.hexdigest()}"
 
 
-def _nothing_to_train(records: Sequence[dict], epochs: int) -> bool:
-    return len(records) == 0 or epochs <= 0
+def _nothing_to_train(records: Sequence[dict], recipe: Recipe) -> bool:
+    return len(records) == 0 or recipe.epochs <= 0
 
 
 # ---- the per-worker loop -----------------------------------------------------------------------
@@ -202,56 +116,13 @@ def _ordered_rows(shard: Any) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if k != _INDEX} for row in rows]
 
 
-def _maybe_fail(config: dict[str, Any], rank: int, epoch: int, step_in_epoch: int) -> None:
-    # Test hook: fail once, mid-epoch, so a test can watch FailureConfig restart the job.
-    marker = config.get("fail_once_marker")
-    if not marker or rank != 0 or epoch != config.get("fail_at_epoch", 0) or step_in_epoch != 1:
-        return
-    path = Path(marker)
-    if not path.exists():
-        path.write_text("failed once\n", encoding="utf-8")
-        if config.get("fail_by_kill"):
-            _wait_until_checkpoint_registered()
-            os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies, as on a lost node
-        raise RuntimeError(f"injected training failure (marker {path})")
-
-
-def _wait_until_checkpoint_registered(timeout_s: float = 120.0) -> None:
-    """Test hook helper: wait until the controller has recorded this worker's latest checkpoint.
-
-    A checkpoint counts once the controller polls the worker's report (every couple of seconds)
-    and writes its snapshot; a worker killed before that loses the report, and the retry starts
-    from the checkpoint before. The kill test waits so that it exercises the common case, a
-    worker dying well after its last checkpoint.
-    """
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return
-    snapshot = Path(ray.train.get_context().get_storage().experiment_fs_path) / "checkpoint_manager_snapshot.json"
-    name = Path(ckpt.path).name
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if snapshot.is_file() and name in snapshot.read_text(encoding="utf-8", errors="replace"):
-            return
-        time.sleep(0.2)
-
-
-def _save_checkpoint(
-    out: Path, student: Student, optimizer: Any, scheduler: Any, state: dict[str, Any]
-) -> None:
+def _save_checkpoint(out: Path, student: Student, optimizer: Any, scheduler: Any, best: Any,
+                     state: dict[str, Any]) -> None:
     student.save(out / STUDENT_SUBDIR)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, out / OPTIM_FILE)
+    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "best": best}, out / OPTIM_FILE)
     (out / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-
-
-def _all_reduce_mean(values: list[float], world_size: int) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
-        tensor /= world_size
-    return tensor.tolist()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -266,94 +137,71 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    epochs, seed = int(config["epochs"]), int(config["seed"])
-    loss_name, alpha, beta = config["loss"], float(config["alpha"]), float(config["beta"])
-    loss_fn(loss_name)  # fail on a bad loss name before any work
+    recipe, seed = Recipe(**config["recipe"]), int(config["seed"])
+    loss_fn(recipe.loss)  # fail on a bad loss name before any work
 
-    state: dict[str, Any] = {"epoch": 0, "loss": math.nan, "steps": 0}
-    optim_state = None
+    saved: dict[str, Any] = {}
+    resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt:
             ckpt = Path(ckpt)
-            state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+            saved = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
             student = _load_worker_student(config, ckpt, str(device))
-            optim_state = torch.load(ckpt / OPTIM_FILE, map_location="cpu", weights_only=True)
+            resume = {"state": saved["fit"], **torch.load(ckpt / OPTIM_FILE, map_location="cpu", weights_only=True)}
     else:
         student = _load_worker_student(config, None, str(device))
-    start_epoch = int(state["epoch"])
-    resumed_from = start_epoch if checkpoint is not None else 0
+    resumed_from = int(saved.get("fit", {}).get("epoch", 0))
+    if saved.get("finished"):
+        # A finished job asked again: its result stands.
+        ray.train.report({**saved["result"], "workers": world}, checkpoint=None)
+        return
 
     rows = _ordered_rows(ray.train.get_dataset_shard("train"))
-    n, batch_size = len(rows), student.batch_size
-    steps_per_epoch = math.ceil(n / batch_size)
     model = ray.train.torch.prepare_model(student.model)
-    # DDP wraps the same parameter tensors, so the student's own module is trained in place.
-    optimizer = adamw(student.model, student.lr, student.weight_decay)
-    scheduler = lr_schedule(optimizer, student.schedule, max(1, epochs * steps_per_epoch))
-    if optim_state is not None:
-        optimizer.load_state_dict(optim_state["optimizer"])
-        scheduler.load_state_dict(optim_state["scheduler"])
-    params = [p for p in student.model.parameters() if p.requires_grad]
-    rng = np.random.default_rng(seed)
-    for _ in range(start_epoch):
-        rng.permutation(n)  # replay the orders of the epochs already done
-
     mlflow_run = config.get("mlflow")
-    for epoch in range(start_epoch, epochs):
-        torch.manual_seed(epoch_seed(seed, epoch, rank))
-        order = rng.permutation(n)
-        scaled_losses, lrs = [], []
-        model.train()
-        for i, begin in enumerate(range(0, n, batch_size)):
-            _maybe_fail(config, rank, epoch, i)
-            global_rows = [rows[j] for j in order[begin : begin + batch_size]]
-            mine = global_rows[local_slice(len(global_rows), world, rank)]
-            # A worker with an empty slice still joins DDP's gradient all-reduce, with weight 0.
-            batch = student.collate(mine or global_rows[:1])
-            weight = 1.0
-            if world > 1:
-                local = target_count(batch) if mine else 0
-                weight = loss_weight(local, target_count(student.collate(global_rows)), world)
-            value = student.batch_loss(model, batch, loss_name, alpha, beta) * weight
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            lrs.append(scheduler.get_last_lr()[0])
-            optimizer.step()
-            scheduler.step()
-            scaled_losses.append(float(value.detach()))
-        model.eval()
-        # The mean of the scaled losses over workers is the loss of each global batch.
-        step_losses = _all_reduce_mean(scaled_losses, world)
-        first_step = state["steps"]
-        state = {
-            "epoch": epoch + 1,
-            "loss": float(np.mean(step_losses)) if step_losses else math.nan,
-            "steps": first_step + len(step_losses),
-            "resumed_from_epoch": resumed_from,
-        }
+    steps: list[tuple[int, float, float]] = []
+
+    def on_step(info: dict[str, Any]) -> None:
+        fault_point("train.step", rank=rank, epoch=info["epoch"], batch=info["batch"])
+        steps.append((info["step"], info["loss"], info["lr"]))
+
+    def on_epoch(state: FitState, optimizer: Any, scheduler: Any, best: Any) -> None:
         if rank == 0 and mlflow_run:
-            _log_epoch(mlflow_run, first_step, step_losses, lrs, state)
-        metrics = {**state, "workers": world}
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                _save_checkpoint(Path(tmp), student, optimizer, scheduler, state)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(metrics, checkpoint=None)
+            _log_epoch(mlflow_run, steps, state)
+        steps.clear()
+        _report(rank, student, {"fit": state.to_dict(), "resumed_from_epoch": resumed_from},
+                optimizer, scheduler, best, {"epoch": state.epoch, "loss": state.loss, "workers": world})
+
+    result = fit(student, rows, recipe, seed=seed, val_records=config.get("val_records") or (), model=model,
+                 world_size=world, rank=rank, resume=resume, on_epoch=on_epoch, on_step=on_step)
+    result = {k: v for k, v in result.items() if k != "seconds"}
+    # The last checkpoint holds the weights the job returns (the best epoch's, with validation).
+    _report(rank, student, {"fit": saved.get("fit") or {}, "resumed_from_epoch": resumed_from, "finished": True,
+                            "result": result}, None, None, None, {**result, "workers": world})
 
 
-def _log_epoch(
-    run: dict[str, str], first_step: int, losses: list[float], lrs: list[float], state: dict
-) -> None:
+def _report(rank: int, student: Student, state: dict[str, Any], optimizer: Any, scheduler: Any, best: Any,
+            metrics: dict[str, Any]) -> None:
+    import ray.train
+
+    metrics = {k: v for k, v in metrics.items() if not isinstance(v, list | dict)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            _save_checkpoint(Path(tmp), student, optimizer, scheduler, best, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+def _log_epoch(run: dict[str, str], steps: list[tuple[int, float, float]], state: FitState) -> None:
     from gold_ray.tracking import log_metric_rows
 
     rows: list[tuple[int, dict[str, Any]]] = [
-        (first_step + k, {"train.step_loss": loss, "train.lr": lr})
-        for k, (loss, lr) in enumerate(zip(losses, lrs, strict=True))
+        (step, {"train.step_loss": loss, "train.lr": lr}) for step, loss, lr in steps
     ]
-    rows.append((state["epoch"], {"train.epoch_loss": state["loss"]}))
+    point = state.curve[-1] if state.curve else {}
+    rows.append((state.epoch, {f"train.epoch_{k}": v for k, v in point.items() if k != "epoch"}))
     try:
         log_metric_rows(run["tracking_uri"], run["run_id"], rows)
     except Exception as err:  # tracking must never stop training
@@ -370,17 +218,12 @@ def train_student_on_ray(
     records: list[dict],
     *,
     cfg: RunConfig,
-    epochs: int,
-    loss: str,
-    alpha: float,
-    beta: float,
+    recipe: Recipe,
+    val_records: Sequence[dict] = (),
     out_dir: str,
     storage_path: str,
     name: str,
     mlflow_parent: dict | None = None,
-    fail_once_marker: str | None = None,
-    fail_at_epoch: int = 0,
-    fail_by_kill: bool = False,
 ) -> dict[str, Any]:
     """Train a student with Ray Train V2 and save the result in HF format to ``out_dir``.
 
@@ -394,23 +237,16 @@ def train_student_on_ray(
         task_name: Task name or task YAML path.
         records: Training records (task input fields and target).
         cfg: The run config: ``resources`` (workers, CPUs, GPU) and ``seed``.
-        epochs: Passes over ``records``.
-        loss: ``ce`` or ``sce``.
-        alpha: SCE weight of CE.
-        beta: SCE weight of reverse CE.
+        recipe: How to train (:class:`~gold_ray.training.Recipe`).
+        val_records: Synthetic validation records (early stopping and the best epoch).
         out_dir: Where the trained student is written (replaced if present).
         storage_path: Ray Train storage (checkpoints), a local folder or URI.
         name: Ray Train run name inside ``storage_path``.
         mlflow_parent: ``{"tracking_uri", "run_id"}``: log training into a nested child run.
-        fail_once_marker: Tests only: rank 0 raises once in epoch ``fail_at_epoch`` unless this
-            file exists (and creates it), to exercise the retry path.
-        fail_at_epoch: Tests only; see ``fail_once_marker``.
-        fail_by_kill: Tests only: the failing worker kills its own process (SIGKILL) instead
-            of raising.
 
     Returns:
-        ``{"loss": mean loss of the last epoch, "epochs", "steps", "seconds", "workers",
-        "resumed_from_epoch"}``; loss NaN when there was nothing to train on.
+        What :func:`gold_ray.training.fit` returns, plus ``seconds``, ``workers`` and
+        ``resumed_from_epoch``; loss NaN when there was nothing to train on.
 
     Raises:
         ray.train.TrainingFailedError: training failed more often than ``FailureConfig`` allows.
@@ -418,7 +254,7 @@ def train_student_on_ray(
     start = time.perf_counter()
     out = Path(out_dir)
     res = cfg.resources
-    if _nothing_to_train(records, epochs):
+    if _nothing_to_train(records, recipe):
         task = load_task(task_name)
         source = (
             load_student(student_dir, task)
@@ -427,14 +263,8 @@ def train_student_on_ray(
         )
         shutil.rmtree(out, ignore_errors=True)
         source.save(out)
-        return {
-            "loss": math.nan,
-            "epochs": 0,
-            "steps": 0,
-            "seconds": time.perf_counter() - start,
-            "workers": 0,
-            "resumed_from_epoch": 0,
-        }
+        return {"loss": math.nan, "epochs": 0, "steps": 0, "seconds": time.perf_counter() - start,
+                "workers": 0, "resumed_from_epoch": 0, "recipe": recipe.name, "curve": []}
 
     import ray.data
     import ray.train
@@ -454,14 +284,9 @@ def train_student_on_ray(
         "student_dir": student_dir,
         "student_cfg": cfg.student.model_dump(mode="json"),
         "seed": cfg.seed,
-        "epochs": epochs,
-        "loss": loss,
-        "alpha": alpha,
-        "beta": beta,
+        "recipe": recipe.to_dict(),
+        "val_records": list(val_records),
         "mlflow": child_run,
-        "fail_once_marker": fail_once_marker,
-        "fail_at_epoch": fail_at_epoch,
-        "fail_by_kill": fail_by_kill,
     }
     dataset = ray.data.from_items([{**rec, _INDEX: i} for i, rec in enumerate(records)])
     trainer = TorchTrainer(
@@ -486,7 +311,7 @@ def train_student_on_ray(
     try:
         result = trainer.fit()
         if result.checkpoint is None:
-            raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
+            raise RuntimeError(f"internal error: Ray Train run {name!r} finished without a checkpoint")
         with result.checkpoint.as_directory() as ckpt:
             ckpt = Path(ckpt)
             state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
@@ -498,14 +323,8 @@ def train_student_on_ray(
             from gold_ray.tracking import end_child_run
 
             end_child_run(child_run["tracking_uri"], child_run["run_id"], status)
-    return {
-        "loss": state["loss"],
-        "epochs": state["epoch"],
-        "steps": state["steps"],
-        "seconds": time.perf_counter() - start,
-        "workers": res.train_workers,
-        "resumed_from_epoch": state.get("resumed_from_epoch", 0),
-    }
+    return {**state["result"], "seconds": time.perf_counter() - start, "workers": res.train_workers,
+            "resumed_from_epoch": state.get("resumed_from_epoch", 0)}
 
 
 def _storage_uri(storage_path: str) -> str:
@@ -513,7 +332,7 @@ def _storage_uri(storage_path: str) -> str:
     return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
 
 
-TrainHook = Callable[[Student, list[dict], int, str, float, float], dict[str, Any]]
+TrainHook = Callable[..., dict[str, Any]]
 
 
 def make_ray_train_fn(
@@ -525,9 +344,9 @@ def make_ray_train_fn(
     mlflow_parent: dict | Callable[[], dict | None] | None = None,
     keep_runs: bool = False,
 ) -> TrainHook:
-    """The :class:`gold_ray.loop.Distiller` ``train`` hook, backed by Ray Train.
+    """A ``train(student, records, recipe, val_records=()) -> metrics`` step backed by Ray Train.
 
-    The hook saves the given student to ``work_dir``, trains it with :func:`train_student_on_ray`
+    The step saves the given student to ``work_dir``, trains it with :func:`train_student_on_ray`
     and loads the trained weights back into the same student object, so the loop goes on with it.
     The Ray Train run is named after the call's content (:func:`run_name_for`): a restarted
     driver that repeats an interrupted call resumes that call's checkpoints.
@@ -542,42 +361,24 @@ def make_ray_train_fn(
         keep_runs: Keep each finished job's Ray Train storage (checkpoints) instead of deleting it.
 
     Returns:
-        ``train(student, records, epochs, loss, alpha, beta) -> metrics``.
+        The train step.
     """
     work = Path(work_dir).resolve()
 
-    def train(
-        student: Student, records: list[dict], epochs: int, loss: str, alpha: float, beta: float
-    ) -> dict:
-        if _nothing_to_train(records, epochs):
-            return {"loss": math.nan, "steps": 0, "seconds": 0.0, "epochs": 0, "workers": 0}
-        settings = {
-            "epochs": epochs,
-            "loss": loss,
-            "alpha": alpha,
-            "beta": beta,
-            "seed": cfg.seed,
-            "workers": cfg.resources.train_workers,
-        }
+    def train(student: Student, records: list[dict], recipe: Recipe, val_records: Sequence[dict] = ()) -> dict:
+        if _nothing_to_train(records, recipe):
+            return {"loss": math.nan, "steps": 0, "seconds": 0.0, "epochs": 0, "workers": 0,
+                    "recipe": recipe.name, "curve": []}
+        settings = {"recipe": recipe.to_dict(), "seed": cfg.seed, "workers": cfg.resources.train_workers,
+                    "val": [r.get("id") for r in val_records]}
         name = run_name_for(records, student, settings)
         src, dst = work / "inputs" / name, work / "outputs" / name
         shutil.rmtree(src, ignore_errors=True)
         student.save(src)
         parent = mlflow_parent() if callable(mlflow_parent) else mlflow_parent
         metrics = train_student_on_ray(
-            str(src),
-            model_path,
-            task_name,
-            records,
-            cfg=cfg,
-            epochs=epochs,
-            loss=loss,
-            alpha=alpha,
-            beta=beta,
-            out_dir=str(dst),
-            storage_path=str(work / "ray_train"),
-            name=name,
-            mlflow_parent=parent,
+            str(src), model_path, task_name, records, cfg=cfg, recipe=recipe, val_records=val_records,
+            out_dir=str(dst), storage_path=str(work / "ray_train"), name=name, mlflow_parent=parent,
         )
         trained = load_student(dst, student.task, device="cpu")
         student.model.load_state_dict(trained.model.state_dict())

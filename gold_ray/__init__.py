@@ -43,6 +43,7 @@ def distill(
         The run metrics (``metrics.json``): per iteration, totals and ``final``.
     """
     from gold_ray.progress import progress as open_progress
+    from gold_ray.training import final_work_ratio
 
     if not isinstance(cfg, RunConfig):
         from gold_ray.cli import config_path
@@ -52,7 +53,7 @@ def distill(
         raise ValueError("overrides apply to a config file or name; change a RunConfig with model_copy instead")
     s = cfg.student
     with open_progress(progress, iterations=cfg.strategy.iterations,
-                       final_ratio=s.final_epochs / max(1, s.epochs_per_iteration)) as reporter:
+                       final_ratio=final_work_ratio(s)) as reporter:
 
         def events(stage: str, info: dict[str, Any]) -> None:
             reporter(stage, info)

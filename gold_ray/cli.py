@@ -53,13 +53,14 @@ def _note_run_dir(args: argparse.Namespace, run_dir: str | Path) -> None:
 def cmd_distill(args: argparse.Namespace) -> int:
     """Run a distillation (on Ray unless --local), showing its progress, and print where its outputs are."""
     from gold_ray.progress import progress
+    from gold_ray.training import final_work_ratio
 
     cfg = _load(args)
     _note_run_dir(args, cfg.output.dir)
     where = "in this process" if args.local else "on Ray"
     mode = "json" if args.json_logs else "quiet" if args.quiet else "auto"
     s = cfg.student
-    final_ratio = s.final_epochs / max(1, s.epochs_per_iteration)
+    final_ratio = final_work_ratio(s)
     title = f"gold-ray · {cfg.task.name} · {cfg.strategy.name} · {where} · {cfg.output.dir}"
     with progress(mode, iterations=cfg.strategy.iterations, final_ratio=final_ratio, title=title) as reporter:
         reporter.message("start", f"gold-ray: distilling task {cfg.task.name} with strategy {cfg.strategy.name} "

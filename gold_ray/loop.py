@@ -14,16 +14,17 @@ After every stage the state (counters, feedback pool, dedup hashes, parts, check
 atomically to ``state.json``; a run restarted with ``resume=True`` continues after the last
 committed stage with no committed sample lost or repeated.
 
-Teacher, scoring and training are injected callables, so the Ray driver reuses this loop with Serve,
-Ray Data and Ray Train behind them; the defaults run everything in this process.
+Where each stage runs is the :class:`~gold_ray.runtime.Runtime`'s business, passed in at
+construction: :class:`~gold_ray.runtime.InProcessRuntime` by default, ``actors.runtime.RayRuntime``
+on Ray (Serve, Ray Data, a scorer pool, Ray Train). The loop is the same code on both.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
+import math
 import shutil
 import time
 from collections import Counter
@@ -35,16 +36,25 @@ import numpy as np
 
 from gold_ray import store
 from gold_ray.config import RunConfig
-from gold_ray.evaluation import evaluate_student, load_eval_records, seeded_subset
-from gold_ray.labelling import answer_prompts, read_answer
+from gold_ray.errors import UserError
+from gold_ray.evaluation import load_task_eval, seeded_subset, task_eval_file
 from gold_ray.models import allow_remote_code, is_chat_model, resolve_model
-from gold_ray.ood import score_quantiles
-from gold_ray.parsing import Deduplicator, ParseResult, parse_batch
+from gold_ray.ood import score_quantiles, score_spread
+from gold_ray.parsing import Deduplicator
+from gold_ray.runtime import InProcessRuntime, RunContext, Runtime
 from gold_ray.strategies import Strategy, StrategyContext, build_strategy
 from gold_ray.student import Student, build_student, check_student_model, load_student
-from gold_ray.tasks import TaskSpec, load_task, resolve_data_path
-from gold_ray.tracking import build_tracker
-from gold_ray.types import Prompt, SamplingParams, TeacherEngine
+from gold_ray.tasks import TaskSpec, load_task
+from gold_ray.tracking import NullTracker, Tracker, build_tracker
+from gold_ray.training import (
+    choose_recipe,
+    final_recipes,
+    in_loop_recipe,
+    in_share,
+    learning_check,
+    synthetic_split,
+)
+from gold_ray.types import Prompt, TeacherEngine
 
 STAGES = ("generate", "train", "probe", "feedback")
 
@@ -54,16 +64,13 @@ TRAINING_PARTS = ("train-", "probe-")
 logger = logging.getLogger(__name__)
 
 EventFn = Callable[[str, dict[str, Any]], None]
-ScoreFn = Callable[[Student, list[dict[str, Any]]], np.ndarray]
-ProduceFn = Callable[..., tuple[list[dict[str, Any]], dict[str, Any]]]
-TrainFn = Callable[..., dict[str, Any]]
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The output directory holds a different run and neither resume nor overwrite was asked for."""
 
 
-class TooManyRejectsError(RuntimeError):
+class TooManyRejectsError(UserError, RuntimeError):
     """An iteration rejected more than ``budget.max_reject_share`` of its samples."""
 
 
@@ -180,68 +187,53 @@ class Distiller:
 
     Args:
         cfg: The run config.
-        engine: A ready teacher engine; built from ``cfg.teacher`` on first use when None.
-        produce: Replaces generation, parsing and probe scoring as one step:
-            ``produce(prompts, iteration, kind, checkpoint_dir_or_None, dedup) -> (records, stats)``
-            returns every row, accepted and rejected (the Ray driver streams them through Serve,
-            Ray Data and a scorer pool).
-        score: Replaces in-process scoring (used for the optional noise filter).
-        train: Replaces in-process training (the Ray driver uses Ray Train).
+        runtime: Where the stages run (:mod:`gold_ray.runtime`); default: in this process.
+        engine: A ready teacher engine for the default in-process runtime (tests).
         resume: Continue the run committed in ``cfg.output.dir``.
         on_event: Called with (stage, info) after every stage, for progress and logs.
-        tracker: An object with ``log_metrics(dict, step)`` and ``log_artifact(path)`` (MLflow).
     """
 
     def __init__(
         self,
         cfg: RunConfig,
         *,
+        runtime: Runtime | None = None,
         engine: TeacherEngine | None = None,
-        produce: ProduceFn | None = None,
-        score: ScoreFn | None = None,
-        train: TrainFn | None = None,
         resume: bool = False,
         on_event: EventFn | None = None,
-        tracker: Any = None,
     ):
         self.cfg = cfg
         self.task: TaskSpec = load_task(cfg.task.name)
         self.strategy: Strategy = build_strategy(cfg.strategy.name)
-        self.eval_file = self._eval_file()
+        # The local evaluation file, if any: strategies must never take it as their own input.
+        self.eval_file = task_eval_file(self.task, cfg.task)
         # Before the run directory exists: a bad strategy input must not leave a half-made run.
         self.strategy_inputs = self.strategy.prepare(self.task, cfg, self.eval_file)
         # Every input is checked before the run directory is touched: a bad model reference or
         # data file must neither leave a half-made run behind nor replace one (--overwrite).
-        self.teacher_path: str | None = None
+        teacher_path: str | None = None
         if engine is None and cfg.teacher.engine != "openai":
-            self.teacher_path = resolve_model(cfg.teacher.model)
-        self.prompt_style = resolve_prompt_style(cfg, self.teacher_path)
+            teacher_path = resolve_model(cfg.teacher.model)
+        self.prompt_style = resolve_prompt_style(cfg, teacher_path)
         self.student_path = resolve_model(cfg.student.model)
         check_student_model(self.task, cfg.student, self.student_path)
-        self.eval_records = self._load_eval()
+        evalset = load_task_eval(self.task, cfg.task)
+        self.eval_records, self.eval_source, self.eval_note = evalset.records, evalset.source, evalset.note
         self.iteration_eval_records = self._iteration_eval()
         self.run_dir, state = prepare_run_dir(cfg, resume)
         write_task_copy(self.run_dir, self.task)
         self.state = state or _fresh_state(cfg)
-        self._engine = engine
-        self._produce = produce
-        self._score = score or self._score_in_process
-        self._train = train or self._train_in_process
+        self.runtime: Runtime = runtime or InProcessRuntime(engine)
+        self.runtime.bind(RunContext(cfg, self.task, self.run_dir.resolve(), self.student_path, teacher_path))
         self.on_event = on_event or (lambda stage, info: None)
-        self.tracker = tracker
+        self.tracker: Tracker = NullTracker()
         self.student: Student | None = None
         self.dedup = Deduplicator(self.state["dedup"])
+        self.stages = {"generate": self.generate_stage, "train": self.train_stage, "probe": self.probe_stage,
+                       "feedback": self.feedback_stage}
+        """Each stage of an iteration, in order: ``stage(iteration, n_probe, ctx) -> stats``."""
 
     # ---- plumbing -------------------------------------------------------------------------
-
-    def _eval_file(self) -> Path | None:
-        path = self.cfg.task.eval_path
-        return resolve_data_path(path, self.cfg.task.data_dir) if path else self.task.eval_path(self.cfg.task.data_dir)
-
-    def _load_eval(self) -> list[dict[str, Any]]:
-        if self.eval_file is None:
-            return []
-        return load_eval_records(self.task, self.eval_file, limit=self.cfg.task.eval_limit)
 
     def _iteration_eval(self) -> list[dict[str, Any]]:
         limit = self.cfg.task.iteration_eval_limit
@@ -249,19 +241,6 @@ class Distiller:
             return self.eval_records
         # Drawn from the final evaluation records, so every iteration's examples are among the final ones.
         return seeded_subset(self.eval_records, limit)
-
-    def engine(self) -> TeacherEngine:
-        """The teacher engine, built on first use."""
-        if self._engine is None:
-            from gold_ray.engines import build_engine
-
-            self._engine = build_engine(self.cfg.teacher, self.teacher_path or self.cfg.teacher.model, self.cfg.seed)
-        return self._engine
-
-    def sampling(self) -> SamplingParams:
-        """Sampling parameters from the teacher config."""
-        t = self.cfg.teacher
-        return SamplingParams(t.temperature, t.top_p, t.top_k, t.max_new_tokens, seed=self.cfg.seed)
 
     def _rng(self, iteration: int, stage: str) -> np.random.Generator:
         # One stream per (seed, iteration, stage): a resumed stage draws exactly what it would have.
@@ -310,84 +289,21 @@ class Distiller:
             "teacher": self.cfg.teacher.model,
             "student": self.cfg.student.model,
             "teacher_tokens": self.state["teacher_tokens"],
+            "eval_source": self.eval_source,
             "iterations": its,
             "totals": dict(totals),
             "final": self.state.get("final", {}),
         }
 
-    # ---- stages ---------------------------------------------------------------------------
-
-    def _produce_in_process(
-        self, prompts: list[Prompt], iteration: int, kind: str, score: bool, dedup: Deduplicator
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Generate, parse and (for probes) score in this process; every row is returned.
-
-        ``classify`` prompts are answered and read as labels (:mod:`gold_ray.labelling`); their
-        texts are not deduplicated again (they were when they were written or loaded).
-        """
-        t0 = time.perf_counter()
-        generations = answer_prompts(self.engine(), prompts, self.sampling()) if prompts else []
-        seconds = time.perf_counter() - t0
-        written = [i for i, p in enumerate(prompts) if p.kind != "classify"]
-        parsed = parse_batch(self.task, [prompts[i] for i in written], [generations[i] for i in written], dedup)
-        results: list[ParseResult] = [ParseResult(None, "error", "")] * len(prompts)
-        confidence = [float("nan")] * len(prompts)
-        for i, r in zip(written, parsed, strict=True):
-            results[i] = r
-        for i, (p, g) in enumerate(zip(prompts, generations, strict=True)):
-            if p.kind != "classify":
-                continue
-            if g.error is not None:
-                results[i] = ParseResult(None, "error", str(g.error)[:2000] or "teacher error")
-            else:
-                results[i], confidence[i] = read_answer(self.task, p, g.text, g.option_logprobs)
-        records = []
-        for i, (p, g, r) in enumerate(zip(prompts, generations, results, strict=True)):
-            rec: dict[str, Any] = {
-                "id": f"it{iteration:03d}-{kind}-{i:05d}",
-                "iteration": iteration,
-                "kind": kind,
-                "requested_label": p.label,
-                "raw_text": g.text if g.error is None else "",
-                "reject_reason": r.reason,
-                "reject_detail": r.detail or (g.error or ""),
-                "score": float("nan"),
-                "output_tokens": g.output_tokens,
-                "style": p.meta.get("style"),
-                "confidence": confidence[i],
-                "option_logprobs": json.dumps(list(g.option_logprobs)) if g.option_logprobs is not None else None,
-            }
-            if r.fields is not None:
-                rec.update(r.fields)
-                if self.task.is_classification and p.kind != "classify":
-                    rec["label"] = p.label
-            records.append(rec)
-        tokens = sum(g.output_tokens for g in generations)
-        stats: dict[str, Any] = {
-            "output_tokens": tokens,
-            "seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
-            "samples_per_s": round(len(prompts) / seconds, 3) if seconds > 0 else None,
-        }
-        accepted = [r for r in records if r["reject_reason"] is None]
-        if score and accepted and self.student is not None:
-            t1 = time.perf_counter()
-            scores = self._score(self.student, accepted)
-            for rec, value in zip(accepted, scores, strict=True):
-                rec["score"] = float(value)
-            stats["score_seconds"] = round(time.perf_counter() - t1, 3)
-        return records, stats
+    # ---- what every stage uses ------------------------------------------------------------
 
     def _generate_records(self, prompts: list[Prompt], iteration: int, kind: str) -> tuple[list, list, dict]:
         prompts = [
             dataclasses.replace(p, meta={**p.meta, "uid": f"it{iteration}-{kind}-{i}"}) for i, p in enumerate(prompts)
         ]
-        checkpoint = self.state.get("checkpoint") if kind == "probe" else None
-        if self._produce is not None:
-            ckpt = str(self.run_dir / checkpoint) if checkpoint else None
-            records, stats = self._produce(prompts, iteration, kind, ckpt, self.dedup)
-        else:
-            records, stats = self._produce_in_process(prompts, iteration, kind, checkpoint is not None, self.dedup)
+        scorer = self.student if kind == "probe" else None
+        ckpt = self._checkpoint() if scorer is not None else None
+        records, stats = self.runtime.produce(prompts, iteration, kind, scorer, ckpt, self.dedup)
         accepted = [r for r in records if r["reject_reason"] is None]
         rejected = [r for r in records if r["reject_reason"] is not None]
         self.state["teacher_tokens"] += int(stats.get("output_tokens", 0))
@@ -406,6 +322,10 @@ class Distiller:
         if share > self.cfg.budget.max_reject_share and (len(prompts) >= 8 or not accepted):
             raise self._too_many_rejects(iteration, kind, len(prompts), rejected, stats["rejected_by_reason"])
         return accepted, rejected, stats
+
+    def _checkpoint(self) -> Path | None:
+        ckpt = self.state.get("checkpoint")
+        return self.run_dir / ckpt if ckpt else None
 
     def _too_many_rejects(
         self, iteration: int, kind: str, requested: int, rejected: list[dict[str, Any]], reasons: dict[str, int]
@@ -432,18 +352,29 @@ class Distiller:
             self.state["parts"].append(rel)
 
     def training_records(self) -> list[dict[str, Any]]:
-        """All accepted training and probe records committed so far (not rejects, not LLKD's pool)."""
+        """All accepted training and probe records committed so far (not rejects, not LLKD's pool).
+
+        Without a real evaluation set, a seeded share of them is the synthetic test split
+        (:meth:`synthetic_test_records`) and is left out here: no training or recipe choice sees it.
+        """
         parts = [self.run_dir / p for p in self.state["parts"] if Path(p).name.startswith(TRAINING_PARTS)]
-        return store.read_parts(parts)
+        records = store.read_parts(parts)
+        if self.eval_records:
+            return records
+        return [r for r in records if not self._is_test(r)]
 
-    def _score_in_process(self, student: Student, records: list[dict[str, Any]]) -> np.ndarray:
-        s = self.cfg.strategy
-        return student.ood_scores(records, score=s.score, temperature=s.energy_temperature, mode=s.energy_mode)
+    def synthetic_test_records(self) -> list[dict[str, Any]]:
+        """Without a real evaluation set: the held-out synthetic test split (else empty)."""
+        if self.eval_records:
+            return []
+        parts = [self.run_dir / p for p in self.state["parts"] if Path(p).name.startswith(TRAINING_PARTS)]
+        return [r for r in store.read_parts(parts) if self._is_test(r)]
 
-    def _train_in_process(
-        self, student: Student, records: list[dict[str, Any]], epochs: int, loss: str, alpha: float, beta: float
-    ) -> dict[str, Any]:
-        return student.fit(records, epochs, loss=loss, alpha=alpha, beta=beta, seed=self.cfg.seed)
+    def _is_test(self, record: dict[str, Any]) -> bool:
+        return in_share(str(record.get("id", "")), self.cfg.seed, self.cfg.student.val_share, salt="test")
+
+    def _split(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return synthetic_split(records, self.cfg.student.val_share, self.cfg.seed)
 
     def _new_student(self) -> Student:
         # The run seed, as the Ray train stage passes it, so a run's students match on both runtimes.
@@ -451,9 +382,7 @@ class Distiller:
 
     def _evaluate(self, student: Student, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         records = self.eval_records if records is None else records
-        if not records:
-            return {}
-        return evaluate_student(student, self.task, records)
+        return self.runtime.evaluate(student, self._checkpoint(), records)
 
     def _holdout(self, probes: list[dict[str, Any]]) -> dict[str, Any]:
         """Without a real evaluation set: the student's metrics on the fresh probes (``holdout_*``).
@@ -463,14 +392,13 @@ class Distiller:
         """
         if self.eval_records or self.student is None or not probes:
             return {}
-        ev = evaluate_student(self.student, self.task, probes)
+        ev = self._evaluate(self.student, probes)
         return {f"holdout_{k}": v for k, v in ev.items() if isinstance(v, int | float)}
 
     def _emit(self, stage: str, iteration: int, info: dict[str, Any]) -> None:
         self.on_event(stage, {"iteration": iteration, "iterations": self.cfg.strategy.iterations, **info})
-        if self.tracker is not None:
-            flat = {f"{stage}.{k}": v for k, v in info.items() if isinstance(v, int | float) and v is not None}
-            self.tracker.log_metrics(flat, step=iteration)
+        flat = {f"{stage}.{k}": v for k, v in info.items() if isinstance(v, int | float) and v is not None}
+        self.tracker.log_metrics(flat, step=iteration)
 
     def _requested(self, iteration: int) -> int:
         per = self.cfg.per_iteration_samples()
@@ -482,6 +410,87 @@ class Distiller:
         cap = self.cfg.budget.max_teacher_tokens
         return cap is None or self.state["teacher_tokens"] < cap
 
+    # ---- the stages of an iteration -------------------------------------------------------
+
+    def generate_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
+        """The teacher writes the iteration's training samples (and LLKD's labels); they are stored."""
+        m = self._iter_metrics(iteration)
+        n = self._requested(iteration) - n_probe if self._budget_left() else 0
+        prompts = self.strategy.train_prompts(ctx, n)
+        acc, rej, stats = self._generate_records(prompts, iteration, "train")
+        # A strategy that labels texts (LLKD) spends the rest of the stage's calls on it.
+        label = self.strategy.label_prompts(ctx, acc, max(0, n - len(prompts)))[: max(0, n - len(prompts))]
+        if label:
+            labelled, rej_label, label_stats = self._generate_records(label, iteration, "classify")
+            labelled = self.strategy.review_labels(ctx, labelled)
+            self._write("pool", iteration, [{**r, "label": None} for r in acc])
+            acc, rej, stats = labelled, rej + rej_label, _merge_label_stats(stats, label_stats)
+        self._write("train", iteration, acc)
+        self._write("rejects-train", iteration, rej)
+        stats.update(ctx.stats)
+        m["generate"] = stats
+        return stats
+
+    def train_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
+        """The student trains on what it may see so far, is checkpointed and evaluated.
+
+        A seeded share of the records is the synthetic validation split: the student trains until
+        its accuracy there stops improving (within the recipe's step floor and epoch cap), and its
+        training loss against chance (ln K) says whether it learned enough for its energy to rank
+        the next probes.
+        """
+        t0 = time.perf_counter()
+        if self.student is None or not self.strategy.continue_student:
+            self.student = self._new_student()
+        ctx.student = self.student
+        available = self.training_records()
+        mask = self.strategy.train_mask(ctx, available)
+        records = [r for r, keep in zip(available, mask, strict=True) if keep]
+        train, val = self._split(records)
+        fit = self.runtime.train(self.student, train, in_loop_recipe(self.cfg.student), val)
+        ckpt = self.run_dir / "checkpoints" / f"it{iteration:03d}"
+        self.student.save(ckpt)
+        old = self.state.get("checkpoint")
+        self.state["checkpoint"] = str(ckpt.relative_to(self.run_dir))
+        if old and old != self.state["checkpoint"]:
+            shutil.rmtree(self.run_dir / old, ignore_errors=True)
+        ev = self._evaluate(self.student, self.iteration_eval_records)
+        # ``seconds`` is the whole stage (fit, checkpoint, evaluation); the fit's own time
+        # is kept as ``fit_seconds`` so stage timings add up.
+        fit = {("fit_seconds" if k == "seconds" else k): v for k, v in fit.items()}
+        learning = learning_check(self.task, fit, val)
+        stats = {"records": len(train), "val_records": len(val), "available": len(available), **fit,
+                 **learning, **ev, **ctx.stats, "seconds": round(time.perf_counter() - t0, 3)}
+        if learning.get("near_chance"):
+            logger.warning("iteration %d: %s", iteration, learning["warning"])
+        self._iter_metrics(iteration)["train"] = stats
+        return {k: v for k, v in stats.items() if k != "curve"}
+
+    def probe_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
+        """The teacher writes probes; the student scores them (their spread tells if the score ranks)."""
+        prompts = self.strategy.probe_prompts(ctx, n_probe)
+        acc, rej, stats = self._generate_records(prompts, iteration, "probe")
+        stats.update(self._holdout(acc))
+        stats.update(score_spread([r.get("score", math.nan) for r in acc]))
+        self._write("probe", iteration, acc)
+        self._write("rejects-probe", iteration, rej)
+        self._iter_metrics(iteration)["probe"] = stats
+        return stats
+
+    def feedback_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
+        """The strategy picks the feedback pool of the next prompts."""
+        probes = store.read_parts([store.part_path(self.run_dir, "probe", iteration)])
+        fb = self.strategy.update_feedback(ctx, probes)
+        self.state["feedback"] = fb
+        probe_ids = {r["id"] for r in probes}
+        new = sum(r["id"] in probe_ids for r in fb)
+        m = self._iter_metrics(iteration)
+        # A band chosen by a student still near chance is a random pick: say so where it is used.
+        near_chance = bool(m.get("train", {}).get("near_chance")) and bool(probes)
+        m["feedback"] = {"size": len(fb), "ids": [r["id"] for r in fb], "new": new, "near_chance": near_chance,
+                         **ctx.stats}
+        return {"size": len(fb), "near_chance": near_chance, **ctx.stats}
+
     def run_iteration(self, iteration: int, done: str | None) -> None:
         """Run the stages of one iteration that come after ``done`` (the last committed stage)."""
         start = STAGES.index(done) + 1 if done else 0
@@ -492,75 +501,54 @@ class Distiller:
         if self.strategy.uses_probes and requested > 1:
             n_probe = max(1, round(requested * self.cfg.strategy.probe_fraction))
         for stage in STAGES[start:]:
-            m = self._iter_metrics(iteration)
             ctx = self._ctx(iteration, stage)
-            if stage == "generate":
-                n = requested - n_probe if self._budget_left() else 0
-                prompts = self.strategy.train_prompts(ctx, n)
-                acc, rej, stats = self._generate_records(prompts, iteration, "train")
-                # A strategy that labels texts (LLKD) spends the rest of the stage's calls on it.
-                label = self.strategy.label_prompts(ctx, acc, max(0, n - len(prompts)))[: max(0, n - len(prompts))]
-                if label:
-                    labelled, rej_label, label_stats = self._generate_records(label, iteration, "classify")
-                    labelled = self.strategy.review_labels(ctx, labelled)
-                    self._write("pool", iteration, [{**r, "label": None} for r in acc])
-                    acc, rej, stats = labelled, rej + rej_label, _merge_label_stats(stats, label_stats)
-                self._write("train", iteration, acc)
-                self._write("rejects-train", iteration, rej)
-                stats.update(ctx.stats)
-                m["generate"] = stats
-            elif stage == "train":
-                t0 = time.perf_counter()
-                if self.student is None or not self.strategy.continue_student:
-                    self.student = self._new_student()
-                ctx.student = self.student
-                available = self.training_records()
-                mask = self.strategy.train_mask(ctx, available)
-                records = [r for r, keep in zip(available, mask, strict=True) if keep]
-                fit = self._train(self.student, records, self.cfg.student.epochs_per_iteration, "ce", 1.0, 1.0)
-                ckpt = self.run_dir / "checkpoints" / f"it{iteration:03d}"
-                self.student.save(ckpt)
-                old = self.state.get("checkpoint")
-                self.state["checkpoint"] = str(ckpt.relative_to(self.run_dir))
-                if old and old != self.state["checkpoint"]:
-                    shutil.rmtree(self.run_dir / old, ignore_errors=True)
-                ev = self._evaluate(self.student, self.iteration_eval_records)
-                # ``seconds`` is the whole stage (fit, checkpoint, evaluation); the fit's own time
-                # is kept as ``fit_seconds`` so stage timings add up.
-                fit = {("fit_seconds" if k == "seconds" else k): v for k, v in fit.items()}
-                m["train"] = {"records": len(records), "available": len(available), **fit, **ev, **ctx.stats,
-                              "seconds": round(time.perf_counter() - t0, 3)}
-                stats = m["train"]
-            elif stage == "probe":
-                prompts = self.strategy.probe_prompts(ctx, n_probe)
-                acc, rej, stats = self._generate_records(prompts, iteration, "probe")
-                stats.update(self._holdout(acc))
-                self._write("probe", iteration, acc)
-                self._write("rejects-probe", iteration, rej)
-                m["probe"] = stats
-            else:  # feedback
-                probes = store.read_parts([store.part_path(self.run_dir, "probe", iteration)])
-                fb = self.strategy.update_feedback(ctx, probes)
-                self.state["feedback"] = fb
-                probe_ids = {r["id"] for r in probes}
-                new = sum(r["id"] in probe_ids for r in fb)
-                m["feedback"] = {"size": len(fb), "ids": [r["id"] for r in fb], "new": new, **ctx.stats}
-                stats = {"size": len(fb), **ctx.stats}
+            stats = self.stages[stage](iteration, n_probe, ctx)
             self.state["strategy_state"] = ctx.memory
             self._commit(iteration, stage)
             self._emit(stage, iteration, stats)
 
     def _restore_student(self) -> None:
-        ckpt = self.state.get("checkpoint")
-        if ckpt and self.student is None and (self.run_dir / ckpt).exists():
-            self.student = load_student(self.run_dir / ckpt, self.task)
+        ckpt = self._checkpoint()
+        if ckpt and self.student is None and ckpt.exists():
+            self.student = load_student(ckpt, self.task)
+
+    # ---- the whole run --------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Run (or resume) the whole distillation; returns the run metrics."""
+        """Run (or resume) the whole distillation, tracked in MLflow when tracking is on.
+
+        The run's MLflow run is opened (or reopened) here for both runtimes, with the config as
+        params whenever the MLflow run is new (also when a run that died before its first commit
+        is resumed); a failure marks it FAILED.
+
+        Returns:
+            The run metrics, with ``mlflow`` (tracking URI and run id) when tracking is on.
+        """
         if self.state.get("finished"):
             if not (self.run_dir / "report.html").exists():
                 self._write_report()
             return self.metrics()
+        self.tracker = build_tracker(self.cfg, self.run_dir) if self.cfg.tracking.enabled else NullTracker()
+        try:
+            known = self.state.get("mlflow_run_id")
+            run_id = self.tracker.start(f"{self.cfg.strategy.name}-{self.task.name}-seed{self.cfg.seed}",
+                                        resume_run_id=known)
+            if run_id and run_id != known:
+                self.tracker.log_params(self.cfg)
+                self.state["mlflow_run_id"] = run_id
+            self.runtime.run.tracking = self.tracker.parent_info()
+            self.runtime.start()
+            metrics = self._run_stages()
+            self.tracker.finish(metrics, self.run_dir, step=self.cfg.strategy.iterations)
+        except BaseException:
+            if self.tracker.run_id:
+                self.tracker.end("FAILED")
+            raise
+        finally:
+            self.runtime.close()
+        return metrics
+
+    def _run_stages(self) -> dict[str, Any]:
         self._restore_student()
         it, done = self.state["iteration"], self.state["stage"]
         if done == STAGES[-1]:
@@ -571,6 +559,8 @@ class Distiller:
         self.state["final"] = self.final_stage()
         self.state["finished"] = True
         self._commit(self.cfg.strategy.iterations - 1, STAGES[-1])
+        # Checkpoints only serve a resume; the finished run's student is in student/.
+        shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
         card = store.dataset_card(self.task, self.metrics(), self.state["parts"])
         store.atomic_write_bytes(self.run_dir / "dataset_card.md", card.encode("utf-8"))
         self._write_report()
@@ -586,32 +576,59 @@ class Distiller:
             logger.warning("could not write %s: %s", self.run_dir / "report.html", err)
 
     def final_stage(self) -> dict[str, Any]:
-        """Train the final student on all kept data, evaluate it and save it under ``student/``."""
+        """Train the final student on all kept data, evaluate it and save it under ``student/``.
+
+        With a synthetic validation split of at least :data:`~gold_ray.training.MIN_VAL_RECORDS`
+        records and no recipe pinned in the config, every candidate of :func:`final_recipes` is
+        trained (each until its validation accuracy stops improving) and the best on that split is
+        kept (:func:`choose_recipe`, which keeps the strategy's own loss unless another beats it
+        by more than the split's noise).
+        """
         t0 = time.perf_counter()
         ctx = self._ctx(self.cfg.strategy.iterations, "train")
         records = self.training_records()
         if self.cfg.strategy.noise_filter_top > 0 and self.student is not None:
-            scores = self._score(self.student, records)
+            scores = self.runtime.score(self.student, self._checkpoint(), records)
             for rec, s in zip(records, scores, strict=True):
                 rec["score"] = float(s)
         keep = self.strategy.keep_for_training(ctx, records)
         kept = [r for r, k in zip(records, keep, strict=True) if k]
-        loss, alpha, beta = self.strategy.final_loss(ctx)
-        student = self._new_student() if (self.cfg.student.final_fresh or self.student is None) else self.student
-        fit = self._train(student, kept, self.cfg.student.final_epochs, loss, alpha, beta)
+        own = self.strategy.final_loss(ctx)
+        train, val = self._split(kept)
+        candidates = final_recipes(self.cfg.student, own, selectable=bool(val))
+        trials = []
+        for recipe in candidates:
+            fresh = self.cfg.student.final_fresh or self.student is None
+            student = self._new_student() if fresh else load_student(self._checkpoint(), self.task)
+            fit = self.runtime.train(student, train, recipe, val)
+            trials.append((recipe, student, fit))
+        chosen = choose_recipe([(r, f) for r, _, f in trials], own_loss=own[0], n_val=len(val))
+        recipe, student, fit = trials[chosen]
         out = self.run_dir / "student"
         student.save(out)
         self.student = student
         ev = self._evaluate(student)
+        test = self.synthetic_test_records()
+        synthetic = {}
+        if not ev and test:
+            synthetic = {f"synthetic_{k}": v for k, v in self._evaluate(student, test).items()}
         final = {
-            "records": len(kept),
+            "records": len(train),
+            "val_records": len(val),
             "dropped_by_noise_filter": len(records) - len(kept),
-            "loss": loss,
+            "loss": recipe.loss,
+            "recipe": recipe.name,
+            "recipes": [{"recipe": r.name, **{k: v for k, v in f.items() if k != "curve"}} for r, _, f in trials],
+            "eval_source": self.eval_source,
             "seconds": round(time.perf_counter() - t0, 3),
             "fit": fit,
+            **learning_check(self.task, fit, val),
             **ev,
+            **synthetic,
         }
-        info = {k: v for k, v in final.items() if k != "fit"}
+        if self.eval_note:
+            final["eval_note"] = self.eval_note
+        info = {k: v for k, v in final.items() if k not in ("fit", "recipes")}
         self._emit("final", self.cfg.strategy.iterations, {**info, "train_loss": fit.get("loss")})
         return final
 
@@ -638,11 +655,7 @@ def _merge_label_stats(written: dict[str, Any], labelled: dict[str, Any]) -> dic
 
 def distill_in_process(cfg: RunConfig, *, resume: bool = False, on_event: EventFn | None = None,
                        engine: TeacherEngine | None = None) -> dict[str, Any]:
-    """Run a whole distillation in this process (no Ray), tracked in MLflow as the Ray driver does it.
-
-    With ``tracking.enabled`` the run is an MLflow run (nested under ``tracking.parent_run_id``
-    when set; a resumed run continues its own) with the config as params, per-stage metrics, the
-    final metrics, ``metrics.json`` and the student.
+    """Run a whole distillation in this process (no Ray), tracked in MLflow as a Ray run is.
 
     Args:
         cfg: The run config.
@@ -653,21 +666,4 @@ def distill_in_process(cfg: RunConfig, *, resume: bool = False, on_event: EventF
     Returns:
         The run metrics, with ``mlflow`` (tracking URI and run id) when tracking is on.
     """
-    distiller = Distiller(cfg, engine=engine, resume=resume, on_event=on_event)
-    if not cfg.tracking.enabled:
-        return distiller.run()
-    tracker = build_tracker(cfg, distiller.run_dir)
-    try:
-        known = distiller.state.get("mlflow_run_id")
-        run_id = tracker.start(f"{cfg.strategy.name}-{distiller.task.name}-seed{cfg.seed}", resume_run_id=known)
-        if run_id != known:
-            tracker.log_params(cfg)
-        distiller.state["mlflow_run_id"] = run_id
-        distiller.tracker = tracker
-        metrics = distiller.run()
-        tracker.finish(metrics, distiller.run_dir, step=cfg.strategy.iterations)
-    except BaseException:
-        if tracker.run_id:
-            tracker.end("FAILED")
-        raise
-    return metrics
+    return Distiller(cfg, engine=engine, resume=resume, on_event=on_event).run()

@@ -347,3 +347,19 @@ def score_quantiles(scores: ArrayLike) -> dict[str, float]:
     out = {name: float(np.percentile(s, q)) for name, q in QUANTILES}
     out["mean"] = float(s.mean())
     return out
+
+
+def score_spread(scores: ArrayLike) -> dict[str, float]:
+    """How far apart the finite scores of a stage are: ``score_iqr`` (p75 - p25) and ``score_range``.
+
+    A student whose logits barely depend on its input (one near chance) gives every probe almost
+    the same energy; a feedback band cut from such scores is a random pick.
+
+    Returns:
+        Both values, or ``{}`` when fewer than two scores are finite.
+    """
+    s = _as_float64(scores).reshape(-1)
+    s = s[np.isfinite(s)]
+    if s.size < 2:
+        return {}
+    return {"score_iqr": float(np.percentile(s, 75) - np.percentile(s, 25)), "score_range": float(s.max() - s.min())}

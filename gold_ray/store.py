@@ -59,6 +59,70 @@ def record_schema(task: TaskSpec) -> pa.Schema:
     )
 
 
+def record_id(iteration: int, kind: str, index: int) -> str:
+    """The id of the ``index``-th sample of one stage: ``it003-probe-00012``."""
+    return f"it{iteration:03d}-{kind}-{index:05d}"
+
+
+def make_record(
+    task: TaskSpec,
+    *,
+    iteration: int,
+    kind: str,
+    index: int,
+    requested_label: str | None,
+    raw_text: str,
+    reject_reason: str | None,
+    reject_detail: str = "",
+    fields: dict[str, Any] | None = None,
+    score: float = float("nan"),
+    output_tokens: int = 0,
+    style: str | None = None,
+    confidence: float = float("nan"),
+    option_logprobs: str | None = None,
+) -> dict[str, Any]:
+    """One sample row in the :func:`record_schema` layout; both runtimes build every row here.
+
+    A rejected row keeps its raw text and reason but no fields and no score. A classification
+    sample the teacher wrote (not one it labelled) takes the label it was asked for.
+
+    Args:
+        task: The task.
+        iteration: Iteration of the stage.
+        kind: ``train``, ``probe`` or ``classify``.
+        index: The prompt's position in the stage.
+        requested_label: The label the prompt asked for.
+        raw_text: The teacher's answer ("" when the call failed).
+        reject_reason: Why the row is rejected, or None when accepted.
+        reject_detail: More on the reason (the error text, the duplicate …).
+        fields: The parsed input fields (and target), for an accepted row.
+        score: The student's OOD score, when scored.
+        output_tokens: Tokens the teacher wrote.
+        style: The prompt's style.
+        confidence: The teacher's label confidence (``classify`` rows).
+        option_logprobs: The teacher's label scores as JSON (``classify`` rows).
+    """
+    rec: dict[str, Any] = {
+        "id": record_id(iteration, kind, index),
+        "iteration": iteration,
+        "kind": kind,
+        "requested_label": requested_label or None,
+        "raw_text": raw_text,
+        "reject_reason": reject_reason or None,
+        "reject_detail": reject_detail or "",
+        "score": float(score) if reject_reason is None else float("nan"),
+        "output_tokens": int(output_tokens),
+        "style": style or None,
+        "confidence": float(confidence),
+        "option_logprobs": option_logprobs or None,
+    }
+    if reject_reason is None and fields is not None:
+        rec.update({k: (v if v != "" else None) for k, v in fields.items()})
+        if task.is_classification and kind != "classify":
+            rec["label"] = requested_label
+    return rec
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

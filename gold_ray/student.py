@@ -13,9 +13,9 @@ field). Training is deterministic given ``seed``: the batch order comes from
 ``numpy.random.default_rng(seed)`` and dropout from a seeded, forked torch RNG (the caller's global
 RNG state is left untouched).
 
-The optimiser is AdamW (no weight decay on biases and norms), created afresh at each :meth:`fit`
-call, with gradient clipping at norm 1 and a linear decay of the learning rate to zero over the
-call (``schedule="constant"`` keeps it flat).
+Training is :func:`gold_ray.training.fit` (AdamW created afresh per call, gradient clipping at
+norm 1, the schedule and budget of a :class:`~gold_ray.training.Recipe`), the same loop the Ray
+Train workers run.
 
 Only safetensors weights are ever loaded (``use_safetensors=True``), and saving writes
 safetensors.
@@ -24,8 +24,6 @@ safetensors.
 from __future__ import annotations
 
 import json
-import math
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,12 +34,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gold_ray import ood
+from gold_ray import ood, training
 from gold_ray.config import StudentConfig
 from gold_ray.errors import InputError
 from gold_ray.losses import loss_fn
 from gold_ray.models import allow_remote_code
 from gold_ray.tasks import TaskSpec
+from gold_ray.training import Recipe
 
 META_FILE = "gold_ray_student.json"
 """Written next to the HF files by :meth:`Student.save`: kind, task, labels, settings."""
@@ -215,14 +214,6 @@ class Student(ABC):
 
     # ----- training ------------------------------------------------------------------------
 
-    def _optimizer(self, lr: float) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
-        for param in self.model.parameters():
-            if param.requires_grad:
-                (decay if param.dim() >= 2 else no_decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr)
-
     def fit(
         self,
         records: Sequence[dict],
@@ -234,60 +225,32 @@ class Student(ABC):
         lr: float | None = None,
         seed: int = 0,
         on_step: Callable[[dict], None] | None = None,
+        recipe: Recipe | None = None,
+        val_records: Sequence[dict] = (),
     ) -> dict:
-        """Train on ``records`` for ``epochs`` epochs (continues from the current weights).
+        """Train on ``records`` (continues from the current weights) with :func:`gold_ray.training.fit`.
 
         Args:
             records: Training records with the target key.
-            epochs: Passes over ``records``.
-            loss: ``ce`` or ``sce`` (see :mod:`gold_ray.losses`).
+            epochs: Passes over ``records`` (ignored when ``recipe`` is given).
+            loss: ``ce`` or ``sce`` (see :mod:`gold_ray.losses`; ignored with ``recipe``).
             alpha: SCE weight of CE.
             beta: SCE weight of reverse CE.
             lr: Learning rate for this call; default: the student's ``lr``.
             seed: Seeds the batch order and dropout.
             on_step: Called after every optimiser step with ``epoch``, ``step``, ``loss``, ``lr``.
+            recipe: The whole recipe (budget floor, warm-up, early stopping); default: exactly
+                ``epochs`` epochs of ``loss`` at ``lr`` under the student's schedule.
+            val_records: Synthetic validation records (early stopping, best epoch).
 
         Returns:
-            ``{"loss": mean loss of the last epoch, "steps": optimiser steps, "seconds": wall time}``;
-            the loss is NaN when there was nothing to train on.
+            See :func:`gold_ray.training.fit`: ``loss`` (mean of the last epoch, NaN when there
+            was nothing to train on), ``steps``, ``epochs``, ``seconds`` ….
         """
-        start = time.perf_counter()
-        n = len(records)
-        if n == 0 or epochs <= 0:
-            return {"loss": math.nan, "steps": 0, "seconds": 0.0}
-        loss_fn(loss)  # fail on a bad loss name before any work
-        total = epochs * math.ceil(n / self.batch_size)
-        optimizer = self._optimizer(lr if lr is not None else self.lr)
-        decay = (lambda s: max(0.0, 1.0 - s / total)) if self.schedule == "linear" else (lambda s: 1.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        rng = np.random.default_rng(seed)
-        step, epoch_loss = 0, math.nan
-        self.model.train()
-        try:
-            with _seeded(seed):
-                for epoch in range(epochs):
-                    order = rng.permutation(n)
-                    losses = []
-                    for begin in range(0, n, self.batch_size):
-                        batch = self.collate([records[i] for i in order[begin : begin + self.batch_size]])
-                        if "labels" not in batch:
-                            raise ValueError(f"fit needs the target {self.task.target_key!r} in every record")
-                        value = self.batch_loss(self.model, batch, loss, alpha, beta)
-                        optimizer.zero_grad(set_to_none=True)
-                        value.backward()
-                        torch.nn.utils.clip_grad_norm_(params, 1.0)
-                        current_lr = scheduler.get_last_lr()[0]
-                        optimizer.step()
-                        scheduler.step()
-                        step += 1
-                        losses.append(float(value.detach()))
-                        if on_step is not None:
-                            on_step({"epoch": epoch, "step": step, "loss": losses[-1], "lr": current_lr})
-                    epoch_loss = float(np.mean(losses))
-        finally:
-            self.model.eval()
-        return {"loss": epoch_loss, "steps": step, "seconds": time.perf_counter() - start}
+        if recipe is None:
+            recipe = Recipe(loss=loss, alpha=alpha, beta=beta, lr=lr if lr is not None else self.lr,
+                            epochs=epochs, max_epochs=epochs, schedule=self.schedule)
+        return training.fit(self, records, recipe, seed=seed, val_records=val_records, on_step=on_step)
 
     # ----- inference -----------------------------------------------------------------------
 

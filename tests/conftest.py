@@ -26,6 +26,14 @@ FAST_SERVE_METRICS = {
 for _key, _value in FAST_SERVE_METRICS.items():
     os.environ.setdefault(_key, _value)
 
+# The one fault-injection mechanism (gold_ray.faults): every process of the suite, Ray workers
+# included, calls tests/faults/hooks.py at each fault point; a test plans its faults there.
+FAULT_HOOK = {
+    "GOLD_RAY_FAULT_HOOK": "tests.faults.hooks:dispatch",
+    "GOLD_RAY_FAULT_PLANS": tempfile.mkdtemp(prefix="grfault"),
+}
+os.environ.update(FAULT_HOOK)
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -54,6 +62,7 @@ def ray_cluster():
                     "PYTHONPATH": pythonpath,
                     "TOKENIZERS_PARALLELISM": "false",
                     **FAST_SERVE_METRICS,
+                    **FAULT_HOOK,
                 }
             },
         )

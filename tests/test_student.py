@@ -43,7 +43,6 @@ SENTIMENT = [
     for w in ("good", "bad", "great", "awful")
     for x in FILLERS
 ]
-GIBBERISH = [{"text": f"zork blip {w} quux frob {w}", "label": "positive"} for w in ("zork", "blip", "quux", "frob")]
 # The answer is the number written in the problem: learnable by a tiny LM in a few epochs.
 COPY = [{"question": f"the answer is {d} {x} .", "answer": str(d)} for d in range(10) for x in FILLERS[:2]]
 
@@ -130,8 +129,6 @@ def test_classifier_logits_shape_and_ood_scores(models):
     assert ((msp >= -1) & (msp <= -0.5)).all()
     nll = student.ood_scores(SENTIMENT, score="nll")
     assert nll.mean() < 0.5  # trained labels are likely
-    # Training makes the toy records confident: lower energy than never-seen gibberish.
-    assert np.median(energy) < np.median(student.ood_scores(GIBBERISH))
     with pytest.raises(ValueError, match="unknown OOD score"):
         student.ood_scores(SENTIMENT, score="mahalanobis")
 

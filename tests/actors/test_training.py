@@ -11,21 +11,18 @@ import math
 import pytest
 import torch
 
-from actors.training import (
-    STATE_FILE,
-    local_slice,
-    loss_weight,
-    make_ray_train_fn,
-    run_name_for,
-    train_student_on_ray,
-)
+from actors.training import STATE_FILE, make_ray_train_fn, run_name_for, train_student_on_ray
 from gold_ray.config import RunConfig
 from gold_ray.student import build_student, load_student
 from gold_ray.tasks import load_task
 from gold_ray.testing import save_tiny_classifier
+from gold_ray.training import Recipe
+from tests.faults.hooks import plan_fault
 
 SST2 = load_task("sst2")
 EPOCHS = 2
+RECIPE = Recipe(lr=1e-3, epochs=EPOCHS, max_epochs=EPOCHS)
+"""Exactly what ``Student.fit(records, EPOCHS)`` does at the config's learning rate."""
 GOOD = ["good", "great", "lovely", "fine", "superb"]
 BAD = ["bad", "awful", "dull", "poor", "weak"]
 TOPICS = ["plot", "acting", "music", "ending"]
@@ -36,22 +33,6 @@ RECORDS = [
     for w in GOOD + BAD
     for t in TOPICS
 ][:37]
-
-
-def test_local_slice_covers_the_batch_once():
-    for size in range(0, 12):
-        for world in (1, 2, 3):
-            rows = [i for r in range(world) for i in range(size)[local_slice(size, world, r)]]
-            assert rows == list(range(size))
-    assert local_slice(5, 2, 0) == slice(0, 3) and local_slice(5, 2, 1) == slice(3, 5)
-
-
-def test_loss_weight_makes_the_ddp_average_the_global_mean():
-    # Worker means m0 (3 terms) and m1 (2 terms): DDP averages the weighted means.
-    m0, m1 = 0.9, 0.4
-    avg = (m0 * loss_weight(3, 5, 2) + m1 * loss_weight(2, 5, 2)) / 2
-    assert avg == pytest.approx((3 * m0 + 2 * m1) / 5)
-    assert loss_weight(4, 4, 1) == 1.0 and loss_weight(0, 0, 2) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +88,7 @@ def reference(ray_cluster, model_dir, tmp_path_factory):
     student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
     before = _state(student)
     train = make_ray_train_fn(cfg, "sst2", model_dir, work / "scratch", mlflow_parent=tracker.parent_info)
-    metrics = train(student, RECORDS, EPOCHS, "ce", 1.0, 1.0)
+    metrics = train(student, RECORDS, RECIPE)
     return {
         "before": before,
         "after": _state(student),
@@ -141,7 +122,7 @@ def test_one_worker_matches_in_process_fit_and_logs_to_mlflow(reference, model_d
     )
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     steps = tracker.client.get_metric_history(children[0].info.run_id, "train.step_loss")
-    assert [s.step for s in steps] == list(range(10))
+    assert [s.step for s in steps] == list(range(1, 11))
     epoch_loss = tracker.client.get_metric_history(children[0].info.run_id, "train.epoch_loss")
     assert [e.step for e in epoch_loss] == [1, 2] and epoch_loss[-1].value == pytest.approx(m["loss"])
 
@@ -152,7 +133,7 @@ def test_two_ddp_workers_match_one_worker(reference, model_dir, tmp_path):
     cfg = _cfg(model_dir, 2)
     student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
     assert _max_diff(_state(student), reference["before"]) == 0.0
-    metrics = make_ray_train_fn(cfg, "sst2", model_dir, tmp_path)(student, RECORDS, EPOCHS, "ce", 1.0, 1.0)
+    metrics = make_ray_train_fn(cfg, "sst2", model_dir, tmp_path)(student, RECORDS, RECIPE)
     assert metrics["workers"] == 2 and metrics["steps"] == reference["metrics"]["steps"]
     # Same global batches and gradients, summed in another order: equal up to float rounding.
     assert metrics["loss"] == pytest.approx(reference["metrics"]["loss"], abs=1e-5)
@@ -163,39 +144,20 @@ def test_two_ddp_workers_match_one_worker(reference, model_dir, tmp_path):
 @pytest.mark.slow
 def test_failed_worker_is_retried_and_a_later_call_resumes_the_run(reference, model_dir, tmp_path):
     marker = tmp_path / "failed-once"
-    common = {
-        "cfg": _cfg(model_dir, 1),
-        "loss": "ce",
-        "alpha": 1.0,
-        "beta": 1.0,
-        "storage_path": str(tmp_path / "storage"),
-        "name": "retry",
-    }
-    metrics = train_student_on_ray(
-        None,
-        model_dir,
-        "sst2",
-        RECORDS,
-        epochs=EPOCHS,
-        out_dir=str(tmp_path / "o1"),
-        fail_once_marker=str(marker),
-        fail_at_epoch=1,
-        **common,
-    )
+    common = {"cfg": _cfg(model_dir, 1), "recipe": RECIPE, "storage_path": str(tmp_path / "storage"), "name": "retry"}
+    plan_fault("train.step", marker, rank=0, epoch=1, batch=1)
+    metrics = train_student_on_ray(None, model_dir, "sst2", RECORDS, out_dir=str(tmp_path / "o1"), **common)
     assert marker.exists()  # the first attempt did fail, one step into epoch 2
     assert metrics["resumed_from_epoch"] == 1 and metrics["epochs"] == EPOCHS and metrics["steps"] == 10
     # Optimiser, schedule and batch order were restored: the same weights as an unbroken run.
     first = _state(load_student(tmp_path / "o1", SST2))
     assert _max_diff(first, reference["after"]) < 1e-5
 
-    # A later call with the same storage and name picks up the epoch counter and runs only the
-    # missing epoch (the student_dir argument is ignored once the run has a checkpoint).
-    more = train_student_on_ray(
-        None, model_dir, "sst2", RECORDS, epochs=EPOCHS + 1, out_dir=str(tmp_path / "o2"), **common
-    )
-    assert more["epochs"] == EPOCHS + 1 and more["steps"] == 15 and more["resumed_from_epoch"] == EPOCHS
-    assert math.isfinite(more["loss"])
-    assert _max_diff(first, _state(load_student(tmp_path / "o2", SST2))) > 1e-4
+    # A later call with the same storage and name (a restarted driver repeating the call) finds the
+    # finished job and returns its result without training again.
+    more = train_student_on_ray(None, model_dir, "sst2", RECORDS, out_dir=str(tmp_path / "o2"), **common)
+    assert more["epochs"] == EPOCHS and more["steps"] == 10 and math.isfinite(more["loss"])
+    assert _max_diff(first, _state(load_student(tmp_path / "o2", SST2))) == 0.0
     assert len(list((tmp_path / "storage" / "retry").rglob(STATE_FILE))) == 1  # num_to_keep=1
 
 
@@ -204,7 +166,7 @@ def test_nothing_to_train_copies_the_student_without_ray(model_dir, tmp_path):
     student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
     before = _state(student)
     train = make_ray_train_fn(cfg, "sst2", model_dir, tmp_path)
-    assert math.isnan(train(student, [], 3, "ce", 1.0, 1.0)["loss"])
+    assert math.isnan(train(student, [], RECIPE)["loss"])
     assert _max_diff(before, _state(student)) == 0.0
     got = train_student_on_ray(
         None,
@@ -212,10 +174,7 @@ def test_nothing_to_train_copies_the_student_without_ray(model_dir, tmp_path):
         "sst2",
         RECORDS,
         cfg=cfg,
-        epochs=0,
-        loss="ce",
-        alpha=1.0,
-        beta=1.0,
+        recipe=Recipe(epochs=0),
         out_dir=str(tmp_path / "o"),
         storage_path=str(tmp_path / "s"),
         name="x",

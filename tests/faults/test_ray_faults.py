@@ -131,6 +131,8 @@ def test_the_driver_killed_inside_a_stage_resumes_to_the_counts_of_an_uninterrup
 
 def test_a_ray_train_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
     from actors.training import train_student_on_ray
+    from gold_ray.training import Recipe
+    from tests.faults.hooks import plan_fault
 
     model_dir = save_tiny_classifier(tmp_path / "model")
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -143,9 +145,11 @@ def test_a_ray_train_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(ra
                for w in ("good", "fine", "bad", "dull") for t in ("plot", "acting", "music", "ending")]
 
     marker = tmp_path / "killed"
-    metrics = train_student_on_ray(None, model_dir, "sst2", records, cfg=cfg, epochs=2, loss="ce", alpha=1.0,
-                                   beta=1.0, out_dir=str(tmp_path / "out"), storage_path=str(tmp_path / "storage"),
-                                   name="killed", fail_once_marker=str(marker), fail_at_epoch=1, fail_by_kill=True)
+    plan_fault("train.step", marker, action="kill", rank=0, epoch=1, batch=1)
+    metrics = train_student_on_ray(None, model_dir, "sst2", records, cfg=cfg,
+                                   recipe=Recipe(lr=cfg.student.lr, epochs=2, max_epochs=2),
+                                   out_dir=str(tmp_path / "out"), storage_path=str(tmp_path / "storage"),
+                                   name="killed")
     assert marker.exists(), "the worker was killed one step into epoch 2"
     assert metrics["resumed_from_epoch"] == 1 and metrics["epochs"] == 2 and metrics["steps"] == 4
 

@@ -1,0 +1,143 @@
+"""The Ray runtime: the loop's stages on Ray Serve, Ray Data, a scorer actor pool and Ray Train.
+
+:class:`RayRuntime` implements :class:`gold_ray.runtime.Runtime`; the loop
+(:class:`gold_ray.loop.Distiller`) is the same object as in process. Where each step runs:
+
+- ``produce``: prompt rows stream through :func:`actors.pipeline.generate_iteration` (the teacher's
+  Serve deployment, parsing in the caller, probes scored by the energy-scorer pool);
+- ``train``: a Ray Train job (:func:`actors.training.make_ray_train_fn`), DDP over
+  ``resources.train_workers``, its MLflow child run under the run's;
+- ``score`` (the final noise filter): the same scorer pool, over a Ray dataset of the records;
+- ``evaluate``: a Ray task with the scorers' resources, so no model runs in the driver actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from gold_ray.evaluation import evaluate_student
+from gold_ray.parsing import Deduplicator
+from gold_ray.runtime import Runtime
+from gold_ray.store import read_parts
+from gold_ray.student import Student, load_student
+from gold_ray.tasks import TaskSpec
+from gold_ray.training import Recipe
+from gold_ray.types import Prompt
+
+logger = logging.getLogger(__name__)
+
+SCRATCH_DIRS = ("tmp", "ray_train")
+"""Scratch folders of the Ray stages in the run directory; only an interrupted run needs them."""
+
+PRODUCE_STATS = ("output_tokens", "seconds", "tokens_per_s", "samples_per_s", "scored", "scorer_actors",
+                 "retried", "streamed")
+"""The pipeline statistics a produce step reports to the loop."""
+
+
+class RayRuntime(Runtime):
+    """The stages on Ray (see the module docstring).
+
+    Args:
+        app_name: The Serve application that holds (or will hold) the teacher deployment.
+        engine_factory: Builds the teacher engine inside each Serve replica (tests pass a factory of
+            a test engine); None builds the configured engine.
+    """
+
+    def __init__(self, app_name: str, engine_factory: Any = None):
+        self.app_name = app_name
+        self.engine_factory = engine_factory
+        self._train = None
+
+    def start(self) -> None:
+        """Start the teacher deployment (replicas build their engines) for the whole run."""
+        from actors.teacher import ConfigEngineFactory, start_teacher
+
+        cfg = self.run.cfg
+        factory = self.engine_factory or ConfigEngineFactory(cfg.teacher, cfg.seed, model_path=self.run.teacher_path)
+        start_teacher(cfg, factory, name=self.app_name)
+
+    def close(self) -> None:
+        """Delete the teacher application; a finished run's scratch folders go too."""
+        from ray import serve
+
+        try:
+            serve.delete(self.app_name)
+        except Exception:  # noqa: BLE001 - best-effort cleanup; the run's result matters more
+            logger.warning("could not delete Serve app %s", self.app_name)
+        if (self.run.run_dir / "student").is_dir():
+            for scratch in SCRATCH_DIRS:
+                shutil.rmtree(self.run.run_dir / scratch, ignore_errors=True)
+
+    def produce(
+        self,
+        prompts: list[Prompt],
+        iteration: int,
+        kind: str,
+        student: Student | None,
+        checkpoint: Path | None,
+        dedup: Deduplicator,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Stream the prompts through Serve and Ray Data; probes are scored from ``checkpoint``."""
+        from actors.pipeline import generate_iteration
+
+        tmp = self.run.run_dir / "tmp" / f"{kind}-it{iteration:03d}.parquet"
+        ckpt = str(checkpoint) if student is not None and checkpoint is not None else None
+        stats = generate_iteration(prompts, self.run.cfg, self.run.task, self.app_name, ckpt, tmp,
+                                   iteration=iteration, dedup=dedup)
+        records = read_parts([tmp])
+        tmp.unlink(missing_ok=True)
+        return records, {k: stats.get(k) for k in PRODUCE_STATS}
+
+    def train(
+        self, student: Student, records: list[dict[str, Any]], recipe: Recipe, val_records: Sequence[dict] = ()
+    ) -> dict[str, Any]:
+        """A Ray Train job; the trained weights come back into ``student``."""
+        if self._train is None:
+            from actors.training import make_ray_train_fn
+
+            run = self.run
+            self._train = make_ray_train_fn(run.cfg, run.cfg.task.name, run.student_path, run.run_dir / "ray_train",
+                                            mlflow_parent=lambda: self.run.tracking)
+        return self._train(student, records, recipe, val_records)
+
+    def score(self, student: Student, checkpoint: Path | None, records: list[dict[str, Any]]) -> np.ndarray:
+        """The scorer pool's scores of ``records`` (from ``checkpoint``, the student on disk)."""
+        if checkpoint is None or not records:
+            return super().score(student, checkpoint, records)
+        import ray.data
+
+        from actors.scoring import SCORE_COLUMN, score_dataset
+
+        rows = [{**{k: r.get(k) for k in self.run.task.field_names}, "_row": i} for i, r in enumerate(records)]
+        ds = score_dataset(ray.data.from_items(rows), self.run.cfg, str(checkpoint), self.run.task)
+        scores = np.full(len(records), np.nan)
+        for row in ds.iter_rows():
+            scores[int(row["_row"])] = float(row[SCORE_COLUMN])
+        return scores
+
+    def evaluate(self, student: Student, checkpoint: Path | None, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The student's metrics, computed by a Ray task with the scorers' resources."""
+        if not records:
+            return {}
+        res = self.run.cfg.resources
+        # The student travels through the object store as its weights, not as a file.
+        weights = ray.put({k: v.detach().cpu() for k, v in student.model.state_dict().items()})
+        src = self.run.run_dir / "tmp" / "eval-student"
+        if not (src / "config.json").is_file():
+            student.save(src)
+        task = _evaluate_remote.options(num_cpus=res.scorer_num_cpus, num_gpus=res.scorer_num_gpus)
+        return ray.get(task.remote(str(src), self.run.task, weights, records))
+
+
+@ray.remote
+def _evaluate_remote(student_dir: str, task: TaskSpec, weights: dict[str, Any], records: list[dict]) -> dict:
+    student = load_student(student_dir, task)
+    student.model.load_state_dict(weights)
+    return evaluate_student(student, task, records)
