@@ -195,8 +195,8 @@ def format_line(stage: str, info: dict[str, Any], tracker: ProgressTracker | Non
     if info.get("run"):  # several runs in one stream (gold-ray compare)
         head = f"{info['run']} {head}"
     keys = ("requested", "accepted", "rejected", "tokens_per_s", "samples_per_s", "records", "loss", "train_loss",
-            "accuracy", "macro_f1", "exact_match", "numeric_match", "holdout_accuracy", "holdout_exact_match",
-            "size", "seconds")
+            "chance_loss", "val_accuracy", "accuracy", "macro_f1", "exact_match", "numeric_match", "holdout_accuracy",
+            "holdout_exact_match", "synthetic_accuracy", "score_iqr", "recipe", "size", "seconds")
     parts = []
     for k in keys:
         v = info.get(k)
@@ -208,6 +208,8 @@ def format_line(stage: str, info: dict[str, Any], tracker: ProgressTracker | Non
         parts.append(f"scored_per_s={rate:.1f}")
     if info.get("rejected_by_reason"):
         parts.append(f"reasons={info['rejected_by_reason']}")
+    if info.get("near_chance"):
+        parts.append("WARNING: the student is near chance, so its feedback band is a random pick")
     if tracker is not None and not tracker.done:
         parts.append(f"eta_iteration={format_seconds(tracker.eta_iteration())} eta_run={format_seconds(tracker.eta_run())}")
     return f"{head} {' '.join(parts)}"
@@ -387,6 +389,10 @@ class LiveReporter(Reporter):
         reasons = self._reasons()
         if reasons:
             notes.append("rejected by reason: " + ", ".join(f"{k} {v}" for k, v in reasons))
+        near = [it + 1 for it, r in sorted(t.rows.items()) if r.get("train", {}).get("near_chance")]
+        if near:
+            lines.append(Text(f"WARNING: the student was near chance after iteration(s) {near}: its feedback band is "
+                              "a random pick", style="bold yellow"))
         if any(quality(r.get("probe", {})) and not quality(r.get("train", {})) for r in t.rows.values()):
             notes.append("* acc: accuracy on a synthetic hold-out (fresh probes; no real evaluation set)")
         lines.append(Text("\n".join(notes), style="dim"))

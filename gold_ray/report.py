@@ -391,9 +391,31 @@ def _task_label(run: RunData) -> str:
 
 def _final_rows(run: RunData) -> list[list[Any]]:
     final = run.metrics.get("final") or {}
-    keys = ("accuracy", "macro_f1", "exact_match", "numeric_match", "n", "records", "dropped_by_noise_filter",
-            "loss", "seconds")
-    return [[k, final[k]] for k in keys if k in final]
+    keys = ("accuracy", "macro_f1", "exact_match", "numeric_match", "synthetic_accuracy", "n", "records",
+            "val_records", "dropped_by_noise_filter", "loss", "recipe", "val_accuracy", "val_loss", "chance_loss",
+            "eval_source", "eval_note", "seconds")
+    rows = [[k, final[k]] for k in keys if k in final]
+    for trial in final.get("recipes") or []:
+        rows.append([f"candidate {trial.get('recipe')}",
+                     f"val_accuracy {trial.get('val_accuracy', '')} · epochs {trial.get('epochs', '')} · "
+                     f"best epoch {trial.get('best_epoch', '')} · loss {trial.get('loss', '')}"])
+    if "synthetic_accuracy" in final:
+        rows.append(["note", "synthetic_accuracy is on a held-out share of the generated data: not comparable "
+                             "with accuracy on real data"])
+    return rows
+
+
+def _learning_rows(run: RunData) -> list[list[Any]]:
+    """Per iteration: training loss against chance, synthetic validation accuracy, probe energy spread."""
+    rows = []
+    for i, m in enumerate(run.iterations):
+        train, probe = m.get("train") or {}, m.get("probe") or {}
+        if not train:
+            continue
+        rows.append([i + 1, train.get("loss", ""), train.get("chance_loss", ""), train.get("val_accuracy", ""),
+                     train.get("val_majority", ""), train.get("epochs", ""), train.get("steps", ""),
+                     probe.get("score_iqr", ""), "WARNING: near chance" if train.get("near_chance") else ""])
+    return rows
 
 
 def _iteration_rows(run: RunData) -> list[list[Any]]:
@@ -423,6 +445,15 @@ def render_report(run: RunData) -> str:
     if run.finished:
         parts.append(f'<p class="note">Load it from <code>{esc(run.run_dir / "student")}</code> '
                      "(see the README's \"Use the student\").</p>")
+
+    learning = _learning_rows(run)
+    if learning:
+        parts.append("<h2>Did the student learn?</h2>")
+        parts.append(_table(["iteration", "train loss", "chance (ln K)", "synthetic val acc", "val majority",
+                             "epochs", "steps", "probe energy IQR", ""], learning))
+        parts.append('<p class="note">A student whose loss stays near ln K, or whose accuracy on the synthetic '
+                     "validation split stays near its majority share, scores every probe alike: the feedback "
+                     "band it picks is then a random pick.</p>")
 
     metric, series, final = accuracy_series(run)
     fig, ax = grid_figure()

@@ -160,3 +160,24 @@ def test_iteration_eval_limit_bounds_only_the_per_iteration_evaluation(tmp_path,
     metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
     assert [m["train"]["n"] for m in metrics["iterations"]] == [6, 6]
     assert metrics["final"]["n"] == 20
+
+
+def test_the_student_trains_past_a_floor_and_the_final_recipe_is_chosen_on_a_synthetic_split(
+        tmp_path, student_dir, eval_file):
+    # Enough samples for a synthetic validation split (10 % of them, at least 16), default training.
+    cfg = tiny_run_config(tmp_path / "run", student_dir, f"task.eval_path={eval_file}", "budget.samples=240",
+                          "strategy.probe_fraction=0.25", "student.final_epochs=null", "student.max_epochs=4",
+                          "student.min_steps_per_iteration=20", "student.final_min_steps=20")
+    metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
+    it0, it1 = (m["train"] for m in metrics["iterations"])
+    # The floor: 20 steps of batches of 8, whatever the data (capped at 4 epochs).
+    assert it0["steps"] >= min(20, 4 * -(-it0["records"] // 8)) and it0["epochs"] >= 2
+    assert it0["chance_loss"] == pytest.approx(0.6931, abs=1e-4) and "near_chance" in it0
+    assert it1["val_records"] >= 16 and "val_accuracy" in it1 and it1["records"] + it1["val_records"] <= it1["available"]
+    assert "score_iqr" in metrics["iterations"][0]["probe"]
+    final = metrics["final"]
+    # GOLD's own loss (SCE) and CE were both trained; one was kept, and its metrics are the student's.
+    assert [t["recipe"].split("-")[0] for t in final["recipes"]] == ["sce", "ce"]
+    assert final["recipe"] in {t["recipe"] for t in final["recipes"]} and final["val_records"] >= 16
+    # Checkpoints only serve a resume: a finished run keeps one copy of the student.
+    assert not (tmp_path / "run" / "checkpoints").exists() and (tmp_path / "run" / "student").is_dir()
