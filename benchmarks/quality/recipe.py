@@ -63,12 +63,12 @@ def parse_recipe(name: str) -> dict:
 
 def run_recipe(cfg: RunConfig) -> dict | None:
     """The recipe the final stage of a run with config ``cfg`` used, as :func:`parse_recipe` names it
-    (None when it is none of them)."""
+    (None when it is none of them, or when the run chose it by early stopping)."""
     from gold_ray.strategies import build_strategy
 
     s = cfg.student
-    if not s.final_fresh or cfg.strategy.noise_filter_top > 0:
-        return None
+    if not s.final_fresh or cfg.strategy.noise_filter_top > 0 or s.final_epochs is None:
+        return None  # None epochs: the run chose its recipe itself, on its synthetic split
     loss, alpha, beta = build_strategy(cfg.strategy.name).final_loss_for(s)
     name = f"ce-e{s.final_epochs}" if loss == "ce" else f"sce-a{alpha:g}-b{beta:g}-e{s.final_epochs}"
     return parse_recipe(name)
