@@ -154,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed_from = int(saved.get("fit", {}).get("epoch", 0))
     if saved.get("finished"):
         # A finished job asked again: its result stands.
-        ray.train.report({**saved["result"], "workers": world}, checkpoint=None)
+        _report(rank, student, saved, None, None, None, {**saved["result"], "workers": world}, checkpoint=False)
         return
 
     rows = _ordered_rows(ray.train.get_dataset_shard("train"))
@@ -182,12 +182,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _report(rank: int, student: Student, state: dict[str, Any], optimizer: Any, scheduler: Any, best: Any,
-            metrics: dict[str, Any]) -> None:
+            metrics: dict[str, Any], checkpoint: bool = True) -> None:
     import ray.train
 
+    # Reported metrics are scalars; the curve travels in the checkpoint's state.
     metrics = {k: v for k, v in metrics.items() if not isinstance(v, list | dict)}
     with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
+        if rank == 0 and checkpoint:
             _save_checkpoint(Path(tmp), student, optimizer, scheduler, best, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
