@@ -41,18 +41,41 @@ RECIPES_GLOB = "*-recipes-n*.json"
 
 
 def machine() -> dict:
-    """The machine a result was measured on."""
+    """The machine a result was measured on, and the code's commit."""
+    import subprocess
+
     import torch
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
     return {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "commit": commit.stdout.strip() or None,
     }
 
 
-def run_teacher_fewshot(task: str, overrides: list[str], command: str, tag: str = "") -> dict:
+def task_overrides(task: str, runs_dir: str) -> list[str]:
+    """The ``--set`` items that select ``task``: a shipped task by name, or one of the benchmark's own.
+
+    The benchmark's own tasks (``tasks/<name>.yaml``, written from scratch as a newcomer would) get
+    their evaluation file prepared under ``<runs_dir>/data``, which becomes the run's ``task.data_dir``.
+    """
+    if str(HERE) not in sys.path:  # run.py is also loaded by path (the tests)
+        sys.path.insert(0, str(HERE))
+    from own_tasks import benchmark_tasks, prepare
+
+    own = benchmark_tasks()
+    if task not in own:
+        return [f"task.name={task}"]
+    data_dir = Path(runs_dir).absolute() / "data"
+    prepare(task, data_dir)
+    return [f"task.name={own[task]}", f"task.data_dir={data_dir}"]
+
+
+def run_teacher_fewshot(task: str, overrides: list[str], command: str, tag: str = "",
+                        runs_dir: str = "runs/quality") -> dict:
     """The teacher-as-classifier result of ``task``, computed once into ``results/<task>[-<tag>]-teacher-fewshot.json``.
 
     Args:
@@ -71,7 +94,7 @@ def run_teacher_fewshot(task: str, overrides: list[str], command: str, tag: str 
     out = RESULTS / (f"{task}-{tag}{FEWSHOT_SUFFIX}" if tag else f"{task}{FEWSHOT_SUFFIX}")
     if out.is_file():
         return json.loads(out.read_text())
-    cfg = load_config(None, [f"task.name={task}", "tracking.enabled=false", *overrides])
+    cfg = load_config(None, [*task_overrides(task, runs_dir), "tracking.enabled=false", *overrides])
     total = len(eval_records(cfg.model_copy(update={"task": cfg.task.model_copy(update={"eval_limit": None})}),
                              load_task(cfg.task.name)))
     t0 = time.time()
@@ -96,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from gold_ray.loop import distill_in_process
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--task", default="sst2")
+    p.add_argument("--task", default="sst2", help="a shipped task, or one of tasks/*.yaml (e.g. math_ops)")
     p.add_argument("--strategies", default="gold,zerogen", help="comma list; '' runs no distillation")
     p.add_argument("--seeds", default="0", help="comma list of seeds")
     p.add_argument("--samples", type=int, default=512)
@@ -112,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/quality/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.teacher_fewshot:
-        run_teacher_fewshot(args.task, args.set, command, args.tag)
+        run_teacher_fewshot(args.task, args.set, command, args.tag, args.runs_dir)
     strategies = parse_strategies(args.strategies) if args.strategies.strip() else []
     if args.runtime == "ray":
         from actors.driver import run_on_ray
@@ -129,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(json.loads(out.read_text()))
                 continue
             run_dir = Path(args.runs_dir) / name
-            cfg = load_config(None, [f"task.name={args.task}", f"strategy.name={strategy}", f"seed={seed}",
+            cfg = load_config(None, [*task_overrides(args.task, args.runs_dir), f"strategy.name={strategy}", f"seed={seed}",
                                      f"budget.samples={args.samples}", f"output.dir={run_dir}",
                                      "tracking.enabled=false", *args.set])
             t0 = time.time()
