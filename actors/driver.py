@@ -1,6 +1,6 @@
 """The driver actor: runs the distillation loop on Ray and owns the run state.
 
-:class:`DistillationDriver` is a named Ray actor that runs :class:`gold_ray.loop.Distiller` with
+:class:`DistillationDriver` is a named Ray actor that runs :class:`gold_ray.run.loop.Distiller` with
 :class:`actors.runtime.RayRuntime`: the teacher on Ray Serve, generation and probe scoring through
 Ray Data and a scorer actor pool, training on Ray Train, evaluation as a Ray task. The loop itself,
 its MLflow run included, is the same code as in process.
@@ -23,8 +23,8 @@ import ray
 
 from actors.connect import ensure_ray
 from gold_ray.config import RunConfig
-from gold_ray.loop import Distiller, EventFn
-from gold_ray.store import STATE_FILE
+from gold_ray.run.loop import Distiller, EventFn
+from gold_ray.run.store import STATE_FILE
 
 logger = logging.getLogger(__name__)
 

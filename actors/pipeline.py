@@ -16,7 +16,7 @@ such as a replica dying mid-request) are sent again, up to ``teacher.max_retries
 with exponential backoff, before they are written as errors.
 
 Near-duplicates are filtered on the driver after collection, in prompt order, with one
-:class:`~gold_ray.parsing.Deduplicator` (which the caller may seed with the hashes of earlier
+:class:`~gold_ray.teacher.parsing.Deduplicator` (which the caller may seed with the hashes of earlier
 iterations): a single pass over the whole iteration is the simplest way to be exact, and the
 deduplication itself is cheap next to generation. The price is that a duplicate may have been
 scored before it is rejected; its score is then cleared to NaN.
@@ -48,11 +48,11 @@ from actors.teacher import (
     prompt_from_dict,
     prompt_to_dict,
 )
-from gold_ray import store
 from gold_ray.config import RunConfig
-from gold_ray.labelling import read_answer
-from gold_ray.parsing import Deduplicator, parse_generation
-from gold_ray.tasks import TaskSpec
+from gold_ray.run import store
+from gold_ray.run.tasks import TaskSpec
+from gold_ray.teacher.labelling import read_answer
+from gold_ray.teacher.parsing import Deduplicator, parse_generation
 from gold_ray.types import Generation, Prompt, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -350,7 +350,7 @@ def generate_iteration(
             or the name of its Serve application.
         checkpoint_dir: Student checkpoint for energy scores; None leaves ``score`` NaN.
         out_path: Parquet file written atomically with every row, accepted and rejected, in the
-            :func:`gold_ray.store.record_schema` layout.
+            :func:`gold_ray.run.store.record_schema` layout.
         iteration: Iteration number, used in record ids.
         dedup: The run's deduplicator, updated in place; pass one built from earlier iterations'
             hashes to reject repeats across iterations. None starts an empty one.

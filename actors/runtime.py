@@ -1,7 +1,7 @@
 """The Ray runtime: the loop's stages on Ray Serve, Ray Data, a scorer actor pool and Ray Train.
 
-:class:`RayRuntime` implements :class:`gold_ray.runtime.Runtime`; the loop
-(:class:`gold_ray.loop.Distiller`) is the same object as in process. Where each step runs:
+:class:`RayRuntime` implements :class:`gold_ray.run.runtime.Runtime`; the loop
+(:class:`gold_ray.run.loop.Distiller`) is the same object as in process. Where each step runs:
 
 - ``produce``: prompt rows stream through :func:`actors.pipeline.generate_iteration` (the teacher's
   Serve deployment, parsing in the caller, probes scored by the energy-scorer pool);
@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import ray
 
-from gold_ray.evaluation import evaluate_student
-from gold_ray.parsing import Deduplicator
-from gold_ray.runtime import Runtime
-from gold_ray.store import read_parts
-from gold_ray.student import Student, load_student
-from gold_ray.tasks import TaskSpec
-from gold_ray.training import Recipe
+from gold_ray.run.runtime import Runtime
+from gold_ray.run.store import read_parts
+from gold_ray.run.tasks import TaskSpec
+from gold_ray.student.evaluation import evaluate_student
+from gold_ray.student.model import Student, load_student
+from gold_ray.student.training import Recipe
+from gold_ray.teacher.parsing import Deduplicator
 from gold_ray.types import Prompt
 
 logger = logging.getLogger(__name__)

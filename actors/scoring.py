@@ -18,7 +18,7 @@ import numpy as np
 import ray
 
 from gold_ray.config import RunConfig
-from gold_ray.tasks import TaskSpec, load_task
+from gold_ray.run.tasks import TaskSpec, load_task
 
 SCORE_COLUMN = "score"
 """Column the scorer writes (float64; NaN for rows that were not scored)."""
@@ -81,7 +81,7 @@ class EnergyScorer:
         mode: str = "masked",
     ):
         # Imported here so that building a pipeline on the driver does not load torch.
-        from gold_ray.student import load_student
+        from gold_ray.student.model import load_student
 
         self.task = (
             task_name_or_path if isinstance(task_name_or_path, TaskSpec) else load_task(task_name_or_path)

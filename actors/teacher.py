@@ -46,7 +46,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gold_ray.config import RunConfig, TeacherConfig
-from gold_ray.labelling import answer_prompts
+from gold_ray.teacher.labelling import answer_prompts
 from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ class ConfigEngineFactory:
     def __call__(self) -> TeacherEngine:
         """Resolve the model reference and build the engine."""
         # Imported here: the engines pull in torch/transformers, which only replicas need.
-        from gold_ray.engines import build_engine
         from gold_ray.models import resolve_model
+        from gold_ray.teacher.engines import build_engine
 
         path = self.model_path
         if path is None:

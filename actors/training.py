@@ -3,7 +3,7 @@
 :func:`train_student_on_ray` runs one training job with ``ray.train.torch.TorchTrainer``;
 :func:`make_ray_train_fn` adapts it to the runtime's ``train`` step (:mod:`actors.runtime`).
 
-Each worker runs :func:`gold_ray.training.fit`, the same loop as the in-process runtime, with its
+Each worker runs :func:`gold_ray.student.training.fit`, the same loop as the in-process runtime, with its
 DDP-wrapped model and its rank: every worker holds all rows, draws the same batch order and takes
 its own slice of each *global* batch, so the result does not depend on the worker count. Why not a
 Ray Data split: ``streaming_split`` hands blocks to whichever worker asks first, so which rows a
@@ -45,16 +45,16 @@ from typing import Any
 import torch
 
 from gold_ray.config import RunConfig, StudentConfig
-from gold_ray.faults import fault_point
-from gold_ray.losses import loss_fn
-from gold_ray.student import Student, build_student, load_student
-from gold_ray.tasks import load_task
-from gold_ray.training import FitState, Recipe, fit
+from gold_ray.run.faults import fault_point
+from gold_ray.run.tasks import load_task
+from gold_ray.student.losses import loss_fn
+from gold_ray.student.model import Student, build_student, load_student
+from gold_ray.student.training import FitState, Recipe, fit
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
-"""In each checkpoint: the loop's :class:`~gold_ray.training.FitState`, ``resumed_from_epoch`` and
+"""In each checkpoint: the loop's :class:`~gold_ray.student.training.FitState`, ``resumed_from_epoch`` and
 ``finished``."""
 
 OPTIM_FILE = "optimizer.pt"
@@ -196,7 +196,7 @@ def _report(rank: int, student: Student, state: dict[str, Any], optimizer: Any, 
 
 
 def _log_epoch(run: dict[str, str], steps: list[tuple[int, float, float]], state: FitState) -> None:
-    from gold_ray.tracking import log_metric_rows
+    from gold_ray.reporting.tracking import log_metric_rows
 
     rows: list[tuple[int, dict[str, Any]]] = [
         (step, {"train.step_loss": loss, "train.lr": lr}) for step, loss, lr in steps
@@ -238,7 +238,7 @@ def train_student_on_ray(
         task_name: Task name or task YAML path.
         records: Training records (task input fields and target).
         cfg: The run config: ``resources`` (workers, CPUs, GPU) and ``seed``.
-        recipe: How to train (:class:`~gold_ray.training.Recipe`).
+        recipe: How to train (:class:`~gold_ray.student.training.Recipe`).
         val_records: Synthetic validation records (early stopping and the best epoch).
         out_dir: Where the trained student is written (replaced if present).
         storage_path: Ray Train storage (checkpoints), a local folder or URI.
@@ -246,7 +246,7 @@ def train_student_on_ray(
         mlflow_parent: ``{"tracking_uri", "run_id"}``: log training into a nested child run.
 
     Returns:
-        What :func:`gold_ray.training.fit` returns, plus ``seconds``, ``workers`` and
+        What :func:`gold_ray.student.training.fit` returns, plus ``seconds``, ``workers`` and
         ``resumed_from_epoch``; loss NaN when there was nothing to train on.
 
     Raises:
@@ -273,7 +273,7 @@ def train_student_on_ray(
 
     child_run = None
     if mlflow_parent:
-        from gold_ray.tracking import start_child_run
+        from gold_ray.reporting.tracking import start_child_run
 
         child_run = {
             "tracking_uri": mlflow_parent["tracking_uri"],
@@ -321,7 +321,7 @@ def train_student_on_ray(
         status = "FINISHED"
     finally:
         if child_run is not None:
-            from gold_ray.tracking import end_child_run
+            from gold_ray.reporting.tracking import end_child_run
 
             end_child_run(child_run["tracking_uri"], child_run["run_id"], status)
     return {**state["result"], "seconds": time.perf_counter() - start, "workers": res.train_workers,

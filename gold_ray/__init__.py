@@ -36,14 +36,14 @@ def distill(
         overrides: ``section.key=value`` overrides, as ``--set`` takes them (a path or name only).
         local: Run the reference loop in this process instead of on Ray.
         resume: Continue the run committed in ``cfg.output.dir``.
-        progress: ``auto``, ``live``, ``plain``, ``json`` or ``quiet`` (see :mod:`gold_ray.progress`).
+        progress: ``auto``, ``live``, ``plain``, ``json`` or ``quiet`` (see :mod:`gold_ray.reporting.progress`).
         on_event: Also called with ``(stage, info)`` after every stage.
 
     Returns:
         The run metrics (``metrics.json``): per iteration, totals and ``final``.
     """
-    from gold_ray.progress import progress as open_progress
-    from gold_ray.training import final_work_ratio
+    from gold_ray.reporting.progress import progress as open_progress
+    from gold_ray.student.training import final_work_ratio
 
     if not isinstance(cfg, RunConfig):
         from gold_ray.cli import config_path
@@ -61,7 +61,7 @@ def distill(
                 on_event(stage, info)
 
         if local:
-            from gold_ray.loop import distill_in_process
+            from gold_ray.run.loop import distill_in_process
 
             return distill_in_process(cfg, resume=resume, on_event=events)
         # Imported lazily: the library itself never imports Ray.

@@ -33,7 +33,7 @@ from pathlib import Path
 from gold_ray.config import RunConfig
 from gold_ray.entry import SHIPPED_CONFIG_DIR, config_path, load_run_config, report_failure, summary_text
 from gold_ray.errors import InputError
-from gold_ray.tasks import TaskFileError, load_task, shipped_tasks
+from gold_ray.run.tasks import TaskFileError, load_task, shipped_tasks
 
 # SHIPPED_CONFIG_DIR and config_path live in gold_ray.entry; callers that import them from the CLI
 # (gold_ray.distill, the benchmarks, tests) keep working.
@@ -52,8 +52,8 @@ def _note_run_dir(args: argparse.Namespace, run_dir: str | Path) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Run a distillation (on Ray unless --local), showing its progress, and print where its outputs are."""
-    from gold_ray.progress import progress
-    from gold_ray.training import final_work_ratio
+    from gold_ray.reporting.progress import progress
+    from gold_ray.student.training import final_work_ratio
 
     cfg = _load(args)
     _note_run_dir(args, cfg.output.dir)
@@ -67,7 +67,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                   f"{where} into {cfg.output.dir}",
                          task=cfg.task.name, strategy=cfg.strategy.name, local=args.local, run_dir=cfg.output.dir)
         if args.local:
-            from gold_ray.loop import distill_in_process
+            from gold_ray.run.loop import distill_in_process
 
             metrics = distill_in_process(cfg, resume=args.resume, on_event=reporter)
         else:
@@ -87,9 +87,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run every strategy x seed at the same budget and write the comparison table and plot."""
-    from gold_ray.compare import available_strategies, compare, parse_seeds, parse_strategies
-    from gold_ray.loop import distill_in_process
-    from gold_ray.progress import progress
+    from gold_ray.reporting.progress import progress
+    from gold_ray.run.compare import available_strategies, compare, parse_seeds, parse_strategies
+    from gold_ray.run.loop import distill_in_process
 
     cfg = _load(args)
     strategies = parse_strategies(args.strategies or ",".join(available_strategies()))
@@ -122,7 +122,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild a run's report.html, or write a page comparing two runs."""
-    from gold_ray.report import write_comparison, write_report
+    from gold_ray.reporting.report import write_comparison, write_report
 
     if len(args.runs) == 1:
         path = write_report(args.runs[0], out=args.out)
@@ -137,7 +137,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict with a run's final student; one JSON line per input (prediction and probabilities)."""
-    from gold_ray.predict import load_run_student, predict_to_jsonl, read_inputs, text_record
+    from gold_ray.student.predict import load_run_student, predict_to_jsonl, read_inputs, text_record
 
     if bool(args.texts) == bool(args.file):
         raise InputError("gold-ray predict: give either texts or --file FILE.jsonl (not both)")

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gold_ray.errors import UserError
-from gold_ray.tasks import format_validation_error
+from gold_ray.run.tasks import format_validation_error
 
 
 class _Section(BaseModel):

@@ -101,7 +101,7 @@ def load_run_config(
 
 def print_event(stage: str, info: dict[str, Any]) -> None:
     """Print one line for a finished stage (the plain progress view, for job logs)."""
-    from gold_ray.progress import format_line
+    from gold_ray.reporting.progress import format_line
 
     print(format_line(stage, info), flush=True)
 

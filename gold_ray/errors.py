@@ -6,7 +6,7 @@ file, a model reference, a run directory, a command-line argument) is a :class:`
 and exit 2; any other exception is a bug: exit 1, with its traceback kept.
 
 The concrete errors live beside the code that raises them (``ConfigError`` in
-:mod:`gold_ray.config`, ``TaskFileError`` in :mod:`gold_ray.tasks`, ...) and also derive from
+:mod:`gold_ray.config`, ``TaskFileError`` in :mod:`gold_ray.run.tasks`, ...) and also derive from
 the builtin they replaced (``ValueError``, ``RuntimeError``, ``FileNotFoundError``), so callers
 that catch the builtin keep working. This module imports nothing, so any module can use it.
 """

@@ -96,7 +96,7 @@ class Generation:
         output_tokens: Tokens generated.
         error: None on success, otherwise why the call failed (the row is kept, never dropped).
         option_logprobs: For a ``classify`` prompt answered by scoring its options
-            (``Prompt.meta["options"]``, see :mod:`gold_ray.labelling`): the log-probability of
+            (``Prompt.meta["options"]``, see :mod:`gold_ray.teacher.labelling`): the log-probability of
             each option, in order; None for generated answers.
         prompt_tokens: Tokens of the rendered prompt the model read (chat template, prefill and
             BOS included); 0 where the engine does not count them.

@@ -29,10 +29,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gold_ray import store
 from gold_ray.config import ConfigError, RunConfig
 from gold_ray.entry import config_path, load_run_config, print_event, report_failure, summary_text
-from gold_ray.loop import identity_changes
+from gold_ray.run import store
+from gold_ray.run.loop import identity_changes
 
 CONFIG_TEXT_ENV = "GOLD_RAY_CONFIG_YAML"
 """Environment variable that carries a submitted config's YAML text (``--config env:...``)."""

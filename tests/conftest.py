@@ -26,7 +26,7 @@ FAST_SERVE_METRICS = {
 for _key, _value in FAST_SERVE_METRICS.items():
     os.environ.setdefault(_key, _value)
 
-# The one fault-injection mechanism (gold_ray.faults): every process of the suite, Ray workers
+# The one fault-injection mechanism (gold_ray.run.faults): every process of the suite, Ray workers
 # included, calls tests/faults/hooks.py at each fault point; a test plans its faults there.
 FAULT_HOOK = {
     "GOLD_RAY_FAULT_HOOK": "tests.faults.hooks:dispatch",

@@ -5,12 +5,12 @@ import json
 import pytest
 
 import gold_ray
-import gold_ray.engines
-import gold_ray.loop
+import gold_ray.run.loop
+import gold_ray.teacher.engines
 from gold_ray import RunConfig, distill
 from gold_ray.cli import main
 from gold_ray.config import load_config
-from gold_ray.loop import STAGES
+from gold_ray.run.loop import STAGES
 from gold_ray.testing import FakeTeacherEngine, save_tiny_chat_lm, save_tiny_classifier
 
 
@@ -36,7 +36,7 @@ def comparable(metrics: dict) -> dict:
 def test_api_runs_what_the_cli_runs(setup, monkeypatch, capsys):
     root, overrides = setup
     # The teacher's answers come from the fake engine (the models and everything else are real).
-    monkeypatch.setattr(gold_ray.engines, "build_engine", lambda *a, **k: FakeTeacherEngine())
+    monkeypatch.setattr(gold_ray.teacher.engines, "build_engine", lambda *a, **k: FakeTeacherEngine())
     sets = [arg for o in overrides for arg in ("--set", o)]
     assert main(["distill", "tiny", "--local", "--output", str(root / "cli"), *sets]) == 0
     cli_lines = capsys.readouterr().out.splitlines()
@@ -64,7 +64,7 @@ def test_a_config_name_with_overrides_resolves_like_the_cli(setup, monkeypatch):
         seen.update(cfg=cfg, resume=resume)
         return {"final": {}}
 
-    monkeypatch.setattr(gold_ray.loop, "distill_in_process", capture)
+    monkeypatch.setattr(gold_ray.run.loop, "distill_in_process", capture)
     distill("tiny", overrides=[*overrides, "output.dir=runs/x"], local=True, resume=True, progress="quiet")
     expected = load_config(gold_ray.cli.config_path("tiny"), [*overrides, "output.dir=runs/x"])
     assert seen["cfg"] == expected and seen["resume"] is True
@@ -77,7 +77,7 @@ def test_local_distill_is_an_mlflow_run_that_a_resume_continues(setup, monkeypat
     from mlflow.tracking import MlflowClient
 
     root, overrides = setup
-    monkeypatch.setattr(gold_ray.engines, "build_engine", lambda *a, **k: FakeTeacherEngine())
+    monkeypatch.setattr(gold_ray.teacher.engines, "build_engine", lambda *a, **k: FakeTeacherEngine())
     tracked = [o for o in overrides if o != "tracking.enabled=false"]
     cfg = load_config(gold_ray.cli.config_path("tiny"), [*tracked, f"output.dir={root / 'tracked'}"])
     assert cfg.tracking.enabled

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import gold_ray.loop
+import gold_ray.run.loop
 from gold_ray.cli import main
 from gold_ray.config import RunConfig
-from gold_ray.tasks import SHIPPED_TASK_DIR
+from gold_ray.run.tasks import SHIPPED_TASK_DIR
 
 INTERNAL = "gold-ray: internal error (this is a bug; please report it):"
 
@@ -25,7 +25,7 @@ def distill(run: Path, *args: str) -> list[str]:
 
 
 def test_an_internal_error_exits_1_and_writes_its_traceback_to_the_run_log(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(gold_ray.loop, "build_strategy", _broken_strategy_table)
+    monkeypatch.setattr(gold_ray.run.loop, "build_strategy", _broken_strategy_table)
     run = tmp_path / "run"
     assert main(distill(run)) == 1
     err = capsys.readouterr().err
@@ -40,7 +40,7 @@ def test_an_internal_error_exits_1_and_writes_its_traceback_to_the_run_log(tmp_p
 
 @pytest.mark.parametrize("where", ["before the command", "after the command"])
 def test_debug_prints_the_traceback_of_an_internal_error(tmp_path, monkeypatch, capsys, where):
-    monkeypatch.setattr(gold_ray.loop, "build_strategy", _broken_strategy_table)
+    monkeypatch.setattr(gold_ray.run.loop, "build_strategy", _broken_strategy_table)
     args = distill(tmp_path / "run")
     args = ["--debug", *args] if where == "before the command" else [*args, "--debug"]
     assert main(args) == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gold_ray.config import load_config
-from gold_ray.loop import Distiller
+from gold_ray.run.loop import Distiller
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,8 @@ needs_data = pytest.mark.skipif(not os.environ.get("GOLD_RAY_DATA"), reason="GOL
 def test_real_models_in_process(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from gold_ray.engines import build_engine
     from gold_ray.models import resolve_model
+    from gold_ray.teacher.engines import build_engine
 
     cfg = load_config(None, ["task.name=sst2", "task.eval_limit=200", "budget.samples=24", "strategy.iterations=2",
                              "strategy.probe_fraction=0.5", "student.final_epochs=1", "teacher.batch_size=32",

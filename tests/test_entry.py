@@ -12,11 +12,11 @@ import pytest
 from gold_ray import entry
 from gold_ray.config import ConfigError
 from gold_ray.errors import InputError, MissingFileError, UserError
-from gold_ray.loop import RunDirError, TooManyRejectsError
 from gold_ray.models import ModelResolutionError
-from gold_ray.rundir import RunReadError
-from gold_ray.store import StateFileError
-from gold_ray.tasks import TaskFileError
+from gold_ray.run.loop import RunDirError, TooManyRejectsError
+from gold_ray.run.rundir import RunReadError
+from gold_ray.run.store import StateFileError
+from gold_ray.run.tasks import TaskFileError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gold_ray.tasks import shipped_tasks
+from gold_ray.run.tasks import shipped_tasks
 
 pytestmark = pytest.mark.slow
 

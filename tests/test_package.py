@@ -21,7 +21,7 @@ def test_library_modules_import_no_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", f"gold_ray must not import ray: {out.stdout[:300]}"
-    assert "gold_ray.loop" in modules and "gold_ray.strategies.gold" in modules
+    assert "gold_ray.run.loop" in modules and "gold_ray.strategies.gold" in modules
 
 
 def test_ci_runs_the_readme_test_command():

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from gold_ray.config import load_config
-from gold_ray.evaluation import evaluate_student, load_eval_records
-from gold_ray.loop import Distiller
-from gold_ray.store import read_parts
-from gold_ray.student import load_student
-from gold_ray.tasks import load_task
+from gold_ray.run.loop import Distiller
+from gold_ray.run.store import read_parts
+from gold_ray.run.tasks import load_task
+from gold_ray.student.evaluation import evaluate_student, load_eval_records
+from gold_ray.student.model import load_student
 from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
@@ -105,7 +105,7 @@ def test_sweep_scores_the_run_own_student_retrains_the_rest_and_resumes(recipe, 
     assert f"**{best['recipe']}**" in (tmp_path / "results" / "sst2-recipes-n24.md").read_text()
 
     # Finished pairs are never retrained: a second invocation only re-reads the file.
-    monkeypatch.setattr("gold_ray.student.build_student", lambda *a, **k: pytest.fail("retrained a finished pair"))
+    monkeypatch.setattr("gold_ray.student.model.build_student", lambda *a, **k: pytest.fail("retrained a finished pair"))
     assert recipe.main(argv) == 0
     assert json.loads((tmp_path / "results" / "sst2-recipes-n24.json").read_text())["rows"] == report["rows"]
     with pytest.raises(SystemExit):

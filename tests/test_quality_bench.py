@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import gold_ray.compare
+import gold_ray.run.compare
 from gold_ray.testing import FakeTeacherEngine
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
@@ -77,8 +77,8 @@ def test_teacher_fewshot_step_writes_its_file_once(bench, tmp_path, monkeypatch)
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps({"text": f"sample {i} reads as {lab}", "label": lab}) + "\n"
                                  for i, lab in enumerate(["positive", "negative"] * 10)))
-    real = gold_ray.compare.teacher_fewshot
-    monkeypatch.setattr(gold_ray.compare, "teacher_fewshot", functools.partial(real, engine=FakeTeacherEngine()))
+    real = gold_ray.run.compare.teacher_fewshot
+    monkeypatch.setattr(gold_ray.run.compare, "teacher_fewshot", functools.partial(real, engine=FakeTeacherEngine()))
     sets = ["--set", f"task.eval_path={eval_file}", "--set", "task.eval_limit=8", "--set", "teacher.prompt_style=chat"]
     assert bench.main(["--task", "sst2", "--strategies", "", "--teacher-fewshot", *sets]) == 0
     path = bench.RESULTS / "sst2-teacher-fewshot.json"
@@ -87,12 +87,12 @@ def test_teacher_fewshot_step_writes_its_file_once(bench, tmp_path, monkeypatch)
     assert "seeded random subset (seed 0) of 8 of 20" in row["subset"] and "--teacher-fewshot" in row["command"]
     assert json.loads((bench.RESULTS / "summary.json").read_text())["teacher_fewshot"] == {"sst2": 1.0}
     before = path.read_bytes()
-    monkeypatch.setattr(gold_ray.compare, "teacher_fewshot", None)  # a second evaluation would fail
+    monkeypatch.setattr(gold_ray.run.compare, "teacher_fewshot", None)  # a second evaluation would fail
     assert bench.main(["--task", "sst2", "--strategies", "", "--teacher-fewshot", *sets]) == 0
     assert path.read_bytes() == before
 
     # Another teacher is a variant: its own file, kept out of the benchmark's teacher row.
-    monkeypatch.setattr(gold_ray.compare, "teacher_fewshot", functools.partial(real, engine=FakeTeacherEngine()))
+    monkeypatch.setattr(gold_ray.run.compare, "teacher_fewshot", functools.partial(real, engine=FakeTeacherEngine()))
     assert bench.main(["--task", "sst2", "--strategies", "", "--teacher-fewshot", "--tag", "other", *sets]) == 0
     assert json.loads((bench.RESULTS / "sst2-other-teacher-fewshot.json").read_text())["tag"] == "other"
     summary = json.loads((bench.RESULTS / "summary.json").read_text())

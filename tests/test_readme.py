@@ -27,14 +27,14 @@ COVERAGE: list[tuple[str, list[tuple[str, str]]]] = [
     (r"make demo", [("tests/test_e2e.py", "def test_readme_demo_on_ray_reduced")]),
     (r"make test", [(".ci/run", "make test"), ("tests/test_package.py", "def test_ci_runs_the_readme_test_command")]),
     (r"make (test-fast|lint)", [("tests/test_readme.py", "def test_makefile_targets_of_the_readme")]),
-    (r"make test-vllm", [(".ci/run", "make test-vllm"), ("Makefile", "tests/test_vllm_engine.py")]),
+    (r"make test-vllm", [(".ci/run", "make test-vllm"), ("Makefile", "tests/teacher/test_vllm_engine.py")]),
     (r"make test-gpu", [("Makefile", "pytest -m gpu tests/gpu"),
                         ("tests/gpu/test_cuda.py", "def test_a_whole_run_uses_the_gpu_and_its_student_loads_on_cpu")]),
     (r"\.venv/bin/gold-ray report \S+( \S+)?",
-     [("tests/test_report.py", "def test_cli_rebuilds_a_report_and_compares_two_runs")]),
-    (r'\.venv/bin/gold-ray predict runs/demo ".+"', [("tests/test_predict.py", "def test_predict_texts")]),
+     [("tests/reporting/test_report.py", "def test_cli_rebuilds_a_report_and_compares_two_runs")]),
+    (r'\.venv/bin/gold-ray predict runs/demo ".+"', [("tests/student/test_predict.py", "def test_predict_texts")]),
     (r"\.venv/bin/gold-ray predict \S+ --file \S+ --output \S+",
-     [("tests/test_predict.py", "def test_predict_file_keeps_the_input_and_writes_the_output_file")]),
+     [("tests/student/test_predict.py", "def test_predict_file_keeps_the_input_and_writes_the_output_file")]),
     # The "Distill your own task" block runs as written (tiny models added) in the newcomer test.
     (r"\.venv/bin/gold-ray (tasks validate|config show demo|distill demo|predict runs/mine) .+",
      [("tests/test_newcomer.py", "def test_a_newcomer_distills_their_own_task_by_the_readme")]),
@@ -147,7 +147,7 @@ def test_mlflow_ui_command(tmp_path, monkeypatch):
     import json
 
     from gold_ray.config import load_config
-    from gold_ray.tracking import build_tracker
+    from gold_ray.reporting.tracking import build_tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "runs" / "demo"

@@ -393,8 +393,8 @@ def gold_iteration_prompts(cfg: Any, n: int, *, prompt_style: str = "chat", feed
 
     import numpy as np
 
+    from gold_ray.run.tasks import load_task
     from gold_ray.strategies import StrategyContext, build_strategy
-    from gold_ray.tasks import load_task
 
     task = load_task(cfg.task.name)
     gold_cfg = cfg.model_copy(update={"strategy": cfg.strategy.model_copy(update={"name": "gold"})})

@@ -120,11 +120,11 @@ def iteration_summary(rows: list[dict[str, Any]], walls: dict[str, dict[str, flo
 
 def remeasure(run_dir: Path, cfg: Any) -> dict[str, Any]:
     """Time parsing, probe scoring and final evaluation again on the run's data and final student."""
-    from gold_ray import store
-    from gold_ray.evaluation import evaluate_student, load_eval_records
-    from gold_ray.parsing import parse_generation
-    from gold_ray.student import load_student
-    from gold_ray.tasks import load_task, resolve_data_path
+    from gold_ray.run import store
+    from gold_ray.run.tasks import load_task, resolve_data_path
+    from gold_ray.student.evaluation import evaluate_student, load_eval_records
+    from gold_ray.student.model import load_student
+    from gold_ray.teacher.parsing import parse_generation
     from gold_ray.types import Prompt
 
     task = load_task(cfg.task.name)

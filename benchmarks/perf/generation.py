@@ -5,7 +5,7 @@
     python -m benchmarks.perf.generation [--quick] [--samples 256] [--repeats 3] [--device cpu]
         [--variants reference,hf,vllm,pipeline] [--config demo] [--set teacher.model=...] [--out DIR]
 
-Same model, same prompts (one GOLD iteration of SST-2 prompts rendered by ``gold_ray.prompts``:
+Same model, same prompts (one GOLD iteration of SST-2 prompts rendered by ``gold_ray.teacher.prompts``:
 training prompts, then probe prompts), same machine, one run:
 
 (a) ``reference``: the GOLD authors' way: a transformers ``text-generation`` pipeline called once
@@ -13,8 +13,8 @@ training prompts, then probe prompts), same machine, one run:
     model's generation config applies). Their ``max_length=4000`` is replaced by our
     ``max_new_tokens`` so every variant has the same output cap (``--reference-max-length 4000``
     restores theirs).
-(b) ``hf``: :class:`gold_ray.engines.HFEngine` called directly with the config's settings.
-(c) ``vllm``: :class:`gold_ray.engines.VLLMEngine` called directly; skipped, with the reason
+(b) ``hf``: :class:`gold_ray.teacher.engines.HFEngine` called directly with the config's settings.
+(c) ``vllm``: :class:`gold_ray.teacher.engines.VLLMEngine` called directly; skipped, with the reason
     recorded, when vLLM does not import.
 (d) ``pipeline``: :func:`actors.pipeline.generate_iteration` on a private local Ray: the teacher
     as a Serve deployment (the config's engine), one ``TeacherCaller`` actor (one Serve call per
@@ -160,13 +160,13 @@ def _direct(engine: Any, params: Any) -> RunFn:
 
 
 def generate_engine(model_path: str, **kwargs: Any) -> Any:
-    """An :class:`~gold_ray.engines.HFEngine` whose batches go through transformers' ``generate``,
-    as the engine did before :mod:`gold_ray.decoding` (full-vocabulary top-p sort and finished
+    """An :class:`~gold_ray.teacher.engines.HFEngine` whose batches go through transformers' ``generate``,
+    as the engine did before :mod:`gold_ray.teacher.decoding` (full-vocabulary top-p sort and finished
     rows kept in the batch): the baseline the decode loop is measured against."""
     import torch
 
-    from gold_ray.decoding import left_padded
-    from gold_ray.engines import HFEngine, truncate_at_stop
+    from gold_ray.teacher.decoding import left_padded
+    from gold_ray.teacher.engines import HFEngine, truncate_at_stop
     from gold_ray.types import Generation
 
     class GenerateEngine(HFEngine):
@@ -205,7 +205,7 @@ def reference_runner(model_path: str, dtype: str, device: str, max_new_tokens: i
     import transformers
     from transformers import pipeline
 
-    from gold_ray.engines import render_prompt_text, resolve_dtype
+    from gold_ray.teacher.engines import render_prompt_text, resolve_dtype
     from gold_ray.types import Generation
 
     transformers.logging.set_verbosity_error()  # one "max_length and max_new_tokens" warning per sample
@@ -245,7 +245,7 @@ def time_variant(run: RunFn, prompts: list[Any], repeats: int, task: Any, warmup
     Accepted share (parse and dedup, untimed) is recorded per repeat, so a variant that writes
     more unusable samples shows it.
     """
-    from gold_ray.parsing import Deduplicator, parse_batch
+    from gold_ray.teacher.parsing import Deduplicator, parse_batch
 
     if warmup:
         run(prompts[:warmup])
@@ -274,7 +274,7 @@ def pipeline_runner(cfg: Any, task: Any, workdir: Path, score: bool, ray_cpus: i
 
     from actors.pipeline import generate_iteration
     from actors.teacher import start_teacher
-    from gold_ray.parsing import Deduplicator
+    from gold_ray.teacher.parsing import Deduplicator
 
     start_local_ray(ray_cpus)
     app = "perf-teacher"
@@ -283,7 +283,7 @@ def pipeline_runner(cfg: Any, task: Any, workdir: Path, score: bool, ray_cpus: i
     ckpt = None
     if score:
         from gold_ray.models import resolve_model
-        from gold_ray.student import build_student
+        from gold_ray.student.model import build_student
 
         ckpt = workdir / "student-ckpt"
         build_student(task, cfg.student, resolve_model(cfg.student.model), device="cpu").save(ckpt)
@@ -324,9 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from actors.teacher import default_sampling
-    from gold_ray.engines import HFEngine, VLLMEngine, prompt_token_ids
     from gold_ray.models import resolve_model
-    from gold_ray.tasks import load_task
+    from gold_ray.run.tasks import load_task
+    from gold_ray.teacher.engines import HFEngine, VLLMEngine, prompt_token_ids
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)

@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from actors.pipeline import generate_iteration
     from actors.teacher import start_teacher
     from gold_ray.models import resolve_model
-    from gold_ray.parsing import Deduplicator
-    from gold_ray.tasks import load_task
+    from gold_ray.run.tasks import load_task
+    from gold_ray.teacher.parsing import Deduplicator
     from gold_ray.testing import LatencyBoundEngine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="perf-scale-") as tmp:
         ckpt = None
         if args.score:
-            from gold_ray.student import build_student
+            from gold_ray.student.model import build_student
 
             ckpt = Path(tmp) / "student"
             build_student(task, cfg0.student, resolve_model(cfg0.student.model), device="cpu").save(ckpt)

@@ -59,7 +59,7 @@ def scoring_records(task: Any, n: int, data_dir: str | None = None) -> tuple[lis
     Returns:
         The records and a description of where they came from.
     """
-    from gold_ray.evaluation import load_eval_records
+    from gold_ray.student.evaluation import load_eval_records
 
     base, source = [], "seed demos"
     try:
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from gold_ray.models import resolve_model
-    from gold_ray.student import build_student, load_student
-    from gold_ray.tasks import load_task
+    from gold_ray.run.tasks import load_task
+    from gold_ray.student.model import build_student, load_student
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)

@@ -38,7 +38,7 @@ def _mean_chars(records: list[dict], key: str) -> float | None:
 
 def run_rows(run_dir: Path, text_key: str) -> list[dict]:
     """One diagnostics row per committed iteration of the run in ``run_dir``."""
-    from gold_ray.store import read_parts
+    from gold_ray.run.store import read_parts
 
     metrics_file = run_dir / "metrics.json"
     if not metrics_file.is_file():
@@ -75,9 +75,9 @@ def _fmt(value, digits: int = 3) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Write the diagnostics of every run folder of ``--task`` at ``--samples``."""
-    from gold_ray.compare import eval_records, markdown_table
     from gold_ray.config import load_config
-    from gold_ray.tasks import load_task
+    from gold_ray.run.compare import eval_records, markdown_table
+    from gold_ray.run.tasks import load_task
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="sst2")

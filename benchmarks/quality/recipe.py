@@ -108,7 +108,7 @@ def choose(rows: list[dict], recipes: list[str], runs: list[str] | None = None) 
 
 def render(task: str, samples: int, summary: dict, rows: list[dict], val_path: str) -> str:
     """The Markdown report of a sweep."""
-    from gold_ray.compare import markdown_table
+    from gold_ray.run.compare import markdown_table
 
     lines = [f"# Final-training recipe on {task} ({samples} teacher samples per run)", "",
              f"Chosen on validation (`{val_path}`, real labelled examples, not the test set): "
@@ -133,14 +133,14 @@ def render(task: str, samples: int, summary: dict, rows: list[dict], val_path: s
 
 def main(argv: list[str] | None = None) -> int:
     """Retrain and score every (run, recipe) pair not yet in the results file, then choose."""
-    from gold_ray.compare import eval_records
     from gold_ray.config import load_config
-    from gold_ray.evaluation import evaluate_student, load_eval_records
-    from gold_ray.loop import TRAINING_PARTS
     from gold_ray.models import resolve_model
-    from gold_ray.store import load_state, read_parts
-    from gold_ray.student import build_student, load_student
-    from gold_ray.tasks import load_task, resolve_data_path
+    from gold_ray.run.compare import eval_records
+    from gold_ray.run.loop import TRAINING_PARTS
+    from gold_ray.run.store import load_state, read_parts
+    from gold_ray.run.tasks import load_task, resolve_data_path
+    from gold_ray.student.evaluation import evaluate_student, load_eval_records
+    from gold_ray.student.model import build_student, load_student
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="sst2")

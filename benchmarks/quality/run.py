@@ -19,7 +19,7 @@ seeded random subset of N examples (the file records ``n`` and the full size).
 
 Every invocation rewrites ``results/summary.json`` and ``summary.md`` from all result files
 (:func:`write_summary`). Running, resuming, the teacher row and the statistics come from
-:mod:`gold_ray.compare`, the module behind ``gold-ray compare``.
+:mod:`gold_ray.run.compare`, the module behind ``gold-ray compare``.
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def run_teacher_fewshot(task: str, overrides: list[str], command: str, tag: str 
     Returns:
         The result row (``accuracy`` as a fraction, ``n`` examples scored, ``eval_total``).
     """
-    from gold_ray.compare import eval_records, teacher_fewshot
     from gold_ray.config import load_config
-    from gold_ray.tasks import load_task
+    from gold_ray.run.compare import eval_records, teacher_fewshot
+    from gold_ray.run.tasks import load_task
 
     out = RESULTS / (f"{task}-{tag}{FEWSHOT_SUFFIX}" if tag else f"{task}{FEWSHOT_SUFFIX}")
     if out.is_file():
@@ -114,9 +114,9 @@ def run_teacher_fewshot(task: str, overrides: list[str], command: str, tag: str 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the teacher step (with ``--teacher-fewshot``) and every (strategy, seed) pair not yet finished."""
-    from gold_ray.compare import execute_run, parse_strategies
     from gold_ray.config import load_config
-    from gold_ray.loop import distill_in_process
+    from gold_ray.run.compare import execute_run, parse_strategies
+    from gold_ray.run.loop import distill_in_process
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="sst2", help="a shipped task, or one of tasks/*.yaml (e.g. math_ops)")
@@ -195,7 +195,7 @@ def write_summary() -> dict:
 
     Per task and strategy, only the largest budget that has results counts (smaller budgets are
     listed in ``summary.md`` but never mixed in): mean and sample standard deviation of the
-    accuracy over its seeds (:func:`gold_ray.compare.metric_stats`). The teacher few-shot files
+    accuracy over its seeds (:func:`gold_ray.run.compare.metric_stats`). The teacher few-shot files
     give ``summary["teacher_fewshot"][task]``. Accuracies are fractions.
 
     Tagged runs (``--tag``) are kept out of ``tasks`` and listed under ``variants`` as
@@ -208,7 +208,7 @@ def write_summary() -> dict:
         "variants": {TASK: {"STRATEGY@TAG": {...}}}, "teacher_fewshot_variants": {TASK: {TAG: accuracy}}, "chosen_recipe": {TASK: {"recipe", "validation", "budget",
         "strategies": {STRATEGY: {"mean", "std", "seeds"}}}}}`` (the last two only when there is something to list).
     """
-    from gold_ray.compare import markdown_table, metric_stats
+    from gold_ray.run.compare import markdown_table, metric_stats
 
     groups: dict[tuple[str, str], dict[int, list[dict]]] = {}
     for path in sorted(RESULTS.glob(RESULT_GLOB)):

@@ -1,6 +1,6 @@
 """The strategy interface: what to ask the teacher, what to feed back, what to keep, how to train.
 
-One iteration of every strategy runs the same stages (see :mod:`gold_ray.loop` and the Ray driver):
+One iteration of every strategy runs the same stages (see :mod:`gold_ray.run.loop` and the Ray driver):
 
 1. ``train_prompts``: the teacher writes training samples (label-conditioned, with demonstrations).
 2. The student trains on everything kept so far (``continue_student`` decides whether it continues
@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 
 from gold_ray.config import ConfigError, RunConfig, StudentConfig
-from gold_ray.prompts import draw_style, render_probe_prompt, render_train_prompt
-from gold_ray.tasks import TaskSpec, resolve_data_path
+from gold_ray.run.tasks import TaskSpec, resolve_data_path
+from gold_ray.teacher.prompts import draw_style, render_probe_prompt, render_train_prompt
 from gold_ray.types import Prompt
 
 

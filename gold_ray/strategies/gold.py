@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from gold_ray.ood import band_indices, noise_filter_mask
 from gold_ray.strategies.base import Strategy, StrategyContext
+from gold_ray.student.ood import band_indices, noise_filter_mask
 
 
 class GoldStrategy(Strategy):

@@ -1,7 +1,7 @@
 """LLKD, "Learning with Less" (Li et al., 2024/25): the teacher labels unlabelled text; the student
 learns from the samples the teacher is sure of and the student is unsure of.
 
-Every iteration the teacher labels texts with ``classify`` prompts (:mod:`gold_ray.labelling`):
+Every iteration the teacher labels texts with ``classify`` prompts (:mod:`gold_ray.teacher.labelling`):
 the few-shot prompt of the teacher-as-classifier row (all seed demos), answered by scoring each
 label word. Its label is the best-scoring word, and its **confidence** the softmax of the label
 words' log-probabilities at that word (methods.md 6.2, option B).
@@ -65,12 +65,12 @@ from typing import Any
 import numpy as np
 
 from gold_ray.config import ConfigError, RunConfig
-from gold_ray.evaluation import read_jsonl
-from gold_ray.influence import softmax
-from gold_ray.labelling import OPTIONS_KEY, RECORD_KEY, softmax_confidence
-from gold_ray.prompts import render_classify_prompt
+from gold_ray.run.tasks import TaskSpec
 from gold_ray.strategies.base import Strategy, StrategyContext, resolve_strategy_input
-from gold_ray.tasks import TaskSpec
+from gold_ray.student.evaluation import read_jsonl
+from gold_ray.student.influence import softmax
+from gold_ray.teacher.labelling import OPTIONS_KEY, RECORD_KEY, softmax_confidence
+from gold_ray.teacher.prompts import render_classify_prompt
 from gold_ray.types import Prompt
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ so ProGen spends exactly the generation budget of every other strategy.
 
 Choices where the specification is silent, inferred, or where this differs from the code:
 
-- Influence: the **last-layer approximation** (:mod:`gold_ray.influence`): gradients and the exact
+- Influence: the **last-layer approximation** (:mod:`gold_ray.student.influence`): gradients and the exact
   Hessian of the student's output layer only, ``(H + damping I)^-1`` by conjugate gradients, instead
   of full-network gradients with LiSSA. The validation objective is RCE, as in the code.
 - Synthetic validation set: a fixed ``progen_val_fraction`` of the synthetic records, chosen by a
@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from gold_ray.config import ConfigError, RunConfig
-from gold_ray.influence import influence_scores, output_layer_features
+from gold_ray.run.tasks import TaskSpec
 from gold_ray.strategies.base import Strategy, StrategyContext
-from gold_ray.tasks import TaskSpec
+from gold_ray.student.influence import influence_scores, output_layer_features
 
 
 def in_validation_split(record_id: str, seed: int, fraction: float) -> bool:
@@ -103,7 +103,7 @@ class ProGenStrategy(Strategy):
 
     def influence(self, ctx: StrategyContext, train: list[dict[str, Any]], val: list[dict[str, Any]]) -> np.ndarray:
         """Influence of each ``train`` record on the RCE loss of ``val`` under ``ctx.student``
-        (negative = helpful; see :func:`gold_ray.influence.influence_scores`)."""
+        (negative = helpful; see :func:`gold_ray.student.influence.influence_scores`)."""
         label_id = {name: i for i, name in enumerate(ctx.task.label_names)}
         feats, weight, bias = output_layer_features(ctx.student, train + val)
         n = len(train)

@@ -35,10 +35,10 @@ import dataclasses
 from typing import Any
 
 from gold_ray.config import ConfigError, RunConfig
-from gold_ray.evaluation import exact_match, load_eval_records, numeric_match
-from gold_ray.prompts import render_train_prompt
+from gold_ray.run.tasks import TaskSpec
 from gold_ray.strategies.base import Strategy, StrategyContext, resolve_strategy_input
-from gold_ray.tasks import TaskSpec
+from gold_ray.student.evaluation import exact_match, load_eval_records, numeric_match
+from gold_ray.teacher.prompts import render_train_prompt
 from gold_ray.types import Prompt
 
 EXTRAPOLATE_STYLE = "similar to the previous one but not a copy"

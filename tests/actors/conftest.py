@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gold_ray.tasks import load_task
+from gold_ray.run.tasks import load_task
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +16,7 @@ def sst2():
 @pytest.fixture(scope="session")
 def student_ckpt(tmp_path_factory, sst2):
     """A saved classifier student (tiny random BERT) for SST-2, as ``load_student`` reads it."""
-    from gold_ray.student import ClassifierStudent
+    from gold_ray.student.model import ClassifierStudent
     from gold_ray.testing import save_tiny_classifier
 
     base = save_tiny_classifier(tmp_path_factory.mktemp("tiny-bert"))

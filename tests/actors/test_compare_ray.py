@@ -1,7 +1,7 @@
 """``gold-ray compare`` without ``--local``: every run goes through the driver actor on Ray.
 
 One strategy and one seed only (a run on Ray costs minutes on 2 cores); the table, resume and
-several strategies are covered in process by ``tests/test_compare.py``.
+several strategies are covered in process by ``tests/run/test_compare.py``.
 """
 
 import functools
@@ -10,9 +10,9 @@ import json
 import pytest
 
 from actors.driver import run_on_ray
-from gold_ray.compare import compare
 from gold_ray.config import load_config
-from gold_ray.tasks import load_task
+from gold_ray.run.compare import compare
+from gold_ray.run.tasks import load_task
 from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
 
 pytestmark = pytest.mark.ray

@@ -7,9 +7,9 @@ import sqlite3
 import pytest
 
 from actors.driver import driver_name, run_on_ray
-from gold_ray.loop import Distiller
-from gold_ray.store import read_parts
-from gold_ray.tasks import load_task
+from gold_ray.run.loop import Distiller
+from gold_ray.run.store import read_parts
+from gold_ray.run.tasks import load_task
 from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
 
 pytestmark = pytest.mark.ray

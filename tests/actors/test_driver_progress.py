@@ -8,9 +8,9 @@ import pytest
 
 from actors.driver import run_on_ray
 from gold_ray.config import load_config
-from gold_ray.loop import STAGES
-from gold_ray.progress import progress
-from gold_ray.tasks import load_task
+from gold_ray.reporting.progress import progress
+from gold_ray.run.loop import STAGES
+from gold_ray.run.tasks import load_task
 from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
 
 pytestmark = pytest.mark.ray

@@ -8,9 +8,9 @@ import math
 import pytest
 
 from actors.driver import run_on_ray
-from gold_ray.loop import Distiller
-from gold_ray.store import read_parts
-from gold_ray.tasks import load_task
+from gold_ray.run.loop import Distiller
+from gold_ray.run.store import read_parts
+from gold_ray.run.tasks import load_task
 from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -13,10 +13,10 @@ import torch
 
 from actors.training import STATE_FILE, make_ray_train_fn, run_name_for, train_student_on_ray
 from gold_ray.config import RunConfig
-from gold_ray.student import build_student, load_student
-from gold_ray.tasks import load_task
+from gold_ray.run.tasks import load_task
+from gold_ray.student.model import build_student, load_student
+from gold_ray.student.training import Recipe
 from gold_ray.testing import save_tiny_classifier
-from gold_ray.training import Recipe
 from tests.faults.hooks import plan_fault
 
 SST2 = load_task("sst2")
@@ -73,7 +73,7 @@ def test_run_name_depends_on_records_settings_and_weights(model_dir):
 @pytest.fixture(scope="module")
 def reference(ray_cluster, model_dir, tmp_path_factory):
     """One worker, through the loop hook, logging into MLflow: the run the others must match."""
-    from gold_ray.tracking import MlflowTracker
+    from gold_ray.reporting.tracking import MlflowTracker
 
     work = tmp_path_factory.mktemp("ref")
     cfg = _cfg(model_dir, 1).model_copy(

@@ -28,7 +28,7 @@ def test_scorable_rows_skip_rejects_and_missing_fields(sst2):
 
 
 def test_scorer_matches_the_student_and_leaves_rejects_nan(student_ckpt, sst2):
-    from gold_ray.student import load_student
+    from gold_ray.student.model import load_student
 
     scorer = EnergyScorer(student_ckpt, "sst2", score="energy", temperature=2.0)
     out = scorer(_batch(ROWS))

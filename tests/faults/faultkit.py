@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gold_ray.config import RunConfig, load_config
-from gold_ray.store import read_parts
+from gold_ray.run.store import read_parts
 from gold_ray.testing import FakeTeacherEngine
 from gold_ray.types import Generation, Prompt, SamplingParams
 

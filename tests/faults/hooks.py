@@ -1,8 +1,8 @@
-"""The test suite's one fault hook (see :mod:`gold_ray.faults`).
+"""The test suite's one fault hook (see :mod:`gold_ray.run.faults`).
 
 ``tests/conftest.py`` points ``$GOLD_RAY_FAULT_HOOK`` at :func:`dispatch` and
 ``$GOLD_RAY_FAULT_PLANS`` at a folder, in the test process and in every Ray worker. A test plans a
-fault with :func:`plan_fault`; when production code reaches a matching :func:`gold_ray.faults.fault_point`,
+fault with :func:`plan_fault`; when production code reaches a matching :func:`gold_ray.run.faults.fault_point`,
 in whatever process, the hook fails there once (its marker file records that it did).
 """
 

@@ -18,8 +18,8 @@ from faultkit import run_overrides, tree_digest
 
 from gold_ray.cli import main
 from gold_ray.config import load_config
-from gold_ray.loop import Distiller, prepare_run_dir
-from gold_ray.tasks import SHIPPED_TASK_DIR
+from gold_ray.run.loop import Distiller, prepare_run_dir
+from gold_ray.run.tasks import SHIPPED_TASK_DIR
 from gold_ray.testing import FakeTeacherEngine
 
 # The teacher is an endpoint nobody listens on: a case that wrongly got past validation would

@@ -2,7 +2,7 @@
 
 Requests are retried with growing backoff (and ``Retry-After`` respected), a bounded number of
 times; a run whose endpoint stays broken stops with a message that names the endpoint. The
-engine's unit tests (tests/test_engines.py) cover single retries, client errors and refused
+engine's unit tests (tests/teacher/test_engines.py) cover single retries, client errors and refused
 connections.
 """
 
@@ -12,7 +12,7 @@ import pytest
 from faultkit import run_overrides, scripted_endpoint
 
 from gold_ray.cli import main
-from gold_ray.engines import OpenAIEngine
+from gold_ray.teacher.engines import OpenAIEngine
 from gold_ray.types import Prompt, SamplingParams
 
 PLANTED_KEY = "sk-fault-test-PLANTED-0000"

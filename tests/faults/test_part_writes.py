@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from faultkit import SometimesGarbageEngine, committed_records, run_config, run_summary
 
-from gold_ray import store
-from gold_ray.loop import Distiller
-from gold_ray.tasks import load_task
+from gold_ray.run import store
+from gold_ray.run.loop import Distiller
+from gold_ray.run.tasks import load_task
 
 SST2 = load_task("sst2")
 HERE = Path(__file__).resolve().parent
@@ -119,8 +119,8 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import pyarrow.parquet as pq
 from faultkit import SometimesGarbageEngine, run_config
-from gold_ray import store
-from gold_ray.loop import Distiller
+from gold_ray.run import store
+from gold_ray.run.loop import Distiller
 
 real_write = store.write_part
 

@@ -24,9 +24,9 @@ from faultkit import committed_records, run_config, run_summary
 from ray_faultkit import HoldAtEngine, free_port, gated_row, wait_until
 
 from gold_ray.config import RunConfig
-from gold_ray.loop import Distiller
-from gold_ray.student import ClassifierStudent, build_student, load_student
-from gold_ray.tasks import load_task
+from gold_ray.run.loop import Distiller
+from gold_ray.run.tasks import load_task
+from gold_ray.student.model import ClassifierStudent, build_student, load_student
 from gold_ray.testing import save_tiny_classifier
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -131,7 +131,7 @@ def test_the_driver_killed_inside_a_stage_resumes_to_the_counts_of_an_uninterrup
 
 def test_a_ray_train_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
     from actors.training import train_student_on_ray
-    from gold_ray.training import Recipe
+    from gold_ray.student.training import Recipe
     from tests.faults.hooks import plan_fault
 
     model_dir = save_tiny_classifier(tmp_path / "model")

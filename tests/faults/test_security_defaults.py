@@ -19,10 +19,10 @@ import pytest
 from gold_ray import models
 from gold_ray.cli import main
 from gold_ray.config import RunConfig, StudentConfig, load_config
-from gold_ray.engines import HFEngine
 from gold_ray.models import ModelResolutionError, resolve_model
-from gold_ray.student import ClassifierStudent, check_student_model
-from gold_ray.tasks import load_task
+from gold_ray.run.tasks import load_task
+from gold_ray.student.model import ClassifierStudent, check_student_model
+from gold_ray.teacher.engines import HFEngine
 
 SST2 = load_task("sst2")
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ import json
 import pytest
 from faultkit import SometimesGarbageEngine, run_config
 
-from gold_ray import store
-from gold_ray.loop import Distiller
+from gold_ray.run import store
+from gold_ray.run.loop import Distiller
 
 
 @pytest.fixture(scope="module")

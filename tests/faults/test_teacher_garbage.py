@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from faultkit import GARBAGE_KINDS, SometimesGarbageEngine, committed_records, run_config
 
-from gold_ray import store
-from gold_ray.loop import Distiller, TooManyRejectsError
+from gold_ray.run import store
+from gold_ray.run.loop import Distiller, TooManyRejectsError
 
 # What each kind of garbage must be rejected as.
 EXPECTED_REASONS = {

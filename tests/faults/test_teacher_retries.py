@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from actors import pipeline
-from gold_ray.tasks import load_task
+from gold_ray.run.tasks import load_task
 
 SST2 = load_task("sst2")
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gold_ray import entry, store
+from gold_ray import entry
 from gold_ray.config import ConfigError, load_config
 from gold_ray.entry import SHIPPED_CONFIG_DIR
 from gold_ray.errors import InputError
+from gold_ray.run import store
 from jobs import distill
 
 

@@ -1,0 +1,1 @@
+"""What a run shows: MLflow tracking, progress lines, the HTML report and its plots."""

@@ -1,0 +1,1 @@
+"""The run: tasks, the iterative loop and its runtimes, the Parquet store, run folders, comparisons."""

@@ -1,0 +1,669 @@
+"""The distillation loop, in one process: the reference the Ray runtime must match.
+
+:class:`Distiller` runs any strategy over four committed stages per iteration::
+
+    generate  the teacher writes training samples; parse; store accepted and rejected parts
+    train     the student trains on everything kept so far; it is saved and evaluated
+    probe     the teacher writes probe samples; the student scores them (energy by default)
+    feedback  the strategy picks the next feedback pool
+
+then a final stage trains the student (fresh by default) on all kept data with the strategy's
+final loss, evaluates it and saves it in HF format.
+
+After every stage the state (counters, feedback pool, dedup hashes, parts, checkpoint) is committed
+atomically to ``state.json``; a run restarted with ``resume=True`` continues after the last
+committed stage with no committed sample lost or repeated.
+
+Where each stage runs is the :class:`~gold_ray.run.runtime.Runtime`'s business, passed in at
+construction: :class:`~gold_ray.run.runtime.InProcessRuntime` by default, ``actors.runtime.RayRuntime``
+on Ray (Serve, Ray Data, a scorer pool, Ray Train). The loop is the same code on both.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gold_ray.config import RunConfig
+from gold_ray.errors import UserError
+from gold_ray.models import allow_remote_code, is_chat_model, resolve_model
+from gold_ray.reporting.tracking import NullTracker, Tracker, build_tracker
+from gold_ray.run import store
+from gold_ray.run.runtime import InProcessRuntime, RunContext, Runtime
+from gold_ray.run.tasks import TaskSpec, load_task
+from gold_ray.strategies import Strategy, StrategyContext, build_strategy
+from gold_ray.student.evaluation import load_task_eval, seeded_subset, task_eval_file
+from gold_ray.student.model import Student, build_student, check_student_model, load_student
+from gold_ray.student.ood import score_quantiles, score_spread
+from gold_ray.student.training import (
+    choose_recipe,
+    final_recipes,
+    in_loop_recipe,
+    in_share,
+    learning_check,
+    synthetic_split,
+)
+from gold_ray.teacher.parsing import Deduplicator
+from gold_ray.types import Prompt, TeacherEngine
+
+STAGES = ("generate", "train", "probe", "feedback")
+
+TRAINING_PARTS = ("train-", "probe-")
+"""Name prefixes of the Parquet parts that hold training data."""
+
+logger = logging.getLogger(__name__)
+
+EventFn = Callable[[str, dict[str, Any]], None]
+
+
+class RunDirError(UserError, RuntimeError):
+    """The output directory holds a different run and neither resume nor overwrite was asked for."""
+
+
+class TooManyRejectsError(UserError, RuntimeError):
+    """An iteration rejected more than ``budget.max_reject_share`` of its samples."""
+
+
+def resolve_prompt_style(cfg: RunConfig, teacher_path: str | None) -> str:
+    """``chat`` or ``continuation``: the configured style, else what the teacher model implies."""
+    if cfg.teacher.prompt_style != "auto":
+        return cfg.teacher.prompt_style
+    if cfg.teacher.engine == "openai":
+        return "chat"  # a remote endpoint's tokenizer is not ours to inspect
+    chat = is_chat_model(cfg.teacher.model)
+    if chat is not None:
+        return "chat" if chat else "continuation"
+    if teacher_path is None:
+        return "chat"
+    from transformers import AutoTokenizer
+
+    trust = allow_remote_code(cfg.teacher.trust_remote_code, teacher_path, "teacher")
+    tok = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust)
+    return "chat" if getattr(tok, "chat_template", None) else "continuation"
+
+
+IDENTITY_KEYS = ("seed", "task.name", "strategy.name", "teacher.model", "student.model")
+"""Config keys that make a run what it is: ``--resume`` refuses a run directory that differs in one."""
+
+
+def identity_changes(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """``key: saved -> now`` for each of :data:`IDENTITY_KEYS` where the run saved in ``run_dir`` differs
+    from ``cfg`` (an unreadable saved config counts as a change; no saved config, as none)."""
+    import yaml
+
+    path = run_dir / store.CONFIG_FILE
+    if not path.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        return [f"its {store.CONFIG_FILE} is unreadable: {err}"]
+    now = cfg.model_dump(mode="json")
+    changes = []
+    for key in IDENTITY_KEYS:
+        old, new = saved, now
+        for part in key.split("."):
+            old = old.get(part) if isinstance(old, dict) else None
+            new = new.get(part) if isinstance(new, dict) else None
+        if old != new:
+            changes.append(f"{key}: {old!r} there, {new!r} now")
+    return changes
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, dict[str, Any] | None]:
+    """Create or reopen the run directory; refuse to clobber a different run.
+
+    Returns:
+        The directory and its committed state (None for a fresh run).
+    """
+    run_dir = Path(cfg.output.dir)
+    state = store.load_state(run_dir)
+    occupied = state is not None or (run_dir / store.CONFIG_FILE).exists()
+    if occupied and not resume:
+        if not cfg.output.overwrite:
+            raise RunDirError(
+                f"output.dir {run_dir} already holds a run; pass --resume to continue it "
+                "or --overwrite (output.overwrite=true) to replace it"
+            )
+        shutil.rmtree(run_dir)
+        state = None
+    if occupied and resume:
+        changed = identity_changes(run_dir, cfg)
+        if changed:
+            raise RunDirError(
+                f"output.dir {run_dir} holds a different run ({'; '.join(changed)}); --resume continues "
+                "only the same run: use another output.dir, or --overwrite to replace it"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # A process killed mid-write leaves its hidden temporary file; it was never data.
+    store.remove_temp_files(run_dir)
+    if state is None:
+        (run_dir / store.CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+    return run_dir, state
+
+
+def write_task_copy(run_dir: Path, task: TaskSpec) -> None:
+    """Keep the run's task spec in the run directory (``task.yaml``).
+
+    ``task.name`` may be a path relative to where the run started; the copy lets ``gold-ray
+    predict`` and ``gold-ray report`` read the run from anywhere.
+    """
+    import yaml
+
+    text = yaml.safe_dump(task.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)
+    store.atomic_write_bytes(run_dir / store.TASK_FILE, text.encode("utf-8"))
+
+
+def _fresh_state(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "strategy": cfg.strategy.name,
+        "seed": cfg.seed,
+        "iteration": 0,
+        "stage": None,  # last committed stage of `iteration`
+        "finished": False,
+        "feedback": [],
+        "dedup": [],
+        "parts": [],
+        "checkpoint": None,
+        "teacher_tokens": 0,
+        "iterations": [],
+        "strategy_state": {},
+    }
+
+
+class Distiller:
+    """Runs one distillation (see the module docstring).
+
+    Args:
+        cfg: The run config.
+        runtime: Where the stages run (:mod:`gold_ray.run.runtime`); default: in this process.
+        engine: A ready teacher engine for the default in-process runtime (tests).
+        resume: Continue the run committed in ``cfg.output.dir``.
+        on_event: Called with (stage, info) after every stage, for progress and logs.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        runtime: Runtime | None = None,
+        engine: TeacherEngine | None = None,
+        resume: bool = False,
+        on_event: EventFn | None = None,
+    ):
+        self.cfg = cfg
+        self.task: TaskSpec = load_task(cfg.task.name)
+        self.strategy: Strategy = build_strategy(cfg.strategy.name)
+        # The local evaluation file, if any: strategies must never take it as their own input.
+        self.eval_file = task_eval_file(self.task, cfg.task)
+        # Before the run directory exists: a bad strategy input must not leave a half-made run.
+        self.strategy_inputs = self.strategy.prepare(self.task, cfg, self.eval_file)
+        # Every input is checked before the run directory is touched: a bad model reference or
+        # data file must neither leave a half-made run behind nor replace one (--overwrite).
+        teacher_path: str | None = None
+        if engine is None and cfg.teacher.engine != "openai":
+            teacher_path = resolve_model(cfg.teacher.model)
+        self.prompt_style = resolve_prompt_style(cfg, teacher_path)
+        self.student_path = resolve_model(cfg.student.model)
+        check_student_model(self.task, cfg.student, self.student_path)
+        evalset = load_task_eval(self.task, cfg.task)
+        self.eval_records, self.eval_source, self.eval_note = evalset.records, evalset.source, evalset.note
+        self.iteration_eval_records = self._iteration_eval()
+        self.run_dir, state = prepare_run_dir(cfg, resume)
+        write_task_copy(self.run_dir, self.task)
+        self.state = state or _fresh_state(cfg)
+        self.runtime: Runtime = runtime or InProcessRuntime(engine)
+        self.runtime.bind(RunContext(cfg, self.task, self.run_dir.resolve(), self.student_path, teacher_path))
+        self.on_event = on_event or (lambda stage, info: None)
+        self.tracker: Tracker = NullTracker()
+        self.student: Student | None = None
+        self.dedup = Deduplicator(self.state["dedup"])
+        self.stages = {"generate": self.generate_stage, "train": self.train_stage, "probe": self.probe_stage,
+                       "feedback": self.feedback_stage}
+        """Each stage of an iteration, in order: ``stage(iteration, n_probe, ctx) -> stats``."""
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    def _iteration_eval(self) -> list[dict[str, Any]]:
+        limit = self.cfg.task.iteration_eval_limit
+        if limit is None:
+            return self.eval_records
+        # Drawn from the final evaluation records, so every iteration's examples are among the final ones.
+        return seeded_subset(self.eval_records, limit)
+
+    def _rng(self, iteration: int, stage: str) -> np.random.Generator:
+        # One stream per (seed, iteration, stage): a resumed stage draws exactly what it would have.
+        return np.random.default_rng([self.cfg.seed, iteration, STAGES.index(stage)])
+
+    def _ctx(self, iteration: int, stage: str) -> StrategyContext:
+        return StrategyContext(
+            task=self.task,
+            config=self.cfg,
+            prompt_style=self.prompt_style,
+            rng=self._rng(iteration, stage),
+            iteration=iteration,
+            feedback=list(self.state["feedback"]),
+            student=self.student,
+            extra=self.strategy_inputs,
+            memory=copy.deepcopy(self.state.get("strategy_state") or {}),
+            records=self.training_records,
+        )
+
+    def _commit(self, iteration: int, stage: str) -> None:
+        self.state["iteration"] = iteration
+        self.state["stage"] = stage
+        self.state["dedup"] = self.dedup.state()
+        store.commit_state(self.run_dir, self.state)
+        store.atomic_write_json(self.run_dir / "metrics.json", self.metrics())
+
+    def _iter_metrics(self, iteration: int) -> dict[str, Any]:
+        its = self.state["iterations"]
+        while len(its) <= iteration:
+            its.append({"iteration": len(its)})
+        return its[iteration]
+
+    def metrics(self) -> dict[str, Any]:
+        """Run metrics so far: per iteration, totals and the final evaluation."""
+        its = self.state["iterations"]
+        totals: Counter[str] = Counter()
+        for m in its:
+            for stage in ("generate", "probe"):
+                for k, v in m.get(stage, {}).get("rejected_by_reason", {}).items():
+                    totals[f"rejected_{k}"] += v
+                totals["accepted"] += m.get(stage, {}).get("accepted", 0)
+        return {
+            "task": self.task.name,
+            "strategy": self.cfg.strategy.name,
+            "seed": self.cfg.seed,
+            "teacher": self.cfg.teacher.model,
+            "student": self.cfg.student.model,
+            "teacher_tokens": self.state["teacher_tokens"],
+            "eval_source": self.eval_source,
+            "iterations": its,
+            "totals": dict(totals),
+            "final": self.state.get("final", {}),
+        }
+
+    # ---- what every stage uses ------------------------------------------------------------
+
+    def _generate_records(self, prompts: list[Prompt], iteration: int, kind: str) -> tuple[list, list, dict]:
+        prompts = [
+            dataclasses.replace(p, meta={**p.meta, "uid": f"it{iteration}-{kind}-{i}"}) for i, p in enumerate(prompts)
+        ]
+        scorer = self.student if kind == "probe" else None
+        ckpt = self._checkpoint() if scorer is not None else None
+        records, stats = self.runtime.produce(prompts, iteration, kind, scorer, ckpt, self.dedup)
+        accepted = [r for r in records if r["reject_reason"] is None]
+        rejected = [r for r in records if r["reject_reason"] is not None]
+        self.state["teacher_tokens"] += int(stats.get("output_tokens", 0))
+        stats = {
+            **stats,
+            "requested": len(prompts),
+            "accepted": len(accepted),
+            "rejected": len(rejected),
+            "rejected_by_reason": dict(Counter(r["reject_reason"] for r in rejected)),
+        }
+        scores = np.array([r.get("score", np.nan) for r in accepted], dtype=float)
+        if np.isfinite(scores).any():
+            stats["scores"] = score_quantiles(scores)
+        share = len(rejected) / max(1, len(prompts))
+        # Small batches are noisy, so they stop the run only when nothing at all was accepted.
+        if share > self.cfg.budget.max_reject_share and (len(prompts) >= 8 or not accepted):
+            raise self._too_many_rejects(iteration, kind, len(prompts), rejected, stats["rejected_by_reason"])
+        return accepted, rejected, stats
+
+    def _checkpoint(self) -> Path | None:
+        ckpt = self.state.get("checkpoint")
+        return self.run_dir / ckpt if ckpt else None
+
+    def _too_many_rejects(
+        self, iteration: int, kind: str, requested: int, rejected: list[dict[str, Any]], reasons: dict[str, int]
+    ) -> TooManyRejectsError:
+        """The error that stops a run whose teacher writes mostly rejects, its rejects kept on disk."""
+        # Written but never committed: there to be read, and replaced when the stage is resumed.
+        path = store.part_path(self.run_dir, f"rejects-{kind}", iteration)
+        store.write_part(path, self.task, rejected)
+        top = max(reasons, key=reasons.get)
+        example = next(r.get("reject_detail") or "" for r in rejected if r["reject_reason"] == top)
+        share = len(rejected) / max(1, requested)
+        return TooManyRejectsError(
+            f"iteration {iteration} ({kind}): {len(rejected)} of {requested} samples rejected "
+            f"({share:.0%} > budget.max_reject_share={self.cfg.budget.max_reject_share}); "
+            f"reasons: {reasons}; e.g. {top}: {example[:300]!r}. The rejects are in {path}. "
+            "Check the teacher and the task's prompts."
+        )
+
+    def _write(self, kind: str, iteration: int, records: list[dict[str, Any]]) -> None:
+        path = store.part_path(self.run_dir, kind, iteration)
+        store.write_part(path, self.task, records)
+        rel = str(path.relative_to(self.run_dir))
+        if rel not in self.state["parts"]:
+            self.state["parts"].append(rel)
+
+    def training_records(self) -> list[dict[str, Any]]:
+        """All accepted training and probe records committed so far (not rejects, not LLKD's pool).
+
+        Without a real evaluation set, a seeded share of them is the synthetic test split
+        (:meth:`synthetic_test_records`) and is left out here: no training or recipe choice sees it.
+        """
+        parts = [self.run_dir / p for p in self.state["parts"] if Path(p).name.startswith(TRAINING_PARTS)]
+        records = store.read_parts(parts)
+        if self.eval_records:
+            return records
+        return [r for r in records if not self._is_test(r)]
+
+    def synthetic_test_records(self) -> list[dict[str, Any]]:
+        """Without a real evaluation set: the held-out synthetic test split (else empty)."""
+        if self.eval_records:
+            return []
+        parts = [self.run_dir / p for p in self.state["parts"] if Path(p).name.startswith(TRAINING_PARTS)]
+        return [r for r in store.read_parts(parts) if self._is_test(r)]
+
+    def _is_test(self, record: dict[str, Any]) -> bool:
+        return in_share(str(record.get("id", "")), self.cfg.seed, self.cfg.student.val_share, salt="test")
+
+    def _split(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return synthetic_split(records, self.cfg.student.val_share, self.cfg.seed)
+
+    def _new_student(self) -> Student:
+        # The run seed, as the Ray train stage passes it, so a run's students match on both runtimes.
+        return build_student(self.task, self.cfg.student, self.student_path, seed=self.cfg.seed)
+
+    def _evaluate(self, student: Student, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        records = self.eval_records if records is None else records
+        return self.runtime.evaluate(student, self._checkpoint(), records)
+
+    def _holdout(self, probes: list[dict[str, Any]]) -> dict[str, Any]:
+        """Without a real evaluation set: the student's metrics on the fresh probes (``holdout_*``).
+
+        The probes of an iteration are written after its training stage, so the student has not
+        seen them: a synthetic hold-out, labelled by the label the teacher was asked for.
+        """
+        if self.eval_records or self.student is None or not probes:
+            return {}
+        ev = self._evaluate(self.student, probes)
+        return {f"holdout_{k}": v for k, v in ev.items() if isinstance(v, int | float)}
+
+    def _emit(self, stage: str, iteration: int, info: dict[str, Any]) -> None:
+        self.on_event(stage, {"iteration": iteration, "iterations": self.cfg.strategy.iterations, **info})
+        flat = {f"{stage}.{k}": v for k, v in info.items() if isinstance(v, int | float) and v is not None}
+        self.tracker.log_metrics(flat, step=iteration)
+
+    def _requested(self, iteration: int) -> int:
+        per = self.cfg.per_iteration_samples()
+        if iteration == self.cfg.strategy.iterations - 1:
+            return self.cfg.budget.samples - per * (self.cfg.strategy.iterations - 1)
+        return per
+
+    def _budget_left(self) -> bool:
+        cap = self.cfg.budget.max_teacher_tokens
+        return cap is None or self.state["teacher_tokens"] < cap
+
+    # ---- the stages of an iteration -------------------------------------------------------
+
+    def generate_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
+        """The teacher writes the iteration's training samples (and LLKD's labels); they are stored."""
+        m = self._iter_metrics(iteration)
+        n = self._requested(iteration) - n_probe if self._budget_left() else 0
+        prompts = self.strategy.train_prompts(ctx, n)
+        acc, rej, stats = self._generate_records(prompts, iteration, "train")
+        # A strategy that labels texts (LLKD) spends the rest of the stage's calls on it.
+        label = self.strategy.label_prompts(ctx, acc, max(0, n - len(prompts)))[: max(0, n - len(prompts))]
+        if label:
+            labelled, rej_label, label_stats = self._generate_records(label, iteration, "classify")
+            labelled = self.strategy.review_labels(ctx, labelled)
+            self._write("pool", iteration, [{**r, "label": None} for r in acc])
+            acc, rej, stats = labelled, rej + rej_label, _merge_label_stats(stats, label_stats)
+        self._write("train", iteration, acc)
+        self._write("rejects-train", iteration, rej)
+        stats.update(ctx.stats)
+        m["generate"] = stats
+        return stats
+
+    def train_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
+        """The student trains on what it may see so far, is checkpointed and evaluated.
+
+        A seeded share of the records is the synthetic validation split: the student trains until
+        its accuracy there stops improving (within the recipe's step floor and epoch cap), and its
+        training loss against chance (ln K) says whether it learned enough for its energy to rank
+        the next probes.
+        """
+        t0 = time.perf_counter()
+        if self.student is None or not self.strategy.continue_student:
+            self.student = self._new_student()
+        ctx.student = self.student
+        available = self.training_records()
+        mask = self.strategy.train_mask(ctx, available)
+        records = [r for r, keep in zip(available, mask, strict=True) if keep]
+        train, val = self._split(records)
+        fit = self.runtime.train(self.student, train, in_loop_recipe(self.cfg.student), val)
+        ckpt = self.run_dir / "checkpoints" / f"it{iteration:03d}"
+        self.student.save(ckpt)
+        old = self.state.get("checkpoint")
+        self.state["checkpoint"] = str(ckpt.relative_to(self.run_dir))
+        if old and old != self.state["checkpoint"]:
+            shutil.rmtree(self.run_dir / old, ignore_errors=True)
+        ev = self._evaluate(self.student, self.iteration_eval_records)
+        # ``seconds`` is the whole stage (fit, checkpoint, evaluation); the fit's own time
+        # is kept as ``fit_seconds`` so stage timings add up.
+        fit = {("fit_seconds" if k == "seconds" else k): v for k, v in fit.items()}
+        learning = learning_check(self.task, fit, val)
+        stats = {"records": len(train), "val_records": len(val), "available": len(available), **fit,
+                 **learning, **ev, **ctx.stats, "seconds": round(time.perf_counter() - t0, 3)}
+        if learning.get("near_chance"):
+            logger.warning("iteration %d: %s", iteration, learning["warning"])
+        self._iter_metrics(iteration)["train"] = stats
+        return {k: v for k, v in stats.items() if k != "curve"}
+
+    def probe_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
+        """The teacher writes probes; the student scores them (their spread tells if the score ranks)."""
+        prompts = self.strategy.probe_prompts(ctx, n_probe)
+        acc, rej, stats = self._generate_records(prompts, iteration, "probe")
+        stats.update(self._holdout(acc))
+        stats.update(score_spread([r.get("score", math.nan) for r in acc]))
+        self._write("probe", iteration, acc)
+        self._write("rejects-probe", iteration, rej)
+        self._iter_metrics(iteration)["probe"] = stats
+        return stats
+
+    def feedback_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
+        """The strategy picks the feedback pool of the next prompts."""
+        probes = store.read_parts([store.part_path(self.run_dir, "probe", iteration)])
+        fb = self.strategy.update_feedback(ctx, probes)
+        self.state["feedback"] = fb
+        probe_ids = {r["id"] for r in probes}
+        new = sum(r["id"] in probe_ids for r in fb)
+        m = self._iter_metrics(iteration)
+        # A band chosen by a student still near chance is a random pick: say so where it is used.
+        near_chance = bool(m.get("train", {}).get("near_chance")) and bool(probes)
+        m["feedback"] = {"size": len(fb), "ids": [r["id"] for r in fb], "new": new, "near_chance": near_chance,
+                         **ctx.stats}
+        return {"size": len(fb), "near_chance": near_chance, **ctx.stats}
+
+    def run_iteration(self, iteration: int, done: str | None) -> None:
+        """Run the stages of one iteration that come after ``done`` (the last committed stage)."""
+        start = STAGES.index(done) + 1 if done else 0
+        # Probes come out of the same budget as training samples, so that strategies with and
+        # without probes spend the same teacher calls (probes are training data too).
+        requested = self._requested(iteration)
+        n_probe = 0
+        if self.strategy.uses_probes and requested > 1:
+            n_probe = max(1, round(requested * self.cfg.strategy.probe_fraction))
+        for stage in STAGES[start:]:
+            ctx = self._ctx(iteration, stage)
+            stats = self.stages[stage](iteration, n_probe, ctx)
+            self.state["strategy_state"] = ctx.memory
+            self._commit(iteration, stage)
+            self._emit(stage, iteration, stats)
+
+    def _restore_student(self) -> None:
+        ckpt = self._checkpoint()
+        if ckpt and self.student is None and ckpt.exists():
+            self.student = load_student(ckpt, self.task)
+
+    # ---- the whole run --------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) the whole distillation, tracked in MLflow when tracking is on.
+
+        The run's MLflow run is opened (or reopened) here for both runtimes, with the config as
+        params whenever the MLflow run is new (also when a run that died before its first commit
+        is resumed); a failure marks it FAILED.
+
+        Returns:
+            The run metrics, with ``mlflow`` (tracking URI and run id) when tracking is on.
+        """
+        if self.state.get("finished"):
+            if not (self.run_dir / "report.html").exists():
+                self._write_report()
+            return self.metrics()
+        self.tracker = build_tracker(self.cfg, self.run_dir) if self.cfg.tracking.enabled else NullTracker()
+        try:
+            known = self.state.get("mlflow_run_id")
+            run_id = self.tracker.start(f"{self.cfg.strategy.name}-{self.task.name}-seed{self.cfg.seed}",
+                                        resume_run_id=known)
+            if run_id and run_id != known:
+                self.tracker.log_params(self.cfg)
+                self.state["mlflow_run_id"] = run_id
+            self.runtime.run.tracking = self.tracker.parent_info()
+            self.runtime.start()
+            metrics = self._run_stages()
+            self.tracker.finish(metrics, self.run_dir, step=self.cfg.strategy.iterations)
+        except BaseException:
+            if self.tracker.run_id:
+                self.tracker.end("FAILED")
+            raise
+        finally:
+            self.runtime.close()
+        return metrics
+
+    def _run_stages(self) -> dict[str, Any]:
+        self._restore_student()
+        it, done = self.state["iteration"], self.state["stage"]
+        if done == STAGES[-1]:
+            it, done = it + 1, None
+        while it < self.cfg.strategy.iterations:
+            self.run_iteration(it, done)
+            it, done = it + 1, None
+        self.state["final"] = self.final_stage()
+        self.state["finished"] = True
+        self._commit(self.cfg.strategy.iterations - 1, STAGES[-1])
+        # Checkpoints only serve a resume; the finished run's student is in student/.
+        shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+        card = store.dataset_card(self.task, self.metrics(), self.state["parts"])
+        store.atomic_write_bytes(self.run_dir / "dataset_card.md", card.encode("utf-8"))
+        self._write_report()
+        return self.metrics()
+
+    def _write_report(self) -> None:
+        # A report that fails to render must not fail a finished run: `gold-ray report` rebuilds it.
+        try:
+            from gold_ray.reporting.report import write_report
+
+            write_report(self.run_dir)
+        except Exception as err:  # noqa: BLE001 - logged; the run's outputs are already committed
+            logger.warning("could not write %s: %s", self.run_dir / "report.html", err)
+
+    def final_stage(self) -> dict[str, Any]:
+        """Train the final student on all kept data, evaluate it and save it under ``student/``.
+
+        With a synthetic validation split of at least :data:`~gold_ray.student.training.MIN_VAL_RECORDS`
+        records and no recipe pinned in the config, every candidate of :func:`final_recipes` is
+        trained (each until its validation accuracy stops improving) and the best on that split is
+        kept (:func:`choose_recipe`, which keeps the strategy's own loss unless another beats it
+        by more than the split's noise).
+        """
+        t0 = time.perf_counter()
+        ctx = self._ctx(self.cfg.strategy.iterations, "train")
+        records = self.training_records()
+        if self.cfg.strategy.noise_filter_top > 0 and self.student is not None:
+            scores = self.runtime.score(self.student, self._checkpoint(), records)
+            for rec, s in zip(records, scores, strict=True):
+                rec["score"] = float(s)
+        keep = self.strategy.keep_for_training(ctx, records)
+        kept = [r for r, k in zip(records, keep, strict=True) if k]
+        own = self.strategy.final_loss(ctx)
+        train, val = self._split(kept)
+        candidates = final_recipes(self.cfg.student, own, selectable=bool(val))
+        trials = []
+        for recipe in candidates:
+            fresh = self.cfg.student.final_fresh or self.student is None
+            student = self._new_student() if fresh else load_student(self._checkpoint(), self.task)
+            fit = self.runtime.train(student, train, recipe, val)
+            trials.append((recipe, student, fit))
+        chosen = choose_recipe([(r, f) for r, _, f in trials], own_loss=own[0], n_val=len(val))
+        recipe, student, fit = trials[chosen]
+        out = self.run_dir / "student"
+        student.save(out)
+        self.student = student
+        ev = self._evaluate(student)
+        test = self.synthetic_test_records()
+        synthetic = {}
+        if not ev and test:
+            synthetic = {f"synthetic_{k}": v for k, v in self._evaluate(student, test).items()}
+        final = {
+            "records": len(train),
+            "val_records": len(val),
+            "dropped_by_noise_filter": len(records) - len(kept),
+            "loss": recipe.loss,
+            "recipe": recipe.name,
+            "recipes": [{"recipe": r.name, **{k: v for k, v in f.items() if k != "curve"}} for r, _, f in trials],
+            "eval_source": self.eval_source,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "fit": fit,
+            **learning_check(self.task, fit, val),
+            **ev,
+            **synthetic,
+        }
+        if self.eval_note:
+            final["eval_note"] = self.eval_note
+        info = {k: v for k, v in final.items() if k not in ("fit", "recipes")}
+        self._emit("final", self.cfg.strategy.iterations, {**info, "train_loss": fit.get("loss")})
+        return final
+
+
+def _merge_label_stats(written: dict[str, Any], labelled: dict[str, Any]) -> dict[str, Any]:
+    """One generate stage's statistics from its two passes (texts written, then labelled).
+
+    ``accepted`` counts the labelled records (the stage's training data); requests, rejects and
+    tokens add up over both passes.
+    """
+    reasons = Counter(written.get("rejected_by_reason", {})) + Counter(labelled.get("rejected_by_reason", {}))
+    return {
+        **written,
+        "requested": written["requested"] + labelled["requested"],
+        "accepted": labelled["accepted"],
+        "rejected": written["rejected"] + labelled["rejected"],
+        "rejected_by_reason": dict(reasons),
+        "output_tokens": int(written.get("output_tokens", 0)) + int(labelled.get("output_tokens", 0)),
+        "written": written["accepted"],
+        "label_requested": labelled["requested"],
+        "label_seconds": labelled.get("seconds"),
+    }
+
+
+def distill_in_process(cfg: RunConfig, *, resume: bool = False, on_event: EventFn | None = None,
+                       engine: TeacherEngine | None = None) -> dict[str, Any]:
+    """Run a whole distillation in this process (no Ray), tracked in MLflow as a Ray run is.
+
+    Args:
+        cfg: The run config.
+        resume: Continue the run committed in ``cfg.output.dir``.
+        on_event: Progress callback.
+        engine: A ready teacher engine (tests); built from ``cfg.teacher`` when None.
+
+    Returns:
+        The run metrics, with ``mlflow`` (tracking URI and run id) when tracking is on.
+    """
+    return Distiller(cfg, engine=engine, resume=resume, on_event=on_event).run()

@@ -1,0 +1,209 @@
+"""Runtimes: how the stages of a run execute. The loop (:mod:`gold_ray.run.loop`) decides *what* runs.
+
+A :class:`Runtime` owns the four things a stage asks of the machine:
+
+``produce``   the teacher answers prompts; answers are parsed into records (accepted and
+              rejected, built by :func:`gold_ray.run.store.make_record`) and probes are scored
+``train``     the student trains on records with a :class:`~gold_ray.student.training.Recipe`
+``score``     the student's OOD scores of records (the final noise filter)
+``evaluate``  the student's metrics on labelled records
+
+Two implementations, each passed to :class:`~gold_ray.run.loop.Distiller` at construction:
+
+- :class:`InProcessRuntime` (here): everything in this process (``gold-ray distill --local``);
+  the reference the Ray runtime is tested against.
+- ``actors.runtime.RayRuntime``: the teacher on Ray Serve, generation and scoring through Ray Data
+  and a scorer actor pool, training on Ray Train, evaluation as a Ray task beside the scorers.
+
+They differ in where the work runs, never in what it computes: parsing, records, the training loop
+(:func:`gold_ray.student.training.fit`), OOD scores and metrics are the same functions on both.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gold_ray.config import RunConfig
+from gold_ray.run import store
+from gold_ray.run.tasks import TaskSpec
+from gold_ray.student.evaluation import evaluate_student
+from gold_ray.student.model import Student
+from gold_ray.student.training import Recipe
+from gold_ray.teacher.labelling import answer_prompts, read_answer
+from gold_ray.teacher.parsing import Deduplicator, ParseResult, parse_batch
+from gold_ray.types import Prompt, SamplingParams, TeacherEngine
+
+
+@dataclass
+class RunContext:
+    """What a runtime learns about the run it serves when the loop binds it.
+
+    Attributes:
+        cfg: The run config.
+        task: The task.
+        run_dir: The run directory.
+        student_path: The resolved student model.
+        teacher_path: The resolved teacher model (None for a remote endpoint).
+        tracking: ``{"tracking_uri", "run_id"}`` of the run's MLflow run, once it has one.
+    """
+
+    cfg: RunConfig
+    task: TaskSpec
+    run_dir: Path
+    student_path: str
+    teacher_path: str | None
+    tracking: dict[str, str] | None = None
+
+
+class Runtime(ABC):
+    """Where and how a run's stages execute (see the module docstring)."""
+
+    run: RunContext
+
+    def bind(self, run: RunContext) -> None:
+        """Attach the runtime to a run (before its first stage)."""
+        self.run = run
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Start what the runtime needs for the whole run (the Ray runtime: the teacher)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what :meth:`start` started and remove scratch files of a finished run."""
+
+    @abstractmethod
+    def produce(
+        self,
+        prompts: list[Prompt],
+        iteration: int,
+        kind: str,
+        student: Student | None,
+        checkpoint: Path | None,
+        dedup: Deduplicator,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Answer ``prompts``; returns every record (accepted and rejected, in prompt order) and stats.
+
+        Args:
+            prompts: The stage's prompts (each with ``meta["uid"]``).
+            iteration: The iteration (record ids).
+            kind: ``train``, ``probe`` or ``classify``.
+            student: The current student, when accepted records are to be scored (probes).
+            checkpoint: The same student saved on disk (what a remote scorer loads).
+            dedup: The run's deduplicator, updated in place in prompt order.
+
+        Returns:
+            ``(records, stats)`` with ``output_tokens``, ``seconds``, ``tokens_per_s``,
+            ``samples_per_s`` and runtime-specific counters.
+        """
+
+    @abstractmethod
+    def train(
+        self, student: Student, records: list[dict[str, Any]], recipe: Recipe, val_records: Sequence[dict] = ()
+    ) -> dict[str, Any]:
+        """Train ``student`` in place; returns :func:`gold_ray.student.training.fit`'s metrics."""
+
+    def score(self, student: Student, checkpoint: Path | None, records: list[dict[str, Any]]) -> np.ndarray:
+        """The student's OOD scores of ``records`` (the strategy section's score)."""
+        s = self.run.cfg.strategy
+        return student.ood_scores(records, score=s.score, temperature=s.energy_temperature, mode=s.energy_mode)
+
+    def evaluate(self, student: Student, checkpoint: Path | None, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The student's metrics on labelled ``records`` (empty without records)."""
+        if not records:
+            return {}
+        return evaluate_student(student, self.run.task, records)
+
+
+def sampling_params(cfg: RunConfig) -> SamplingParams:
+    """Sampling parameters of every teacher request, from the ``teacher`` section."""
+    t = cfg.teacher
+    return SamplingParams(t.temperature, t.top_p, t.top_k, t.max_new_tokens)
+
+
+class InProcessRuntime(Runtime):
+    """Every stage in this process: the teacher engine, parsing, scoring and training.
+
+    Args:
+        engine: A ready teacher engine; built from the ``teacher`` section on first use when None.
+    """
+
+    def __init__(self, engine: TeacherEngine | None = None):
+        self._engine = engine
+
+    def engine(self) -> TeacherEngine:
+        """The teacher engine, built on first use."""
+        if self._engine is None:
+            from gold_ray.teacher.engines import build_engine
+
+            cfg = self.run.cfg
+            self._engine = build_engine(cfg.teacher, self.run.teacher_path or cfg.teacher.model, cfg.seed)
+        return self._engine
+
+    def produce(
+        self,
+        prompts: list[Prompt],
+        iteration: int,
+        kind: str,
+        student: Student | None,
+        checkpoint: Path | None,
+        dedup: Deduplicator,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Generate, parse and (with a student) score in this process; see :meth:`Runtime.produce`.
+
+        ``classify`` prompts are answered and read as labels (:mod:`gold_ray.teacher.labelling`); their
+        texts are not deduplicated again (they were when they were written or loaded).
+        """
+        task = self.run.task
+        t0 = time.perf_counter()
+        generations = answer_prompts(self.engine(), prompts, sampling_params(self.run.cfg)) if prompts else []
+        seconds = time.perf_counter() - t0
+        written = [i for i, p in enumerate(prompts) if p.kind != "classify"]
+        parsed = parse_batch(task, [prompts[i] for i in written], [generations[i] for i in written], dedup)
+        results: list[ParseResult] = [ParseResult(None, "error", "")] * len(prompts)
+        confidence = [float("nan")] * len(prompts)
+        for i, r in zip(written, parsed, strict=True):
+            results[i] = r
+        for i, (p, g) in enumerate(zip(prompts, generations, strict=True)):
+            if p.kind != "classify":
+                continue
+            if g.error is not None:
+                results[i] = ParseResult(None, "error", str(g.error)[:2000] or "teacher error")
+            else:
+                results[i], confidence[i] = read_answer(task, p, g.text, g.option_logprobs)
+        records = [
+            store.make_record(
+                task, iteration=iteration, kind=kind, index=i, requested_label=p.label,
+                raw_text=g.text if g.error is None else "", reject_reason=r.reason,
+                reject_detail=r.detail or (g.error or ""), fields=r.fields, output_tokens=g.output_tokens,
+                style=p.meta.get("style"), confidence=confidence[i],
+                option_logprobs=json.dumps(list(g.option_logprobs)) if g.option_logprobs is not None else None,
+            )
+            for i, (p, g, r) in enumerate(zip(prompts, generations, results, strict=True))
+        ]
+        tokens = sum(g.output_tokens for g in generations)
+        stats: dict[str, Any] = {
+            "output_tokens": tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+            "samples_per_s": round(len(prompts) / seconds, 3) if seconds > 0 else None,
+        }
+        accepted = [r for r in records if r["reject_reason"] is None]
+        if student is not None and accepted:
+            t1 = time.perf_counter()
+            for rec, value in zip(accepted, self.score(student, checkpoint, accepted), strict=True):
+                rec["score"] = float(value)
+            stats["score_seconds"] = round(time.perf_counter() - t1, 3)
+        return records, stats
+
+    def train(
+        self, student: Student, records: list[dict[str, Any]], recipe: Recipe, val_records: Sequence[dict] = ()
+    ) -> dict[str, Any]:
+        """:func:`gold_ray.student.training.fit` in this process."""
+        return student.fit(records, recipe.epochs, recipe=recipe, seed=self.run.cfg.seed, val_records=val_records)

@@ -1,0 +1,300 @@
+"""Task specifications: what the teacher must write and the student must learn.
+
+A task is data, not code: a YAML file loaded into :class:`TaskSpec`. The shipped tasks live in
+``gold_ray/tasks/*.yaml``; a user's own task is any YAML file with the same fields.
+
+Three task types cover the GOLD paper's tasks:
+
+- ``classification``: one input field (``text``) and a label from a fixed set (SST-2, AG News, CoLA).
+- ``pair_classification``: two input fields (``text_a``, ``text_b``) and a label (RTE, QNLI, MRPC).
+- ``text_to_text``: input fields and one free-text target field (SVAMP: question to numeric answer).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gold_ray.errors import MissingFileError, UserError
+
+TaskType = Literal["classification", "pair_classification", "text_to_text"]
+
+SHIPPED_TASK_DIR = Path(__file__).resolve().parents[1] / "tasks"
+
+DATA_DIR_ENV = "GOLD_RAY_DATA"
+"""Environment variable naming the folder that relative evaluation paths are resolved against."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputField(_Strict):
+    """One input field of a sample.
+
+    Attributes:
+        name: Column name in records and evaluation files (``text``, ``text_a``, ``question``).
+        display: How the field is named in teacher prompts (``Review``, ``Premise``).
+        min_chars: Shorter generated values are rejected as ``too_short``.
+        max_chars: Longer generated values are rejected as ``too_long``.
+    """
+
+    name: str
+    display: str
+    min_chars: int = Field(default=10, ge=0)
+    max_chars: int = Field(default=400, gt=0)
+
+
+class LabelSpec(_Strict):
+    """One class of a classification task.
+
+    Attributes:
+        name: The label as it appears in evaluation files (``positive``, ``not_entailment``).
+        description: One line for the teacher saying what the label means.
+        verbalizer: The word or phrase used for the label inside prompts; defaults to ``name``
+            with underscores turned into spaces.
+    """
+
+    name: str
+    description: str
+    verbalizer: str | None = None
+
+    @property
+    def word(self) -> str:
+        """The label as the teacher reads it."""
+        return self.verbalizer or self.name.replace("_", " ")
+
+
+class HfEvalSource(_Strict):
+    """A dataset loadable by ``datasets.load_dataset`` that holds a task's real evaluation set.
+
+    Attributes:
+        path: What ``load_dataset`` takes as its path: a Hub dataset id (``nyu-mll/glue``), a
+            packaged loader (``json``, ``csv``, ``parquet``) with ``data_files``, or a local folder.
+        name: The dataset's configuration (``sst2``), when it has several.
+        split: The split to evaluate on (``validation``).
+        data_files: Data files for a packaged loader or a folder, in any form ``load_dataset`` takes.
+        fields: Task field to dataset column, for the task's input fields and its target
+            (``label`` or the target field); a field left out is read from the column of its own name.
+        label_names: Classification only: the task label of each integer class, in class order
+            (``[negative, positive]``: class 0 is ``negative``). Several classes may share a label.
+            Default: the names of the column's ``ClassLabel`` feature. Text labels are read as they are.
+    """
+
+    path: str = Field(min_length=1)
+    name: str | None = None
+    split: str = Field(min_length=1)
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    fields: dict[str, str] = Field(default_factory=dict)
+    label_names: list[str] | None = Field(default=None, min_length=1)
+
+    @property
+    def source(self) -> str:
+        """``hf:<path>[/<name>]:<split>``, how runs record this dataset."""
+        return f"hf:{self.path}{'/' + self.name if self.name else ''}:{self.split}"
+
+
+class EvalSource(_Strict):
+    """Where the real evaluation set of a task lives; see :func:`gold_ray.student.evaluation.load_task_eval`.
+
+    Attributes:
+        path: A JSONL file with the task's input fields and target. A relative path names a file
+            of the local data mirror (``$GOLD_RAY_DATA`` or ``task.data_dir``), used when the mirror
+            is set and holds it; an absolute path is the user's own file and must be readable.
+        hf: A ``datasets`` dataset with the same examples, used when no mirror file is found.
+    """
+
+    path: str | None = None
+    hf: HfEvalSource | None = None
+
+    @model_validator(mode="after")
+    def _names_a_source(self) -> EvalSource:
+        if self.path is None and self.hf is None:
+            raise ValueError("eval: name a `path`, an `hf` dataset, or both")
+        return self
+
+
+class TaskSpec(_Strict):
+    """A task definition loaded from YAML.
+
+    Attributes:
+        name: Short identifier (``sst2``).
+        type: ``classification``, ``pair_classification`` or ``text_to_text``.
+        description: What the task is, written for the teacher.
+        sample_noun: What one sample is called in prompts (``movie review``, ``news article``).
+        input_fields: The fields the teacher writes and the student reads.
+        labels: The label set (classification types only).
+        target_field: For ``text_to_text``: the field the student must produce (``answer``).
+        target_display: How the target is named in prompts (``Answer``).
+        answer_type: ``text`` or ``number``; ``number`` compares answers numerically.
+        seed_demos: Three to five demonstrations written for this project, one dict per sample
+            with every input field and ``label`` (or the target field).
+        output_format: The layout the teacher must follow, shown in the prompt.
+        style_hints: Diversity knobs; one is drawn at random (seeded) per prompt.
+        eval: The real evaluation set, if any.
+        seed_path: Optional JSONL of real labelled examples (for S3 validation or demos), never the test set.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    type: TaskType
+    description: str = Field(min_length=1)
+    sample_noun: str = "text"
+    input_fields: list[InputField] = Field(min_length=1)
+    labels: list[LabelSpec] = Field(default_factory=list)
+    target_field: str | None = None
+    target_display: str = "Answer"
+    answer_type: Literal["text", "number"] = "text"
+    seed_demos: list[dict[str, Any]] = Field(min_length=1)
+    output_format: str = ""
+    style_hints: list[str] = Field(default_factory=list)
+    eval: EvalSource | None = None
+    seed_path: str | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, labels: list[LabelSpec]) -> list[LabelSpec]:
+        names = [label.name for label in labels]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate label names: {dupes}")
+        return labels
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskSpec:
+        names = [f.name for f in self.input_fields]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input_fields: duplicate field names {names}")
+        if self.type == "pair_classification" and len(names) != 2:
+            raise ValueError("input_fields: a pair_classification task needs exactly two input fields")
+        if self.is_classification:
+            if len(self.labels) < 2:
+                raise ValueError("labels: a classification task needs at least two labels")
+            if self.target_field is not None:
+                raise ValueError("target_field: only text_to_text tasks have a target field")
+        else:
+            if not self.target_field:
+                raise ValueError("target_field: a text_to_text task must name its target field")
+            if self.labels:
+                raise ValueError("labels: a text_to_text task has no label set")
+        wanted = set(names) | {self.target_key}
+        label_names = set(self.label_names)
+        for i, demo in enumerate(self.seed_demos):
+            missing = sorted(wanted - set(demo))
+            if missing:
+                raise ValueError(f"seed_demos[{i}]: missing field(s) {missing}")
+            extra = sorted(set(demo) - wanted)
+            if extra:
+                raise ValueError(f"seed_demos[{i}]: unknown field(s) {extra}")
+            if self.is_classification and demo["label"] not in label_names:
+                raise ValueError(
+                    f"seed_demos[{i}].label: {demo['label']!r} is not in the label set {sorted(label_names)}"
+                )
+        hf = self.eval.hf if self.eval else None
+        if hf is not None:
+            unknown = sorted(set(hf.fields) - wanted)
+            if unknown:
+                raise ValueError(f"eval.hf.fields: {unknown} are not fields of the task; its fields are {sorted(wanted)}")
+            if hf.label_names is not None:
+                if not self.is_classification:
+                    raise ValueError("eval.hf.label_names: a text_to_text task has no label set")
+                bad = sorted(set(hf.label_names) - label_names)
+                if bad:
+                    raise ValueError(f"eval.hf.label_names: {bad} are not in the label set {sorted(label_names)}")
+        return self
+
+    @property
+    def is_classification(self) -> bool:
+        """True for ``classification`` and ``pair_classification`` tasks."""
+        return self.type != "text_to_text"
+
+    @property
+    def label_names(self) -> list[str]:
+        """Label names in the order of the student's output logits."""
+        return [label.name for label in self.labels]
+
+    @property
+    def field_names(self) -> list[str]:
+        """Names of the input fields."""
+        return [f.name for f in self.input_fields]
+
+    @property
+    def target_key(self) -> str:
+        """The record key holding the supervision: ``label`` or the target field."""
+        return "label" if self.is_classification else str(self.target_field)
+
+    def label(self, name: str) -> LabelSpec:
+        """The :class:`LabelSpec` called ``name``."""
+        for label in self.labels:
+            if label.name == name:
+                return label
+        raise KeyError(f"task {self.name!r} has no label {name!r}; labels are {self.label_names}")
+
+    def eval_path(self, data_dir: str | os.PathLike[str] | None = None) -> Path | None:
+        """The evaluation JSONL path, resolved against ``data_dir`` or ``$GOLD_RAY_DATA``.
+
+        Returns None when the task names no local evaluation file.
+        """
+        if self.eval is None or self.eval.path is None:
+            return None
+        return resolve_data_path(self.eval.path, data_dir)
+
+
+def resolve_data_path(path: str, data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Resolve a data path: absolute paths stay, relative ones join ``data_dir`` or ``$GOLD_RAY_DATA``."""
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute():
+        return p
+    base = data_dir or os.environ.get(DATA_DIR_ENV)
+    if not base:
+        raise MissingFileError(
+            f"{path!r} is relative and no data folder is set: set ${DATA_DIR_ENV} or task.data_dir"
+        )
+    return Path(base) / p
+
+
+class TaskFileError(UserError, ValueError):
+    """A task file that does not parse or validate; the message names the file and the fields."""
+
+
+def shipped_tasks() -> dict[str, Path]:
+    """Names and paths of the task files shipped with gold-ray."""
+    return {p.stem: p for p in sorted(SHIPPED_TASK_DIR.glob("*.yaml"))}
+
+
+def load_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
+    """Load a shipped task by name (``sst2``) or any task YAML file by path.
+
+    Raises:
+        TaskFileError: the file is missing, is not YAML, or does not validate; the message lists
+            every error with its field.
+    """
+    text = str(name_or_path)
+    path = shipped_tasks().get(text) or Path(text)
+    if not path.is_file():
+        raise TaskFileError(
+            f"task {text!r}: no such file and no shipped task of that name "
+            f"(shipped: {', '.join(shipped_tasks())})"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise TaskFileError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise TaskFileError(f"{path}: expected a mapping of task fields, got {type(data).__name__}")
+    try:
+        return TaskSpec.model_validate(data)
+    except ValidationError as err:
+        raise TaskFileError(f"{path}:\n{format_validation_error(err)}") from err
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per error, each starting with the dotted field path."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(part) for part in e["loc"]) or "(root)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)

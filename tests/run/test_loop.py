@@ -1,0 +1,183 @@
+"""The in-process loop end to end on tiny random models and the deterministic fake engine."""
+
+import json
+
+import pytest
+
+from gold_ray.run.loop import Distiller, RunDirError
+from gold_ray.run.store import read_parts
+from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
+
+
+class RecordingEngine(FakeTeacherEngine):
+    """The fake engine, remembering every prompt it was sent."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.prompts = []
+
+    def generate(self, prompts, params):
+        self.prompts.extend(prompts)
+        return super().generate(prompts, params)
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    return save_tiny_classifier(tmp_path_factory.mktemp("student"))
+
+
+@pytest.fixture
+def eval_file(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    rows = [{"text": f"a sample {i} that reads as {'positive' if i % 2 else 'negative'}",
+             "label": "positive" if i % 2 else "negative"} for i in range(20)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def make_cfg(tmp_path, student_dir, eval_file, *extra):
+    return tiny_run_config(tmp_path / "run", student_dir, f"task.eval_path={eval_file}", "budget.samples=24",
+                           "strategy.probe_fraction=0.5", *extra)
+
+
+def test_gold_loop_feeds_back_rejects_and_saves(tmp_path, student_dir, eval_file):
+    engine = RecordingEngine(fail_every=5)
+    cfg = make_cfg(tmp_path, student_dir, eval_file)
+    metrics = Distiller(cfg, engine=engine).run()
+    run = tmp_path / "run"
+
+    it0 = metrics["iterations"][0]
+    # Probes come out of the same budget: 24 samples over 2 iterations, half of each on probes.
+    assert it0["generate"]["requested"] == 6 and it0["probe"]["requested"] == 6
+    assert sum(m["generate"]["requested"] + m["probe"]["requested"] for m in metrics["iterations"]) == 24
+    # The train stage's time covers its fit (and the checkpoint and evaluation after it).
+    assert it0["train"]["seconds"] >= it0["train"]["fit_seconds"] > 0
+    assert it0["generate"]["rejected_by_reason"].get("error", 0) >= 1  # injected failures are kept as rejects
+    rejects = read_parts(sorted((run / "data").glob("rejects-*.parquet")))
+    assert rejects and all(r["reject_reason"] for r in rejects)
+
+    feedback = it0["feedback"]["ids"]
+    assert feedback, "the energy band of the probes must yield feedback"
+    fed_texts = {r["text"] for r in read_parts([run / "data" / "probe-it000.parquet"]) if r["id"] in feedback}
+    later = [p for p in engine.prompts if p.meta.get("uid", "").startswith("it1-")]
+    shown = "\n".join(m["content"] for p in later for m in (p.messages or ())) + "".join(p.text or "" for p in later)
+    assert any(t in shown for t in fed_texts), "feedback samples must reach the next iteration's prompts"
+
+    assert "accuracy" in metrics["final"]
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(run / "student")
+    assert set(model.config.id2label.values()) == {"negative", "positive"}
+
+    from datasets import load_dataset
+
+    ds = load_dataset("parquet", data_files={"train": str(run / "data" / "train-*.parquet")})["train"]
+    assert len(ds) == sum(m["generate"]["accepted"] for m in metrics["iterations"])
+    card = (run / "dataset_card.md").read_text()
+    assert f"Accepted samples (train and probe parts): {metrics['totals']['accepted']}" in card
+
+
+def test_zerogen_has_no_probes_or_feedback(tmp_path, student_dir, eval_file):
+    cfg = make_cfg(tmp_path, student_dir, eval_file, "strategy.name=zerogen")
+    metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
+    assert all(m["probe"]["requested"] == 0 for m in metrics["iterations"])
+    assert all(m["feedback"]["size"] == 0 for m in metrics["iterations"])
+    assert metrics["totals"]["accepted"] > 0
+
+
+def test_existing_run_is_not_clobbered(tmp_path, student_dir, eval_file):
+    cfg = make_cfg(tmp_path, student_dir, eval_file, "strategy.iterations=1", "budget.samples=8")
+    Distiller(cfg, engine=FakeTeacherEngine()).run()
+    before = (tmp_path / "run" / "state.json").read_bytes()
+    with pytest.raises(RunDirError, match="--resume"):
+        Distiller(cfg, engine=FakeTeacherEngine())
+    assert (tmp_path / "run" / "state.json").read_bytes() == before
+
+
+class CrashAfter(Exception):
+    pass
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, student_dir, eval_file):
+    ref_cfg = make_cfg(tmp_path / "ref", student_dir, eval_file)
+    ref = Distiller(ref_cfg, engine=FakeTeacherEngine()).run()
+
+    cfg = make_cfg(tmp_path / "crash", student_dir, eval_file)
+    events = []
+
+    def crash_in_iteration_1(stage, info):
+        events.append((info["iteration"], stage))
+        if (info["iteration"], stage) == (1, "generate"):
+            raise CrashAfter
+
+    with pytest.raises(CrashAfter):
+        Distiller(cfg, engine=FakeTeacherEngine(), on_event=crash_in_iteration_1).run()
+    resumed = Distiller(cfg, engine=FakeTeacherEngine(), resume=True).run()
+
+    for key in ("accepted",):
+        assert resumed["totals"][key] == ref["totals"][key]
+    assert [m["feedback"]["ids"] for m in resumed["iterations"]] == [m["feedback"]["ids"] for m in ref["iterations"]]
+    ids = [r["id"] for r in read_parts(sorted((tmp_path / "crash" / "run" / "data").glob("*.parquet")))]
+    assert len(ids) == len(set(ids)), "no committed sample is repeated"
+
+
+def test_fresh_student_head_follows_the_run_seed(tmp_path, student_dir, eval_file):
+    """A new in-process student's head is drawn from the run seed, as the Ray train stage draws it."""
+    import torch
+
+    from gold_ray.student.model import build_student
+
+    def fresh(seed):
+        distiller = Distiller(make_cfg(tmp_path / f"s{seed}", student_dir, eval_file, f"seed={seed}"),
+                              engine=FakeTeacherEngine())
+        return distiller, dict(distiller._new_student().model.named_parameters())
+
+    distiller, w1 = fresh(1)
+    _, w0 = fresh(0)
+    drawn = [n for n in w0 if not torch.equal(w0[n], w1[n])]
+    assert drawn, "seeds 0 and 1 gave the same fresh student"
+    assert all(n.startswith(("classifier", "score")) for n in drawn), drawn
+    ray_side = dict(build_student(distiller.task, distiller.cfg.student, student_dir, seed=1).model.named_parameters())
+    assert all(torch.equal(w1[n], ray_side[n]) for n in w1)
+
+
+def test_random_score_control_feeds_back_a_band_ranked_by_text_hash(tmp_path, student_dir, eval_file):
+    import numpy as np
+
+    from gold_ray.student.ood import band_indices, hashed_uniform_scores
+
+    cfg = make_cfg(tmp_path, student_dir, eval_file, "strategy.score=random", "budget.samples=48")
+    metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
+    probes = [r for r in read_parts([tmp_path / "run" / "data" / "probe-it000.parquet"]) if not r["reject_reason"]]
+    scores = np.array([r["score"] for r in probes])
+    np.testing.assert_array_equal(scores, hashed_uniform_scores([{"text": r["text"]} for r in probes]))
+    band = {probes[i]["id"] for i in band_indices(scores, cfg.strategy.band_lo, cfg.strategy.band_hi)}
+    assert band and set(metrics["iterations"][0]["feedback"]["ids"]) == band
+
+
+def test_iteration_eval_limit_bounds_only_the_per_iteration_evaluation(tmp_path, student_dir, eval_file):
+    cfg = make_cfg(tmp_path, student_dir, eval_file, "task.iteration_eval_limit=6", "strategy.name=zerogen")
+    metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
+    assert [m["train"]["n"] for m in metrics["iterations"]] == [6, 6]
+    assert metrics["final"]["n"] == 20
+
+
+def test_the_student_trains_past_a_floor_and_the_final_recipe_is_chosen_on_a_synthetic_split(
+        tmp_path, student_dir, eval_file):
+    # Enough samples for a synthetic validation split (10 % of them, at least 16), default training.
+    cfg = tiny_run_config(tmp_path / "run", student_dir, f"task.eval_path={eval_file}", "budget.samples=240",
+                          "strategy.probe_fraction=0.25", "student.final_epochs=null", "student.max_epochs=4",
+                          "student.min_steps_per_iteration=20", "student.final_min_steps=20")
+    metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
+    it0, it1 = (m["train"] for m in metrics["iterations"])
+    # The floor: 20 steps of batches of 8, whatever the data (capped at 4 epochs).
+    assert it0["steps"] >= min(20, 4 * -(-it0["records"] // 8)) and it0["epochs"] >= 2
+    assert it0["chance_loss"] == pytest.approx(0.6931, abs=1e-4) and "near_chance" in it0
+    assert it1["val_records"] >= 16 and "val_accuracy" in it1 and it1["records"] + it1["val_records"] <= it1["available"]
+    assert "score_iqr" in metrics["iterations"][0]["probe"]
+    final = metrics["final"]
+    # GOLD's own loss (SCE) and CE were both trained; one was kept, and its metrics are the student's.
+    assert [t["recipe"].split("-")[0] for t in final["recipes"]] == ["sce", "ce"]
+    assert final["recipe"] in {t["recipe"] for t in final["recipes"]} and final["val_records"] >= 16
+    # Checkpoints only serve a resume: a finished run keeps one copy of the student.
+    assert not (tmp_path / "run" / "checkpoints").exists() and (tmp_path / "run" / "student").is_dir()

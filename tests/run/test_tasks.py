@@ -1,0 +1,99 @@
+"""Task files: every shipped task validates; broken files fail with the field named."""
+
+import pytest
+
+from gold_ray.run.tasks import TaskFileError, load_task, resolve_data_path, shipped_tasks
+
+SST2 = """
+name: mine
+type: classification
+description: Is it good?
+input_fields: [{name: text, display: Text}]
+labels:
+  - {name: good, description: it is good}
+  - {name: bad, description: it is bad}
+seed_demos:
+  - {text: "lovely stuff", label: good}
+"""
+
+
+@pytest.mark.parametrize("name", sorted(shipped_tasks()))
+def test_every_shipped_task_validates(name):
+    task = load_task(name)
+    assert task.name == name
+    assert 3 <= len(task.seed_demos) <= 5
+    assert task.eval is not None and task.eval.path
+    if task.is_classification:
+        assert all(d["label"] in task.label_names for d in task.seed_demos)
+
+
+def test_expected_tasks_are_shipped():
+    assert {"sst2", "ag_news", "rte", "qnli", "mrpc", "cola", "svamp"} <= set(shipped_tasks())
+
+
+def test_user_task_file_loads(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(SST2)
+    task = load_task(path)
+    assert task.label_names == ["good", "bad"]
+    assert task.target_key == "label"
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda s: s.replace("  - {name: bad, description: it is bad}\n", ""), "labels"),
+        (lambda s: s.replace("name: bad", "name: good"), "labels"),
+        (lambda s: s.replace('seed_demos:\n  - {text: "lovely stuff", label: good}\n', "seed_demos: []\n"),
+         "seed_demos"),
+        (lambda s: s.replace("label: good}", "label: great}"), r"seed_demos\[0\]\.label"),
+        (lambda s: s.replace("type: classification", "type: regression"), "type"),
+        (lambda s: s + "colour: blue\n", "colour"),
+    ],
+)
+def test_broken_task_names_the_field(tmp_path, edit, field):
+    path = tmp_path / "broken.yaml"
+    path.write_text(edit(SST2))
+    with pytest.raises(TaskFileError, match=field):
+        load_task(path)
+
+
+def test_missing_task_lists_shipped_ones():
+    with pytest.raises(TaskFileError, match="sst2"):
+        load_task("no-such-task")
+
+
+def test_relative_data_path_needs_a_data_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("GOLD_RAY_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match="GOLD_RAY_DATA"):
+        resolve_data_path("sst2/test.jsonl")
+    assert resolve_data_path("sst2/test.jsonl", tmp_path) == tmp_path / "sst2/test.jsonl"
+
+
+def test_shipped_tasks_name_their_public_dataset():
+    named = {name: load_task(name).eval.hf for name in shipped_tasks()}
+    assert named["svamp"] is None  # its question joins two columns: the local mirror only
+    assert named["sst2"].source == "hf:nyu-mll/glue/sst2:validation"
+    assert named["ag_news"].source == "hf:fancyzhx/ag_news:test"
+    for name, hf in named.items():
+        if hf is not None:
+            assert sorted(hf.label_names) == sorted(load_task(name).label_names), name
+
+
+@pytest.mark.parametrize(
+    ("eval_yaml", "field"),
+    [
+        ("eval: {}\n", r"eval: .*name a `path`, an `hf` dataset"),
+        ("eval: {hf: {path: glue, name: sst2}}\n", r"eval\.hf\.split"),
+        ("eval: {hf: {path: '', split: test}}\n", r"eval\.hf\.path"),
+        ("eval: {hf: {path: glue, split: test, fields: {sentence: text}}}\n", r"eval\.hf\.fields: \['sentence'\]"),
+        ("eval: {hf: {path: glue, split: test, label_names: [good, meh]}}\n", r"eval\.hf\.label_names: \['meh'\]"),
+        ("eval: {hf: {path: glue, split: test, label_names: []}}\n", r"eval\.hf\.label_names"),
+        ("eval: {hf: {path: glue, split: test, revision: main}}\n", r"eval\.hf\.revision"),
+    ],
+)
+def test_bad_eval_dataset_spec_names_the_field(tmp_path, eval_yaml, field):
+    path = tmp_path / "broken.yaml"
+    path.write_text(SST2 + eval_yaml)
+    with pytest.raises(TaskFileError, match=field):
+        load_task(path)

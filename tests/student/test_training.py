@@ -1,0 +1,163 @@
+"""Tests of gold_ray.student.training: the one training loop, its recipes and the synthetic split."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from gold_ray.config import StudentConfig
+from gold_ray.run.tasks import load_task
+from gold_ray.student.model import build_student
+from gold_ray.student.training import (
+    MIN_VAL_RECORDS,
+    Recipe,
+    choose_recipe,
+    final_recipes,
+    fit,
+    in_loop_recipe,
+    learning_check,
+    local_slice,
+    loss_weight,
+    synthetic_split,
+)
+from gold_ray.testing import save_tiny_classifier
+
+SST2 = load_task("sst2")
+GOOD = ["good", "great", "lovely", "fine", "superb", "nice"]
+BAD = ["bad", "awful", "dull", "poor", "weak", "bland"]
+TOPICS = ["plot", "acting", "music", "ending", "cast", "script"]
+RECORDS = [
+    {"id": f"r{i}", "text": f"the {t} was {w}", "label": "positive" if w in GOOD else "negative"}
+    for i, (w, t) in enumerate((w, t) for w in GOOD + BAD for t in TOPICS)
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny"), dropout=0.0)
+
+
+def _student(model_dir: str, lr: float = 1e-3):
+    return build_student(SST2, StudentConfig(model=model_dir, batch_size=8, max_length=16, lr=lr), model_dir, seed=0)
+
+
+def _weights(student) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in student.model.state_dict().items()}
+
+
+def test_local_slice_covers_the_batch_once():
+    for size in range(0, 12):
+        for world in (1, 2, 3):
+            rows = [i for r in range(world) for i in range(size)[local_slice(size, world, r)]]
+            assert rows == list(range(size))
+    assert local_slice(5, 2, 0) == slice(0, 3) and local_slice(5, 2, 1) == slice(3, 5)
+
+
+def test_loss_weight_makes_the_ddp_average_the_global_mean():
+    m0, m1 = 0.9, 0.4
+    avg = (m0 * loss_weight(3, 5, 2) + m1 * loss_weight(2, 5, 2)) / 2
+    assert avg == pytest.approx((3 * m0 + 2 * m1) / 5)
+    assert loss_weight(4, 4, 1) == 1.0 and loss_weight(0, 0, 2) == 0.0
+
+
+def test_the_step_floor_raises_epochs_up_to_the_cap():
+    recipe = Recipe(epochs=1, min_steps=60, max_epochs=20)
+    assert recipe.planned_epochs(51, 32) == 20  # 2 steps an epoch: the cap binds
+    assert recipe.planned_epochs(320, 32) == 6  # 10 steps an epoch: 60 steps
+    assert recipe.planned_epochs(3200, 32) == 1  # the floor is already met
+    assert Recipe(epochs=3, max_epochs=3).planned_epochs(10, 32) == 3
+    assert Recipe(epochs=0).planned_epochs(10, 32) == 0
+
+
+def test_the_synthetic_split_is_stable_as_data_grows_and_needs_enough_records():
+    records = [{"id": f"it000-train-{i:05d}"} for i in range(400)]
+    train, val = synthetic_split(records, 0.1, seed=0)
+    assert 20 <= len(val) <= 60 and len(train) + len(val) == 400
+    more_train, more_val = synthetic_split(records + [{"id": f"it001-train-{i:05d}"} for i in range(400)], 0.1, 0)
+    assert {r["id"] for r in val} <= {r["id"] for r in more_val}
+    assert not {r["id"] for r in val} & {r["id"] for r in more_train}
+    assert synthetic_split(records[:50], 0.1, 0) == (records[:50], [])  # under MIN_VAL_RECORDS held out
+    assert synthetic_split(records, 0.1, seed=1)[1] != val
+
+
+def test_pinned_epochs_give_exactly_those_epochs_and_the_default_fits_with_a_floor():
+    pinned = in_loop_recipe(StudentConfig(epochs_per_iteration=2))
+    assert (pinned.epochs, pinned.max_epochs, pinned.min_steps, pinned.patience) == (2, 2, 0, 0)
+    default = in_loop_recipe(StudentConfig())
+    assert default.min_steps > 0 and default.patience > 0 and default.loss == "ce"
+
+
+def test_final_candidates_are_bounded_and_the_strategys_own_loss_comes_first():
+    cfg = StudentConfig()
+    both = final_recipes(cfg, ("sce", 0.1, 1.0), selectable=True)
+    assert [r.loss for r in both] == ["sce", "ce"] and both[0].alpha == 0.1
+    assert [r.loss for r in final_recipes(cfg, ("sce", 0.1, 1.0), selectable=False)] == ["sce"]
+    pinned = StudentConfig(final_loss="ce", final_epochs=3, final_lrs=[1e-4, 3e-4])
+    recipes = final_recipes(pinned, ("ce", 1.0, 1.0), selectable=True)
+    assert [(r.loss, r.lr, r.epochs, r.max_epochs) for r in recipes] == [("ce", 1e-4, 3, 3), ("ce", 3e-4, 3, 3)]
+
+
+def test_choose_recipe_keeps_the_strategys_own_loss_within_the_splits_noise():
+    sce, ce = Recipe(loss="sce", alpha=0.1), Recipe(loss="ce")
+    assert choose_recipe([(sce, {"val_accuracy": 0.80}), (ce, {"val_accuracy": 0.82})], own_loss="sce", n_val=100) == 0
+    assert choose_recipe([(sce, {"val_accuracy": 0.70}), (ce, {"val_accuracy": 0.82})], own_loss="sce", n_val=100) == 1
+    assert choose_recipe([(sce, {"val_accuracy": 0.9})], own_loss="sce", n_val=100) == 0
+
+
+def test_learning_check_flags_a_student_near_chance():
+    val = [{"label": "positive"}] * 12 + [{"label": "negative"}] * 8
+    near = learning_check(SST2, {"steps": 10, "loss": 0.69, "recipe": "ce-lr0.0001", "val_loss": 0.69,
+                                 "val_accuracy": 0.6}, val)
+    assert near["near_chance"] and "near chance" in near["warning"]
+    assert near["chance_loss"] == pytest.approx(math.log(2), abs=1e-4) and near["val_majority"] == 0.6
+    learned = learning_check(SST2, {"steps": 10, "loss": 0.1, "recipe": "ce-lr0.0001", "val_loss": 0.2,
+                                    "val_accuracy": 0.95}, val)
+    assert not learned["near_chance"] and "warning" not in learned
+
+
+def test_fit_with_a_split_stops_on_a_plateau_and_keeps_the_best_epoch(model_dir):
+    # The validation labels are the training labels flipped: the better the student fits its
+    # training data, the worse it does there, so validation peaks early and training must stop.
+    flip = {"positive": "negative", "negative": "positive"}
+    train = RECORDS[::2]
+    val = [{**r, "label": flip[r["label"]]} for r in RECORDS[1::2]]
+    assert len(val) >= MIN_VAL_RECORDS
+    student = _student(model_dir, lr=3e-3)
+    result = fit(student, train, Recipe(lr=3e-3, epochs=1, min_steps=400, max_epochs=40, patience=2), seed=0,
+                 val_records=val)
+    curve = result["curve"]
+    assert result["stopped_early"] and result["epochs"] < 40 and len(curve) == result["epochs"]
+    assert result["epochs"] == result["best_epoch"] + 2  # two epochs without a better score, then stop
+    assert curve[-1]["loss"] < curve[0]["loss"]  # it did train
+    # The returned weights are the best epoch's: evaluating them again gives its numbers.
+    from gold_ray.student.training import validation_metrics
+
+    assert validation_metrics(student, val)["val_accuracy"] == pytest.approx(result["val_accuracy"])
+
+
+def test_fit_resumed_from_an_epoch_trains_what_an_unbroken_call_trains(model_dir):
+    recipe = Recipe(lr=1e-3, epochs=3, max_epochs=3)
+    unbroken = _student(model_dir)
+    fit(unbroken, RECORDS, recipe, seed=4)
+
+    broken = _student(model_dir)
+    saved = {}
+
+    def on_epoch(state, optimizer, scheduler, best):
+        if state.epoch == 1:
+            # Deep copies: a checkpoint is written to disk at once, while the live tensors keep training.
+            saved.update(copy.deepcopy({"state": state.to_dict(), "optimizer": optimizer.state_dict(),
+                                        "scheduler": scheduler.state_dict(), "best": best}),
+                         weights=_weights(broken))
+
+    fit(broken, RECORDS, Recipe(lr=1e-3, epochs=3, max_epochs=3), seed=4, on_epoch=on_epoch)
+    resumed = _student(model_dir)
+    resumed.model.load_state_dict(saved.pop("weights"))
+    result = fit(resumed, RECORDS, recipe, seed=4, resume=saved)
+    assert result["epochs"] == 3
+    diff = max(float((a - b).abs().max()) for a, b in zip(_weights(resumed).values(), _weights(unbroken).values(),
+                                                          strict=True))
+    assert diff < 1e-5
