@@ -602,7 +602,8 @@ class Distiller:
             student = self._new_student() if fresh else load_student(self._checkpoint(), self.task)
             fit = self.runtime.train(student, train, recipe, val)
             trials.append((recipe, student, fit))
-        chosen = choose_recipe([(r, f) for r, _, f in trials], own_loss=own[0], n_val=len(val))
+        n_classes = len(self.task.label_names) if self.task.is_classification else None
+        chosen = choose_recipe([(r, f) for r, _, f in trials], own_loss=own[0], n_val=len(val), n_classes=n_classes)
         recipe, student, fit = trials[chosen]
         out = self.run_dir / "student"
         student.save(out)

@@ -107,6 +107,16 @@ def test_choose_recipe_keeps_the_strategys_own_loss_within_the_splits_noise():
     assert choose_recipe([(sce, {"val_accuracy": 0.9})], own_loss="sce", n_val=100) == 0
 
 
+def test_choose_recipe_passes_over_a_trial_still_at_chance():
+    # Measured on the demo: SCE's best epoch was 20 of 22 right by luck at a loss of 0.686 (ln 2 = 0.693).
+    sce, ce = Recipe(loss="sce", alpha=0.1), Recipe(loss="ce")
+    lucky = {"val_accuracy": 0.91, "val_loss": 0.686}
+    fitted = {"val_accuracy": 0.77, "val_loss": 0.49}
+    assert choose_recipe([(sce, lucky), (ce, fitted)], own_loss="sce", n_val=22, n_classes=2) == 1
+    both_at_chance = {"val_accuracy": 0.6, "val_loss": 0.69}
+    assert choose_recipe([(sce, lucky), (ce, both_at_chance)], own_loss="sce", n_val=22, n_classes=2) == 0
+
+
 def test_learning_check_flags_a_student_near_chance():
     val = [{"label": "positive"}] * 12 + [{"label": "negative"}] * 8
     near = learning_check(SST2, {"steps": 10, "loss": 0.69, "recipe": "ce-lr0.0001", "val_loss": 0.69,
@@ -126,11 +136,15 @@ def test_fit_with_a_split_stops_on_a_plateau_and_keeps_the_best_epoch(model_dir)
     val = [{**r, "label": flip[r["label"]]} for r in RECORDS[1::2]]
     assert len(val) >= MIN_VAL_RECORDS
     student = _student(model_dir, lr=3e-3)
-    result = fit(student, train, Recipe(lr=3e-3, epochs=1, min_steps=400, max_epochs=40, patience=2), seed=0,
+    per_epoch = math.ceil(len(train) / student.batch_size)
+    floor = 6 * per_epoch  # six epochs before any stop, whatever the split says
+    result = fit(student, train, Recipe(lr=3e-3, epochs=1, min_steps=floor, max_epochs=40, patience=2), seed=0,
                  val_records=val)
     curve = result["curve"]
     assert result["stopped_early"] and result["epochs"] < 40 and len(curve) == result["epochs"]
-    assert result["epochs"] == result["best_epoch"] + 2  # two epochs without a better score, then stop
+    assert result["steps"] >= floor  # the step floor comes before early stopping
+    # Two epochs without a better score, once past the floor, then stop.
+    assert result["epochs"] == max(result["best_epoch"] + 2, 6)
     assert curve[-1]["loss"] < curve[0]["loss"]  # it did train
     # The returned weights are the best epoch's: evaluating them again gives its numbers.
     from gold_ray.student.training import validation_metrics
