@@ -13,8 +13,8 @@ training prompts, then probe prompts), same machine, one run:
     model's generation config applies). Their ``max_length=4000`` is replaced by our
     ``max_new_tokens`` so every variant has the same output cap (``--reference-max-length 4000``
     restores theirs).
-(b) ``hf``: :class:`gold_ray.teacher.engines.HFEngine` called directly with the config's settings.
-(c) ``vllm``: :class:`gold_ray.teacher.engines.VLLMEngine` called directly; skipped, with the reason
+(b) ``hf``: :class:`gold_ray.teacher.hf_engine.HFEngine` called directly with the config's settings.
+(c) ``vllm``: :class:`gold_ray.teacher.vllm_engine.VLLMEngine` called directly; skipped, with the reason
     recorded, when vLLM does not import.
 (d) ``pipeline``: :func:`actors.pipeline.generate_iteration` on a private local Ray: the teacher
     as a Serve deployment (the config's engine), one ``TeacherCaller`` actor (one Serve call per
@@ -160,13 +160,14 @@ def _direct(engine: Any, params: Any) -> RunFn:
 
 
 def generate_engine(model_path: str, **kwargs: Any) -> Any:
-    """An :class:`~gold_ray.teacher.engines.HFEngine` whose batches go through transformers' ``generate``,
+    """An :class:`~gold_ray.teacher.hf_engine.HFEngine` whose batches go through transformers' ``generate``,
     as the engine did before :mod:`gold_ray.teacher.decoding` (full-vocabulary top-p sort and finished
     rows kept in the batch): the baseline the decode loop is measured against."""
     import torch
 
     from gold_ray.teacher.decoding import left_padded
-    from gold_ray.teacher.engines import HFEngine, truncate_at_stop
+    from gold_ray.teacher.engines import truncate_at_stop
+    from gold_ray.teacher.hf_engine import HFEngine
     from gold_ray.types import Generation
 
     class GenerateEngine(HFEngine):
@@ -326,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     from actors.teacher import default_sampling
     from gold_ray.models import resolve_model
     from gold_ray.run.tasks import load_task
-    from gold_ray.teacher.engines import HFEngine, VLLMEngine, prompt_token_ids
+    from gold_ray.teacher.engines import prompt_token_ids
+    from gold_ray.teacher.hf_engine import HFEngine
+    from gold_ray.teacher.vllm_engine import VLLMEngine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)

@@ -25,7 +25,8 @@ from actors.teacher import (
     stream_chunks,
     usage_of,
 )
-from gold_ray.teacher.engines import HFEngine, prompt_token_ids
+from gold_ray.teacher.engines import prompt_token_ids
+from gold_ray.teacher.hf_engine import HFEngine
 from gold_ray.testing import FakeTeacherEngine, save_tiny_chat_lm
 from gold_ray.types import Generation, Prompt, SamplingParams
 

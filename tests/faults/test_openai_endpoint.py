@@ -12,7 +12,7 @@ import pytest
 from faultkit import run_overrides, scripted_endpoint
 
 from gold_ray.cli import main
-from gold_ray.teacher.engines import OpenAIEngine
+from gold_ray.teacher.openai_engine import OpenAIEngine
 from gold_ray.types import Prompt, SamplingParams
 
 PLANTED_KEY = "sk-fault-test-PLANTED-0000"

@@ -22,7 +22,7 @@ from gold_ray.config import RunConfig, StudentConfig, load_config
 from gold_ray.models import ModelResolutionError, resolve_model
 from gold_ray.run.tasks import load_task
 from gold_ray.student.model import ClassifierStudent, check_student_model
-from gold_ray.teacher.engines import HFEngine
+from gold_ray.teacher.hf_engine import HFEngine
 
 SST2 = load_task("sst2")
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ from gold_ray import distill
 from gold_ray.config import load_config
 from gold_ray.run.tasks import load_task
 from gold_ray.student.model import ClassifierStudent, load_student
-from gold_ray.teacher.engines import HFEngine
+from gold_ray.teacher.hf_engine import HFEngine
 from gold_ray.testing import save_tiny_chat_lm, save_tiny_classifier
 from gold_ray.types import Prompt, SamplingParams
 

@@ -1,4 +1,4 @@
-"""Tests of gold_ray.teacher.engines on a tiny random Llama built here and a local stdlib HTTP server."""
+"""Tests of the teacher engines (gold_ray.teacher.engines and its backends) on a tiny random Llama built here and a local stdlib HTTP server."""
 
 from __future__ import annotations
 
@@ -14,11 +14,8 @@ import pytest
 import torch
 
 from gold_ray.config import TeacherConfig
-from gold_ray.teacher import engines
+from gold_ray.teacher import engines, hf_engine
 from gold_ray.teacher.engines import (
-    VLLM_INSTALL_HINT,
-    HFEngine,
-    OpenAIEngine,
     build_engine,
     option_token_ids,
     prompt_token_ids,
@@ -27,6 +24,9 @@ from gold_ray.teacher.engines import (
     truncate_at_stop,
     wants_bos,
 )
+from gold_ray.teacher.hf_engine import HFEngine
+from gold_ray.teacher.openai_engine import OpenAIEngine
+from gold_ray.teacher.vllm_engine import VLLM_INSTALL_HINT
 from gold_ray.types import Prompt, SamplingParams
 
 CHAT_TEMPLATE = (
@@ -172,7 +172,7 @@ def test_stop_strings_truncate_and_count_tokens(engine, monkeypatch):
         seen.update(kwargs)
         return [list(reply) for _ in rows]
 
-    monkeypatch.setattr(engines, "decode_batch", fake_decode)
+    monkeypatch.setattr(hf_engine, "decode_batch", fake_decode)
     [gen] = engine.generate([cont('Movie review (positive): "')], SamplingParams(max_new_tokens=16))
     assert gen.text == "good film"
     assert gen.output_tokens == len(reply)
@@ -184,7 +184,7 @@ def test_stop_strings_truncate_and_count_tokens(engine, monkeypatch):
 
 
 def test_failed_batch_becomes_error_rows(engine, monkeypatch):
-    real = engines.decode_batch
+    real = hf_engine.decode_batch
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -193,7 +193,7 @@ def test_failed_batch_becomes_error_rows(engine, monkeypatch):
             raise RuntimeError("boom: out of memory")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engines, "decode_batch", flaky)
+    monkeypatch.setattr(hf_engine, "decode_batch", flaky)
     prompts = [cont("Movie review " + "x" * k + ': "') for k in range(4)]  # one stop set, two batches of 2
     gens = engine.generate(prompts, SamplingParams(max_new_tokens=3))
     failed = [g for g in gens if g.error is not None]

@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here: `.ci/run` runs these in a venv with the "
                     "cpu-vllm extra")
 
-from gold_ray.teacher.engines import HFEngine, VLLMEngine  # noqa: E402
+from gold_ray.teacher.hf_engine import HFEngine  # noqa: E402
+from gold_ray.teacher.vllm_engine import VLLMEngine  # noqa: E402
 from gold_ray.testing import save_tiny_chat_lm  # noqa: E402
 from gold_ray.types import Prompt, SamplingParams  # noqa: E402
 

@@ -1,0 +1,251 @@
+"""The ``hf`` teacher engine: transformers on CPU or GPU, batched, with a shared prompt prefix run once when scoring."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+from typing import Any
+
+import torch
+
+from gold_ray.errors import InputError
+from gold_ray.models import allow_remote_code
+from gold_ray.teacher.decoding import decode_batch, left_padded
+from gold_ray.teacher.engines import (
+    common_prefix_len,
+    error_text,
+    option_token_ids,
+    prompt_token_ids,
+    render_prompt_text,
+    resolve_dtype,
+    truncate_at_stop,
+)
+from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
+
+log = logging.getLogger(__name__)
+
+class HFEngine(TeacherEngine):
+    """transformers models with our decode loop (:mod:`gold_ray.teacher.decoding`): batched, left-padded,
+    sampled, finished rows dropped as they end; bf16 where the hardware has it.
+
+    Args:
+        model_path: A local HF model folder (safetensors only) or hub id.
+        dtype: ``auto`` (see :func:`resolve_dtype`), ``bfloat16``, ``float16`` or ``float32``.
+        batch_size: Prompts per ``generate`` call (and sequences per scoring forward pass).
+        trust_remote_code: Run model code shipped with the model.
+        seed: Seeds torch once, here; requests never carry their own seed (they would all
+            sample the same text).
+        device: ``cpu``, ``cuda``...; default: CUDA when available.
+        add_bos: BOS in front of continuation prompts; None: :func:`wants_bos`.
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "auto",
+        batch_size: int = 64,
+        trust_remote_code: bool = False,
+        seed: int = 0,
+        device: str | None = None,
+        add_bos: bool | None = None,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        trust_remote_code = allow_remote_code(trust_remote_code, model_path, "teacher")
+        torch.manual_seed(seed)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = batch_size
+        self.add_bos = add_bos
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token is None:
+                raise InputError(f"{model_path}: the tokenizer has neither a pad nor an eos token")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=self.dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        self.model.to(self.device).eval()
+        self._stop_ids = self._end_token_ids()
+
+    def _end_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids |= set(gen_eos) if isinstance(gen_eos, list | tuple) else {gen_eos}
+        return sorted(i for i in ids if i is not None)
+
+    def _require_model(self) -> Any:
+        if self.model is None:
+            raise RuntimeError("the engine was closed")
+        return self.model
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        """One :class:`Generation` per prompt, in order; failed batches become error rows.
+
+        Prompts are grouped by stop strings (``generate`` takes one set per call) and sorted by
+        length within a group, so batches carry little padding.
+        """
+        results: list[Generation | None] = [None] * len(prompts)
+        encoded: list[tuple[int, list[int]]] = []
+        for i, prompt in enumerate(prompts):
+            try:
+                encoded.append((i, prompt_token_ids(self.tokenizer, prompt, self.add_bos)))
+            except Exception as err:  # one unrenderable prompt must not sink the call
+                results[i] = Generation(text="", error=error_text(self.name, err))
+        encoded.sort(key=lambda item: (prompts[item[0]].stop, len(item[1])))
+        batch: list[tuple[int, list[int]]] = []
+        for item in encoded:
+            if batch and (len(batch) == self.batch_size or prompts[batch[0][0]].stop != prompts[item[0]].stop):
+                self._run_batch(batch, prompts, params, results)
+                batch = []
+            batch.append(item)
+        if batch:
+            self._run_batch(batch, prompts, params, results)
+        return [g if g is not None else Generation(text="", error="hf engine: no result") for g in results]
+
+    def _run_batch(
+        self,
+        batch: list[tuple[int, list[int]]],
+        prompts: list[Prompt],
+        params: SamplingParams,
+        results: list[Generation | None],
+    ) -> None:
+        stops = prompts[batch[0][0]].stop
+        try:
+            outs = self._generate_batch([ids for _, ids in batch], stops, params)
+        except Exception as err:  # e.g. out of memory: keep the rows, mark them failed
+            log.warning("hf engine: batch of %d failed: %s", len(batch), err)
+            outs = [Generation(text="", error=error_text(self.name, err))] * len(batch)
+        for (i, _), gen in zip(batch, outs, strict=True):
+            results[i] = gen
+
+    def _generate_batch(self, rows: list[list[int]], stops: tuple[str, ...], params: SamplingParams) -> list[Generation]:
+        model = self._require_model()
+        stops = tuple(s for s in stops if s)
+
+        def stopped(ids: list[int]) -> bool:
+            # Stop strings can span tokens, so the row's text is checked, not its last token.
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            return any(s in text for s in stops)
+
+        with torch.inference_mode():
+            outs = decode_batch(
+                model, rows, pad_id=self.tokenizer.pad_token_id, end_ids=self._stop_ids,
+                max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                top_p=params.top_p, top_k=params.top_k, stopped=stopped if stops else None,
+            )
+        return [
+            Generation(text=truncate_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops),
+                       output_tokens=len(ids), prompt_tokens=len(row))
+            for row, ids in zip(rows, outs, strict=True)
+        ]
+
+    def option_logprobs(self, prompts: list[Prompt], options: list[str]) -> list[list[float]]:
+        """Summed log-probability of each option's tokens after each rendered prompt.
+
+        An option's score needs the logits before each of its tokens, that is its sequence
+        without the last token: every single-token option of a prompt is read off one forward
+        row, and a prefix common to a batch (few-shot instructions and demos) runs once.
+
+        Returns:
+            One row per prompt, one value per option; NaN where the prompt could not be
+            rendered or its batch failed.
+        """
+        rows = [[math.nan] * len(options) for _ in prompts]
+        # context (the sequence without its last token) -> (prompt, option, option token ids)
+        contexts: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
+        for i, prompt in enumerate(prompts):
+            try:
+                rendered = render_prompt_text(self.tokenizer, prompt)
+                p_ids = prompt_token_ids(self.tokenizer, prompt, self.add_bos)
+                for j, option in enumerate(options):
+                    o_ids = option_token_ids(self.tokenizer, rendered, option)
+                    if not o_ids:
+                        rows[i][j] = 0.0  # the empty continuation is certain
+                    elif p_ids:
+                        contexts.setdefault(tuple(p_ids + o_ids[:-1]), []).append((i, j, o_ids))
+            except Exception as err:
+                log.warning("hf engine: cannot score prompt %d: %s", i, err)
+        items = sorted(contexts.items(), key=lambda kv: len(kv[0]))
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            try:
+                scores = self._score_batch([(list(ctx), [o for _, _, o in reqs]) for ctx, reqs in chunk])
+            except Exception as err:
+                log.warning("hf engine: scoring batch failed: %s", err)
+                continue
+            for (_, reqs), row_scores in zip(chunk, scores, strict=True):
+                for (i, j, _), score in zip(reqs, row_scores, strict=True):
+                    rows[i][j] = score
+        return rows
+
+    MIN_SHARED_PREFIX = 16
+    """Scoring runs a prefix shared by a whole batch once when it is at least this many tokens long."""
+
+    def _score_batch(self, seqs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        """Log-probabilities of continuations, one forward row per context.
+
+        Args:
+            seqs: ``(context ids, targets)``: each target's tokens, all but the last, end the
+                context, so its score comes from the context's last ``len(target)`` logits.
+
+        Returns:
+            Per context, one summed log-probability per target.
+        """
+        model = self._require_model()
+        pad = self.tokenizer.pad_token_id
+        need = [max(len(t) for t in targets) for _, targets in seqs]
+        # The longest token prefix common to the batch runs once and its key/value cache serves
+        # every row; it stops before the first position whose logits are needed.
+        shared = common_prefix_len([ids for ids, _ in seqs])
+        shared = min(shared, *(len(ids) - n for (ids, _), n in zip(seqs, need, strict=True)))
+        if len(seqs) < 2 or shared < self.MIN_SHARED_PREFIX:
+            shared = 0
+        rows = [ids[shared:] for ids, _ in seqs]
+        keep = max(need)
+        # Left padding puts every row's end at the end, so only the last `keep` positions need
+        # logits (a 262k vocabulary times the whole sequence would not fit).
+        input_ids, mask = left_padded(rows, pad, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + shared
+        extra: dict[str, Any] = {}
+        with torch.inference_mode():
+            if shared:
+                prefix = torch.tensor([seqs[0][0][:shared]], device=self.device)
+                cache = model(input_ids=prefix, use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(seqs))
+                extra = {"past_key_values": cache}
+                mask = torch.cat([torch.ones((len(seqs), shared), dtype=mask.dtype, device=self.device), mask], dim=1)
+            try:
+                logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                               logits_to_keep=keep, **extra).logits
+            except TypeError:
+                logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra).logits
+            logp = torch.log_softmax(logits[:, -keep:, :].float(), dim=-1)
+            out = []
+            for r, (_, targets) in enumerate(seqs):
+                row = []
+                for target in targets:
+                    m = len(target)
+                    # Kept position t predicts the token after it; the target's tokens follow the
+                    # last m positions of the context, the last of them after the context.
+                    idx = torch.tensor(target, device=logp.device)
+                    row.append(float(logp[r, keep - m : keep].gather(1, idx[:, None]).sum()))
+                out.append(row)
+        return out
+
+    def close(self) -> None:
+        """Drop the model and free its memory."""
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# --- OpenAI-compatible HTTP -------------------------------------------------------------------
