@@ -126,13 +126,14 @@ class RayRuntime(Runtime):
         """The student's metrics, computed by a Ray task with the scorers' resources."""
         if not records:
             return {}
-        res = self.run.cfg.resources
         # The student travels through the object store as its weights, not as a file.
         weights = ray.put({k: v.detach().cpu() for k, v in student.model.state_dict().items()})
         src = self.run.run_dir / "tmp" / "eval-student"
         if not (src / "config.json").is_file():
             student.save(src)
-        task = _evaluate_remote.options(num_cpus=res.scorer_num_cpus, num_gpus=res.scorer_num_gpus)
+        from actors.scoring import scorer_resources
+
+        task = _evaluate_remote.options(**scorer_resources(self.run.cfg))
         return ray.get(task.remote(str(src), self.run.task, weights, records))
 
 

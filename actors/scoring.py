@@ -18,6 +18,7 @@ import numpy as np
 import ray
 
 from gold_ray.config import RunConfig
+from gold_ray.run.faults import fault_point
 from gold_ray.run.tasks import TaskSpec, load_task
 
 SCORE_COLUMN = "score"
@@ -99,6 +100,7 @@ class EnergyScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``batch`` with ``score`` (NaN where not scored), ``scored_at`` and ``scored_by`` added."""
         n = len(next(iter(batch.values()))) if batch else 0
+        fault_point("score.batch", rows=n)
         scores = np.full(n, np.nan, dtype=np.float64)
         rows = scorable_rows(batch, self.task)
         if rows:
@@ -113,12 +115,14 @@ class EnergyScorer:
         return batch
 
 
-def scorer_resources(cfg: RunConfig) -> dict[str, float]:
-    """``num_cpus`` (and ``num_gpus`` when the config asks for GPUs) of one scorer actor."""
+def scorer_resources(cfg: RunConfig) -> dict[str, Any]:
+    """``num_cpus`` (and ``num_gpus`` and custom ``resources`` when the config asks) of one scorer actor."""
     r = cfg.resources
-    resources = {"num_cpus": r.scorer_num_cpus}
+    resources: dict[str, Any] = {"num_cpus": r.scorer_num_cpus}
     if r.scorer_num_gpus > 0:
         resources["num_gpus"] = r.scorer_num_gpus
+    if r.scorer_resources:
+        resources["resources"] = dict(r.scorer_resources)
     return resources
 
 

@@ -17,6 +17,13 @@ Concurrent requests to one replica are gathered by ``@serve.batch`` into a singl
 ``engine.generate`` call, which runs in a worker thread so the replica's event loop keeps
 accepting requests while the model works.
 
+A replica whose engine stops answering (a call that blocks, not one that fails) is found by
+:meth:`TeacherDeployment.check_health`, which Serve runs every ``teacher.serve.health_check_period_s``:
+an engine call running longer than ``hang_timeout_s``, or a tiny real generation on an idle engine
+that does not finish within ``health_check_timeout_s``, fails the check, and after three failures
+in a row Serve kills the replica and starts another. The batch the hung replica held fails at its
+caller, which sends it again (``actors.pipeline``).
+
 The in-cluster request is a plain dict (see :func:`prompt_to_dict`)::
 
     {"prompt": {"kind", "label", "messages", "text", "prefill", "stop"},
@@ -46,6 +53,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gold_ray.config import RunConfig, TeacherConfig
+from gold_ray.run.faults import fault_point
 from gold_ray.teacher.labelling import answer_prompts
 from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
 
@@ -339,6 +347,30 @@ def _finish_reason(generation: Generation, params: SamplingParams) -> str:
     return "length" if generation.output_tokens >= params.max_new_tokens else "stop"
 
 
+@dataclass(frozen=True)
+class HealthSettings:
+    """When a replica counts as hung (see :meth:`TeacherDeployment.check_health`).
+
+    Attributes:
+        period_s: Serve's health-check period; an engine that answered within it is not probed.
+        probe_timeout_s: Longest the one-token probe of an idle engine may take.
+        hang_timeout_s: Longest one engine call may run.
+        probe_chat: Probe with a chat message rather than continuation text (an instruct teacher,
+            or an OpenAI endpoint that may serve chat only).
+    """
+
+    period_s: float = 10.0
+    probe_timeout_s: float = 24.0
+    hang_timeout_s: float = 600.0
+    probe_chat: bool = False
+
+
+def _answer(kind: str, engine: TeacherEngine, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+    # In the worker thread: a test can hang the engine here (the hook blocks) as a stuck device would.
+    fault_point("teacher.engine", kind=kind, prompts=len(prompts))
+    return answer_prompts(engine, prompts, params)
+
+
 app = FastAPI(title="gold-ray teacher")
 
 
@@ -354,6 +386,8 @@ class TeacherDeployment:
         defaults: Sampling parameters used where a request leaves a value out.
         max_batch_size: Most requests gathered into one ``engine.generate`` call.
         batch_wait_timeout_s: Longest wait for a batch to fill before it runs anyway.
+        health: When the replica counts as hung (see :meth:`check_health`); the defaults of
+            :class:`HealthSettings` when None.
     """
 
     def __init__(
@@ -363,6 +397,7 @@ class TeacherDeployment:
         defaults: SamplingParams | None = None,
         max_batch_size: int = 64,
         batch_wait_timeout_s: float = 0.05,
+        health: HealthSettings | None = None,
     ):
         self._engine = engine_factory()
         self._model_name = model_name
@@ -371,6 +406,13 @@ class TeacherDeployment:
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
+        self._health = health or HealthSettings()
+        # One engine call at a time: the health check's probe must not run inside a batch
+        # (engines are not thread-safe), and a busy engine is judged by how long its call runs.
+        self._engine_lock = asyncio.Lock()
+        self._busy_since: float | None = None
+        self._answered_at = time.monotonic()
+        self._probe: asyncio.Future[list[Generation]] | None = None
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05)
     async def _batched(self, items: list[tuple[Prompt, SamplingParams]]) -> list[Generation]:
@@ -387,10 +429,21 @@ class TeacherDeployment:
                 out[i] = generation
         return [g if g is not None else Generation(text="", error="internal: no generation") for g in out]
 
+    async def _call_engine(self, kind: str, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        """One engine call, alone on the engine, timed for the health check."""
+        async with self._engine_lock:
+            self._busy_since = time.monotonic()
+            try:
+                # The same answering rule as the in-process loop: classify prompts with options are scored.
+                generations = await asyncio.to_thread(_answer, kind, self._engine, prompts, params)
+            finally:
+                self._busy_since = None
+            self._answered_at = time.monotonic()
+            return generations
+
     async def _run_engine(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
         try:
-            # The same answering rule as the in-process loop: classify prompts with options are scored.
-            generations = await asyncio.to_thread(answer_prompts, self._engine, prompts, params)
+            generations = await self._call_engine("batch", prompts, params)
         except Exception as err:  # an engine-wide failure must not take the replica down
             logger.exception("teacher engine failed on a batch of %d", len(prompts))
             return [Generation(text="", error=f"{type(err).__name__}: {err}") for _ in prompts]
@@ -464,6 +517,49 @@ class TeacherDeployment:
     def batch_size_history(self) -> list[int]:
         """Sizes of the latest engine batches this replica ran, oldest first (tests, benchmarks)."""
         return list(self.batch_sizes)
+
+    async def check_health(self) -> None:
+        """Serve's health check: raise when the engine has stopped answering.
+
+        A busy engine is healthy until its call has run ``hang_timeout_s``: waiting for it to
+        finish would fail every check during a long but healthy batch. An engine that answered
+        within the last check period has shown it works. Otherwise (idle) it must write one token
+        for a one-word prompt within the probe timeout.
+
+        Raises:
+            RuntimeError: the engine is hung (its current call is too old, or the probe timed out
+                or failed).
+        """
+        probe = self._probe
+        if probe is not None and not probe.done():
+            raise RuntimeError("teacher engine hung: the last health probe has not finished")
+        now = time.monotonic()
+        busy_since = self._busy_since
+        if busy_since is not None:
+            if now - busy_since > self._health.hang_timeout_s:
+                raise RuntimeError(
+                    f"teacher engine hung: one call has run {now - busy_since:.0f} s "
+                    f"(teacher.serve.hang_timeout_s={self._health.hang_timeout_s:g})"
+                )
+            return
+        if now - self._answered_at < self._health.period_s:
+            return
+        if self._health.probe_chat:
+            prompt = Prompt(kind="train", label=None, messages=({"role": "user", "content": "Hi"},))
+        else:
+            prompt = Prompt(kind="train", label=None, text="Hi")
+        params = dataclasses.replace(self._defaults, max_new_tokens=1)
+        # Not cancelled on timeout: a cancelled call would free the engine lock while its thread
+        # still runs, and the next batch would share the engine with it.
+        self._probe = probe = asyncio.ensure_future(self._call_engine("health", [prompt], params))
+        done, _ = await asyncio.wait({probe}, timeout=self._health.probe_timeout_s)
+        if not done:
+            raise RuntimeError(
+                f"teacher engine hung: a one-token generation took over {self._health.probe_timeout_s:g} s"
+            )
+        generations = probe.result()
+        if len(generations) != 1 or generations[0].error:
+            raise RuntimeError(f"teacher engine failed its health probe: {generations}")
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -584,6 +680,8 @@ def deployment_options(cfg: RunConfig, autoscaling_overrides: dict[str, Any] | N
     return {
         "autoscaling_config": autoscaling,
         "max_ongoing_requests": s.max_ongoing_requests,
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": s.health_check_timeout_s,
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     }
 
@@ -617,6 +715,22 @@ def build_teacher_app(
         defaults=default_sampling(cfg.teacher),
         max_batch_size=max_batch_size,
         batch_wait_timeout_s=batch_wait_timeout_s,
+        health=health_settings(cfg),
+    )
+
+
+def health_settings(cfg: RunConfig) -> HealthSettings:
+    """The replica's :class:`HealthSettings` from ``cfg.teacher.serve``.
+
+    The probe gets 80 % of Serve's health-check timeout, so that a slow probe fails the check
+    with its own message before Serve's timeout fails it without one.
+    """
+    s = cfg.teacher.serve
+    return HealthSettings(
+        period_s=s.health_check_period_s,
+        probe_timeout_s=0.8 * s.health_check_timeout_s,
+        hang_timeout_s=s.hang_timeout_s,
+        probe_chat=cfg.teacher.prompt_style == "chat" or cfg.teacher.engine == "openai",
     )
 
 

@@ -296,7 +296,7 @@ def train_student_on_ray(
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.train_workers,
             use_gpu=res.train_use_gpu,
-            resources_per_worker={"CPU": res.train_cpus_per_worker},
+            resources_per_worker={"CPU": res.train_cpus_per_worker, **res.train_resources_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=name,

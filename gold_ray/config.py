@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gold_ray.errors import UserError
 from gold_ray.run.tasks import format_validation_error
@@ -52,6 +52,27 @@ class TaskConfig(_Section):
     unlabeled_path: str | None = None
 
 
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+"""Resources with their own settings (``num_cpus`` …): not accepted among the custom ones."""
+
+
+def check_custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    """Refuse a custom-resource mapping Ray would reject or misread (negative amounts, CPU/GPU in it).
+
+    Returns:
+        ``resources``, unchanged.
+
+    Raises:
+        ValueError: naming the bad entry (pydantic adds the key).
+    """
+    for name, amount in resources.items():
+        if name in RAY_BUILTIN_RESOURCES:
+            raise ValueError(f"{name!r} has its own setting (num_cpus/num_gpus), not a custom resource")
+        if amount < 0:
+            raise ValueError(f"{name!r} must be >= 0, got {amount}")
+    return resources
+
+
 class ServeConfig(_Section):
     """Ray Serve settings of the teacher deployment.
 
@@ -62,8 +83,18 @@ class ServeConfig(_Section):
         max_ongoing_requests: Requests a replica accepts at once.
         num_cpus: CPUs per replica.
         num_gpus: GPUs per replica.
+        resources: Custom Ray resources per replica (``{"teacher": 1}`` keeps replicas on the
+            nodes that advertise ``teacher``, e.g. ``ray start --resources='{"teacher": 4}'``).
         host: HTTP bind address; loopback unless the user exposes it on purpose.
         port: HTTP port.
+        health_check_period_s: How often Serve runs a replica's health check
+            (``TeacherDeployment.check_health``).
+        health_check_timeout_s: How long one health check may take, its tiny real generation
+            included, before it counts as failed; Serve replaces a replica after three failures
+            in a row.
+        hang_timeout_s: Longest one engine call may run before the health check calls the
+            replica hung. A batch of a large teacher on CPU can take minutes, so this is much
+            longer than ``health_check_timeout_s``.
     """
 
     min_replicas: int = Field(default=1, ge=0)
@@ -72,14 +103,23 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(default=256, ge=1)
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+    hang_timeout_s: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must be <= max_replicas")
         return self
+
+    @field_validator("resources")
+    @classmethod
+    def _custom(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(value)
 
 
 class TeacherConfig(_Section):
@@ -290,9 +330,12 @@ class ResourcesConfig(_Section):
         scorer_num_cpus: CPUs per scorer actor.
         scorer_num_gpus: GPUs per scorer actor.
         scorer_batch_size: Rows per scoring batch.
+        scorer_resources: Custom Ray resources per scorer actor (and per evaluation task), e.g.
+            ``{"scorer": 1}`` to place them on the nodes that advertise it.
         train_workers: Ray Train workers.
         train_use_gpu: Train on GPUs.
         train_cpus_per_worker: CPUs per Ray Train worker.
+        train_resources_per_worker: Custom Ray resources per Ray Train worker, e.g. ``{"trainer": 1}``.
         local_ray_cpus: Logical CPUs of a Ray started locally (no ``$RAY_ADDRESS``); None means
             the machine's cores, but at least 4, so that a teacher, the scorer pool and a trainer
             fit on a 2-core laptop (they rarely compute at the same time).
@@ -303,9 +346,11 @@ class ResourcesConfig(_Section):
     scorer_num_cpus: float = Field(default=0.5, gt=0)
     scorer_num_gpus: float = Field(default=0.0, ge=0)
     scorer_batch_size: int = Field(default=64, ge=1)
+    scorer_resources: dict[str, float] = Field(default_factory=dict)
     train_workers: int = Field(default=1, ge=1)
     train_use_gpu: bool = False
     train_cpus_per_worker: float = Field(default=1.0, gt=0)
+    train_resources_per_worker: dict[str, float] = Field(default_factory=dict)
     local_ray_cpus: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
@@ -313,6 +358,11 @@ class ResourcesConfig(_Section):
         if self.scorer_min_actors is not None and self.scorer_min_actors > self.scorer_max_actors:
             raise ValueError("scorer_min_actors must be <= scorer_max_actors")
         return self
+
+    @field_validator("scorer_resources", "train_resources_per_worker")
+    @classmethod
+    def _custom(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(value)
 
 
 class TrackingConfig(_Section):

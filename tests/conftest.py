@@ -36,6 +36,14 @@ os.environ.update(FAULT_HOOK)
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_lm(tmp_path_factory) -> str:
+    """A tiny random Llama with a chat template (:func:`gold_ray.testing.save_tiny_chat_lm`), saved once."""
+    from gold_ray.testing import save_tiny_chat_lm
+
+    return save_tiny_chat_lm(tmp_path_factory.mktemp("tiny-chat-lm"))
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster shared by the whole session (4 logical CPUs, no dashboard).
 

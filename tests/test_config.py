@@ -74,3 +74,18 @@ def test_yaml_roundtrip_keeps_every_value(tmp_path):
 def test_per_iteration_samples():
     cfg = load_config(None, ["budget.samples=10", "strategy.iterations=3"])
     assert cfg.per_iteration_samples() == 3
+
+
+def test_custom_ray_resources_reach_every_placement_and_bad_ones_are_named():
+    from actors.scoring import scorer_resources
+    from actors.teacher import deployment_options
+
+    cfg = load_config(None, ["teacher.serve.resources={teacher: 1}", "resources.scorer_resources={scorer: 0.5}",
+                             "resources.train_resources_per_worker={trainer: 1}"])
+    assert deployment_options(cfg)["ray_actor_options"]["resources"] == {"teacher": 1}
+    assert scorer_resources(cfg)["resources"] == {"scorer": 0.5}
+    assert "resources" not in deployment_options(RunConfig())["ray_actor_options"]
+    with pytest.raises(ConfigError, match="resources.scorer_resources.*'CPU' has its own setting"):
+        load_config(None, ["resources.scorer_resources={CPU: 1}"])
+    with pytest.raises(ConfigError, match="teacher.serve.resources.*'teacher' must be >= 0"):
+        load_config(None, ["teacher.serve.resources={teacher: -1}"])

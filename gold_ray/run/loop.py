@@ -39,6 +39,7 @@ from gold_ray.errors import UserError
 from gold_ray.models import allow_remote_code, is_chat_model, resolve_model
 from gold_ray.reporting.tracking import NullTracker, Tracker, build_tracker
 from gold_ray.run import store
+from gold_ray.run.faults import fault_point
 from gold_ray.run.runtime import InProcessRuntime, RunContext, Runtime
 from gold_ray.run.tasks import TaskSpec, load_task
 from gold_ray.strategies import Strategy, StrategyContext, build_strategy
@@ -501,6 +502,7 @@ class Distiller:
         if self.strategy.uses_probes and requested > 1:
             n_probe = max(1, round(requested * self.cfg.strategy.probe_fraction))
         for stage in STAGES[start:]:
+            fault_point("stage.start", iteration=iteration, stage=stage)
             ctx = self._ctx(iteration, stage)
             stats = self.stages[stage](iteration, n_probe, ctx)
             self.state["strategy_state"] = ctx.memory

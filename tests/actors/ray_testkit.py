@@ -76,6 +76,18 @@ def wait_until(check: Callable[[], bool], timeout_s: float, interval_s: float = 
     return check()
 
 
+def running_replicas(app_name: str) -> int:
+    """RUNNING replicas of the teacher deployment of Serve application ``app_name`` (0 if none)."""
+    from ray import serve
+
+    from actors.teacher import DEPLOYMENT_NAME
+
+    app = serve.status().applications.get(app_name)
+    if app is None or DEPLOYMENT_NAME not in app.deployments:
+        return 0
+    return app.deployments[DEPLOYMENT_NAME].replica_states.get("RUNNING", 0)
+
+
 class GatedEngine(FakeTeacherEngine):
     """The fake engine, except that prompts after the first ``hold_after`` wait for a gate file.
 

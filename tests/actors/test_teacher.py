@@ -1,13 +1,13 @@
-"""The teacher Serve deployment: wire format, options, OpenAI routes, batching and autoscaling."""
+"""The teacher Serve deployment: wire format, options, OpenAI routes and batching (autoscaling and
+health checks under a real engine: ``test_teacher_replicas.py``)."""
 
-import asyncio
 import functools
 import json
 import urllib.error
 import urllib.request
 
 import pytest
-from ray_testkit import chat_prompts, make_cfg, wait_until
+from ray_testkit import chat_prompts, make_cfg
 
 from actors.teacher import (
     DEPLOYMENT_NAME,
@@ -70,6 +70,8 @@ def test_deployment_options_come_from_the_serve_section():
         "upscale_delay_s": 1.0,
     }
     assert opts["max_ongoing_requests"] == 16
+    # Serve's own health check runs TeacherDeployment.check_health on the configured clock.
+    assert (opts["health_check_period_s"], opts["health_check_timeout_s"]) == (10.0, 30.0)
     assert opts["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1}
 
 
@@ -202,53 +204,3 @@ def test_generate_batch_answers_every_request_in_order_in_one_engine_call(http_t
     assert [p.label in r["teacher_text"] for p, r in zip(prompts, good, strict=True)] == [True] * 6
     # Gathered into as few engine calls as the replica's batch cap allows (4 in this fixture).
     assert handle.batch_size_history.remote().result()[before:] == [4, 2]
-
-
-def _running_replicas(app_name):
-    from ray import serve
-
-    app = serve.status().applications.get(app_name)
-    if app is None or DEPLOYMENT_NAME not in app.deployments:
-        return 0
-    return app.deployments[DEPLOYMENT_NAME].replica_states.get("RUNNING", 0)
-
-
-@pytest.mark.ray
-@pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")
-def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_apps):
-    cfg = make_cfg(
-        teacher={
-            "batch_size": 1,
-            "serve": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1},
-        }
-    )
-    fast = {"upscale_delay_s": 0.5, "downscale_delay_s": 2.0, "look_back_period_s": 1.0}
-    app = build_teacher_app(
-        cfg, functools.partial(FakeTeacherEngine, latency_s=0.4), autoscaling_overrides=fast
-    )
-    handle = serve_apps(app, "autoscale-teacher")
-    assert _running_replicas("autoscale-teacher") == 1
-
-    async def load(stop: asyncio.Event):
-        # Keep 8 requests in flight until the test has seen two replicas.
-        prompts = chat_prompts(8)
-        while not stop.is_set():
-            await asyncio.gather(*(handle.generate.remote(prompt_to_dict(p)) for p in prompts))
-
-    async def scale_up() -> bool:
-        stop = asyncio.Event()
-        task = asyncio.create_task(load(stop))
-        try:
-            for _ in range(160):  # 40 s at most
-                if _running_replicas("autoscale-teacher") == 2:
-                    return True
-                await asyncio.sleep(0.25)
-            return False
-        finally:
-            stop.set()
-            await task
-
-    assert asyncio.run(scale_up()), "no second replica under load"
-    assert wait_until(lambda: _running_replicas("autoscale-teacher") == 1, timeout_s=40), (
-        "no scale-down when idle"
-    )

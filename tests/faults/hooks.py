@@ -25,22 +25,50 @@ def plans_dir() -> Path:
     return Path(os.environ[PLANS_ENV])
 
 
-def plan_fault(point: str, marker: Path, *, action: str = "raise", **match: Any) -> Path:
+def plan_fault(point: str, marker: Path, *, action: str = "raise", gate: Path | None = None, **match: Any) -> Path:
     """Plan one fault: at ``point``, where the context equals ``match``, fail once.
 
     Args:
         point: The fault point's name (``train.step`` …).
         marker: Written when the fault fires; while it exists the plan does not fire again.
-        action: ``raise`` (an exception) or ``kill`` (SIGKILL of the process, as on a lost node).
+        action: ``raise`` (an exception), ``kill`` (SIGKILL of the process, as on a lost node),
+            ``hold`` (write ``marker`` as JSON, with the process id and Ray node id, then block until
+            ``gate`` exists: the test kills the process or its node there, knowing where it is), or
+            ``record`` (append one JSON line to ``marker`` every time the point is reached, with the
+            process id and Ray node id: where the work ran; it never fails).
+        gate: For ``hold``: the file whose creation releases the hold.
         **match: Context values the point must carry.
 
     Returns:
         The plan file (removed by :func:`clear_plans`).
     """
+    if action == "hold" and gate is None:
+        raise ValueError("a hold needs a gate")
     path = plans_dir() / f"{uuid.uuid4().hex}.json"
-    path.write_text(json.dumps({"point": point, "marker": str(marker), "action": action, "match": match}),
-                    encoding="utf-8")
+    plan = {"point": point, "marker": str(marker), "action": action, "match": match,
+            "gate": str(gate) if gate else None}
+    path.write_text(json.dumps(plan), encoding="utf-8")
     return path
+
+
+def where() -> dict[str, Any]:
+    """This process: its id and, inside a Ray worker or driver, the id of its Ray node."""
+    info: dict[str, Any] = {"pid": os.getpid(), "node_id": None}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            info["node_id"] = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - no Ray here: the pid alone says where
+        pass
+    return info
+
+
+def read_records(marker: Path) -> list[dict[str, Any]]:
+    """The lines a ``record`` plan wrote to ``marker`` (none if it never fired)."""
+    if not marker.is_file():
+        return []
+    return [json.loads(line) for line in marker.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def clear_plans() -> None:
@@ -62,7 +90,25 @@ def dispatch(name: str, context: dict[str, Any]) -> None:
         if plan["point"] != name or any(context.get(k) != v for k, v in plan["match"].items()):
             continue
         marker = Path(plan["marker"])
+        if plan["action"] == "record":
+            line = json.dumps({"point": name, **where(), "context": {k: str(v) for k, v in context.items()}})
+            with marker.open("a", encoding="utf-8") as f:
+                f.write(line + "\n")
+            continue
         if marker.exists():
+            continue
+        if plan["action"] == "hold":
+            # Written whole, then renamed: the test reads it as soon as it appears.
+            tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"point": name, **where(), "context": {k: str(v) for k, v in context.items()}}),
+                           encoding="utf-8")
+            os.replace(tmp, marker)
+            gate = Path(plan["gate"])
+            deadline = time.monotonic() + 900
+            while not gate.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the test's gate {gate} did not open (hold at {name} {context})")
+                time.sleep(0.05)
             continue
         marker.write_text(f"fault at {name} {context}\n", encoding="utf-8")
         if plan["action"] == "kill":
