@@ -46,7 +46,7 @@ def distill(
     from gold_ray.student.training import final_work_ratio
 
     if not isinstance(cfg, RunConfig):
-        from gold_ray.cli import config_path
+        from gold_ray.entry import config_path
 
         cfg = load_config(config_path(str(cfg)) if cfg is not None else None, overrides)
     elif overrides:

@@ -33,7 +33,10 @@ FORWARDED_ENV = (
     "GOLD_RAY_DATA",
     "GOLD_RAY_CACHE",
     "MLFLOW_TRACKING_URI",
+    "HF_HOME",
     "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_DATASETS_CACHE",
     "RAY_DATA_DISABLE_PROGRESS_BARS",
 )
 """Environment variables a run on Ray passes on when they are set here.
@@ -45,7 +48,10 @@ Nothing else is forwarded (API keys included) unless named with ``gold-ray submi
 - ``GOLD_RAY_DATA``: the folder of real evaluation data that relative task data paths join;
 - ``GOLD_RAY_CACHE``: where converted embedded models are cached, so workers reuse one copy;
 - ``MLFLOW_TRACKING_URI``: the MLflow server a run logs to instead of its run directory's SQLite;
-- ``HF_HUB_OFFLINE``: keeps workers from reaching the Hugging Face Hub when it is off here;
+- ``HF_HOME``, ``HF_DATASETS_CACHE``: where Hugging Face caches live here (models, the ``datasets``
+  cache an ``eval.hf`` evaluation set is read from), so workers read the same caches;
+- ``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``: keep workers from reaching the Hugging Face Hub
+  (models, datasets) when it is off here;
 - ``RAY_DATA_DISABLE_PROGRESS_BARS``: ``gold-ray distill`` sets it while its live view owns the
   terminal, so Ray Data's bars do not scroll under it.
 """

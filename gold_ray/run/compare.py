@@ -56,7 +56,7 @@ from gold_ray.errors import InputError
 from gold_ray.reporting.tracking import MlflowTracker, flatten_params
 from gold_ray.run import store
 from gold_ray.run.loop import EventFn, RunDirError, distill_in_process
-from gold_ray.run.tasks import TaskSpec, load_task, resolve_data_path
+from gold_ray.run.tasks import TaskSpec, load_task
 from gold_ray.types import TeacherEngine
 
 RUNS_DIR = "runs"
@@ -276,15 +276,12 @@ def execute_run(cfg: RunConfig, runner: Runner, *, on_event: EventFn | None = No
 
 
 def eval_records(cfg: RunConfig, task: TaskSpec) -> list[dict[str, Any]]:
-    """The evaluation records a run of ``cfg`` is scored on (``task.eval_path`` or the task's own;
-    a seeded subset of ``task.eval_limit``); empty when there is none."""
-    from gold_ray.student.evaluation import load_eval_records
+    """The evaluation records a run of ``cfg`` is scored on: the same lookup as the run's own
+    (:func:`gold_ray.student.evaluation.load_task_eval`: ``task.eval_path``, the mirror file, or the
+    task's ``eval.hf`` dataset, a seeded subset of ``task.eval_limit``); empty when there is none."""
+    from gold_ray.student.evaluation import load_task_eval
 
-    path = cfg.task.eval_path
-    resolved = resolve_data_path(path, cfg.task.data_dir) if path else task.eval_path(cfg.task.data_dir)
-    if resolved is None:
-        return []
-    return load_eval_records(task, resolved, limit=cfg.task.eval_limit)
+    return load_task_eval(task, cfg.task).records
 
 
 def teacher_fewshot(cfg: RunConfig, *, engine: TeacherEngine | None = None) -> dict[str, Any]:
@@ -306,13 +303,14 @@ def teacher_fewshot(cfg: RunConfig, *, engine: TeacherEngine | None = None) -> d
     """
     from gold_ray.models import resolve_model
     from gold_ray.run.loop import resolve_prompt_style
-    from gold_ray.student.evaluation import evaluate_teacher_fewshot
+    from gold_ray.student.evaluation import evaluate_teacher_fewshot, load_task_eval
     from gold_ray.teacher.prompts import render_classify_prompt
 
     task = load_task(cfg.task.name)
-    records = eval_records(cfg, task)
+    evalset = load_task_eval(task, cfg.task)
+    records = evalset.records
     if not records:
-        raise InputError(f"task {task.name!r} has no evaluation set (task eval.path or task.eval_path)")
+        raise InputError(f"the teacher row needs a real evaluation set: {evalset.note}")
     teacher_path = None
     if engine is None and cfg.teacher.engine != "openai":
         teacher_path = resolve_model(cfg.teacher.model)

@@ -250,7 +250,9 @@ def load_task_eval(task: TaskSpec, task_cfg: TaskConfig, *, seed: int = 0) -> Ev
         TaskFileError: a file named by the task's absolute ``eval.path`` cannot be read or does
             not check, or the ``eval.hf`` dataset was reached but does not fit the task (the
             message names the field).
-        ValueError: the mirror file does not check (the message names the file and line).
+        InputError: the mirror file does not check (the message names the file and line).
+        TaskFileError: ``eval.hf`` is malformed: files it names on this machine cannot be read, the
+            split or configuration does not exist, or the dataset does not fit the task.
     """
     limit = task_cfg.eval_limit
     path, kind, why = _local_eval_file(task, task_cfg)
@@ -271,10 +273,18 @@ def load_task_eval(task: TaskSpec, task_cfg: TaskConfig, *, seed: int = 0) -> Ev
     try:
         dataset = _load_hf_split(hf)
     except OSError as err:
+        local = _local_hf_field(hf)
+        if local is not None:
+            # Files the user named on this machine: missing or unreadable is their mistake, not an outage.
+            raise TaskFileError(f"task {task.name!r} eval.hf.{local}: cannot read {hf.source[3:]}: "
+                                f"{_first_line(err)}") from None
         return _no_eval_set(task, f"{why}, and {hf.source[3:]} cannot be reached ({_first_line(err)})")
     except ValueError as err:
         if _is_uncached(err):
             return _no_eval_set(task, f"{why}, and {hf.source[3:]} is not in the datasets cache ({_first_line(err)})")
+        raise TaskFileError(f"task {task.name!r} eval.hf: cannot load {hf.source[3:]}: {_first_line(err)}") from None
+    except (TypeError, KeyError, AttributeError) as err:
+        # `datasets` reports some malformed specs (a data_files shape, a builder argument) this way.
         raise TaskFileError(f"task {task.name!r} eval.hf: cannot load {hf.source[3:]}: {_first_line(err)}") from None
     records = _hf_eval_records(task, hf, dataset)
     if limit is not None:
@@ -292,6 +302,19 @@ def _no_eval_set(task: TaskSpec, why: str) -> EvalSet:
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _local_hf_field(hf: HfEvalSource) -> str | None:
+    """``data_files`` or ``path`` when ``hf`` names files on this machine, else None (a Hub dataset)."""
+    files = hf.data_files
+    if files is not None:
+        names = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict) else files
+        flat = [n for item in names for n in ([item] if isinstance(item, str) else item)]
+        if flat and not any("://" in n for n in flat):
+            return "data_files"
+    if hf.path.startswith(("/", "./", "../", "~")) or Path(os.path.expanduser(hf.path)).is_dir():
+        return "path"
+    return None
 
 
 def _is_uncached(err: ValueError) -> bool:

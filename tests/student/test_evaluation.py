@@ -207,6 +207,23 @@ def test_task_eval_dataset_that_does_not_fit_the_task_names_the_field(tmp_path, 
         load_task_eval(task, TaskConfig(name="mine"))
 
 
+def test_a_malformed_eval_hf_is_an_input_error_naming_the_field(tmp_path, hf_offline):
+    from gold_ray.errors import UserError
+
+    folder = _sentences_dataset(tmp_path / "ds")
+    # Files on this machine that are not there: the user's mistake, not an unreachable Hub.
+    cases = [
+        (f"{{path: json, data_files: {tmp_path / 'gone.jsonl'}, split: train}}", r"eval\.hf\.data_files: cannot read"),
+        (f"{{path: {tmp_path / 'no-folder'}, split: validation}}", r"eval\.hf\.path: cannot read"),
+        (f"{{path: {folder}, split: nosuch, fields: {{text: sentence}}}}", r"eval\.hf: cannot load .*nosuch"),
+    ]
+    for spec, message in cases:
+        task = _my_task(tmp_path, f"eval: {{hf: {spec}}}\n")
+        with pytest.raises(TaskFileError, match=message) as caught:
+            load_task_eval(task, TaskConfig(name="mine"))
+        assert isinstance(caught.value, UserError)
+
+
 def test_an_explicit_eval_file_that_cannot_be_read_is_an_error_naming_the_field(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     with pytest.raises(ConfigError, match=r"task\.eval_path: cannot read .*nope\.jsonl"):
