@@ -333,12 +333,30 @@ class MlflowTracker:
         """
         self.client.log_dict(self._require_run(), redact(obj, secret_values()), name)
 
+    def local_artifact_dir(self) -> Path | None:
+        """The run's artifact folder when the artifact store is a local folder (``file:``), else None."""
+        uri = self.client.get_run(self._require_run()).info.artifact_uri
+        if not uri.startswith("file:"):
+            return None
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return Path(url2pathname(urlparse(uri).path))
+
     def log_student_model(self, student_dir: str | os.PathLike[str]) -> None:
         """Log a saved student (its HF folder) as the artifact folder ``student``.
+
+        With a local artifact store on the student's file system (the default: ``mlartifacts/``
+        beside the run's ``mlflow.db``), the artifact's files are hard links to the student's, so
+        the model is on disk once and still reads back through ``MlflowClient`` like any
+        artifact; elsewhere (a tracking server, another file system) it is uploaded.
 
         Args:
             student_dir: The folder :meth:`gold_ray.student.model.Student.save` wrote.
         """
+        root = self.local_artifact_dir()
+        if root is not None and link_tree(Path(student_dir), root / "student"):
+            return
         self.log_artifact(student_dir, "student")
 
     def end(self, status: str = "FINISHED") -> None:
@@ -364,6 +382,34 @@ class MlflowTracker:
         self.log_student_model(Path(run_dir) / "student")
         self.end("FINISHED")
         metrics["mlflow"] = {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
+
+
+def link_tree(src: Path, dest: Path) -> bool:
+    """Hard-link every file under ``src`` to the same place under ``dest`` (replaced when present).
+
+    Both names then share one copy on disk: gold-ray never rewrites a finished run's student in
+    place (a rerun with ``--overwrite`` removes the whole run directory first).
+
+    Returns:
+        True when every file is linked; False, with ``dest`` removed, when the file system
+        refuses (another device, no hard links), so the caller copies instead.
+    """
+    import shutil
+
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        for path in sorted(src.rglob("*")):
+            target = dest / path.relative_to(src)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(path, target)
+    except OSError as err:
+        logger.info("could not hard-link %s into %s (%s); copying it", src, dest, err)
+        shutil.rmtree(dest, ignore_errors=True)
+        return False
+    return True
 
 
 class NullTracker:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from gold_ray.config import RunConfig
+from gold_ray.reporting import tracking as tracking_module
 from gold_ray.reporting.tracking import (
     MlflowTracker,
     NullTracker,
@@ -166,3 +168,43 @@ def test_parent_run_id_nests_the_run_and_resume_keeps_it(tmp_path, monkeypatch):
     # Reopening keeps the run (and its parent tag) as it was.
     assert child.start("gold-sst2-seed0", resume_run_id=child_id) == child_id
     assert len(parent.client.search_runs([parent.client.get_run(parent_id).info.experiment_id])) == 2
+
+
+def test_student_model_is_one_copy_on_disk_and_reads_back_through_mlflow(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    student = run_dir / "student"
+    (student / "sub").mkdir(parents=True)
+    (student / "model.safetensors").write_bytes(b"weights" * 100)
+    (student / "sub" / "tokenizer.json").write_text("{}")
+    tracker = build_tracker(_cfg(tmp_path), run_dir)
+    run_id = tracker.start("one-copy")
+    tracker.log_student_model(student)
+    logged = tracker.local_artifact_dir() / "student"
+    assert logged.is_relative_to(run_dir / "mlartifacts")
+    for name in ("model.safetensors", "sub/tokenizer.json"):
+        assert (logged / name).stat().st_ino == (student / name).stat().st_ino  # the same file, not a copy
+    # Logged again (a resumed finish): still one copy.
+    tracker.log_student_model(student)
+    assert (logged / "model.safetensors").stat().st_nlink == 2
+    back = Path(tracker.client.download_artifacts(run_id, "student", str(tmp_path / "back")))
+    assert (back / "model.safetensors").read_bytes() == b"weights" * 100
+    assert (back / "sub" / "tokenizer.json").read_text() == "{}"
+
+
+def test_student_model_is_copied_where_hard_links_fail(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "config.json").write_text("{}")
+    tracker = build_tracker(_cfg(tmp_path), tmp_path / "run")
+    run_id = tracker.start("copied")
+
+    def refuse(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(tracking_module.os, "link", refuse)
+    tracker.log_student_model(student)
+    logged = tracker.local_artifact_dir() / "student" / "config.json"
+    assert logged.read_text() == "{}" and logged.stat().st_ino != (student / "config.json").stat().st_ino
+    assert [a.path for a in tracker.client.list_artifacts(run_id, "student")] == ["student/config.json"]
