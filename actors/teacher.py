@@ -734,6 +734,13 @@ def health_settings(cfg: RunConfig) -> HealthSettings:
     )
 
 
+def start_http(cfg: RunConfig) -> None:
+    """Start Serve's HTTP proxy on ``cfg.teacher.serve.host:port`` (loopback unless configured)."""
+    s = cfg.teacher.serve
+    # Serve keeps the first HTTP options of a cluster; a second start with others only warns.
+    serve.start(http_options={"host": s.host, "port": s.port})
+
+
 def start_teacher(
     cfg: RunConfig,
     engine_factory: EngineFactory | None = None,
@@ -751,7 +758,5 @@ def start_teacher(
     Returns:
         A handle to the running deployment (``handle.app_name`` is ``name``).
     """
-    s = cfg.teacher.serve
-    # Serve keeps the first HTTP options of a cluster; a second start with others only warns.
-    serve.start(http_options={"host": s.host, "port": s.port})
+    start_http(cfg)
     return serve.run(build_teacher_app(cfg, engine_factory, **app_kwargs), name=name, blocking=False)

@@ -53,7 +53,8 @@ def ray_cluster():
     Yields:
         The ``ray`` module, initialised.
     """
-    ray = pytest.importorskip("ray")
+    import ray
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     owns = not ray.is_initialized()
     # Short path: Ray's unix sockets live under it and have a ~107-character limit.

@@ -27,12 +27,13 @@ def student_ckpt(tmp_path_factory, sst2):
 
 @pytest.fixture(scope="session")
 def serve_port(ray_cluster):
-    """Starts Serve once, its HTTP proxy on a free loopback port (never the default 8000)."""
-    from ray import serve
-    from ray_testkit import free_port
+    """Starts Serve once the way a run does (``start_http``, default host), on a free port (never 8000)."""
+    from ray_testkit import free_port, make_cfg
+
+    from actors.teacher import start_http
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_http(make_cfg(teacher={"serve": {"port": port}}))
     return port
 
 

@@ -126,3 +126,22 @@ class CrashOnceEngine(FakeTeacherEngine):
             self.marker.write_text("crashed")
             os._exit(1)
         return super().generate(prompts, params)
+
+
+def listening_hosts(port: int) -> set[str]:
+    """The addresses the sockets of this machine listening on TCP ``port`` are bound to."""
+    import psutil
+
+    return {c.laddr.ip for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
+
+
+def external_ipv4() -> str | None:
+    """An IPv4 address of this machine other than loopback (the one a default route would use), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: connect on UDP only picks a route
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address

@@ -27,7 +27,7 @@ from actors.teacher import (
 )
 from gold_ray.teacher.engines import prompt_token_ids
 from gold_ray.teacher.hf_engine import HFEngine
-from gold_ray.testing import FakeTeacherEngine, save_tiny_chat_lm
+from gold_ray.testing import FakeTeacherEngine
 from gold_ray.types import Generation, Prompt, SamplingParams
 
 CHAT = [{"role": "system", "content": "You write film reviews."}, {"role": "user", "content": "Write a review."}]
@@ -47,9 +47,9 @@ def _parse_sse(body: str) -> list[dict | str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory) -> str:
-    """A tiny random Llama with a chat template, saved once for the module."""
-    return save_tiny_chat_lm(tmp_path_factory.mktemp("tiny-chat-lm"))
+def tiny_teacher(tiny_chat_lm) -> str:
+    """The session's tiny random Llama with a chat template."""
+    return tiny_chat_lm
 
 
 # --- no cluster needed ----------------------------------------------------------------------------
@@ -128,7 +128,8 @@ def teacher_url(ray_cluster, serve_port, tiny_teacher):
 @pytest.fixture(scope="module")
 def client(teacher_url):
     """The official OpenAI client on the deployment (no retries: a failure must show at once)."""
-    openai = pytest.importorskip("openai")
+    import openai  # a dev dependency
+
     return openai.OpenAI(base_url=teacher_url, api_key="unused", max_retries=0, timeout=120)
 
 

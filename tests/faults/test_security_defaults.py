@@ -31,21 +31,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # --- servers listen on loopback unless configured ---------------------------------------------
 
 
-def test_serve_and_the_dashboard_bind_to_loopback_by_default(monkeypatch):
+def test_the_dashboard_binds_to_loopback_by_default(monkeypatch):
+    # Serve's proxy is checked on its real sockets (tests/actors/test_cli_serve.py); a second Ray
+    # cannot start inside the test session, so the driver's ray.init arguments are checked here.
     import ray
-    from ray import serve
 
     import actors.driver as driver
-    import actors.teacher as teacher
 
     cfg = RunConfig()
     assert cfg.teacher.serve.host == "127.0.0.1"
-    started = {}
-    monkeypatch.setattr(serve, "start", lambda **kw: started.update(kw))
-    monkeypatch.setattr(serve, "run", lambda app, **kw: ("handle", kw["name"]))
-    teacher.start_teacher(cfg, name="t")
-    assert started["http_options"]["host"] == "127.0.0.1"
-
     inits = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

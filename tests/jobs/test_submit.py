@@ -357,7 +357,6 @@ def test_broken_config_fails_the_job_with_the_key_in_its_logs(ray_head, tmp_path
 @pytest.mark.ray
 @pytest.mark.slow
 def test_submitted_run_succeeds_with_outputs_and_an_mlflow_run(ray_head, tiny_models, tmp_path):
-    pytest.importorskip("actors.driver", reason="the Ray driver (actors/driver.py) is not written yet")
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_models, run_dir))
     result = gold_ray("submit", str(config), "--address", ray_head, "--working-dir", str(REPO_ROOT), "--follow")
@@ -406,7 +405,6 @@ def readme_plain_submit(address: str, config: Path) -> subprocess.CompletedProce
 @pytest.mark.ray
 @pytest.mark.slow
 def test_resubmitted_job_resumes_after_its_driver_is_killed(ray_head, tiny_models, tmp_path):
-    pytest.importorskip("actors.driver", reason="the Ray driver (actors/driver.py) is not written yet")
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_models, run_dir))
     first = gold_ray("submit", str(config), "--address", ray_head, "--working-dir", str(REPO_ROOT), timeout=120)
