@@ -27,7 +27,7 @@ caller, which sends it again (``actors.pipeline``).
 The in-cluster request is a plain dict (see :func:`prompt_to_dict`)::
 
     {"prompt": {"kind", "label", "messages", "text", "prefill", "stop"},
-     "params": {"temperature", "top_p", "top_k", "max_new_tokens", "seed"}}
+     "params": {"temperature", "top_p", "top_k", "max_new_tokens"}}
 
 Either value may also be a JSON string of that dict: Ray Data moves rows through Arrow, where a
 string is safer than a nested struct whose shape differs between chat and continuation prompts.

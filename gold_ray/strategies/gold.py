@@ -10,8 +10,8 @@ Clean reading versus the authors' code (methods.md 2.10), default first:
 
 - The band is taken over each iteration's probe set of any size (the code: exactly 2 of 8).
 - Probes are training data too, as in the code.
-- Feedback replaces the pool each iteration up to ``feedback_pool_size`` most recent examples
-  (the code keeps only the last band).
+- Each iteration's band is appended to the feedback pool, which keeps the ``feedback_pool_size``
+  most recent examples (the code keeps only the last band).
 - The optional noise filter ``strategy.noise_filter_top`` drops the highest-energy share of
   training data; off by default, as in the code (its ``--bot50`` filter did something else).
 - Text-to-text energy averages over real target tokens (``energy_mode=masked``);

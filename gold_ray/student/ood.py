@@ -277,7 +277,7 @@ def hashed_uniform_scores(inputs: Sequence[dict[str, Any]]) -> np.ndarray:
     return values
 
 
-def band_indices(scores: ArrayLike, lo: float = 0.5, hi: float = 0.8) -> np.ndarray:
+def band_indices(scores: ArrayLike, lo: float, hi: float) -> np.ndarray:
     """Indices of the samples whose score rank falls in the percentile band ``[lo, hi)``.
 
     The finite scores are sorted ascending (stable, ties broken by the lower index first) and the
@@ -289,16 +289,17 @@ def band_indices(scores: ArrayLike, lo: float = 0.5, hi: float = 0.8) -> np.ndar
     Args:
         scores: OOD scores ``[N]`` (higher = more OOD).
         lo: Lower band edge, a fraction in ``[0, 1]``.
-        hi: Upper band edge, a fraction in ``[lo, 1]``.
+        hi: Upper band edge, a fraction in ``(lo, 1]`` (``strategy.band_lo``/``band_hi``: the defaults
+            live in the config).
 
     Returns:
         int64 array of original indices into ``scores``, in rank order (ascending score).
 
     Raises:
-        ValueError: ``lo``/``hi`` are not ``0 <= lo <= hi <= 1``.
+        ValueError: ``lo``/``hi`` are not ``0 <= lo < hi <= 1`` (the config's own check).
     """
-    if not (0.0 <= lo <= hi <= 1.0):
-        raise ValueError(f"band edges must satisfy 0 <= lo <= hi <= 1, got lo={lo}, hi={hi}")
+    if not (0.0 <= lo < hi <= 1.0):
+        raise ValueError(f"band edges must satisfy 0 <= lo < hi <= 1, got lo={lo}, hi={hi}")
     order = _finite_order(scores)
     n = len(order)
     return order[_round_count(lo * n) : _round_count(hi * n)].astype(np.int64)

@@ -86,7 +86,7 @@ def test_bad_inputs_raise():
 
 def test_empty_batch_gives_empty_scores():
     assert energy_from_logits(np.zeros((0, 2))).shape == (0,)
-    assert band_indices(np.array([])).tolist() == []
+    assert band_indices(np.array([]), 0.5, 0.8).tolist() == []
     assert noise_filter_mask(np.array([]), 0.2).tolist() == []
 
 
@@ -173,7 +173,7 @@ def test_token_nll_averages_real_tokens_and_ignores_padding_ids():
 def test_gold_band_on_eight_samples_picks_ranks_four_and_five():
     scores = np.array([0.9, -3.0, 2.5, 0.1, -1.0, 4.0, 1.7, 3.1])
     # ascending: idx1(-3.0) idx4(-1.0) idx3(0.1) idx0(0.9) | idx6(1.7) idx2(2.5) | idx7(3.1) idx5(4.0)
-    got = band_indices(scores)
+    got = band_indices(scores, 0.5, 0.8)
     assert got.tolist() == [6, 2]
     assert got.dtype == np.int64
     assert band_indices(torch.tensor(scores), 0.5, 0.8).tolist() == [6, 2]
@@ -181,7 +181,7 @@ def test_gold_band_on_eight_samples_picks_ranks_four_and_five():
 
 @pytest.mark.parametrize(
     ("n", "lo", "hi", "count"),
-    [(8, 0.5, 0.8, 2), (10, 0.5, 0.8, 3), (100, 0.29, 0.58, 29), (5, 0.0, 1.0, 5), (4, 0.5, 0.5, 0)],
+    [(8, 0.5, 0.8, 2), (10, 0.5, 0.8, 3), (100, 0.29, 0.58, 29), (5, 0.0, 1.0, 5), (4, 0.5, 0.6, 0)],
 )
 def test_band_size_follows_the_floor_rule(n, lo, hi, count):
     assert len(band_indices(np.arange(n, dtype=float)[::-1], lo, hi)) == count
@@ -190,27 +190,27 @@ def test_band_size_follows_the_floor_rule(n, lo, hi, count):
 def test_ties_are_broken_by_index():
     scores = np.array([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
     # ascending, stable: 1, 3, 5, 7 (the zeros) then 0, 2, 4, 6 -> ranks 4 and 5 are 0 and 2
-    assert band_indices(scores).tolist() == [0, 2]
+    assert band_indices(scores, 0.5, 0.8).tolist() == [0, 2]
 
 
 def test_all_equal_scores_select_deterministically_with_the_right_count():
     scores = np.full(8, 0.37)
-    assert band_indices(scores).tolist() == [4, 5]
-    assert band_indices(np.full(20, -2.0)).tolist() == list(range(10, 16))
+    assert band_indices(scores, 0.5, 0.8).tolist() == [4, 5]
+    assert band_indices(np.full(20, -2.0), 0.5, 0.8).tolist() == list(range(10, 16))
 
 
 def test_nan_rows_are_excluded_before_ranking_and_never_selected():
     scores = np.array([np.nan, 5.0, 1.0, np.inf, 3.0, 2.0, np.nan, 4.0, 0.0, -np.inf, 6.0, 7.0])
-    got = band_indices(scores)
+    got = band_indices(scores, 0.5, 0.8)
     finite = [1, 2, 4, 5, 7, 8, 10, 11]  # n = 8 finite scores: 0,1,2,3,4,5,6,7 at these indices
     assert not set(got.tolist()) & {0, 3, 6, 9}
     assert got.tolist() == [7, 1]  # scores 4.0 and 5.0: ranks 4 and 5 of the eight finite ones
     assert set(got.tolist()) <= set(finite)
-    assert band_indices(np.full(5, np.nan)).tolist() == []
+    assert band_indices(np.full(5, np.nan), 0.5, 0.8).tolist() == []
 
 
 def test_batch_of_one_gives_an_empty_band():
-    assert band_indices(np.array([1.5])).tolist() == []
+    assert band_indices(np.array([1.5]), 0.5, 0.8).tolist() == []
     assert band_indices(np.array([1.5]), 0.0, 1.0).tolist() == [0]
 
 
@@ -219,6 +219,8 @@ def test_invalid_band_raises():
         band_indices(np.zeros(4), 0.8, 0.5)
     with pytest.raises(ValueError):
         band_indices(np.zeros(4), -0.1, 0.5)
+    with pytest.raises(ValueError):  # an empty band is refused here as in the config
+        band_indices(np.zeros(4), 0.5, 0.5)
 
 
 def test_random_control_scores_are_fixed_per_input_and_spread_evenly():
