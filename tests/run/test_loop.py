@@ -85,6 +85,21 @@ def test_zerogen_has_no_probes_or_feedback(tmp_path, student_dir, eval_file):
     assert metrics["totals"]["accepted"] > 0
 
 
+@pytest.mark.slow
+def test_the_student_learns_cleanly_separable_data(tmp_path, eval_file):
+    # The fake teacher's samples name their label ("... reads as positive in tone"), as does every
+    # evaluation row: a student that learns at all from what the run wrote gets them right. The
+    # embedded MiniLM, the default student: the tiny random one stays at chance on so few steps
+    # (measured: CE loss 0.693 after 48 steps at lr 3e-3).
+    cfg = tiny_run_config(tmp_path / "run", "embedded:all-minilm-l6-v2", f"task.eval_path={eval_file}",
+                          "strategy.name=zerogen", "strategy.iterations=1", "budget.samples=48", "student.max_length=32",
+                          "student.min_steps_per_iteration=0", "student.final_epochs=null",
+                          "student.final_min_steps=12", "student.max_epochs=6")
+    metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
+    assert metrics["final"]["n"] == 20
+    assert metrics["final"]["accuracy"] >= 0.9
+
+
 def test_existing_run_is_not_clobbered(tmp_path, student_dir, eval_file):
     cfg = make_cfg(tmp_path, student_dir, eval_file, "strategy.iterations=1", "budget.samples=8")
     Distiller(cfg, engine=FakeTeacherEngine()).run()
