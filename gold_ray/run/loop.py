@@ -538,6 +538,10 @@ class Distiller:
             if run_id and run_id != known:
                 self.tracker.log_params(self.cfg)
                 self.state["mlflow_run_id"] = run_id
+                # Kept now, not at the first stage's commit: a driver that dies before that commit
+                # must come back to this MLflow run, not open a second one without params. The
+                # state in memory is still the committed one, so committing it adds only the id.
+                store.commit_state(self.run_dir, self.state)
             self.runtime.run.tracking = self.tracker.parent_info()
             self.runtime.start()
             metrics = self._run_stages()

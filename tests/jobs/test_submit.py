@@ -333,6 +333,14 @@ def mlflow_run_ids(run_dir: Path) -> list[str]:
         return [row[0] for row in db.execute("select run_uuid from runs")]
 
 
+def stage_committed(run_dir: Path) -> bool:
+    """Whether the run has committed a stage (``state.json`` is written earlier, holding only the MLflow run id)."""
+    try:
+        return json.loads((run_dir / "state.json").read_text())["stage"] is not None
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def job_id_of(stdout: str) -> str:
     line = next(line for line in stdout.splitlines() if line.startswith("gold-ray: submitted job "))
     return line.split()[3]
@@ -412,7 +420,7 @@ def test_resubmitted_job_resumes_after_its_driver_is_killed(ray_head, tiny_model
     job_id = job_id_of(first.stdout)
     # Wait for the first committed stage, then kill the driver mid-run.
     deadline = time.monotonic() + 600
-    while not (run_dir / "state.json").is_file():
+    while not stage_committed(run_dir):
         status, _ = sub.job_status(ray_head, job_id)
         assert status not in sub.TERMINAL_STATUSES, sub.job_logs(ray_head, job_id)[-4000:]
         assert time.monotonic() < deadline, "no stage committed in time"
