@@ -151,6 +151,7 @@ def parse_row(row: dict[str, Any], *, task: TaskSpec) -> dict[str, Any]:
         "style": row.get("style") or "",
         "raw_text": text,
         "output_tokens": int(row.get("teacher_tokens") or 0),
+        "prompt_tokens": int(row.get("teacher_prompt_tokens") or 0),
         "generated_at": float(row.get("generated_at") or math.nan),
         "teacher_failed": bool(error),
         "reject_reason": "",
@@ -363,7 +364,7 @@ def generate_iteration(
 
     Returns:
         Statistics: ``requested``, ``accepted``, ``rejected``, ``rejected_by_reason``,
-        ``output_tokens``, ``seconds``, ``tokens_per_s``, ``samples_per_s``, ``scored``,
+        ``output_tokens``, ``prompt_tokens``, ``seconds``, ``tokens_per_s``, ``samples_per_s``, ``scored``,
         ``scorer_actors`` (distinct actors that scored), ``attempts`` (pipeline runs),
         ``retried`` (prompts sent again), ``first_scored_at``, ``last_generated_at``,
         ``streamed`` (the first score came before the last generation; None without scoring)
@@ -407,6 +408,7 @@ def generate_iteration(
         "rejected": len(records) - accepted,
         "rejected_by_reason": dict(Counter(r["reject_reason"] for r in records if r["reject_reason"])),
         "output_tokens": tokens,
+        "prompt_tokens": sum(int(r.get("prompt_tokens") or 0) for r in results.values()),
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
         "samples_per_s": round(len(prompts) / seconds, 3) if seconds > 0 else None,

@@ -9,6 +9,8 @@
   ``resources.train_workers``, its MLflow child run under the run's;
 - ``score`` (the final noise filter): the same scorer pool, over a Ray dataset of the records;
 - ``evaluate``: a Ray task with the scorers' resources, so no model runs in the driver actor.
+- ``answer`` (the teacher-as-classifier row): the same Serve deployment, one ``generate_batch`` call
+  per ``teacher.batch_size`` prompts.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ from gold_ray.student.evaluation import evaluate_student
 from gold_ray.student.model import Student, load_student
 from gold_ray.student.training import Recipe
 from gold_ray.teacher.parsing import Deduplicator
-from gold_ray.types import Prompt
+from gold_ray.types import Generation, Prompt, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 SCRATCH_DIRS = ("tmp", "ray_train")
 """Scratch folders of the Ray stages in the run directory; only an interrupted run needs them."""
 
-PRODUCE_STATS = ("output_tokens", "seconds", "tokens_per_s", "samples_per_s", "scored", "scorer_actors",
+PRODUCE_STATS = ("output_tokens", "prompt_tokens", "seconds", "tokens_per_s", "samples_per_s", "scored", "scorer_actors",
                  "retried", "streamed")
 """The pipeline statistics a produce step reports to the loop."""
 
@@ -121,6 +123,21 @@ class RayRuntime(Runtime):
         for row in ds.iter_rows():
             scores[int(row["_row"])] = float(row[SCORE_COLUMN])
         return scores
+
+    def answer(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        """The Serve teacher's answers, one ``generate_batch`` call per ``teacher.batch_size`` prompts."""
+        from ray import serve
+
+        from actors.teacher import DEPLOYMENT_NAME, params_to_dict, prompt_to_dict, row_to_generation
+
+        handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=self.app_name)
+        size = self.run.cfg.teacher.batch_size
+        wire = params_to_dict(params)
+        out: list[Generation] = []
+        for start in range(0, len(prompts), size):
+            requests = [{"prompt": prompt_to_dict(p), "params": wire} for p in prompts[start : start + size]]
+            out.extend(row_to_generation(row) for row in handle.generate_batch.remote(requests).result())
+        return out
 
     def evaluate(self, student: Student, checkpoint: Path | None, records: list[dict[str, Any]]) -> dict[str, Any]:
         """The student's metrics, computed by a Ray task with the scorers' resources."""

@@ -163,8 +163,21 @@ def generation_to_row(generation: Generation) -> dict[str, Any]:
         "teacher_tokens": int(generation.output_tokens),
         "teacher_error": generation.error or "",
         "teacher_option_logprobs": json.dumps(list(scores)) if scores is not None else "",
+        "teacher_prompt_tokens": int(generation.prompt_tokens),
         "generated_at": time.time(),
     }
+
+
+def row_to_generation(row: dict[str, Any]) -> Generation:
+    """The :class:`Generation` of a :func:`generation_to_row` dict (a runtime that wants raw answers)."""
+    scores = row.get("teacher_option_logprobs") or ""
+    return Generation(
+        text=str(row.get("teacher_text") or ""),
+        output_tokens=int(row.get("teacher_tokens") or 0),
+        error=str(row.get("teacher_error") or "") or None,
+        option_logprobs=tuple(float(v) for v in json.loads(scores)) if scores else None,
+        prompt_tokens=int(row.get("teacher_prompt_tokens") or 0),
+    )
 
 
 # --- OpenAI request bodies ------------------------------------------------------------------------

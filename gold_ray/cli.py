@@ -3,7 +3,8 @@
 Commands::
 
     gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite] [--local] [--quiet|--json-logs]
-    gold-ray compare CONFIG --strategies gold,zerogen --seeds N [--output DIR] [--local] [--quiet|--json-logs]
+    gold-ray compare CONFIG --strategies gold,zerogen --seeds N [--reference NAME] [--output DIR] [--local]
+                     [--quiet|--json-logs]
     gold-ray report RUN_DIR [RUN_B] [--out FILE]
     gold-ray predict RUN_DIR TEXT... | --file input.jsonl [--output FILE]
     gold-ray serve CONFIG [--set key=value ...]
@@ -110,6 +111,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
             runner = run_on_ray
         table = compare(cfg, strategies, seeds, out, runner=runner, with_teacher=not args.no_teacher_fewshot,
+                        reference=args.reference,
                         on_event=lambda name, stage, info: reporter(stage, {"run": name, **info}),
                         echo=lambda line: reporter.message("info", f"gold-ray: {line}"))
         text = (out / "compare.md").read_text(encoding="utf-8").rstrip("\n")
@@ -256,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="the comparison's folder (default: output.dir + '-compare')")
     p.add_argument("--local", action="store_true", help="run every distillation in this process instead of on Ray")
     p.add_argument("--no-teacher-fewshot", action="store_true",
-                   help="leave out the teacher-as-classifier row (one teacher pass per eval example)")
+                   help="leave out the teacher-as-classifier row (one teacher pass per eval example), here and "
+                        "in the runs")
+    p.add_argument("--reference", help="the strategy every other one is paired with (default: zerogen when "
+                                       "compared, else the first)")
     add_output_mode_args(p)
     p.set_defaults(func=cmd_compare)
 

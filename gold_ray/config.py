@@ -310,12 +310,42 @@ class BudgetConfig(_Section):
         samples: Samples requested from the teacher over the whole run, probes included (GOLD's
             probes are training data too), so every strategy spends the same teacher calls.
         max_teacher_tokens: Stop generating once this many output tokens were spent (None: no cap).
+            Checked before each iteration's generate stage: a coarse safety cap, overshooting by
+            up to an iteration's samples.
+        teacher_tokens: Hold the teacher's output tokens equal instead of its samples (None: off).
+            Strategies at the same ``samples`` do not spend the same teacher compute (GOLD's
+            feedback prompts draw longer answers than ZeroGen's); with this set, a run stops
+            asking the teacher once its output tokens reach it. The tokens are spread over the
+            stages as the samples are (a stage may spend its share of the tokens spent so far, in
+            chunks of ``teacher.batch_size`` prompts, so it overshoots by at most one chunk), and
+            ``samples`` stays the most samples a run asks for: set it high enough that the tokens,
+            not the samples, run out. Scored label prompts (LLKD) spend no output tokens.
         max_reject_share: Stop with a clear error when an iteration rejects more than this share.
     """
 
     samples: int = Field(default=1024, ge=1)
     max_teacher_tokens: int | None = Field(default=None, ge=1)
+    teacher_tokens: int | None = Field(default=None, ge=1)
     max_reject_share: float = Field(default=0.9, gt=0, le=1)
+
+
+class BaselinesConfig(_Section):
+    """The references a finished run's student is shown beside: the majority class and the teacher
+    itself as a few-shot classifier, on the student's evaluation examples (the synthetic test split
+    when there is no real evaluation set).
+
+    Attributes:
+        teacher_fewshot: Evaluate the teacher as a few-shot classifier at the end of the run (one
+            forward pass per example and label, through the run's teacher: minutes on a CPU for a
+            few hundred examples). The result is cached under the models cache
+            (``$GOLD_RAY_CACHE/baselines``) per teacher, task, evaluation examples, prompt style and
+            demonstrations, so later runs and ``gold-ray compare`` reuse it.
+        teacher_fewshot_limit: Evaluate the teacher on at most this many of the evaluation examples
+            (a seeded subset; None: all of them). The majority class is always computed on all.
+    """
+
+    teacher_fewshot: bool = True
+    teacher_fewshot_limit: int | None = Field(default=1000, ge=1)
 
 
 class ResourcesConfig(_Section):
@@ -405,6 +435,7 @@ class RunConfig(_Section):
         student: See :class:`StudentConfig`.
         strategy: See :class:`StrategyConfig`.
         budget: See :class:`BudgetConfig`.
+        baselines: See :class:`BaselinesConfig`.
         resources: See :class:`ResourcesConfig`.
         tracking: See :class:`TrackingConfig`.
         output: See :class:`OutputConfig`.
@@ -416,6 +447,7 @@ class RunConfig(_Section):
     student: StudentConfig = Field(default_factory=StudentConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

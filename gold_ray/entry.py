@@ -38,6 +38,7 @@ FORWARDED_ENV = (
     "HF_DATASETS_OFFLINE",
     "HF_DATASETS_CACHE",
     "RAY_DATA_DISABLE_PROGRESS_BARS",
+    "GOLD_RAY_BASELINE_CACHE",
 )
 """Environment variables a run on Ray passes on when they are set here.
 
@@ -54,6 +55,8 @@ Nothing else is forwarded (API keys included) unless named with ``gold-ray submi
   (models, datasets) when it is off here;
 - ``RAY_DATA_DISABLE_PROGRESS_BARS``: ``gold-ray distill`` sets it while its live view owns the
   terminal, so Ray Data's bars do not scroll under it.
+- ``GOLD_RAY_BASELINE_CACHE``: where cached teacher-as-classifier results live when not under
+  ``GOLD_RAY_CACHE`` (:mod:`gold_ray.run.baselines`).
 """
 
 EXIT_OK = 0
@@ -136,7 +139,28 @@ def summary_text(metrics: dict[str, Any], out: Path, *, prog: str = "gold-ray", 
     for key in ("accuracy", "macro_f1", "exact_match", "numeric_match"):
         if isinstance(final.get(key), int | float):
             lines.append(f"  final {key}: {final[key]:.4f}")
+    lines += reference_lines(final)
     return "\n".join(lines)
+
+
+def reference_lines(final: dict[str, Any]) -> list[str]:
+    """The final student beside the teacher as a few-shot classifier and the majority class, on the same
+    examples (:func:`gold_ray.run.baselines.reference_rows`); empty when the run recorded none."""
+    from gold_ray.run.baselines import reference_rows, student_metric
+
+    rows = reference_rows(final)
+    if not rows:
+        return []
+    base = final.get("baselines") or {}
+    metric = (student_metric(final) or ("accuracy", 0.0))[0]
+    where = "the evaluation set" if base.get("on") == "eval set" else \
+        "a synthetic hold-out (no real evaluation set: generated data, not comparable with real data)"
+    lines = [f"  {metric} on {where}, {base.get('n')} examples:"]
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, note in rows:
+        shown = f"{value:.4f}" if isinstance(value, int | float) else "–"
+        lines.append(f"    {name:<{width}}  {shown}  ({note})")
+    return lines
 
 
 def _cause(err: BaseException) -> BaseException:

@@ -34,6 +34,11 @@ FAULT_HOOK = {
 }
 os.environ.update(FAULT_HOOK)
 
+# Cached teacher rows (gold_ray.run.baselines) of this session's fake and tiny teachers: kept out of
+# the user's cache, and never reused from an earlier session whose fake engines answered otherwise.
+BASELINE_CACHE = {"GOLD_RAY_BASELINE_CACHE": tempfile.mkdtemp(prefix="grbase")}
+os.environ.update(BASELINE_CACHE)
+
 
 @pytest.fixture(scope="session")
 def tiny_chat_lm(tmp_path_factory) -> str:
@@ -72,6 +77,7 @@ def ray_cluster():
                     "TOKENIZERS_PARALLELISM": "false",
                     **FAST_SERVE_METRICS,
                     **FAULT_HOOK,
+                    **BASELINE_CACHE,
                 }
             },
         )

@@ -125,3 +125,51 @@ def test_a_chosen_recipe_is_summarised_per_strategy_beside_the_runs_own_rows(ben
                                 "seeds": 2},
                        "zerogen": {"mean": 0.72, "std": 0.0, "seeds": 1}}}}
     assert "| sst2 | 1000 | sce-a0.1-b1-e3 | gold | 2 | 0.7600 |" in (bench.RESULTS / "summary.md").read_text()
+
+
+def test_summary_has_the_majority_class_and_pooled_paired_differences(bench, tmp_path, monkeypatch):
+    from gold_ray.run.baselines import majority_class
+    from gold_ray.run.tasks import load_task
+    from gold_ray.student.evaluation import load_eval_records, seeded_subset
+
+    monkeypatch.delenv("GOLD_RAY_DATA", raising=False)
+    eval_file = tmp_path / "sst2-eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"text": f"t{i}", "label": "negative" if i < 7 else "positive"}) + "\n"
+                                 for i in range(10)))
+    sets = [f"task.eval_path={eval_file}", "task.eval_limit=4", "strategy.score=random"]
+
+    def result(task, strategy, seed, accuracy, tag="", overrides=()):
+        row = {"task": task, "strategy": strategy, "seed": seed, "budget": 1000, "accuracy": accuracy, "tag": tag,
+               "wall_s": 1.0, "machine": MACHINE, "command": "c", "overrides": list(overrides)}
+        name = f"{task}-{strategy}-s{seed}-n1000" + (f"-{tag}" if tag else "")
+        (bench.RESULTS / f"{name}.json").write_text(json.dumps(row))
+
+    for seed, (gold, zerogen) in enumerate([(0.80, 0.78), (0.82, 0.79), (0.84, 0.80)]):
+        result("sst2", "gold", seed, gold, overrides=sets)
+        result("sst2", "zerogen", seed, zerogen, overrides=sets)
+    for seed, acc in enumerate([0.81, 0.80]):
+        result("sst2", "gold", seed, acc, tag="randband", overrides=sets)
+    result("rte", "gold", 0, 0.60)  # a second task pools in; its evaluation file is not here
+    result("rte", "zerogen", 0, 0.55)
+    result("rte", "zerogen", 1, 0.50)  # no GOLD run of seed 1: not a pair
+    summary = bench.write_summary()
+
+    # The majority of the same seeded 4 of the 10 examples the runs were scored on.
+    sst2 = load_task("sst2")
+    expected = majority_class(sst2, seeded_subset(load_eval_records(sst2, eval_file), 4))
+    assert summary["majority"]["sst2"] == expected and expected["n"] == 4
+    assert "GOLD_RAY_DATA" in summary["majority"]["rte"]["error"]
+
+    vs_zerogen = summary["paired"]["gold-zerogen"]
+    diffs = [0.02, 0.03, 0.04, 0.05]
+    half = 3.182 * statistics.stdev(diffs) / 2
+    assert vs_zerogen["n"] == 4 and sorted(vs_zerogen["pairs"]) == ["rte/s0", "sst2/s0", "sst2/s1", "sst2/s2"]
+    assert vs_zerogen["mean"] == pytest.approx(0.035) and vs_zerogen["low"] == pytest.approx(0.035 - half)
+    assert vs_zerogen["verdict"] == "ahead"
+    band = summary["paired"]["gold-gold@randband"]
+    assert band["n"] == 2 and band["mean"] == pytest.approx(0.005) and band["verdict"] == "within seed noise"
+
+    md = (bench.RESULTS / "summary.md").read_text()
+    assert f"| sst2 | {expected['label']} | 4 | {expected['accuracy']:.4f} |" in md
+    assert "| gold | zerogen | 4 | +3.50 |" in md and "| ahead |" in md
+    assert "| gold | gold@randband | 2 | +0.50 |" in md and "| within seed noise |" in md

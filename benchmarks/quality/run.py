@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: accuracy={row['accuracy']} wall={row['wall_s']}s", flush=True)
     for r in rows:
         print(f"{r['task']:<8} {r['strategy']:<8} seed {r['seed']} n={r['budget']}: acc {r['accuracy']}")
-    write_summary()
+    write_summary(args.runs_dir)
     return 0
 
 
@@ -190,7 +190,64 @@ def _examples(row: dict) -> str:
     return f"{n} (all)"
 
 
-def write_summary() -> dict:
+PAIRED = (("gold", "zerogen"), ("gold", "gold@randband"))
+"""The pooled paired differences of the summary: GOLD against ZeroGen, the energy band against a random one."""
+
+
+def task_majority(task: str, rows: list[dict], runs_dir: str = "runs/quality") -> dict | None:
+    """The majority class of ``task``'s evaluation examples, on the subset the runs were scored on.
+
+    The runs' own ``task.*`` overrides (``task.eval_limit``, ``task.eval_path``) select the examples,
+    so a set evaluated on a seeded 1,000 gets the majority of those 1,000.
+
+    Returns:
+        :func:`gold_ray.run.baselines.majority_class` of them (the same seeded subset
+        :func:`gold_ray.student.evaluation.load_task_eval` draws), or ``{"error": ...}`` when there is
+        no local evaluation file here (``$GOLD_RAY_DATA`` unset, say).
+    """
+    from gold_ray.config import load_config
+    from gold_ray.run.baselines import majority_class
+    from gold_ray.run.tasks import load_task
+    from gold_ray.student.evaluation import load_eval_records, task_eval_file
+
+    overrides = sorted({o for r in rows for o in (r.get("overrides") or []) if o.startswith("task.")})
+    try:
+        cfg = load_config(None, [*task_overrides(task, runs_dir), "tracking.enabled=false", *overrides])
+        spec = load_task(cfg.task.name)
+        # The local file the runs read (the data mirror, or task.eval_path): the summary never downloads.
+        path = task_eval_file(spec, cfg.task)
+        if path is None:
+            return {"error": "no local evaluation file (set $GOLD_RAY_DATA to the data mirror)"}
+        records = load_eval_records(spec, path, cfg.task.eval_limit)
+        return majority_class(spec, records) or {"error": "not a classification task"}
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - the summary is written without it, saying why
+        return {"error": f"{type(err).__name__}: {err}"[:300]}
+
+
+def pooled_pairs(groups: dict[tuple[str, str], dict[int, list[dict]]], strategy: str, reference: str) -> dict:
+    """``strategy`` minus ``reference`` pooled over every (task, seed) both finished at the same budget.
+
+    Per task the largest budget both have results for; the statistics are
+    :func:`gold_ray.run.compare.paired_difference` (the one function ``gold-ray compare`` uses too),
+    over keys ``TASK/sSEED``.
+    """
+    from gold_ray.run.compare import paired_difference
+
+    values: dict[str, float | None] = {}
+    ref: dict[str, float | None] = {}
+    tasks = sorted({t for t, _ in groups})
+    for task in tasks:
+        mine, theirs = groups.get((task, strategy), {}), groups.get((task, reference), {})
+        common = set(mine) & set(theirs)
+        if not common:
+            continue
+        budget = max(common)
+        values.update({f"{task}/s{r['seed']}": r["accuracy"] for r in mine[budget]})
+        ref.update({f"{task}/s{r['seed']}": r["accuracy"] for r in theirs[budget]})
+    return {"strategy": strategy, "reference": reference, **paired_difference(values, ref)}
+
+
+def write_summary(runs_dir: str = "runs/quality") -> dict:
     """Aggregate every result file into ``summary.json`` and ``summary.md``.
 
     Per task and strategy, only the largest budget that has results counts (smaller budgets are
@@ -203,8 +260,18 @@ def write_summary() -> dict:
     final-training recipe adds ``chosen_recipe[TASK]``: the recipe, the validation file, and the
     test accuracy statistics per strategy of the runs retrained with it.
 
+    Per task, ``majority[TASK]`` is the majority-class accuracy of the task's evaluation examples
+    (:func:`task_majority`, the runs' ``task.eval_limit`` subset). ``paired`` holds, for GOLD against
+    ZeroGen and GOLD against ``gold@randband``, the difference pooled over every (task, seed) pair
+    both finished (:func:`pooled_pairs`): mean, 95 % interval, n pairs and verdict.
+
+    Args:
+        runs_dir: The benchmark's run folder (where its own tasks' evaluation files are prepared).
+
     Returns:
         ``{"tasks": {TASK: {STRATEGY: {"mean", "std", "seeds", "budget"}}}, "teacher_fewshot": {TASK: accuracy},
+        "majority": {TASK: {"label", "accuracy", "n"} or {"error"}}, "paired": {"gold-zerogen": {...},
+        "gold-gold@randband": {...}},
         "variants": {TASK: {"STRATEGY@TAG": {...}}}, "teacher_fewshot_variants": {TASK: {TAG: accuracy}}, "chosen_recipe": {TASK: {"recipe", "validation", "budget",
         "strategies": {STRATEGY: {"mean", "std", "seeds"}}}}}`` (the last two only when there is something to list).
     """
@@ -248,6 +315,11 @@ def write_summary() -> dict:
             other_rows.append([task, strategy, small, s["seeds"], s["mean"], s["std"]])
     for task, row in sorted(fewshot.items()):
         summary["teacher_fewshot"][task] = row.get("accuracy")
+    summary["majority"] = {}
+    for task in sorted({t for t, _ in groups}):
+        runs = [r for (t, _), by_budget in groups.items() if t == task for rows in by_budget.values() for r in rows]
+        summary["majority"][task] = task_majority(task, runs, runs_dir)
+    summary["paired"] = {f"{a}-{b}": pooled_pairs(groups, a, b) for a, b in PAIRED}
     for row in fewshot_variants:
         summary.setdefault("teacher_fewshot_variants", {}).setdefault(row["task"], {})[row["tag"]] = row.get("accuracy")
     recipe_rows = []
@@ -276,6 +348,23 @@ def write_summary() -> dict:
         markdown_table(["task", "strategy", "budget", "seeds", "accuracy mean", "std", "per seed",
                         "wall time per run (s)", "teacher", "final loss"], main_rows),
     ]
+    lines += ["## Majority class", "",
+              "Every example predicted as the most frequent label of the task's evaluation examples (the same "
+              "subset the runs are scored on).", "",
+              markdown_table(["task", "label", "examples", "accuracy"],
+                             [[t, m.get("label"), m.get("n"), m.get("accuracy")] if "error" not in m
+                              else [t, f"not computed: {m['error']}", None, None]
+                              for t, m in summary["majority"].items()])]
+    lines += ["## Paired differences, pooled over tasks and seeds", "",
+              "Each row: the first strategy's accuracy minus the second's on the same task and seed, over every "
+              "(task, seed) pair both finished (per task at the largest budget both ran), with a 95 % interval "
+              "(t over the paired differences). Ahead or behind: the interval excludes 0.", "",
+              markdown_table(["strategy", "against", "pairs", "mean difference (points)", "95 % interval (points)",
+                              "verdict"],
+                             [[d["strategy"], d["reference"], d["n"],
+                               None if d["mean"] is None else f"{d['mean'] * 100:+.2f}",
+                               None if d["low"] is None else f"[{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}]",
+                               d["verdict"]] for d in summary["paired"].values()])]
     if fewshot or fewshot_variants:
         teacher_rows = [*sorted(fewshot.values(), key=lambda r: r["task"]),
                         *sorted(fewshot_variants, key=lambda r: (r["task"], r["tag"]))]

@@ -409,6 +409,29 @@ def _final_rows(run: RunData) -> list[list[Any]]:
     return rows
 
 
+def _references_html(run: RunData) -> list[str]:
+    """The final student beside the teacher as a few-shot classifier and the majority class."""
+    from gold_ray.run.baselines import reference_rows, student_metric
+
+    final = run.metrics.get("final") or {}
+    rows = reference_rows(final)
+    if not rows:
+        return []
+    base = final.get("baselines") or {}
+    metric = (student_metric(final) or ("accuracy", 0.0))[0]
+    synthetic = base.get("on") != "eval set"
+    where = ("a synthetic hold-out: generated data nothing trained on, labelled by the label the teacher "
+             "was asked for (no real evaluation set; not comparable with accuracy on real data)") if synthetic \
+        else "the real evaluation set"
+    return ["<h2>Student beside its teacher</h2>",
+            _table(["", metric, "on"], [[name, value if value is not None else "–", note] for name, value, note in rows]),
+            f'<p class="note">On the {esc(base.get("n"))} examples of {esc(where)} (the teacher row on the seeded '
+            "subset its note counts, where <code>baselines.teacher_fewshot_limit</code> bounds it). The teacher row "
+            "scores each label's word with the teacher, prompted with the task's seed demos; a student worth "
+            "distilling beats it at a fraction of the cost, and a student below the majority class has learned "
+            "nothing usable.</p>"]
+
+
 def _learning_rows(run: RunData) -> list[list[Any]]:
     """Per iteration: training loss against chance, synthetic validation accuracy, probe energy spread."""
     rows = []
@@ -449,6 +472,7 @@ def render_report(run: RunData) -> str:
     if run.finished:
         parts.append(f'<p class="note">Load it from <code>{esc(run.run_dir / "student")}</code> '
                      "(see the README's \"Use the student\").</p>")
+    parts += _references_html(run)
 
     learning = _learning_rows(run)
     if learning:

@@ -6,7 +6,8 @@ caps output tokens alike) and seed, each in its own run directory::
 
     OUT/
       runs/<strategy>-s<seed>/    one ordinary run directory per run (see gold_ray.run.store)
-      teacher_fewshot.json        the teacher as a few-shot classifier on the same eval set
+      teacher_fewshot.json        the teacher as a few-shot classifier on the same eval set (a copy of
+                                  the cached row, see gold_ray.run.baselines)
       scores/<strategy>-s<seed>.json  OOD scores of the run's accepted data (for the plot)
       compare.json, compare.md    the table: metric mean and spread over seeds per strategy
       compare.png                 metric per iteration per strategy; score distributions
@@ -43,7 +44,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +54,10 @@ import numpy as np
 from gold_ray.config import ConfigError, RunConfig, load_config
 from gold_ray.errors import InputError
 from gold_ray.reporting.tracking import MlflowTracker, flatten_params
-from gold_ray.run import store
+from gold_ray.run import baselines, store
 from gold_ray.run.loop import EventFn, RunDirError, distill_in_process
 from gold_ray.run.tasks import TaskSpec, load_task
-from gold_ray.types import TeacherEngine
+from gold_ray.types import Generation, Prompt, TeacherEngine
 
 RUNS_DIR = "runs"
 SCORES_DIR = "scores"
@@ -213,6 +213,7 @@ def _comparable(cfg: RunConfig) -> dict[str, str]:
     data = cfg.model_dump(mode="json")
     data.pop("output")
     data.pop("tracking")
+    data.pop("baselines", None)  # the reference rows do not change what a run computes
     return flatten_params(data)
 
 
@@ -287,24 +288,25 @@ def eval_records(cfg: RunConfig, task: TaskSpec) -> list[dict[str, Any]]:
 def teacher_fewshot(cfg: RunConfig, *, engine: TeacherEngine | None = None) -> dict[str, Any]:
     """The teacher itself as a few-shot classifier (the paper's "LLM" row) on the run's eval set.
 
-    The prompt is :func:`gold_ray.teacher.prompts.render_classify_prompt` with the task's seed demos in
-    the teacher's prompt style; classification tasks pick the label whose verbalizer the teacher
-    scores highest (:func:`gold_ray.student.evaluation.evaluate_teacher_fewshot`).
+    The same row a run computes at its end (:func:`gold_ray.run.baselines.teacher_fewshot`), from the
+    same cache: a teacher already evaluated on these examples costs nothing here, and an engine is
+    only built when the cache misses. The examples are the run's (``task.eval_limit``), at most
+    ``baselines.teacher_fewshot_limit`` of them.
 
     Args:
-        cfg: The config (task, teacher, ``task.eval_limit``).
+        cfg: The config (task, teacher, ``task.eval_limit``, ``baselines``).
         engine: A ready engine (tests); built from ``cfg.teacher`` and closed afterwards when None.
 
     Returns:
-        The task's metrics (``accuracy`` as a fraction, ``n``, ...) and the settings they came from.
+        The task's metrics (``accuracy`` as a fraction, ``n``, ...), the settings they came from and
+        ``cached``.
 
     Raises:
         ValueError: the task has no evaluation set.
     """
     from gold_ray.models import resolve_model
     from gold_ray.run.loop import resolve_prompt_style
-    from gold_ray.student.evaluation import evaluate_teacher_fewshot, load_task_eval
-    from gold_ray.teacher.prompts import render_classify_prompt
+    from gold_ray.student.evaluation import engine_answers, load_task_eval
 
     task = load_task(cfg.task.name)
     evalset = load_task_eval(task, cfg.task)
@@ -315,39 +317,23 @@ def teacher_fewshot(cfg: RunConfig, *, engine: TeacherEngine | None = None) -> d
     if engine is None and cfg.teacher.engine != "openai":
         teacher_path = resolve_model(cfg.teacher.model)
     style = resolve_prompt_style(cfg, teacher_path)
-    own = engine is None
-    if engine is None:
-        from gold_ray.teacher.engines import build_engine
+    built: list[TeacherEngine] = []
 
-        engine = build_engine(cfg.teacher, teacher_path or cfg.teacher.model, cfg.seed)
-    demos = list(task.seed_demos)
-    t0 = time.perf_counter()
+    def answer(prompts: list[Prompt]) -> list[Generation]:
+        # The engine is built on the first call only: a cached row needs none.
+        if not built:
+            from gold_ray.teacher.engines import build_engine
+
+            built.append(engine or build_engine(cfg.teacher, teacher_path or cfg.teacher.model, cfg.seed))
+        return engine_answers(built[0])(prompts)
+
     try:
-        metrics = evaluate_teacher_fewshot(
-            engine, task, records,
-            lambda r: render_classify_prompt(task, r, demos, prompt_style=style,
-                                             max_demo_chars=cfg.strategy.max_demo_chars),
-        )
+        row = baselines.teacher_fewshot(cfg, task, baselines.fewshot_records(records, cfg.baselines.teacher_fewshot_limit),
+                                        style, answer, teacher_path=teacher_path)
     finally:
-        if own:
-            engine.close()
-    return {**metrics, **fewshot_settings(cfg, style, len(demos)), "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def fewshot_settings(cfg: RunConfig, prompt_style: str, demos: int) -> dict[str, Any]:
-    """What a teacher few-shot result depends on (a cached result with other settings is stale)."""
-    return {"task": cfg.task.name, "teacher": cfg.teacher.model, "engine": cfg.teacher.engine,
-            "prompt_style": prompt_style, "demos": demos, "eval_path": cfg.task.eval_path,
-            "eval_limit": cfg.task.eval_limit}
-
-
-def _cached_fewshot(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    cached = json.loads(path.read_text(encoding="utf-8"))
-    keys = ("task", "teacher", "engine", "eval_path", "eval_limit")
-    same = all(cached.get(k) == v for k, v in fewshot_settings(cfg, "", 0).items() if k in keys)
-    return cached if same else None
+        if built and engine is None:
+            built[0].close()
+    return {**row, "eval_path": cfg.task.eval_path, "eval_limit": cfg.task.eval_limit}
 
 
 # ---- scores of accepted data ----------------------------------------------------------------
@@ -419,6 +405,83 @@ def metric_stats(values: Sequence[float | None]) -> dict[str, Any]:
     return {"mean": statistics.fmean(vals), "std": std, "seeds": len(vals), "min": min(vals), "max": max(vals)}
 
 
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+"""The 0.975 quantile of Student's t with 1 to 30 degrees of freedom (a two-sided 95 % interval)."""
+
+VERDICTS = ("ahead", "behind", "within seed noise", "one pair: no interval", "no pairs")
+"""What :func:`paired_difference` can say, in words."""
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (``df >= 1``).
+
+    Tabulated up to 30; beyond, the Cornish-Fisher expansion around the normal quantile, within
+    1e-3 of the exact value there (no SciPy needed).
+    """
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = statistics.NormalDist().inv_cdf(0.975)
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_difference(values: dict[str, float | None], reference: dict[str, float | None]) -> dict[str, Any]:
+    """``values`` minus ``reference`` over the keys both have, with a 95 % interval and a verdict.
+
+    The two are paired on their keys (seeds; (task, seed) pairs in the quality benchmark): runs of
+    one seed share the seed demos drawn, the student's initialisation and the evaluation examples,
+    and some seeds are luckier for every strategy. Differencing within a pair removes that shared
+    part, so the interval measures how consistently one strategy beats the other rather than how
+    much seeds move both; two separate means with their standard deviations would call most real
+    differences seed noise at three seeds. The interval is the mean difference plus or minus
+    ``t(0.975, n - 1) * sd / sqrt(n)`` over the n paired differences (Student's t: the spread is
+    estimated from those few pairs).
+
+    Args:
+        values: Metric per key of the strategy judged (None or NaN: that key is left out).
+        reference: Metric per key of the reference.
+
+    Returns:
+        ``n`` (pairs), ``pairs`` (their keys), ``mean``, ``std`` (of the differences), ``low`` and
+        ``high`` (the 95 % interval; None with fewer than two pairs), and ``verdict``: ``ahead``
+        (interval above 0), ``behind`` (below 0), ``within seed noise`` (it contains 0),
+        ``one pair: no interval`` or ``no pairs``.
+    """
+
+    def usable(v: float | None) -> bool:
+        return v is not None and math.isfinite(float(v))
+
+    keys = [k for k in values if k in reference and usable(values[k]) and usable(reference[k])]
+    diffs = [float(values[k]) - float(reference[k]) for k in keys]  # type: ignore[arg-type]
+    out: dict[str, Any] = {"n": len(diffs), "pairs": [str(k) for k in keys], "mean": None, "std": None,
+                           "low": None, "high": None}
+    if not diffs:
+        return {**out, "verdict": "no pairs"}
+    mean = statistics.fmean(diffs)
+    out["mean"] = mean
+    if len(diffs) == 1:
+        return {**out, "verdict": "one pair: no interval"}
+    sd = statistics.stdev(diffs)
+    half = t_quantile_975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    low, high = mean - half, mean + half
+    verdict = "ahead" if low > 0 else "behind" if high < 0 else "within seed noise"
+    return {**out, "std": sd, "low": low, "high": high, "verdict": verdict}
+
+
+def format_difference(d: dict[str, Any], *, points: bool = True) -> str:
+    """A paired difference in one line: ``+2.1 points [+0.4, +3.8], 3 pairs: ahead``."""
+    if d.get("mean") is None:
+        return d.get("verdict", "no pairs")
+    scale, unit = (100.0, " points") if points else (1.0, "")
+    text = f"{d['mean'] * scale:+.1f}{unit}"
+    if d.get("low") is not None:
+        text += f" [{d['low'] * scale:+.1f}, {d['high'] * scale:+.1f}]"
+    return f"{text}, {d['n']} pair{'s' if d['n'] != 1 else ''}: {d['verdict']}"
+
+
 def run_row(run: PlannedRun, metrics: dict[str, Any], metric: str, status: str) -> dict[str, Any]:
     """One run's line of the table: its final metric, per-iteration curve and spend."""
     final = metrics.get("final", {})
@@ -430,6 +493,8 @@ def run_row(run: PlannedRun, metrics: dict[str, Any], metric: str, status: str) 
         "macro_f1": final.get("macro_f1"),
         "per_iteration": [m.get("train", {}).get(metric) for m in metrics.get("iterations", [])],
         "teacher_tokens": metrics.get("teacher_tokens"),
+        # 0 where the engine did not count prompt tokens (or the run predates the count): unknown.
+        "teacher_prompt_tokens": metrics.get("teacher_prompt_tokens") or None,
         "accepted": metrics.get("totals", {}).get("accepted"),
         "final_records": final.get("records"),
         "status": status,
@@ -439,16 +504,39 @@ def run_row(run: PlannedRun, metrics: dict[str, Any], metric: str, status: str) 
 
 def aggregate(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, dict[str, Any]]:
     """Per strategy (in first-seen order): :func:`metric_stats` of ``metric`` over its rows, the
-    per-seed values, and the mean teacher tokens and final training records."""
+    per-seed values, and the mean teacher output and prompt tokens and final training records."""
     out: dict[str, dict[str, Any]] = {}
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
         mine = [r for r in rows if r["strategy"] == strategy]
-        spend = {k: metric_stats([r.get(k) for r in mine])["mean"] for k in ("teacher_tokens", "final_records")}
+        spend = {k: metric_stats([r.get(k) for r in mine])["mean"]
+                 for k in ("teacher_tokens", "teacher_prompt_tokens", "final_records")}
         out[strategy] = {**metric_stats([r.get(metric) for r in mine]),
                          "per_seed": {str(r["seed"]): r.get(metric) for r in mine},
                          "teacher_tokens_mean": spend["teacher_tokens"],
+                         "teacher_prompt_tokens_mean": spend["teacher_prompt_tokens"],
                          "final_records_mean": spend["final_records"]}
     return out
+
+
+def choose_reference(strategies: Sequence[str], reference: str | None = None) -> str:
+    """The strategy every other one is paired with: ``reference``, else ``zerogen`` when compared, else
+    the first.
+
+    Raises:
+        ConfigError: ``reference`` is not one of the compared strategies.
+    """
+    if reference:
+        if reference not in strategies:
+            raise ConfigError(f"--reference: {reference!r} is not among the compared strategies "
+                              f"({', '.join(strategies)})")
+        return reference
+    return "zerogen" if "zerogen" in strategies else strategies[0]
+
+
+def paired_to_reference(per_strategy: dict[str, dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:
+    """Each other strategy's :func:`paired_difference` to ``reference`` over the seeds both ran."""
+    ref = per_strategy[reference]["per_seed"]
+    return {s: paired_difference(v["per_seed"], ref) for s, v in per_strategy.items() if s != reference}
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -470,32 +558,67 @@ def _count(value: float | None) -> str | None:
     return None if value is None else f"{value:.0f}"
 
 
+def _mean_std(s: dict[str, Any]) -> str | None:
+    if s.get("mean") is None:
+        return None
+    return f"{s['mean']:.4f} ± {s['std']:.4f}" if s.get("seeds", 0) > 1 else f"{s['mean']:.4f} (one seed)"
+
+
 def render_markdown(table: dict[str, Any]) -> str:
-    """The comparison table (see :func:`compare`) as Markdown, with the settings above it."""
+    """The comparison table (see :func:`compare`) as Markdown, with the settings above it and what
+    the paired differences say below it."""
     metric = table["metric"]
     budget = table["budget"]
     tokens = f", at most {budget['max_teacher_tokens']} teacher output tokens" if budget["max_teacher_tokens"] else ""
+    if budget.get("teacher_tokens"):
+        tokens += f", {budget['teacher_tokens']} teacher output tokens per run (held equal)"
+    reference = table.get("reference")
     head = (
         f"# Strategy comparison: {table['task']}\n\n"
         f"Teacher `{table['teacher']}`, student `{table['student']}`; {budget['samples']} teacher samples "
         f"per run (probes included){tokens}; seeds {', '.join(map(str, table['seeds']))}. "
-        f"Final student {metric} on the task's evaluation set (n={table['eval_n']}), mean and sample standard "
-        "deviation over seeds.\n\n"
+        f"Final student {metric} on the task's evaluation set (n={table['eval_n']}), mean ± sample standard "
+        f"deviation over seeds; each strategy's paired difference to `{reference}` over the seeds both ran, in "
+        f"{metric} points, with its 95 % interval (t over the paired differences).\n\n"
     )
     rows = []
+    paired = table.get("paired") or {}
     for strategy, s in table["strategies"].items():
         per_seed = ", ".join(f"{v:.4f}" if v is not None else "–" for v in s["per_seed"].values())
-        rows.append([strategy, s["seeds"], s["mean"], s["std"], per_seed, _count(s["teacher_tokens_mean"]),
-                     _count(s["final_records_mean"])])
+        versus = "reference" if strategy == reference else format_difference(paired.get(strategy, {}))
+        rows.append([strategy, s["seeds"], _mean_std(s), per_seed, versus, _count(s["teacher_tokens_mean"]),
+                     _count(s.get("teacher_prompt_tokens_mean")), _count(s["final_records_mean"])])
+    majority = table.get("majority")
+    if majority:
+        rows.append([f"majority class ({majority['label']})", "–", majority["accuracy"], "–", "–", "–", "–", "–"])
     fewshot = table.get("teacher_fewshot")
     if fewshot:
-        rows.append([f"{TEACHER_ROW} ({fewshot['prompt_style']}, {fewshot['demos']} demos)", "–",
-                     fewshot.get(metric), None, "–", None, None])
+        n = f", n={fewshot['n']}" if fewshot.get("n") != table["eval_n"] else ""
+        rows.append([f"{TEACHER_ROW} ({fewshot['prompt_style']}, {fewshot['demos']} demos{n})", "–",
+                     fewshot.get(metric), "–", "–", "–", "–", "–"])
     body = markdown_table([
-        "strategy", "seeds", f"{metric} mean", "std", "per seed", "teacher tokens (mean)",
-        "final training records (mean)"], rows)
-    notes = "\n".join(f"- {n}" for n in table.get("notes", []))
-    return head + body + (f"\n{notes}\n" if notes else "")
+        "strategy", "seeds", f"{metric} mean ± std", "per seed", f"vs {reference} (paired)",
+        "teacher output tokens (mean)", "teacher prompt tokens (mean)", "final training records (mean)"], rows)
+    lines = []
+    for strategy, d in paired.items():
+        if d["verdict"] in ("ahead", "behind"):
+            lines.append(f"- `{strategy}` is {d['verdict']} of `{reference}`: {format_difference(d)}.")
+        elif d["verdict"] == "within seed noise":
+            lines.append(f"- `{strategy}` against `{reference}`: {format_difference(d)} (the interval contains 0: "
+                         "no difference shown at these seeds).")
+        elif d["verdict"] == "one pair: no interval":
+            lines.append(f"- `{strategy}` against `{reference}`: {format_difference(d)}; one seed gives no interval, "
+                         "so no verdict: run more seeds (--seeds 3).")
+        else:
+            lines.append(f"- `{strategy}` against `{reference}`: no seed both finished.")
+    spent = [s["teacher_tokens_mean"] for s in table["strategies"].values() if s["teacher_tokens_mean"]]
+    if not budget.get("teacher_tokens") and len(spent) > 1 and max(spent) > 1.1 * min(spent):
+        lines.append(f"- The strategies spent different teacher output tokens at the same samples "
+                     f"({min(spent):.0f} to {max(spent):.0f} per run): hold them equal with "
+                     "`--set budget.teacher_tokens=N` (and `budget.samples` high enough).")
+    notes = lines + [str(n) for n in table.get("notes", [])]
+    return head + body + ("\n" + "\n".join(f"{n}" if n.startswith("- ") else f"- {n}" for n in notes) + "\n"
+                          if notes else "")
 
 
 def comparison_plot(table: dict[str, Any], scores: dict[str, np.ndarray], path: Path) -> None:
@@ -547,6 +670,7 @@ def compare(
     teacher_engine: TeacherEngine | None = None,
     on_event: CompareEventFn | None = None,
     echo: Callable[[str], None] | None = None,
+    reference: str | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) a comparison and write its table, plot and MLflow runs (module docstring).
 
@@ -561,11 +685,15 @@ def compare(
         teacher_engine: A ready engine for that row (tests); default built from ``base.teacher``.
         on_event: Progress of the runs: (run name, stage, info).
         echo: Receives one line per step (run skipped, resumed, finished; files written).
+        reference: The strategy the others are paired with (:func:`choose_reference`: default
+            ``zerogen`` when compared, else the first).
 
     Returns:
         The table (also written to ``compare.json``): ``task``, ``metric``, ``teacher``,
         ``student``, ``budget``, ``seeds``, ``eval_n``, ``strategies`` (per strategy
-        :func:`aggregate`), ``teacher_fewshot``, ``runs`` (:func:`run_row` each), ``score``,
+        :func:`aggregate`), ``reference``, ``paired`` (per other strategy :func:`paired_difference`
+        to the reference), ``majority`` (:func:`gold_ray.run.baselines.majority_class` of the
+        evaluation set), ``teacher_fewshot``, ``runs`` (:func:`run_row` each), ``score``,
         ``energy`` (per strategy count and median of the plotted scores), ``mlflow``, ``notes``.
 
     Raises:
@@ -574,6 +702,9 @@ def compare(
     """
     strategies = parse_strategies(strategies)
     seeds = parse_seeds(seeds)
+    reference = choose_reference(strategies, reference)
+    if not with_teacher:  # nor in the runs: --no-teacher-fewshot is asked to save that time
+        base = base.model_copy(update={"baselines": base.baselines.model_copy(update={"teacher_fewshot": False})})
     out = Path(out_dir)
     say = echo or (lambda line: None)
     runner = runner or distill_in_process
@@ -590,12 +721,11 @@ def compare(
     try:
         fewshot = None
         if with_teacher:
-            fewshot = _cached_fewshot(out / FEWSHOT_JSON, base)
-            if fewshot is None:
-                say(f"{TEACHER_ROW}: evaluating the teacher as a classifier")
-                fewshot = teacher_fewshot(base, engine=teacher_engine)
-                store.atomic_write_json(out / FEWSHOT_JSON, fewshot)
-            say(f"{TEACHER_ROW}: {metric}={fewshot.get(metric)} (n={fewshot.get('n')})")
+            # First, so that every run finds the row in the cache instead of computing it again.
+            fewshot = teacher_fewshot(base, engine=teacher_engine)
+            store.atomic_write_json(out / FEWSHOT_JSON, fewshot)
+            how = "from the cache" if fewshot.get("cached") else f"computed in {fewshot.get('seconds')} s"
+            say(f"{TEACHER_ROW}: {metric}={fewshot.get(metric)} (n={fewshot.get('n')}, {how})")
         rows, scores = [], {}
         for run in planned:
             def forward(stage: str, info: dict[str, Any], name: str = run.name) -> None:
@@ -607,7 +737,7 @@ def compare(
             say(f"{run.name}: {status}, {metric}={metrics.get('final', {}).get(metric)}")
             values = cached_scores(out, run)
             scores[run.strategy] = np.concatenate([scores.get(run.strategy, np.zeros(0)), values])
-        table = _table(base, task, metric, strategies, seeds, rows, fewshot, scores, parent)
+        table = _table(base, task, metric, strategies, seeds, rows, fewshot, scores, parent, reference)
         _write_outputs(out, table, scores, parent)
     except BaseException:
         if parent is not None:
@@ -621,10 +751,11 @@ def compare(
 
 def _table(base: RunConfig, task: TaskSpec, metric: str, strategies: Sequence[str], seeds: Sequence[int],
            rows: list[dict[str, Any]], fewshot: dict[str, Any] | None, scores: dict[str, np.ndarray],
-           parent: MlflowTracker | None) -> dict[str, Any]:
-    eval_n = fewshot.get("n") if fewshot else None
-    if eval_n is None:
-        eval_n = len(eval_records(base, task))
+           parent: MlflowTracker | None, reference: str | None = None) -> dict[str, Any]:
+    records = eval_records(base, task)
+    eval_n = len(records)
+    strategy_stats = aggregate(rows, metric)
+    ref = choose_reference(strategies, reference)
     notes = []
     empty = [s for s in strategies if not np.isfinite(scores.get(s, np.zeros(0))).any()]
     if empty:
@@ -635,10 +766,13 @@ def _table(base: RunConfig, task: TaskSpec, metric: str, strategies: Sequence[st
         "teacher": base.teacher.model,
         "student": base.student.model,
         "budget": {"samples": base.budget.samples, "max_teacher_tokens": base.budget.max_teacher_tokens,
-                   "iterations": base.strategy.iterations},
+                   "teacher_tokens": base.budget.teacher_tokens, "iterations": base.strategy.iterations},
         "seeds": list(seeds),
         "eval_n": eval_n,
-        "strategies": aggregate(rows, metric),
+        "strategies": strategy_stats,
+        "reference": ref,
+        "paired": paired_to_reference(strategy_stats, ref),
+        "majority": baselines.majority_class(task, records),
         "teacher_fewshot": fewshot,
         "runs": rows,
         "score": base.strategy.score,
@@ -662,6 +796,11 @@ def _write_outputs(out: Path, table: dict[str, Any], scores: dict[str, np.ndarra
     for strategy, s in table["strategies"].items():
         values[f"{strategy}.{metric}_mean"] = s["mean"]
         values[f"{strategy}.{metric}_std"] = s["std"]
+    for strategy, d in table.get("paired", {}).items():
+        for key in ("mean", "low", "high"):
+            values[f"{strategy}.vs_{table['reference']}.{key}"] = d.get(key)
+    if table.get("majority"):
+        values["majority.accuracy"] = table["majority"]["accuracy"]
     if table.get("teacher_fewshot"):
         values[f"teacher_fewshot.{metric}"] = table["teacher_fewshot"].get(metric)
     parent.log_metrics(values)

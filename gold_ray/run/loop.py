@@ -290,6 +290,7 @@ class Distiller:
             "teacher": self.cfg.teacher.model,
             "student": self.cfg.student.model,
             "teacher_tokens": self.state["teacher_tokens"],
+            "teacher_prompt_tokens": int(self.state.get("teacher_prompt_tokens") or 0),
             "eval_source": self.eval_source,
             "iterations": its,
             "totals": dict(totals),
@@ -298,19 +299,23 @@ class Distiller:
 
     # ---- what every stage uses ------------------------------------------------------------
 
-    def _generate_records(self, prompts: list[Prompt], iteration: int, kind: str) -> tuple[list, list, dict]:
+    def _generate_records(
+        self, prompts: list[Prompt], iteration: int, kind: str, token_cap: int | None = None
+    ) -> tuple[list, list, dict]:
         prompts = [
             dataclasses.replace(p, meta={**p.meta, "uid": f"it{iteration}-{kind}-{i}"}) for i, p in enumerate(prompts)
         ]
         scorer = self.student if kind == "probe" else None
         ckpt = self._checkpoint() if scorer is not None else None
-        records, stats = self.runtime.produce(prompts, iteration, kind, scorer, ckpt, self.dedup)
+        records, stats = self._produce(prompts, iteration, kind, scorer, ckpt, token_cap)
         accepted = [r for r in records if r["reject_reason"] is None]
         rejected = [r for r in records if r["reject_reason"] is not None]
         self.state["teacher_tokens"] += int(stats.get("output_tokens", 0))
+        self.state["teacher_prompt_tokens"] = (int(self.state.get("teacher_prompt_tokens") or 0)
+                                               + int(stats.get("prompt_tokens") or 0))
         stats = {
             **stats,
-            "requested": len(prompts),
+            "requested": len(records),
             "accepted": len(accepted),
             "rejected": len(rejected),
             "rejected_by_reason": dict(Counter(r["reject_reason"] for r in rejected)),
@@ -318,11 +323,53 @@ class Distiller:
         scores = np.array([r.get("score", np.nan) for r in accepted], dtype=float)
         if np.isfinite(scores).any():
             stats["scores"] = score_quantiles(scores)
-        share = len(rejected) / max(1, len(prompts))
+        share = len(rejected) / max(1, len(records))
         # Small batches are noisy, so they stop the run only when nothing at all was accepted.
-        if share > self.cfg.budget.max_reject_share and (len(prompts) >= 8 or not accepted):
-            raise self._too_many_rejects(iteration, kind, len(prompts), rejected, stats["rejected_by_reason"])
+        if share > self.cfg.budget.max_reject_share and (len(records) >= 8 or not accepted):
+            raise self._too_many_rejects(iteration, kind, len(records), rejected, stats["rejected_by_reason"])
         return accepted, rejected, stats
+
+    def _produce(
+        self, prompts: list[Prompt], iteration: int, kind: str, scorer: Student | None, ckpt: Path | None,
+        token_cap: int | None,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The runtime's records of ``prompts``; with ``token_cap``, sent in chunks of ``teacher.batch_size``
+        until the run's teacher output tokens reach the cap (``budget.teacher_tokens``)."""
+        if token_cap is None:
+            return self.runtime.produce(prompts, iteration, kind, scorer, ckpt, self.dedup)
+        spent = int(self.state["teacher_tokens"])
+        size = self.cfg.teacher.batch_size
+        records: list[dict[str, Any]] = []
+        parts: list[dict[str, Any]] = []
+        for start in range(0, len(prompts), size):
+            if spent >= token_cap:
+                break
+            chunk, stats = self.runtime.produce(prompts[start : start + size], iteration, kind, scorer, ckpt, self.dedup)
+            # Ids are positions in the stage, not in the chunk: a chunk's runtime numbers from 0.
+            for i, rec in enumerate(chunk):
+                rec["id"] = store.record_id(iteration, kind, start + i)
+            records += chunk
+            parts.append(stats)
+            spent += int(stats.get("output_tokens", 0))
+        merged = merge_produce_stats(parts, len(records))
+        merged["token_cap"] = token_cap
+        merged["unsent"] = len(prompts) - len(records)
+        return records, merged
+
+    def _token_cap(self, iteration: int, kind: str, n_probe: int) -> int | None:
+        """The run's teacher output tokens a stage may reach (``budget.teacher_tokens``), or None.
+
+        The tokens are spread as the samples are: the stage may spend up to its cumulative share
+        of ``budget.samples`` (every earlier stage's samples and its own), so tokens a stage leaves
+        unspent carry over to the next one.
+        """
+        total = self.cfg.budget.teacher_tokens
+        if total is None:
+            return None
+        samples = sum(self._requested(j) for j in range(iteration)) + self._requested(iteration)
+        if kind == "train":
+            samples -= n_probe
+        return math.ceil(total * samples / self.cfg.budget.samples)
 
     def _checkpoint(self) -> Path | None:
         ckpt = self.state.get("checkpoint")
@@ -418,7 +465,7 @@ class Distiller:
         m = self._iter_metrics(iteration)
         n = self._requested(iteration) - n_probe if self._budget_left() else 0
         prompts = self.strategy.train_prompts(ctx, n)
-        acc, rej, stats = self._generate_records(prompts, iteration, "train")
+        acc, rej, stats = self._generate_records(prompts, iteration, "train", self._token_cap(iteration, "train", n_probe))
         # A strategy that labels texts (LLKD) spends the rest of the stage's calls on it.
         label = self.strategy.label_prompts(ctx, acc, max(0, n - len(prompts)))[: max(0, n - len(prompts))]
         if label:
@@ -470,7 +517,7 @@ class Distiller:
     def probe_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
         """The teacher writes probes; the student scores them (their spread tells if the score ranks)."""
         prompts = self.strategy.probe_prompts(ctx, n_probe)
-        acc, rej, stats = self._generate_records(prompts, iteration, "probe")
+        acc, rej, stats = self._generate_records(prompts, iteration, "probe", self._token_cap(iteration, "probe", n_probe))
         stats.update(self._holdout(acc))
         stats.update(score_spread([r.get("score", math.nan) for r in acc]))
         self._write("probe", iteration, acc)
@@ -635,9 +682,82 @@ class Distiller:
         }
         if self.eval_note:
             final["eval_note"] = self.eval_note
-        info = {k: v for k, v in final.items() if k not in ("fit", "recipes")}
-        self._emit("final", self.cfg.strategy.iterations, {**info, "train_loss": fit.get("loss")})
+        final["baselines"] = self.baselines(test)
+        info = {k: v for k, v in final.items() if k not in ("fit", "recipes", "baselines")}
+        self._emit("final", self.cfg.strategy.iterations,
+                   {**info, "train_loss": fit.get("loss"), **baseline_metrics(final["baselines"])})
         return final
+
+    def baselines(self, synthetic_test: list[dict[str, Any]]) -> dict[str, Any]:
+        """The references the final student is shown beside (:mod:`gold_ray.run.baselines`).
+
+        On the student's own evaluation examples: the real evaluation set, else the synthetic test
+        split (``on`` says which). The teacher row goes through the runtime's teacher
+        (:meth:`Runtime.answer`) and is cached; a failure there is recorded, never fatal, since the
+        run's student is already saved.
+
+        Returns:
+            ``on``, ``n``, ``majority`` (classification) and ``teacher_fewshot`` (``accuracy``, ``n``,
+            ``cached``, ...; ``{"error": ...}`` when it failed), or ``teacher_fewshot_note`` when off.
+        """
+        from gold_ray.run import baselines as refs
+        from gold_ray.student.evaluation import FEWSHOT_PARAMS
+
+        records = self.eval_records or synthetic_test
+        out: dict[str, Any] = {"on": "eval set" if self.eval_records else "synthetic hold-out", "n": len(records)}
+        majority = refs.majority_class(self.task, records)
+        if majority:
+            out["majority"] = majority
+        b = self.cfg.baselines
+        if not b.teacher_fewshot:
+            out["teacher_fewshot_note"] = "off (baselines.teacher_fewshot=false)"
+        elif not records:
+            out["teacher_fewshot_note"] = "no evaluation examples"
+        else:
+            try:
+                out["teacher_fewshot"] = refs.teacher_fewshot(
+                    self.cfg, self.task, refs.fewshot_records(records, b.teacher_fewshot_limit), self.prompt_style,
+                    lambda prompts: self.runtime.answer(prompts, FEWSHOT_PARAMS),
+                    teacher_path=self.runtime.run.teacher_path)
+            except Exception as err:  # noqa: BLE001 - a reference row must not fail a finished run
+                logger.warning("the teacher as a few-shot classifier failed: %s", err)
+                out["teacher_fewshot"] = {"error": f"{type(err).__name__}: {err}"[:500]}
+        return out
+
+
+def baseline_metrics(baselines: dict[str, Any]) -> dict[str, float]:
+    """The reference rows as flat numbers (``baseline_majority``, ``baseline_teacher_fewshot``), for
+    the final event and MLflow."""
+    out = {}
+    if (baselines.get("majority") or {}).get("accuracy") is not None:
+        out["baseline_majority"] = float(baselines["majority"]["accuracy"])
+    teacher = baselines.get("teacher_fewshot") or {}
+    for name in ("accuracy", "numeric_match", "exact_match"):
+        if isinstance(teacher.get(name), int | float):
+            out["baseline_teacher_fewshot"] = float(teacher[name])
+            break
+    return out
+
+
+def merge_produce_stats(parts: list[dict[str, Any]], sent: int) -> dict[str, Any]:
+    """One stage's produce statistics from its chunks: counts and seconds add up, rates are recomputed."""
+    merged: dict[str, Any] = {}
+    for stats in parts:
+        for k, v in stats.items():
+            if isinstance(v, bool):
+                merged[k] = bool(merged.get(k)) or v
+            elif v is None:
+                merged.setdefault(k, None)
+            elif isinstance(v, int | float) and k not in ("tokens_per_s", "samples_per_s"):
+                merged[k] = merged.get(k, 0) + v
+            else:
+                merged.setdefault(k, v)
+    seconds = float(merged.get("seconds") or 0)
+    tokens = int(merged.get("output_tokens") or 0)
+    merged["output_tokens"] = tokens
+    merged["tokens_per_s"] = round(tokens / seconds, 2) if seconds > 0 else None
+    merged["samples_per_s"] = round(sent / seconds, 3) if seconds > 0 and sent else None
+    return merged
 
 
 def _merge_label_stats(written: dict[str, Any], labelled: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ A :class:`Runtime` owns the four things a stage asks of the machine:
 ``train``     the student trains on records with a :class:`~gold_ray.student.training.Recipe`
 ``score``     the student's OOD scores of records (the final noise filter)
 ``evaluate``  the student's metrics on labelled records
+``answer``    the teacher's raw answers to prompts (the teacher-as-classifier reference row)
 
 Two implementations, each passed to :class:`~gold_ray.run.loop.Distiller` at construction:
 
@@ -39,7 +40,7 @@ from gold_ray.student.model import Student
 from gold_ray.student.training import Recipe
 from gold_ray.teacher.labelling import answer_prompts, read_answer
 from gold_ray.teacher.parsing import Deduplicator, ParseResult, parse_batch
-from gold_ray.types import Prompt, SamplingParams, TeacherEngine
+from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
 
 
 @dataclass
@@ -99,7 +100,8 @@ class Runtime(ABC):
             dedup: The run's deduplicator, updated in place in prompt order.
 
         Returns:
-            ``(records, stats)`` with ``output_tokens``, ``seconds``, ``tokens_per_s``,
+            ``(records, stats)`` with ``output_tokens``, ``prompt_tokens`` (0 where the engine does not
+            count them), ``seconds``, ``tokens_per_s``,
             ``samples_per_s`` and runtime-specific counters.
         """
 
@@ -119,6 +121,11 @@ class Runtime(ABC):
         if not records:
             return {}
         return evaluate_student(student, self.run.task, records)
+
+    @abstractmethod
+    def answer(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        """The teacher's answers to ``prompts``, unparsed, in order (classify prompts with options are
+        scored: :func:`gold_ray.teacher.labelling.answer_prompts`); failures come back with ``error`` set."""
 
 
 def sampling_params(cfg: RunConfig) -> SamplingParams:
@@ -190,6 +197,7 @@ class InProcessRuntime(Runtime):
         tokens = sum(g.output_tokens for g in generations)
         stats: dict[str, Any] = {
             "output_tokens": tokens,
+            "prompt_tokens": sum(g.prompt_tokens for g in generations),
             "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
             "samples_per_s": round(len(prompts) / seconds, 3) if seconds > 0 else None,
@@ -201,6 +209,10 @@ class InProcessRuntime(Runtime):
                 rec["score"] = float(value)
             stats["score_seconds"] = round(time.perf_counter() - t1, 3)
         return records, stats
+
+    def answer(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        """The engine's answers in this process (:func:`gold_ray.teacher.labelling.answer_prompts`)."""
+        return answer_prompts(self.engine(), prompts, params) if prompts else []
 
     def train(
         self, student: Student, records: list[dict[str, Any]], recipe: Recipe, val_records: Sequence[dict] = ()

@@ -16,7 +16,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ import numpy as np
 from gold_ray.config import ConfigError
 from gold_ray.errors import InputError, MissingFileError
 from gold_ray.run.tasks import DATA_DIR_ENV, HfEvalSource, TaskFileError, TaskSpec, resolve_data_path
-from gold_ray.types import Prompt, SamplingParams, TeacherEngine
+from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
 
 if TYPE_CHECKING:
     from gold_ray.config import TaskConfig
@@ -562,48 +562,82 @@ def evaluate_student(student: Student, task: TaskSpec, records: Sequence[dict], 
     return score_predictions(task, pred, _gold(task, records))
 
 
-def teacher_fewshot_predictions(
-    engine: TeacherEngine, prompts: Sequence[Prompt], task: TaskSpec, batch_size: int = 64
-) -> list[str]:
-    """The teacher's answer to each prompt, read as a prediction.
+FEWSHOT_PARAMS = SamplingParams(temperature=0.0)
+"""Sampling of the teacher-as-classifier row: greedy (only text-to-text answers are generated)."""
 
-    Classification: the label whose verbalizer gets the highest ``engine.option_logprobs``; an
-    unscored row (all NaN) predicts ``""``. Text-to-text: greedy ``engine.generate``; number
-    answers keep the first number written (``""`` when none), text answers the first line.
+AnswerFn = Callable[[list[Prompt]], list[Generation]]
+"""Answers a batch of prompts: :func:`gold_ray.teacher.labelling.answer_prompts` over an engine in this
+process, or a runtime's teacher (:meth:`gold_ray.run.runtime.Runtime.answer`)."""
+
+
+def engine_answers(engine: TeacherEngine) -> AnswerFn:
+    """The :data:`AnswerFn` of an engine in this process (classify prompts with options are scored)."""
+    from gold_ray.teacher.labelling import answer_prompts
+
+    return lambda prompts: answer_prompts(engine, prompts, FEWSHOT_PARAMS)
+
+
+def fewshot_prompt(task: TaskSpec, prompt: Prompt) -> Prompt:
+    """A ``classify`` prompt made answerable by scoring: a classification task's label words become
+    its options (``meta["options"]``, in label order); text-to-text prompts stay as they are."""
+    from gold_ray.teacher.labelling import OPTIONS_KEY
+
+    if not task.is_classification:
+        return prompt
+    return replace(prompt, meta={**prompt.meta, OPTIONS_KEY: [label.word for label in task.labels]})
+
+
+def fewshot_prediction(task: TaskSpec, generation: Generation) -> str:
+    """One answer of the teacher read as a prediction (``""`` when it says nothing usable).
+
+    Classification: the label whose verbalizer has the highest option score; an answer the
+    engine could not score was generated instead, and the first label word in its text counts
+    (as for the labeller, :mod:`gold_ray.teacher.labelling`). Text-to-text: number answers keep
+    the first number written, text answers the first line.
+    """
+    from gold_ray.teacher.labelling import label_in_text, softmax_confidence
+
+    if generation.error:
+        return ""
+    if task.is_classification:
+        scored = softmax_confidence(generation.option_logprobs)
+        if scored is not None and len(generation.option_logprobs or ()) == len(task.labels):
+            return task.label_names[scored[0]]
+        return label_in_text(task, generation.text or "") or ""
+    text = generation.text.strip()
+    if task.answer_type == "number":
+        number = first_number(text)
+        return "" if number is None else _target_text(number)
+    return text.splitlines()[0].strip() if text else ""
+
+
+def teacher_fewshot_predictions(
+    engine: TeacherEngine | AnswerFn, prompts: Sequence[Prompt], task: TaskSpec, batch_size: int = 64
+) -> list[str]:
+    """The teacher's answer to each prompt, read as a prediction (:func:`fewshot_prediction`).
+
+    Classification prompts are scored over the task's label words (:func:`fewshot_prompt`, one
+    forward pass per prompt and label); text-to-text prompts are answered greedily.
 
     Args:
-        engine: Any teacher engine.
+        engine: Any teacher engine, or an :data:`AnswerFn` (a runtime's teacher).
         prompts: ``classify`` prompts, one per record.
         task: The task.
-        batch_size: Prompts per engine call.
+        batch_size: Prompts per call.
 
     Returns:
         One prediction per prompt.
     """
+    answer = engine if not isinstance(engine, TeacherEngine) else engine_answers(engine)
     pred: list[str] = []
-    chunks = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
-    if task.is_classification:
-        words = [label.word for label in task.labels]
-        for chunk in chunks:
-            for row in engine.option_logprobs(chunk, words):
-                scores = np.asarray(row, dtype=np.float64)
-                scores = np.where(np.isnan(scores), -np.inf, scores)
-                pred.append(task.label_names[int(np.argmax(scores))] if np.isfinite(scores).any() else "")
-        return pred
-    params = SamplingParams(temperature=0.0)
-    for chunk in chunks:
-        for gen in engine.generate(chunk, params):
-            text = "" if gen.error else gen.text.strip()
-            if task.answer_type == "number":
-                number = first_number(text)
-                pred.append("" if number is None else _target_text(number))
-            else:
-                pred.append(text.splitlines()[0].strip() if text else "")
+    for start in range(0, len(prompts), batch_size):
+        chunk = [fewshot_prompt(task, p) for p in prompts[start : start + batch_size]]
+        pred.extend(fewshot_prediction(task, g) for g in answer(chunk))
     return pred
 
 
 def evaluate_teacher_fewshot(
-    engine: TeacherEngine,
+    engine: TeacherEngine | AnswerFn,
     task: TaskSpec,
     records: Sequence[dict],
     render_prompt: Callable[[dict], Prompt],
@@ -611,7 +645,7 @@ def evaluate_teacher_fewshot(
     """The teacher's own metrics on labelled records (the paper's "LLM" row).
 
     Args:
-        engine: The teacher engine.
+        engine: The teacher engine, or an :data:`AnswerFn` (a runtime's teacher).
         task: The task.
         records: Labelled records.
         render_prompt: Builds the teacher's ``classify`` prompt for one record (its target is
@@ -619,7 +653,7 @@ def evaluate_teacher_fewshot(
 
     Returns:
         The metrics of :func:`score_predictions` plus ``unanswered`` (predictions left empty:
-        unscored rows, failed generations, answers without a number).
+        failed answers, answers without a label word or a number).
     """
     prompts = [render_prompt(r) for r in records]
     pred = teacher_fewshot_predictions(engine, prompts, task)

@@ -58,7 +58,8 @@ def answer_prompts(engine: TeacherEngine, prompts: list[Prompt], params: Samplin
 
     Classify prompts that share one option list are scored in one ``option_logprobs`` call. An
     engine-wide scoring failure, or a row with no finite score, falls back to greedy generation
-    of that prompt (at most :data:`FALLBACK_MAX_NEW_TOKENS` tokens).
+    of that prompt (at most :data:`FALLBACK_MAX_NEW_TOKENS` tokens). Every other prompt (a classify
+    prompt without options too) is generated with ``params``.
 
     Args:
         engine: Any teacher engine.
@@ -87,15 +88,17 @@ def answer_prompts(engine: TeacherEngine, prompts: list[Prompt], params: Samplin
                 out[i] = Generation(text=options[best], output_tokens=0,
                                     option_logprobs=tuple(float(s) for s in scores))
     greedy = replace(params, temperature=0.0, max_new_tokens=min(params.max_new_tokens, FALLBACK_MAX_NEW_TOKENS))
+    # Only a classify prompt that was to be scored falls back to a short greedy answer; a classify
+    # prompt without options (the teacher row of a text-to-text task) is answered with ``params``.
     for kind_params, wanted in ((params, False), (greedy, True)):
-        idx = [i for i, g in enumerate(out) if g is None and (prompts[i].kind == "classify") == wanted]
+        idx = [i for i, g in enumerate(out) if g is None and (classify_options(prompts[i]) is not None) == wanted]
         if idx:
             for i, gen in zip(idx, engine.generate([prompts[i] for i in idx], kind_params), strict=True):
                 out[i] = gen
     return [g if g is not None else Generation(text="", error="internal: no answer") for g in out]
 
 
-def _label_in_text(task: TaskSpec, text: str) -> str | None:
+def label_in_text(task: TaskSpec, text: str) -> str | None:
     """The label whose word (or name) appears first in ``text``; longer words win ties."""
     low = " ".join(text.lower().split())
     best: tuple[int, int, str] | None = None
@@ -148,7 +151,7 @@ def read_answer(
     if scored is not None and len(options) == len(task.labels):
         best, confidence = scored
         return ParseResult({**fields, "label": task.label_names[best]}, None), confidence
-    label = _label_in_text(task, text or "")
+    label = label_in_text(task, text or "")
     if label is None:
         return ParseResult(None, "missing_field", f"no label word in the answer {text[:80]!r}"), math.nan
     return ParseResult({**fields, "label": label}, None), math.nan
