@@ -6,6 +6,10 @@ Three cases, in this order:
   cluster and keep the job's ``runtime_env`` (its uploaded working dir and forwarded variables);
 - ``$RAY_ADDRESS`` set: join that cluster, forwarding :data:`~gold_ray.entry.FORWARDED_ENV`;
 - otherwise: start a local Ray (no dashboard), forwarding the same variables.
+
+Unless ``--verbose`` (:func:`gold_ray.reporting.logs.is_verbose`), the workers' output stays in
+Ray's session logs instead of being forwarded to this process (``log_to_driver=False``), and the
+workers get :func:`gold_ray.reporting.logs.worker_env` (no progress bars).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import ray
 
 from gold_ray.config import RunConfig
 from gold_ray.entry import FORWARDED_ENV
+from gold_ray.reporting.logs import is_verbose, worker_env
 
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor in a job's entrypoint process (it holds the job's runtime_env)."""
@@ -36,19 +41,19 @@ def ensure_ray(cfg: RunConfig | None = None) -> None:
     if in_ray_job():
         # ray.init merges a runtime_env given here with the job's and refuses the same variable
         # in both, and the job's already carries what gold-ray submit forwarded: add nothing.
-        ray.init(address="auto")
+        ray.init(address="auto", log_to_driver=is_verbose())
         return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env = {**worker_env(), **{k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=is_verbose())
     else:
         cpus = cfg.resources.local_ray_cpus if cfg is not None else None
         cpus = cpus or max(4, os.cpu_count() or 1)
         # No dashboard; and should one be turned on, it listens on loopback only, like Serve.
         ray.init(num_cpus=cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env})
+                 runtime_env={"env_vars": env}, log_to_driver=is_verbose())
 
 
 def connect_ray(cfg: RunConfig | None = None) -> str:

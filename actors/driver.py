@@ -5,6 +5,11 @@
 Ray Data and a scorer actor pool, training on Ray Train, evaluation as a Ray task. The loop itself,
 its MLflow run included, is the same code as in process.
 
+Events: the loop's own (``plan``, ``progress`` within a stage, one per committed stage) and
+``log``: gold-ray's warnings in the driver actor, sent as events because a quiet run does not
+forward the actor's output to the terminal (:mod:`gold_ray.reporting.logs`). The caller polls
+them all through :meth:`DistillationDriver.events_since`, the one path to its display.
+
 The loop commits its state to the run directory after every stage, so when the driver dies,
 :func:`run_on_ray` starts a new driver that resumes after the last committed stage (and a
 resubmitted job does the same through ``--resume``).
@@ -12,10 +17,12 @@ resubmitted job does the same through ``--resume``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,7 @@ import ray
 
 from actors.connect import ensure_ray
 from gold_ray.config import RunConfig
+from gold_ray.reporting.logs import library_output
 from gold_ray.run.loop import Distiller, EventFn
 from gold_ray.run.store import STATE_FILE
 
@@ -56,6 +64,9 @@ class DistillationDriver:
     def _event(self, stage: str, info: dict[str, Any]) -> None:
         self.events.append((stage, info))
 
+    def _log_event(self, record: logging.LogRecord) -> None:
+        self.events.append(("log", {"level": record.levelname, "logger": record.name, "message": record.getMessage()}))
+
     def events_since(self, n: int) -> list[tuple[str, dict[str, Any]]]:
         """Progress events after the first ``n`` (the caller polls these for its display)."""
         return self.events[n:]
@@ -69,7 +80,39 @@ class DistillationDriver:
         from actors.runtime import RayRuntime
 
         runtime = RayRuntime(self.app_name, self.engine_factory)
-        return Distiller(self.cfg, runtime=runtime, resume=self.resume, on_event=self._event).run()
+        with library_output(self.cfg.output.dir), _forward_logs(self._log_event):
+            return Distiller(self.cfg, runtime=runtime, resume=self.resume, on_event=self._event).run()
+
+
+OWN_LOGGERS = ("gold_ray", "actors")
+"""gold-ray's loggers: their warnings in the driver actor become ``log`` events."""
+
+
+class _EventLogHandler(logging.Handler):
+    def __init__(self, send: Any):
+        super().__init__(logging.WARNING)
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.send(record)
+
+
+@contextlib.contextmanager
+def _forward_logs(send: Any) -> Iterator[None]:
+    """gold-ray's warnings go to ``send`` (and no longer to the actor's stderr) for the duration."""
+    handler = _EventLogHandler(send)
+    saved = []
+    for name in OWN_LOGGERS:
+        log = logging.getLogger(name)
+        saved.append((log, log.propagate))
+        log.addHandler(handler)
+        log.propagate = False
+    try:
+        yield
+    finally:
+        for log, propagate in saved:
+            log.removeHandler(handler)
+            log.propagate = propagate
 
 
 def run_on_ray(

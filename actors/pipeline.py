@@ -248,12 +248,18 @@ def _collect(
     task: TaskSpec,
     max_retries: int,
     backoff_s: float,
+    on_progress: Callable[..., None] | None = None,
 ) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
     """Run the pipeline, then re-run it on failed prompts (bounded, with backoff).
+
+    Args:
+        on_progress: Called as rows arrive, as ``on_progress("samples", done, total, rejected=...,
+            scored=...)`` (see :class:`gold_ray.run.runtime.StageProgress`); rejects before deduplication.
 
     Returns:
         Record rows by prompt index (every prompt present) and retry statistics.
     """
+    report = on_progress or (lambda *a, **k: None)
     by_index = {r["prompt_index"]: r for r in rows}
     results: dict[int, dict[str, Any]] = {}
     pending = list(by_index)
@@ -264,9 +270,11 @@ def _collect(
             time.sleep(min(MAX_BACKOFF_S, backoff_s * 2 ** (attempts - 1)))
             logger.warning("retrying %d failed teacher requests (attempt %d)", len(pending), attempts + 1)
         attempts += 1
+        report("samples", len(results), len(rows), **_counts(results))
         try:
             for out in make_dataset([by_index[i] for i in pending]).iter_rows():
                 results[int(out["prompt_index"])] = dict(out)
+                report("samples", len(results), len(rows), **_counts(results))
         except Exception as err:  # a crashed pipeline (a replica died mid-call): retry what is missing
             last_error = f"teacher pipeline failed: {type(err).__name__}: {err}"
             logger.warning("%s", last_error.splitlines()[0])
@@ -275,6 +283,13 @@ def _collect(
         if i not in results:
             results[i] = _error_row(by_index[i], task, last_error or "no answer from the teacher")
     return results, {"attempts": attempts, "retried": retried}
+
+
+def _counts(results: dict[int, dict[str, Any]]) -> dict[str, int]:
+    """Rejected and scored rows so far (for progress; a few hundred rows, counted again each time)."""
+    rejected = sum(bool(r["reject_reason"]) for r in results.values())
+    scored = sum(1 for r in results.values() if _finite([r.get(SCORE_COLUMN)]))
+    return {"rejected": rejected, "scored": scored}
 
 
 def _records(
@@ -339,6 +354,7 @@ def generate_iteration(
     request_batch_size: int | None = None,
     request_timeout_s: float | None = None,
     retry_backoff_s: float | None = None,
+    on_progress: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Generate, parse and score one batch of prompts through the teacher deployment; write Parquet.
 
@@ -361,6 +377,8 @@ def generate_iteration(
             teacher for as long as it takes, since queueing is normal under load.
         retry_backoff_s: First retry delay; doubles per retry (capped at 30 s). Defaults to
             ``teacher.retry_backoff_s``.
+        on_progress: Told the samples done of requested, rejects and scores so far as rows arrive
+            (the runtime's :attr:`~gold_ray.run.runtime.Runtime.progress`).
 
     Returns:
         Statistics: ``requested``, ``accepted``, ``rejected``, ``rejected_by_reason``,
@@ -388,6 +406,7 @@ def generate_iteration(
             task,
             cfg.teacher.max_retries,
             cfg.teacher.retry_backoff_s if retry_backoff_s is None else retry_backoff_s,
+            on_progress,
         )
     else:
         results, retry_stats = {}, {"attempts": 0, "retried": 0}

@@ -6,7 +6,8 @@
 - ``produce``: prompt rows stream through :func:`actors.pipeline.generate_iteration` (the teacher's
   Serve deployment, parsing in the caller, probes scored by the energy-scorer pool);
 - ``train``: a Ray Train job (:func:`actors.training.make_ray_train_fn`), DDP over
-  ``resources.train_workers``, its MLflow child run under the run's;
+  ``resources.train_workers``, its MLflow child run under the run's; rank 0's step count comes
+  back to :attr:`~gold_ray.run.runtime.Runtime.progress` while it trains;
 - ``score`` (the final noise filter): the same scorer pool, over a Ray dataset of the records;
 - ``evaluate``: a Ray task with the scorers' resources, so no model runs in the driver actor.
 - ``answer`` (the teacher-as-classifier row): the same Serve deployment, one ``generate_batch`` call
@@ -92,7 +93,7 @@ class RayRuntime(Runtime):
         tmp = self.run.run_dir / "tmp" / f"{kind}-it{iteration:03d}.parquet"
         ckpt = str(checkpoint) if student is not None and checkpoint is not None else None
         stats = generate_iteration(prompts, self.run.cfg, self.run.task, self.app_name, ckpt, tmp,
-                                   iteration=iteration, dedup=dedup)
+                                   iteration=iteration, dedup=dedup, on_progress=self.progress)
         records = read_parts([tmp])
         tmp.unlink(missing_ok=True)
         return records, {k: stats.get(k) for k in PRODUCE_STATS}
@@ -107,7 +108,7 @@ class RayRuntime(Runtime):
             run = self.run
             self._train = make_ray_train_fn(run.cfg, run.cfg.task.name, run.student_path, run.run_dir / "ray_train",
                                             mlflow_parent=lambda: self.run.tracking)
-        return self._train(student, records, recipe, val_records)
+        return self._train(student, records, recipe, val_records, on_progress=self.progress)
 
     def score(self, student: Student, checkpoint: Path | None, records: list[dict[str, Any]]) -> np.ndarray:
         """The scorer pool's scores of ``records`` (from ``checkpoint``, the student on disk)."""
@@ -120,8 +121,10 @@ class RayRuntime(Runtime):
         rows = [{**{k: r.get(k) for k in self.run.task.field_names}, "_row": i} for i, r in enumerate(records)]
         ds = score_dataset(ray.data.from_items(rows), self.run.cfg, str(checkpoint), self.run.task)
         scores = np.full(len(records), np.nan)
-        for row in ds.iter_rows():
+        self.progress("scored", 0, len(records))
+        for done, row in enumerate(ds.iter_rows(), start=1):
             scores[int(row["_row"])] = float(row[SCORE_COLUMN])
+            self.progress("scored", done, len(records))
         return scores
 
     def answer(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:

@@ -49,7 +49,7 @@ from gold_ray.run.faults import fault_point
 from gold_ray.run.tasks import load_task
 from gold_ray.student.losses import loss_fn
 from gold_ray.student.model import Student, build_student, load_student
-from gold_ray.student.training import FitState, Recipe, fit
+from gold_ray.student.training import FitState, Recipe, fit, planned_steps
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ STUDENT_SUBDIR = "student"
 """In each checkpoint: the student in HF format (``Student.save``)."""
 
 _INDEX = "_gold_ray_row"  # column that carries each record's position through Ray Data
+
+PROGRESS_EVERY_S = 0.5
+"""Least seconds between two writes of rank 0's step count, and between two reads of it by the driver."""
 
 
 def run_name_for(
@@ -162,9 +165,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mlflow_run = config.get("mlflow")
     steps: list[tuple[int, float, float]] = []
 
+    progress_file = config.get("progress_file") if rank == 0 else None
+    planned = planned_steps(recipe, len(rows), student.batch_size)
+    written = [0.0]
+
     def on_step(info: dict[str, Any]) -> None:
         fault_point("train.step", rank=rank, epoch=info["epoch"], batch=info["batch"])
         steps.append((info["step"], info["loss"], info["lr"]))
+        if progress_file and time.monotonic() - written[0] >= PROGRESS_EVERY_S:
+            written[0] = time.monotonic()
+            _write_progress(Path(progress_file), info["step"], planned)
 
     def on_epoch(state: FitState, optimizer: Any, scheduler: Any, best: Any) -> None:
         if rank == 0 and mlflow_run:
@@ -179,6 +189,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The last checkpoint holds the weights the job returns (the best epoch's, with validation).
     _report(rank, student, {"fit": saved.get("fit") or {}, "resumed_from_epoch": resumed_from, "finished": True,
                             "result": result}, None, None, None, {**result, "workers": world})
+
+
+def _write_progress(path: Path, step: int, planned: int) -> None:
+    """Rank 0's step count for the driver (:func:`_watch_progress`); written atomically, never fatal."""
+    try:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"step": step, "planned": planned}), encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass  # progress is a courtesy; training goes on
+
+
+def _watch_progress(path: Path, report: Callable[[int, int], None]) -> Callable[[], None]:
+    """Read rank 0's step count every :data:`PROGRESS_EVERY_S` in a thread and pass it to ``report``;
+    returns the function that stops the thread."""
+    import threading
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(PROGRESS_EVERY_S):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # not written yet
+            report(int(data["step"]), int(data["planned"]))
+
+    thread = threading.Thread(target=watch, name="gold-ray-train-progress", daemon=True)
+    thread.start()
+
+    def stop_watching() -> None:
+        stop.set()
+        thread.join(timeout=5)
+
+    return stop_watching
 
 
 def _report(rank: int, student: Student, state: dict[str, Any], optimizer: Any, scheduler: Any, best: Any,
@@ -225,6 +270,7 @@ def train_student_on_ray(
     storage_path: str,
     name: str,
     mlflow_parent: dict | None = None,
+    on_progress: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Train a student with Ray Train V2 and save the result in HF format to ``out_dir``.
 
@@ -244,6 +290,9 @@ def train_student_on_ray(
         storage_path: Ray Train storage (checkpoints), a local folder or URI.
         name: Ray Train run name inside ``storage_path``.
         mlflow_parent: ``{"tracking_uri", "run_id"}``: log training into a nested child run.
+        on_progress: Told rank 0's optimiser steps done of planned while the job runs, as
+            ``on_progress("steps", done, planned, phase=recipe name)`` (through a small file beside
+            ``out_dir``, which every worker can write).
 
     Returns:
         What :func:`gold_ray.student.training.fit` returns, plus ``seconds``, ``workers`` and
@@ -288,6 +337,7 @@ def train_student_on_ray(
         "recipe": recipe.to_dict(),
         "val_records": list(val_records),
         "mlflow": child_run,
+        "progress_file": str(out.with_name(f"{out.name}.progress.json")) if on_progress else None,
     }
     dataset = ray.data.from_items([{**rec, _INDEX: i} for i, rec in enumerate(records)])
     trainer = TorchTrainer(
@@ -309,6 +359,14 @@ def train_student_on_ray(
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     status = "FAILED"
+    stop_watching = None
+    if on_progress is not None:
+        student_cfg = cfg.student
+        on_progress("steps", 0, planned_steps(recipe, len(records), student_cfg.batch_size), phase=recipe.name)
+        progress_file = Path(config["progress_file"])
+        progress_file.unlink(missing_ok=True)
+        stop_watching = _watch_progress(
+            progress_file, lambda step, planned: on_progress("steps", step, planned, phase=recipe.name))
     try:
         result = trainer.fit()
         if result.checkpoint is None:
@@ -320,6 +378,9 @@ def train_student_on_ray(
             shutil.copytree(ckpt / STUDENT_SUBDIR, out)
         status = "FINISHED"
     finally:
+        if stop_watching is not None:
+            stop_watching()
+            Path(config["progress_file"]).unlink(missing_ok=True)
         if child_run is not None:
             from gold_ray.reporting.tracking import end_child_run
 
@@ -345,7 +406,7 @@ def make_ray_train_fn(
     mlflow_parent: dict | Callable[[], dict | None] | None = None,
     keep_runs: bool = False,
 ) -> TrainHook:
-    """A ``train(student, records, recipe, val_records=()) -> metrics`` step backed by Ray Train.
+    """A ``train(student, records, recipe, val_records=(), on_progress=None) -> metrics`` step backed by Ray Train.
 
     The step saves the given student to ``work_dir``, trains it with :func:`train_student_on_ray`
     and loads the trained weights back into the same student object, so the loop goes on with it.
@@ -366,7 +427,8 @@ def make_ray_train_fn(
     """
     work = Path(work_dir).resolve()
 
-    def train(student: Student, records: list[dict], recipe: Recipe, val_records: Sequence[dict] = ()) -> dict:
+    def train(student: Student, records: list[dict], recipe: Recipe, val_records: Sequence[dict] = (),
+              on_progress: Callable[..., None] | None = None) -> dict:
         if _nothing_to_train(records, recipe):
             return {"loss": math.nan, "steps": 0, "seconds": 0.0, "epochs": 0, "workers": 0,
                     "recipe": recipe.name, "curve": []}
@@ -380,6 +442,7 @@ def make_ray_train_fn(
         metrics = train_student_on_ray(
             str(src), model_path, task_name, records, cfg=cfg, recipe=recipe, val_records=val_records,
             out_dir=str(dst), storage_path=str(work / "ray_train"), name=name, mlflow_parent=parent,
+            on_progress=on_progress,
         )
         trained = load_student(dst, student.task, device="cpu")
         student.model.load_state_dict(trained.model.state_dict())

@@ -2,7 +2,7 @@
 
 Commands::
 
-    gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite] [--local] [--quiet|--json-logs]
+    gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite] [--local] [--quiet|--json-logs] [--verbose]
     gold-ray compare CONFIG --strategies gold,zerogen --seeds N [--reference NAME] [--output DIR] [--local]
                      [--quiet|--json-logs]
     gold-ray report RUN_DIR [RUN_B] [--out FILE]
@@ -21,6 +21,10 @@ CONFIG is a YAML file or the name of a shipped config (``demo``, ``tiny``).
 Exit status: 0 on success; 2 for bad input (one line on stderr naming the key, field, file or
 argument); 1 for an internal error (a bug), whose traceback goes to the run's ``logs/gold-ray.log``
 when there is a run directory, and to stderr with ``gold-ray --debug``.
+
+``distill`` and ``compare`` print gold-ray's own lines; other libraries' log records go to
+``RUN_DIR/logs/libraries.log`` and their progress bars are off, unless ``--verbose``
+(:mod:`gold_ray.reporting.logs`).
 """
 
 from __future__ import annotations
@@ -51,8 +55,18 @@ def _note_run_dir(args: argparse.Namespace, run_dir: str | Path) -> None:
     args.known_run_dir = Path(run_dir)
 
 
+def _verbose(args: argparse.Namespace) -> bool:
+    # The Ray side (connecting, the driver actor, the workers) reads it from the environment.
+    if args.verbose:
+        from gold_ray.reporting.logs import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
+    return bool(args.verbose)
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     """Run a distillation (on Ray unless --local), showing its progress, and print where its outputs are."""
+    from gold_ray.reporting.logs import library_output
     from gold_ray.reporting.progress import progress
     from gold_ray.student.training import final_work_ratio
 
@@ -63,7 +77,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     s = cfg.student
     final_ratio = final_work_ratio(s)
     title = f"gold-ray · {cfg.task.name} · {cfg.strategy.name} · {where} · {cfg.output.dir}"
-    with progress(mode, iterations=cfg.strategy.iterations, final_ratio=final_ratio, title=title) as reporter:
+    with library_output(cfg.output.dir, verbose=_verbose(args)), \
+            progress(mode, iterations=cfg.strategy.iterations, final_ratio=final_ratio, title=title) as reporter:
         reporter.message("start", f"gold-ray: distilling task {cfg.task.name} with strategy {cfg.strategy.name} "
                                   f"{where} into {cfg.output.dir}",
                          task=cfg.task.name, strategy=cfg.strategy.name, local=args.local, run_dir=cfg.output.dir)
@@ -75,7 +90,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
             from actors.driver import run_on_ray
 
             if reporter.mode != "plain":
-                # Ray Data's progress bars would scroll under the live view (or break JSON lines).
+                # Even --verbose: Ray Data's bars would scroll under the live view (or break JSON lines).
                 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
             metrics = run_on_ray(cfg, resume=args.resume, on_event=reporter)
         out = Path(cfg.output.dir)
@@ -88,6 +103,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run every strategy x seed at the same budget and write the comparison table and plot."""
+    from gold_ray.reporting.logs import library_output
     from gold_ray.reporting.progress import progress
     from gold_ray.run.compare import available_strategies, compare, parse_seeds, parse_strategies
     from gold_ray.run.loop import distill_in_process
@@ -100,7 +116,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     where = "in this process" if args.local else "on Ray"
     # One line per stage, each prefixed with its run (a live view of one run does not fit several).
     mode = "json" if args.json_logs else "quiet" if args.quiet else "plain"
-    with progress(mode, eta=False) as reporter:
+    with library_output(out, verbose=_verbose(args)), progress(mode, eta=False) as reporter:
         reporter.message("start", f"gold-ray: comparing {', '.join(strategies)} on task {cfg.task.name} with seeds "
                                   f"{', '.join(map(str, seeds))} ({cfg.budget.samples} teacher samples per run) "
                                   f"{where} into {out}", strategies=strategies, seeds=seeds, out=str(out))
@@ -239,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="no progress output; print only the result at the end")
         mode.add_argument("--json-logs", action="store_true",
                           help="one JSON object per event per line on stdout (other output goes to stderr)")
+        p.add_argument("--verbose", action="store_true",
+                       help="also print other libraries' output (progress bars, Ray's workers, warnings); by default "
+                            "it goes to RUN_DIR/logs/libraries.log")
 
     p = sub.add_parser("distill", help="run a distillation")
     add_config_args(p)

@@ -109,10 +109,14 @@ def load_run_config(
 
 
 def print_event(stage: str, info: dict[str, Any]) -> None:
-    """Print one line for a finished stage (the plain progress view, for job logs)."""
-    from gold_ray.reporting.progress import format_line
+    """Print one line for a finished stage or a warning (the plain progress view, for job logs);
+    the within-stage ``progress`` events and the ``plan`` are left out of a job's log."""
+    from gold_ray.reporting.progress import STAGE_EVENTS, format_line
 
-    print(format_line(stage, info), flush=True)
+    if stage == "log":
+        print(f"gold-ray job: {str(info.get('level', 'warning')).lower()}: {info.get('message', '')}", flush=True)
+    elif stage in STAGE_EVENTS:
+        print(format_line(stage, info), flush=True)
 
 
 def summary_text(metrics: dict[str, Any], out: Path, *, prog: str = "gold-ray", tracking: bool = False) -> str:

@@ -10,7 +10,7 @@ import gold_ray.teacher.engines
 from gold_ray import RunConfig, distill
 from gold_ray.cli import main
 from gold_ray.config import load_config
-from gold_ray.run.loop import STAGES
+from gold_ray.run.loop import STAGE_EVENTS, STAGES
 from gold_ray.testing import FakeTeacherEngine, save_tiny_chat_lm, save_tiny_classifier
 
 
@@ -47,11 +47,16 @@ def test_api_runs_what_the_cli_runs(setup, monkeypatch, capsys):
     metrics = distill(cfg, local=True, progress="plain", on_event=lambda stage, info: events.append(stage))
     api_lines = capsys.readouterr().out.splitlines()
 
-    assert events == [*STAGES, *STAGES, "final"]
+    assert [e for e in events if e in STAGE_EVENTS] == [*STAGES, *STAGES, "final"]
+    assert events[0] == "plan" and "progress" in events
     assert comparable(metrics) == comparable(json.loads((root / "cli" / "metrics.json").read_text()))
     # The same progress lines (one per stage) as the command, and the same outputs.
-    assert len([line for line in api_lines if " iteration " in line or "final stage" in line]) == 9
-    assert len([line for line in cli_lines if " iteration " in line or "final stage" in line]) == 9
+    def stage_lines(lines: list[str]) -> list[str]:
+        # Progress lines within a long stage (" ... ") come and go with the machine's speed.
+        return [line for line in lines if (" iteration " in line or "final stage" in line) and " ... " not in line]
+
+    assert len(stage_lines(api_lines)) == 9
+    assert len(stage_lines(cli_lines)) == 9
     for name in ("report.html", "student/config.json", "dataset_card.md", "task.yaml"):
         assert (root / "api" / name).is_file() and (root / "cli" / name).is_file()
 

@@ -165,11 +165,14 @@ def run_demo(cfg: Any) -> tuple[float, list[tuple[str, int, float]], float]:
         Wall seconds, the events (stage, iteration, time), and the start time.
     """
     from actors.driver import run_on_ray
+    from gold_ray.reporting.progress import STAGE_EVENTS
 
     start_local_ray(cfg.resources.local_ray_cpus or max(4, os.cpu_count() or 1))
     events: list[tuple[str, int, float]] = []
 
     def on_event(stage: str, info: dict[str, Any]) -> None:
+        if stage not in STAGE_EVENTS:
+            return  # plan, within-stage progress, log
         events.append((stage, int(info.get("iteration", 0)), time.perf_counter()))
         log(f"e2e: iteration {info.get('iteration')} {stage} done")
 

@@ -1,11 +1,16 @@
 """Progress of a running distillation: a live terminal view, one line per stage, or JSON lines.
 
 The loop calls ``on_event(stage, info)`` after every committed stage (``generate``, ``train``,
-``probe``, ``feedback`` per iteration, then ``final``); the Ray driver forwards the same events.
-:class:`ProgressTracker` turns them into per-iteration rows and ETAs, and a reporter shows them:
+``probe``, ``feedback`` per iteration, then ``final``), and also ``on_event("plan", ...)`` once
+(the samples each stage requests) and ``on_event("progress", ...)`` within a stage (samples done
+of requested with rejects so far, records scored, training steps done of planned; at most one per
+stage per second, :class:`gold_ray.run.runtime.StageProgress`); the Ray driver forwards the same
+events and adds ``log`` (gold-ray's own warnings). :class:`ProgressTracker` turns them into
+per-iteration rows, the running stage's counts and ETAs from measured rates, and a reporter shows them:
 
 - ``live``: a `rich <https://rich.readthedocs.io>`_ view that redraws in place (terminals only);
-- ``plain``: one line per stage (CI and job logs);
+- ``plain``: one line per stage (CI and job logs), and a progress line at most every
+  :data:`PLAIN_PROGRESS_EVERY_S` seconds within a long stage;
 - ``json``: one JSON object per event per line (``{"event": stage, "time": ..., ...}``);
 - ``quiet``: nothing per stage.
 
@@ -28,6 +33,12 @@ ITERATION_STAGES = ("generate", "train", "probe", "feedback")
 """The stages of one iteration, in order (the loop's ``STAGES``)."""
 
 MODES = ("auto", "live", "plain", "json", "quiet")
+
+STAGE_EVENTS = (*ITERATION_STAGES, "final")
+"""Events of a committed stage; the others are ``plan``, ``progress`` and ``log``."""
+
+PLAIN_PROGRESS_EVERY_S = 30.0
+"""Least seconds between two progress lines of the plain view (off a terminal, lines stay)."""
 
 QUALITY_KEYS = ("accuracy", "exact_match", "numeric_match")
 """Per-task quality metrics, in order of preference."""
@@ -95,6 +106,33 @@ class ProgressTracker:
         self.started = self.clock()
         self.stage_started = self.started
         self._seen_any = False
+        self.live: dict[str, Any] | None = None
+        """The running stage's last ``progress`` info (None until one comes)."""
+        self.plan: dict[str, Any] | None = None
+        """The ``plan`` event: ``samples`` per iteration as ``[generate, probe]``."""
+        self.teacher_seconds_per_sample: float | None = None
+        """Measured while the teacher writes (``samples`` progress), for stages not yet run."""
+
+    def set_plan(self, info: dict[str, Any]) -> None:
+        """Record the run's plan (``plan`` event)."""
+        self.plan = dict(info)
+        self.iterations = int(info.get("iterations") or self.iterations)
+
+    def progress(self, info: dict[str, Any]) -> None:
+        """Record the running stage's counts (``progress`` event)."""
+        it, stage = int(info.get("iteration", 0)), str(info.get("stage", ""))
+        self.iterations = int(info.get("iterations") or self.iterations)
+        if stage and (it, stage) != self.current and stage in (*ITERATION_STAGES, "final"):
+            # A resumed run starts where it stopped: follow the events, not the plan.
+            self.current = (it, stage)
+        self.live = dict(info)
+        rate = _number(info.get("rate_per_s"))
+        if info.get("unit") == "samples" and rate:
+            self.teacher_seconds_per_sample = 1.0 / rate
+
+    def eta_stage(self) -> float | None:
+        """Seconds until the running count ends (its measured rate); None while unknown."""
+        return _number(self.live.get("remaining_s")) if self.live else None
 
     @property
     def total_stages(self) -> int:
@@ -114,6 +152,7 @@ class ProgressTracker:
         self.durations.setdefault(stage, {})[it] = took
         self.rows.setdefault(it, {})[stage] = dict(info)
         self.stage_started = now
+        self.live = None
         if stage == "final":
             self.done = True
             self.finished_stages = self.total_stages
@@ -138,10 +177,20 @@ class ProgressTracker:
 
     def _train_per_iteration_unit(self) -> float | None:
         # Each train stage trains on everything kept so far, so its time grows with the iteration.
-        seen = self.durations.get("train", {})
+        seen = dict(self.durations.get("train", {}))
+        it, stage = self.current
+        left = self.eta_stage()
+        if not seen and stage == "train" and left is not None:
+            seen[it] = self.stage_elapsed() + left  # the first training, projected from its step rate
         if not seen:
             return None
         return sum(d / (i + 1) for i, d in seen.items()) / len(seen)
+
+    def _planned_samples(self, stage: str, iteration: int) -> int | None:
+        samples = (self.plan or {}).get("samples") or []
+        if iteration >= len(samples):
+            return None
+        return int(samples[iteration][0 if stage == "generate" else 1])
 
     def estimate(self, stage: str, iteration: int) -> float | None:
         """Projected seconds of ``stage`` at ``iteration`` from the stages measured so far."""
@@ -153,11 +202,22 @@ class ProgressTracker:
                 return unit * max(1, self.iterations) * self.final_ratio
             return unit * (iteration + 1)
         seen = self.durations.get(stage, {})
-        return sum(seen.values()) / len(seen) if seen else None
+        if seen:
+            return sum(seen.values()) / len(seen)
+        if stage == "feedback":
+            return 0.0  # picking the feedback is quick next to the teacher and training
+        n = self._planned_samples(stage, iteration)
+        if n is not None and self.teacher_seconds_per_sample is not None:
+            return n * self.teacher_seconds_per_sample  # a teacher stage not run yet, at the measured rate
+        return None
 
     def _remaining(self, plan: list[tuple[int, str]]) -> float | None:
         total = 0.0
         for n, (it, stage) in enumerate(plan):
+            left = self.eta_stage() if n == 0 and stage != "final" else None
+            if left is not None:
+                total += left  # the running stage, from its own measured rate
+                continue
             est = self.estimate(stage, it)
             if est is None:
                 return None
@@ -215,6 +275,30 @@ def format_line(stage: str, info: dict[str, Any], tracker: ProgressTracker | Non
     return f"{head} {' '.join(parts)}"
 
 
+def format_counts(info: dict[str, Any]) -> str:
+    """The running stage's counts in words: ``21/48 samples, 3 rejected`` or ``40/120 steps``."""
+    unit = info.get("unit") or ""
+    text = f"{info.get('done', 0)}/{info.get('total', '?')} {unit}"
+    extras = [f"{info[k]} {k}" for k in ("rejected", "scored") if unit != k and info.get(k)]
+    if info.get("phase"):
+        extras.append(str(info["phase"]))
+    return text + (f", {', '.join(extras)}" if extras else "")
+
+
+def format_progress_line(info: dict[str, Any], tracker: ProgressTracker | None = None) -> str:
+    """One log line for the running stage's counts (the ``plain`` view, at most every 30 s)."""
+    it, total = info.get("iteration", 0), info.get("iterations", 0)
+    stage = info.get("stage", "")
+    where = "final stage     " if stage == "final" else f"iteration {it + 1}/{total} {stage:<8}"
+    line = f"[{time.strftime('%H:%M:%S')}] {where} ... {format_counts(info)}"
+    if info.get("run"):
+        line = f"{info['run']} {line}"
+    if tracker is not None:
+        line += (f" eta_stage={format_seconds(tracker.eta_stage())} eta_iteration={format_seconds(tracker.eta_iteration())}"
+                 f" eta_run={format_seconds(tracker.eta_run())}")
+    return line
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -233,7 +317,10 @@ def event_record(event: str, info: dict[str, Any], tracker: ProgressTracker | No
     rec.update(_json_safe(info))
     if tracker is not None:
         rec["elapsed_s"] = round(tracker.elapsed(), 3)
-        for key, value in (("eta_iteration_s", tracker.eta_iteration()), ("eta_run_s", tracker.eta_run())):
+        etas = [("eta_iteration_s", tracker.eta_iteration()), ("eta_run_s", tracker.eta_run())]
+        if event == "progress":
+            etas.insert(0, ("eta_stage_s", tracker.eta_stage()))
+        for key, value in etas:
             rec[key] = round(value, 1) if value is not None else None
     return rec
 
@@ -261,12 +348,31 @@ class Reporter:
         return self.tracker if self.eta else None
 
     def __call__(self, stage: str, info: dict[str, Any]) -> None:
-        """Record a finished stage and show it."""
-        self.tracker.update(stage, info)
-        self.show(stage, info)
+        """Record an event of the loop and show it: a finished stage, ``plan``, ``progress`` or ``log``."""
+        if stage == "plan":
+            self.tracker.set_plan(info)
+            self.show_other(stage, info)
+        elif stage == "progress":
+            self.tracker.progress(info)
+            self.show_progress(info)
+        elif stage == "log":
+            prefix = f"{info['run']} " if info.get("run") else ""
+            self.message("log", f"{prefix}gold-ray: {str(info.get('level', 'warning')).lower()}: {info.get('message', '')}",
+                         **{k: v for k, v in info.items() if k != "message"})
+        elif stage in STAGE_EVENTS:
+            self.tracker.update(stage, info)
+            self.show(stage, info)
+        else:
+            self.show_other(stage, info)
 
     def show(self, stage: str, info: dict[str, Any]) -> None:
         """Show a finished stage (nothing in the quiet view)."""
+
+    def show_progress(self, info: dict[str, Any]) -> None:
+        """Show the running stage's counts (nothing in the quiet view)."""
+
+    def show_other(self, event: str, info: dict[str, Any]) -> None:
+        """Show an event that is neither a stage nor progress (only the JSON view does)."""
 
     def message(self, event: str, text: str, **fields: Any) -> None:
         """A run-level message (start, done); the quiet view keeps only ``done``."""
@@ -291,6 +397,16 @@ class PlainReporter(Reporter):
     def show(self, stage: str, info: dict[str, Any]) -> None:
         """Print the stage's line."""
         self._print(format_line(stage, info, self._eta_tracker))
+        self._last_progress: float | None = None
+
+    def show_progress(self, info: dict[str, Any]) -> None:
+        """Print a progress line when the last one (or the stage's start) is old enough."""
+        now = self.tracker.clock()
+        last = getattr(self, "_last_progress", None)
+        since = now - (last if last is not None else self.tracker.stage_started)
+        if since >= PLAIN_PROGRESS_EVERY_S:
+            self._last_progress = now
+            self._print(format_progress_line(info, self._eta_tracker))
 
     def message(self, event: str, text: str, **fields: Any) -> None:
         """Print the message as is."""
@@ -317,6 +433,14 @@ class JsonReporter(Reporter):
     def show(self, stage: str, info: dict[str, Any]) -> None:
         """Print the stage's JSON object."""
         self._print(json.dumps(event_record(stage, info, self._eta_tracker)))
+
+    def show_progress(self, info: dict[str, Any]) -> None:
+        """Print the ``progress`` event (its rate is bounded where it is made), with the ETAs."""
+        self._print(json.dumps(event_record("progress", info, self._eta_tracker)))
+
+    def show_other(self, event: str, info: dict[str, Any]) -> None:
+        """Print the event as it is (``plan``)."""
+        self._print(json.dumps(event_record(event, info)))
 
     def message(self, event: str, text: str, **fields: Any) -> None:
         """Print the message as an event object with ``message`` and the fields."""
@@ -357,6 +481,9 @@ class LiveReporter(Reporter):
         """Redraw now (the view also redraws four times a second by itself)."""
         if self._live is not None:
             self._live.refresh()
+
+    def show_progress(self, info: dict[str, Any]) -> None:
+        """Nothing to do: the next redraw shows the counts."""
 
     def message(self, event: str, text: str, **fields: Any) -> None:
         """Print the message above the live view (``done`` below it, once the view has stopped)."""
@@ -401,9 +528,10 @@ class LiveReporter(Reporter):
         else:
             it, stage = t.current
             where = "final stage" if stage == "final" else f"iteration {it + 1}/{t.iterations or '?'} · {stage}"
-            text = (f"{where} {format_seconds(t.stage_elapsed())} · ETA iteration "
-                    f"{format_seconds(t.eta_iteration())}, run {format_seconds(t.eta_run())} · "
-                    f"elapsed {format_seconds(t.elapsed())}")
+            counts = f" · {format_counts(t.live)}" if t.live else ""
+            text = (f"{where} {format_seconds(t.stage_elapsed())}{counts} · ETA stage "
+                    f"{format_seconds(t.eta_stage())}, iteration {format_seconds(t.eta_iteration())}, run "
+                    f"{format_seconds(t.eta_run())} · elapsed {format_seconds(t.elapsed())}")
             lines.append(Spinner("dots", text=Text(text)))
         total = t.total_stages if t.iterations else None
         lines.append(ProgressBar(total=total, completed=t.finished_stages))

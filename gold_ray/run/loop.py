@@ -40,7 +40,7 @@ from gold_ray.models import allow_remote_code, is_chat_model, resolve_model
 from gold_ray.reporting.tracking import NullTracker, Tracker, build_tracker
 from gold_ray.run import store
 from gold_ray.run.faults import fault_point
-from gold_ray.run.runtime import InProcessRuntime, RunContext, Runtime
+from gold_ray.run.runtime import InProcessRuntime, RunContext, Runtime, StageProgress, no_progress
 from gold_ray.run.tasks import TaskSpec, load_task
 from gold_ray.strategies import Strategy, StrategyContext, build_strategy
 from gold_ray.student.evaluation import load_task_eval, seeded_subset, task_eval_file
@@ -65,6 +65,12 @@ TRAINING_PARTS = ("train-", "probe-")
 logger = logging.getLogger(__name__)
 
 EventFn = Callable[[str, dict[str, Any]], None]
+
+STAGE_EVENTS = (*STAGES, "final")
+"""Events sent once a stage is committed. The loop's ``on_event`` also gets ``plan`` (once, at the
+start: the samples each iteration's generate and probe stages request) and ``progress`` (within a
+stage, at most once a second: see :class:`~gold_ray.run.runtime.StageProgress`); the Ray driver
+actor adds ``log`` (a warning of gold-ray's own, for the terminal)."""
 
 
 class RunDirError(UserError, RuntimeError):
@@ -542,19 +548,34 @@ class Distiller:
     def run_iteration(self, iteration: int, done: str | None) -> None:
         """Run the stages of one iteration that come after ``done`` (the last committed stage)."""
         start = STAGES.index(done) + 1 if done else 0
-        # Probes come out of the same budget as training samples, so that strategies with and
-        # without probes spend the same teacher calls (probes are training data too).
-        requested = self._requested(iteration)
-        n_probe = 0
-        if self.strategy.uses_probes and requested > 1:
-            n_probe = max(1, round(requested * self.cfg.strategy.probe_fraction))
+        n_probe = self._n_probe(iteration)
         for stage in STAGES[start:]:
+            self.runtime.progress = self._stage_progress(stage, iteration)
             fault_point("stage.start", iteration=iteration, stage=stage)
             ctx = self._ctx(iteration, stage)
             stats = self.stages[stage](iteration, n_probe, ctx)
             self.state["strategy_state"] = ctx.memory
+            self.runtime.progress = no_progress
             self._commit(iteration, stage)
             self._emit(stage, iteration, stats)
+
+    def _stage_progress(self, stage: str, iteration: int) -> StageProgress:
+        """The counter the runtime reports the running stage's counts to (``progress`` events)."""
+        head = {"stage": stage, "iteration": iteration, "iterations": self.cfg.strategy.iterations}
+        return StageProgress(lambda info: self.on_event("progress", {**head, **info}))
+
+    def _n_probe(self, iteration: int) -> int:
+        # Probes come out of the same budget as training samples, so that strategies with and
+        # without probes spend the same teacher calls (probes are training data too).
+        requested = self._requested(iteration)
+        if self.strategy.uses_probes and requested > 1:
+            return max(1, round(requested * self.cfg.strategy.probe_fraction))
+        return 0
+
+    def _emit_plan(self) -> None:
+        n = self.cfg.strategy.iterations
+        samples = [[self._requested(it) - self._n_probe(it), self._n_probe(it)] for it in range(n)]
+        self.on_event("plan", {"iterations": n, "samples": samples})
 
     def _restore_student(self) -> None:
         ckpt = self._checkpoint()
@@ -602,6 +623,7 @@ class Distiller:
         return metrics
 
     def _run_stages(self) -> dict[str, Any]:
+        self._emit_plan()
         self._restore_student()
         it, done = self.state["iteration"], self.state["stage"]
         if done == STAGES[-1]:
@@ -609,7 +631,11 @@ class Distiller:
         while it < self.cfg.strategy.iterations:
             self.run_iteration(it, done)
             it, done = it + 1, None
-        self.state["final"] = self.final_stage()
+        self.runtime.progress = self._stage_progress("final", self.cfg.strategy.iterations)
+        try:
+            self.state["final"] = self.final_stage()
+        finally:
+            self.runtime.progress = no_progress
         self.state["finished"] = True
         self._commit(self.cfg.strategy.iterations - 1, STAGES[-1])
         # Checkpoints only serve a resume; the finished run's student is in student/.

@@ -18,6 +18,11 @@ Two implementations, each passed to :class:`~gold_ray.run.loop.Distiller` at con
 
 They differ in where the work runs, never in what it computes: parsing, records, the training loop
 (:func:`gold_ray.student.training.fit`), OOD scores and metrics are the same functions on both.
+
+Both report how far a running stage has got the same way: they call :attr:`Runtime.progress`
+(``progress(unit, done, total, **counts)``: samples answered with rejects so far, records scored,
+training steps done of planned), which the loop sets to a :class:`StageProgress` for each stage;
+it reaches the loop's ``on_event`` as ``progress`` events, at most one per stage per second.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,7 @@ from gold_ray.run import store
 from gold_ray.run.tasks import TaskSpec
 from gold_ray.student.evaluation import evaluate_student
 from gold_ray.student.model import Student
-from gold_ray.student.training import Recipe
+from gold_ray.student.training import Recipe, planned_steps
 from gold_ray.teacher.labelling import answer_prompts, read_answer
 from gold_ray.teacher.parsing import Deduplicator, ParseResult, parse_batch
 from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
@@ -64,10 +69,65 @@ class RunContext:
     tracking: dict[str, str] | None = None
 
 
+ProgressFn = Callable[..., None]
+"""``progress(unit, done, total, **counts)``: how far the running stage has got (see :class:`StageProgress`)."""
+
+
+def no_progress(unit: str, done: int, total: int, **counts: Any) -> None:
+    """A :data:`ProgressFn` that reports nothing (outside a stage)."""
+
+
+class StageProgress:
+    """The counts of one running stage, sent on as ``progress`` events at a bounded rate.
+
+    A runtime calls it as ``progress(unit, done, total, **counts)`` whenever its count moves:
+    ``samples`` answered by the teacher (``rejected`` so far, ``scored`` so far), ``scored``
+    records, training ``steps`` done of planned (``phase``: the recipe of a final-stage candidate).
+    The first call of a stage is sent at once, later ones at most every ``min_interval_s``
+    seconds: enough for a live view and for JSON logs, few enough to cross Ray from the driver actor.
+    The rate and the time left of the current count are measured here, where the work happens.
+
+    Args:
+        emit: Receives each event's info (the loop adds stage and iteration).
+        min_interval_s: Least seconds between two events.
+        clock: Monotonic seconds (tests pass a fake clock).
+    """
+
+    def __init__(self, emit: Callable[[dict[str, Any]], None], *, min_interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.emit = emit
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self._phase: tuple[str, Any] | None = None
+        self._phase_start = 0.0
+        self._phase_done = 0
+        self._last: float | None = None
+        self.sent = 0
+
+    def __call__(self, unit: str, done: int, total: int, **counts: Any) -> None:
+        """Record the count; send it when the last event is old enough."""
+        now = self.clock()
+        phase = (unit, counts.get("phase"))
+        if phase != self._phase:
+            self._phase, self._phase_start, self._phase_done = phase, now, done
+        if self._last is not None and now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        elapsed = now - self._phase_start
+        rate = (done - self._phase_done) / elapsed if elapsed > 0 and done > self._phase_done else None
+        remaining = max(0, total - done) / rate if rate else None
+        self.sent += 1
+        self.emit({"unit": unit, "done": int(done), "total": int(total), **counts,
+                   "rate_per_s": round(rate, 3) if rate else None,
+                   "remaining_s": round(remaining, 1) if remaining is not None else None})
+
+
 class Runtime(ABC):
     """Where and how a run's stages execute (see the module docstring)."""
 
     run: RunContext
+    progress: ProgressFn = staticmethod(no_progress)
+    """Set by the loop for each stage (a :class:`StageProgress`); the runtime calls it as its counts move."""
 
     def bind(self, run: RunContext) -> None:
         """Attach the runtime to a run (before its first stage)."""
@@ -112,9 +172,17 @@ class Runtime(ABC):
         """Train ``student`` in place; returns :func:`gold_ray.student.training.fit`'s metrics."""
 
     def score(self, student: Student, checkpoint: Path | None, records: list[dict[str, Any]]) -> np.ndarray:
-        """The student's OOD scores of ``records`` (the strategy section's score)."""
+        """The student's OOD scores of ``records`` (the strategy section's score), reported as ``scored``."""
         s = self.run.cfg.strategy
-        return student.ood_scores(records, score=s.score, temperature=s.energy_temperature, mode=s.energy_mode)
+        # Chunks of whole scoring batches: the same batches, so the same scores, as in one call.
+        step = SCORE_CHUNK_BATCHES * student.eval_batch_size
+        out = []
+        self.progress("scored", 0, len(records))
+        for begin in range(0, len(records), step):
+            chunk = records[begin : begin + step]
+            out.append(student.ood_scores(chunk, score=s.score, temperature=s.energy_temperature, mode=s.energy_mode))
+            self.progress("scored", begin + len(chunk), len(records))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
 
     def evaluate(self, student: Student, checkpoint: Path | None, records: list[dict[str, Any]]) -> dict[str, Any]:
         """The student's metrics on labelled ``records`` (empty without records)."""
@@ -126,6 +194,10 @@ class Runtime(ABC):
     def answer(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
         """The teacher's answers to ``prompts``, unparsed, in order (classify prompts with options are
         scored: :func:`gold_ray.teacher.labelling.answer_prompts`); failures come back with ``error`` set."""
+
+
+SCORE_CHUNK_BATCHES = 4
+"""Scoring batches between two progress counts of the in-process scorer."""
 
 
 def sampling_params(cfg: RunConfig) -> SamplingParams:
@@ -168,22 +240,33 @@ class InProcessRuntime(Runtime):
         texts are not deduplicated again (they were when they were written or loaded).
         """
         task = self.run.task
-        t0 = time.perf_counter()
-        generations = answer_prompts(self.engine(), prompts, sampling_params(self.run.cfg)) if prompts else []
-        seconds = time.perf_counter() - t0
-        written = [i for i, p in enumerate(prompts) if p.kind != "classify"]
-        parsed = parse_batch(task, [prompts[i] for i in written], [generations[i] for i in written], dedup)
         results: list[ParseResult] = [ParseResult(None, "error", "")] * len(prompts)
         confidence = [float("nan")] * len(prompts)
-        for i, r in zip(written, parsed, strict=True):
-            results[i] = r
-        for i, (p, g) in enumerate(zip(prompts, generations, strict=True)):
-            if p.kind != "classify":
-                continue
-            if g.error is not None:
-                results[i] = ParseResult(None, "error", str(g.error)[:2000] or "teacher error")
-            else:
-                results[i], confidence[i] = read_answer(task, p, g.text, g.option_logprobs)
+        generations = []
+        seconds, rejected = 0.0, 0
+        # One engine batch at a time, parsed as it comes (in prompt order, so deduplication is
+        # unchanged), so that the stage can say how many samples are done and how many were rejected.
+        step = max(1, self.run.cfg.teacher.batch_size)
+        self.progress("samples", 0, len(prompts), rejected=0)
+        for begin in range(0, len(prompts), step):
+            chunk = prompts[begin : begin + step]
+            t0 = time.perf_counter()
+            answers = answer_prompts(self.engine(), chunk, sampling_params(self.run.cfg))
+            seconds += time.perf_counter() - t0
+            generations.extend(answers)
+            written = [i for i, p in enumerate(chunk) if p.kind != "classify"]
+            parsed = parse_batch(task, [chunk[i] for i in written], [answers[i] for i in written], dedup)
+            for i, r in zip(written, parsed, strict=True):
+                results[begin + i] = r
+            for i, (p, g) in enumerate(zip(chunk, answers, strict=True)):
+                if p.kind != "classify":
+                    continue
+                if g.error is not None:
+                    results[begin + i] = ParseResult(None, "error", str(g.error)[:2000] or "teacher error")
+                else:
+                    results[begin + i], confidence[begin + i] = read_answer(task, p, g.text, g.option_logprobs)
+            rejected += sum(r.fields is None for r in results[begin : begin + len(chunk)])
+            self.progress("samples", begin + len(chunk), len(prompts), rejected=rejected)
         records = [
             store.make_record(
                 task, iteration=iteration, kind=kind, index=i, requested_label=p.label,
@@ -218,4 +301,11 @@ class InProcessRuntime(Runtime):
         self, student: Student, records: list[dict[str, Any]], recipe: Recipe, val_records: Sequence[dict] = ()
     ) -> dict[str, Any]:
         """:func:`gold_ray.student.training.fit` in this process."""
-        return student.fit(records, recipe.epochs, recipe=recipe, seed=self.run.cfg.seed, val_records=val_records)
+        total = planned_steps(recipe, len(records), student.batch_size)
+        self.progress("steps", 0, total, phase=recipe.name)
+
+        def on_step(info: dict[str, Any]) -> None:
+            self.progress("steps", info["step"], total, phase=recipe.name)
+
+        return student.fit(records, recipe.epochs, recipe=recipe, seed=self.run.cfg.seed, val_records=val_records,
+                           on_step=on_step)

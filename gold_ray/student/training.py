@@ -130,6 +130,13 @@ class FitState:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
+def planned_steps(recipe: Recipe, n_records: int, batch_size: int) -> int:
+    """Optimiser steps :func:`fit` plans for ``n_records`` (early stopping may end it sooner)."""
+    if n_records <= 0:
+        return 0
+    return recipe.planned_epochs(n_records, batch_size) * math.ceil(n_records / batch_size)
+
+
 # ---- data-parallel arithmetic (one worker: the identity) -----------------------------------------
 
 

@@ -33,7 +33,20 @@ def test_ray_run_streams_progress_and_writes_the_report(ray_cluster, serve_port,
         metrics = run_on_ray(cfg, engine_factory=functools.partial(FakeTeacherEngine, task=load_task("sst2")),
                              on_event=reporter, poll_s=0.2)
     rows = [json.loads(line) for line in buf.getvalue().splitlines()]
+    # Within-stage counts come through the same event path as the stages (bounded: the first of a
+    # stage at once, then at most one a second), with the ETAs.
+    counts = [r for r in rows if r["event"] == "progress"]
+    rows = [r for r in rows if r["event"] not in ("plan", "progress", "log")]
     assert [r["event"] for r in rows] == [*STAGES, "final"]
+    first = {}
+    for r in counts:
+        first.setdefault((r["stage"], r["unit"]), r)
+    assert first[("generate", "samples")]["total"] == metrics["iterations"][0]["generate"]["requested"]
+    assert first[("probe", "samples")]["total"] == metrics["iterations"][0]["probe"]["requested"]
+    train = first[("train", "steps")]
+    assert train["total"] >= metrics["iterations"][0]["train"]["steps"] > 0 and train["done"] == 0
+    assert ("final", "steps") in first and all("eta_stage_s" in r for r in counts)
+    assert all(r["done"] <= r["total"] for r in counts)
     gen, probe = rows[0], rows[2]
     assert gen["accepted"] == metrics["iterations"][0]["generate"]["accepted"] > 0
     assert probe["scored"] == probe["accepted"] > 0  # scored by the scorer pool while generating

@@ -4,11 +4,13 @@ import io
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
 from gold_ray.reporting.progress import (
     ITERATION_STAGES,
+    PLAIN_PROGRESS_EVERY_S,
     JsonReporter,
     LiveReporter,
     PlainReporter,
@@ -20,6 +22,7 @@ from gold_ray.reporting.progress import (
     scoring_rate,
 )
 from gold_ray.run.loop import STAGES
+from gold_ray.run.runtime import StageProgress
 
 
 class Clock:
@@ -211,7 +214,13 @@ def test_cli_distill_json_logs_and_quiet(tmp_path, tiny_models, monkeypatch, cap
     assert main([*args, "--output", str(tmp_path / "a"), "--json-logs"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     events = [r["event"] for r in rows]
-    assert events == ["start", *ITERATION_STAGES, *ITERATION_STAGES, "final", "done"]
+    assert [e for e in events if e != "progress"] == ["start", "plan", *ITERATION_STAGES, *ITERATION_STAGES, "final",
+                                                       "done"]
+    counts = [r for r in rows if r["event"] == "progress"]
+    assert {(r["stage"], r["unit"]) for r in counts} >= {("generate", "samples"), ("train", "steps"),
+                                                         ("final", "steps")}
+    assert all({"done", "total", "eta_stage_s", "eta_run_s"} <= r.keys() for r in counts)
+    rows = [r for r in rows if r["event"] not in ("progress", "plan")]
     assert rows[-1]["report"] == str(tmp_path / "a" / "report.html")
     assert rows[-2]["train_loss"] is not None and "accuracy" in rows[-2]
 
@@ -223,3 +232,116 @@ def test_cli_distill_json_logs_and_quiet(tmp_path, tiny_models, monkeypatch, cap
     with pytest.raises(SystemExit):
         main([*args, "--quiet", "--json-logs"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_stage_progress_sends_the_first_count_at_once_then_one_a_second():
+    clock, sent = Clock(), []
+    counter = StageProgress(sent.append, clock=clock)
+    counter("samples", 0, 40, rejected=0)
+    for done in range(1, 41):
+        clock.now += 0.25
+        counter("samples", done, 40, rejected=done // 10)
+    # 10 seconds of counting: the first at once, then one a second.
+    assert [s["done"] for s in sent] == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+    assert sent[0]["rate_per_s"] is None and sent[0]["remaining_s"] is None
+    assert sent[5] == {"unit": "samples", "done": 20, "total": 40, "rejected": 2, "rate_per_s": 4.0,
+                       "remaining_s": 5.0}
+    clock.now += 0.5
+    counter("steps", 0, 60, phase="ce")  # a new count in the same stage: its own rate, still bounded
+    clock.now += 0.5
+    counter("steps", 10, 60, phase="ce")
+    assert sent[-1]["unit"] == "steps" and sent[-1]["rate_per_s"] == 20.0 and sent[-1]["remaining_s"] == 2.5
+
+
+def test_eta_from_measured_rates_during_the_first_stages():
+    clock = Clock()
+    tracker = ProgressTracker(iterations=2, clock=clock)
+    assert tracker.eta_run() is None and tracker.eta_stage() is None
+    tracker.set_plan({"iterations": 2, "samples": [[6, 4], [6, 4]]})
+    clock.now += 3.0
+    tracker.progress({"stage": "generate", "iteration": 0, "iterations": 2, "unit": "samples", "done": 3, "total": 6,
+                      "rate_per_s": 1.0, "remaining_s": 3.0})
+    # The stage's own ETA at once; the run's waits for a training rate.
+    assert tracker.eta_stage() == 3.0 and tracker.eta_run() is None
+    clock.now += 3.0
+    tracker.update("generate", {"iteration": 0, "iterations": 2, "seconds": 6.0})
+    clock.now += 1.0
+    tracker.progress({"stage": "train", "iteration": 0, "iterations": 2, "unit": "steps", "done": 10, "total": 60,
+                      "rate_per_s": 10.0, "remaining_s": 5.0})
+    # Inside the first training: its rest (5 s), the probes at the teacher's rate (4 x 1 s), the
+    # feedback (quick), the second iteration (6 + 12 + 4 s: its training trains on twice the data) and
+    # the final stage (the training per iteration unit, 6 s, x 2 iterations x the final ratio 1).
+    assert tracker.eta_iteration() == pytest.approx(5 + 4)
+    assert tracker.eta_run() == pytest.approx(5 + 4 + 6 + 12 + 4 + 12)
+    # Once the stage ends its measured time takes over from the projection.
+    clock.now += 5.0
+    tracker.update("train", {"iteration": 0, "iterations": 2})
+    assert tracker.live is None and tracker.eta_stage() is None
+
+
+def test_plain_view_prints_a_progress_line_within_a_long_stage_only(capsys):
+    clock = Clock()
+    reporter = PlainReporter(sys.stdout, ProgressTracker(iterations=1, clock=clock))
+    info = {"stage": "generate", "iteration": 0, "iterations": 1, "unit": "samples", "done": 5, "total": 50,
+            "rejected": 1, "rate_per_s": 0.5, "remaining_s": 90.0}
+    reporter("progress", info)
+    clock.now += PLAIN_PROGRESS_EVERY_S
+    reporter("progress", {**info, "done": 20})
+    reporter("progress", {**info, "done": 21})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "iteration 1/1 generate ... 20/50 samples, 1 rejected" in lines[0]
+    assert "eta_stage=1:30" in lines[0]
+
+
+def test_a_log_event_is_shown_as_a_warning_line(capsys):
+    reporter = PlainReporter(sys.stdout, ProgressTracker(iterations=1))
+    reporter("log", {"level": "WARNING", "logger": "gold_ray.run.loop", "message": "iteration 0: near chance"})
+    assert capsys.readouterr().out == "gold-ray: warning: iteration 0: near chance\n"
+
+
+def _base_model_without_head(folder, tmp_path):
+    """A tiny encoder saved without a classification head: loading it as a classifier makes
+    transformers print its LOAD REPORT (classifier MISSING), as the real embedded student does."""
+    import shutil
+
+    from transformers import AutoModel
+
+    from gold_ray.testing import save_tiny_classifier
+
+    src = Path(save_tiny_classifier(tmp_path / "with-head"))
+    AutoModel.from_pretrained(src).save_pretrained(folder)
+    for name in src.iterdir():
+        if "token" in name.name or name.name == "vocab.txt":
+            shutil.copy(name, folder / name.name)
+    return folder
+
+
+def test_a_local_run_prints_its_own_lines_and_keeps_library_output_in_its_log(tmp_path, tiny_models, monkeypatch,
+                                                                              capfd):
+    import gold_ray.teacher.engines
+    from gold_ray.cli import main
+    from gold_ray.reporting.logs import LIBRARY_LOG, VERBOSE_ENV
+    from gold_ray.testing import FakeTeacherEngine
+
+    monkeypatch.setattr(gold_ray.teacher.engines, "build_engine", lambda *a, **k: FakeTeacherEngine())
+    monkeypatch.setenv(VERBOSE_ENV, "0")  # and restored after --verbose sets it
+    student = _base_model_without_head(tmp_path / "base", tmp_path)
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"text": f"sample {i}", "label": ["negative", "positive"][i % 2]}) + "\n"
+                                 for i in range(6)))
+    args = ["distill", "tiny", "--local", "--set", f"teacher.model={tiny_models[0]}", "--set", f"student.model={student}",
+            "--set", "budget.samples=12", "--set", f"task.eval_path={eval_file}", "--set", "student.final_epochs=1"]
+    capfd.readouterr()
+    assert main([*args, "--output", str(tmp_path / "quiet")]) == 0
+    out, err = capfd.readouterr()
+    for noise in ("Loading weights", "LOAD REPORT", "mlflow.store"):
+        assert noise not in out and noise not in err
+    assert "gold-ray: done." in out
+    log = (tmp_path / "quiet" / LIBRARY_LOG).read_text()
+    assert "LOAD REPORT" in log and "MISSING" in log
+
+    assert main([*args, "--output", str(tmp_path / "verbose"), "--verbose"]) == 0
+    out, err = capfd.readouterr()
+    # The libraries print as they would without gold-ray (MLflow's set-up of the new store, here).
+    assert "mlflow.store" in out + err
+    assert not (tmp_path / "verbose" / LIBRARY_LOG).exists()

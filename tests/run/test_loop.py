@@ -196,3 +196,39 @@ def test_the_student_trains_past_a_floor_and_the_final_recipe_is_chosen_on_a_syn
     assert final["recipe"] in {t["recipe"] for t in final["recipes"]} and final["val_records"] >= 16
     # Checkpoints only serve a resume: a finished run keeps one copy of the student.
     assert not (tmp_path / "run" / "checkpoints").exists() and (tmp_path / "run" / "student").is_dir()
+
+
+def test_stages_report_their_counts_through_on_event(tmp_path, student_dir, eval_file, monkeypatch):
+    import gold_ray.run.loop as loop_module
+    from gold_ray.run.runtime import StageProgress
+
+    # Every count, not one a second: what the runtime reports, before the rate bound.
+    monkeypatch.setattr(loop_module, "StageProgress", lambda emit: StageProgress(emit, min_interval_s=0))
+    events = []
+    cfg = make_cfg(tmp_path, student_dir, eval_file, "teacher.batch_size=4")
+    metrics = Distiller(cfg, engine=FakeTeacherEngine(fail_every=5), on_event=lambda s, i: events.append((s, i))).run()
+    assert events[0] == ("plan", {"iterations": 2, "samples": [[6, 6], [6, 6]]})
+    progress = [i for s, i in events if s == "progress"]
+    it0 = metrics["iterations"][0]
+
+    def counts(stage, unit, iteration=0):
+        return [(i["done"], i["total"]) for i in progress
+                if i["stage"] == stage and i["unit"] == unit and i["iteration"] == iteration]
+
+    # The teacher's samples, one engine batch (4) at a time, with the rejects so far.
+    assert counts("generate", "samples") == [(0, 6), (4, 6), (6, 6)]
+    last = [i for i in progress if i["stage"] == "generate" and i["iteration"] == 0][-1]
+    assert last["rejected"] == it0["generate"]["rejected"] >= 1
+    # Training steps done of planned.
+    steps = counts("train", "steps")
+    assert steps[0] == (0, steps[0][1]) and steps[-1][0] == it0["train"]["steps"] <= steps[0][1]
+    assert [d for d, _ in steps] == list(range(len(steps)))
+    # Probes: written, then scored by the student.
+    assert counts("probe", "samples")[-1] == (6, 6)
+    assert counts("probe", "scored")[-1] == (it0["probe"]["accepted"], it0["probe"]["accepted"])
+    # The final stage trains each candidate recipe, each its own phase.
+    phases = {i["phase"] for i in progress if i["stage"] == "final" and i["unit"] == "steps"}
+    assert {r["recipe"] for r in metrics["final"]["recipes"]} == phases
+    # Each stage's counts come before the stage's own event.
+    order = [s if s != "progress" else f"progress:{i['stage']}" for s, i in events]
+    assert order.index("progress:train") > order.index("generate") and order.index("train") > order.index("progress:train")
