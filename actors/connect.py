@@ -5,7 +5,8 @@ Three cases, in this order:
 - inside a Ray job (``ray job submit``, ``gold-ray submit``, a KubeRay ``RayJob``): join the job's
   cluster and keep the job's ``runtime_env`` (its uploaded working dir and forwarded variables);
 - ``$RAY_ADDRESS`` set: join that cluster, forwarding :data:`~gold_ray.entry.FORWARDED_ENV`;
-- otherwise: start a local Ray (no dashboard), forwarding the same variables.
+- otherwise: start a local Ray (no dashboard), forwarding the same variables; its processes die
+  with this one, however it ends (:mod:`actors.reaper`).
 
 Unless ``--verbose`` (:func:`gold_ray.reporting.logs.is_verbose`), the workers' output stays in
 Ray's session logs instead of being forwarded to this process (``log_to_driver=False``), and the
@@ -21,6 +22,9 @@ import ray
 from gold_ray.config import RunConfig
 from gold_ray.entry import FORWARDED_ENV
 from gold_ray.reporting.logs import is_verbose, worker_env
+
+_WATCHDOGS: list = []
+"""The watchdog of the local Ray this process started (kept referenced for the process's life)."""
 
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor in a job's entrypoint process (it holds the job's runtime_env)."""
@@ -54,6 +58,10 @@ def ensure_ray(cfg: RunConfig | None = None) -> None:
         # No dashboard; and should one be turned on, it listens on loopback only, like Serve.
         ray.init(num_cpus=cpus, include_dashboard=False, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env}, log_to_driver=is_verbose())
+        # Its agents and some workers would outlive a `kill -9` of this process (actors.reaper).
+        from actors.reaper import watch
+
+        _WATCHDOGS.append(watch())
 
 
 def connect_ray(cfg: RunConfig | None = None) -> str:
