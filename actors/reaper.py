@@ -25,16 +25,22 @@ SCAN_S = 0.5
 
 
 def watch(parent_pid: int | None = None) -> subprocess.Popen:
-    """Start the watchdog of ``parent_pid`` (default: this process); returns the watchdog process.
+    """Start the watchdog of ``parent_pid`` (default: this process); returns the watchdog process
+    once it has seen the processes ``parent_pid`` has started so far.
 
     The watchdog's stdin is a pipe whose write end only this process holds: end of file there
     means this process is gone. The watchdog runs in its own session, so a terminal's Ctrl-C,
     which the starter handles, does not reach it.
     """
     pid = parent_pid or os.getpid()
-    return subprocess.Popen([sys.executable, "-m", "actors.reaper", str(pid)], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    # Run by path: whatever the working directory, the watchdog needs nothing but psutil.
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(pid)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
                             close_fds=True)
+    # It says when its first look at the descendants is done: what exists now is covered.
+    proc.stdout.readline()
+    proc.stdout.close()
+    return proc
 
 
 def _descendants(pid: int, known: dict[int, float]) -> None:
@@ -75,6 +81,9 @@ def main(argv: list[str]) -> int:
     me = os.getpid()
     known: dict[int, float] = {}
     stdin = sys.stdin.fileno()
+    _descendants(parent, known)
+    print("watching", flush=True)
+    sys.stdout.close()
     while True:
         _descendants(parent, known)
         known.pop(me, None)
