@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gold_ray.run.store import read_parts
 from gold_ray.testing import save_tiny_chat_lm, save_tiny_classifier
 from jobs import submit as sub
 
@@ -333,14 +334,6 @@ def mlflow_run_ids(run_dir: Path) -> list[str]:
         return [row[0] for row in db.execute("select run_uuid from runs")]
 
 
-def stage_committed(run_dir: Path) -> bool:
-    """Whether the run has committed a stage (``state.json`` is written earlier, holding only the MLflow run id)."""
-    try:
-        return json.loads((run_dir / "state.json").read_text())["stage"] is not None
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def job_id_of(stdout: str) -> str:
     line = next(line for line in stdout.splitlines() if line.startswith("gold-ray: submitted job "))
     return line.split()[3]
@@ -413,23 +406,42 @@ def readme_plain_submit(address: str, config: Path) -> subprocess.CompletedProce
 @pytest.mark.ray
 @pytest.mark.slow
 def test_resubmitted_job_resumes_after_its_driver_is_killed(ray_head, tiny_models, tmp_path):
+    import psutil
+
+    from tests.faults.hooks import clear_plans, plan_fault
+
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_models, run_dir))
-    first = gold_ray("submit", str(config), "--address", ray_head, "--working-dir", str(REPO_ROOT), timeout=120)
-    assert first.returncode == 0, first.stderr
-    job_id = job_id_of(first.stdout)
-    # Wait for the first committed stage, then kill the driver mid-run.
-    deadline = time.monotonic() + 600
-    while not stage_committed(run_dir):
-        status, _ = sub.job_status(ray_head, job_id)
-        assert status not in sub.TERMINAL_STATUSES, sub.job_logs(ray_head, job_id)[-4000:]
-        assert time.monotonic() < deadline, "no stage committed in time"
-        time.sleep(1)
-    sub.stop_job(ray_head, job_id)
-    while sub.job_status(ray_head, job_id)[0] not in sub.TERMINAL_STATUSES:
-        time.sleep(1)
+    # The driver actor holds inside iteration 0's train stage until the job's driver process (the
+    # entrypoint, `python -m jobs.distill`) is killed with SIGKILL, as an OOM killer or a lost pod would.
+    held, gate = tmp_path / "held.json", tmp_path / "gate"
+    plan_fault("stage.start", held, action="hold", gate=gate, iteration=0, stage="train")
+    try:
+        first = gold_ray("submit", str(config), "--address", ray_head, "--working-dir", str(REPO_ROOT), timeout=120)
+        assert first.returncode == 0, first.stderr
+        job_id = job_id_of(first.stdout)
+        deadline = time.monotonic() + 600
+        while not held.exists():
+            status, _ = sub.job_status(ray_head, job_id)
+            assert status not in sub.TERMINAL_STATUSES, sub.job_logs(ray_head, job_id)[-4000:]
+            assert time.monotonic() < deadline, "the run never reached iteration 0's train stage"
+            time.sleep(1)
+        # The entrypoint runs in the job's working dir, as the driver actor it started does.
+        workdir = psutil.Process(json.loads(held.read_text())["pid"]).cwd()
+        entry = [p for p in psutil.process_iter(["cmdline"])
+                 if "jobs.distill" in " ".join(p.info["cmdline"] or ()) and p.cwd() == workdir]
+        # Ray runs it through `sh -c` in a session of its own: the one process group to kill.
+        groups = {os.getpgid(p.pid) for p in entry}
+        assert entry and len(groups) == 1, entry
+        os.killpg(groups.pop(), signal.SIGKILL)
+        while sub.job_status(ray_head, job_id)[0] not in sub.TERMINAL_STATUSES:
+            time.sleep(1)
+        assert sub.job_status(ray_head, job_id)[0] == "FAILED"
+    finally:
+        gate.touch()
+        clear_plans()
     state = json.loads((run_dir / "state.json").read_text())
-    assert not state["finished"]
+    assert (state["iteration"], state["stage"], state["finished"]) == (0, "generate", False)
     committed = {p: (run_dir / p).read_bytes() for p in state["parts"]}
     assert committed, "the first stage committed no part"
 
@@ -445,3 +457,7 @@ def test_resubmitted_job_resumes_after_its_driver_is_killed(ray_head, tiny_model
     assert json.loads((run_dir / "state.json").read_text())["finished"] is True
     assert (run_dir / "student" / "config.json").is_file()
     assert len(json.loads((run_dir / "metrics.json").read_text())["iterations"]) == 2
+    # Every committed row once: 16 samples requested, 16 rows (accepted or rejected), 16 ids.
+    state = json.loads((run_dir / "state.json").read_text())
+    ids = [r["id"] for r in read_parts([run_dir / p for p in state["parts"]])]
+    assert len(ids) == len(set(ids)) == 16
