@@ -149,6 +149,14 @@ class TeacherConfig(_Section):
         vllm_cpu_kv_cache_gib: KV cache the ``vllm`` engine reserves on a CPU-only host, in GiB
             (``VLLM_CPU_KVCACHE_SPACE``, which wins when set). Without it vllm-cpu sizes the
             cache from free RAM and refuses to start on a host with less than 92 % of it free.
+        prompts_per_demo_set: How many prompts share one set of demonstrations. 1 (the default):
+            every prompt draws its own demos, as GOLD's authors do. Above 1: prompts of one label
+            are grouped by this many and each group draws one demo set (groups draw different
+            ones), with the per-prompt parts (style hint, GOLD's probe request) after the demos,
+            so a group's prompts share a long token prefix that the ``hf`` engine computes once,
+            vLLM caches and the Serve router sends to one replica. The default stays 1 until the
+            quality benchmark (SST-2 ``gold`` and ``zerogen``, 3 seeds) shows that fewer distinct
+            demo sets lose no accuracy: fewer demo sets may mean less diverse samples.
         serve: The Ray Serve deployment.
     """
 
@@ -168,6 +176,7 @@ class TeacherConfig(_Section):
     max_retries: int = Field(default=3, ge=0)
     retry_backoff_s: float = Field(default=1.0, ge=0)
     vllm_cpu_kv_cache_gib: int = Field(default=4, ge=1)
+    prompts_per_demo_set: int = Field(default=1, ge=1)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
 

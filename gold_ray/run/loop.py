@@ -62,6 +62,10 @@ STAGES = ("generate", "train", "probe", "feedback")
 TRAINING_PARTS = ("train-", "probe-")
 """Name prefixes of the Parquet parts that hold training data."""
 
+PENDING_PROBES = "pending-probe"
+"""Part of the probes written in the generate stage's teacher pass and not yet scored: not
+training data (not in :data:`TRAINING_PARTS`) until the probe stage writes them as ``probe``."""
+
 logger = logging.getLogger(__name__)
 
 EventFn = Callable[[str, dict[str, Any]], None]
@@ -308,17 +312,51 @@ class Distiller:
     def _generate_records(
         self, prompts: list[Prompt], iteration: int, kind: str, token_cap: int | None = None
     ) -> tuple[list, list, dict]:
-        prompts = [
-            dataclasses.replace(p, meta={**p.meta, "uid": f"it{iteration}-{kind}-{i}"}) for i, p in enumerate(prompts)
-        ]
+        prompts = _with_uids(prompts, iteration, kind)
         scorer = self.student if kind == "probe" else None
         ckpt = self._checkpoint() if scorer is not None else None
         records, stats = self._produce(prompts, iteration, kind, scorer, ckpt, token_cap)
-        accepted = [r for r in records if r["reject_reason"] is None]
-        rejected = [r for r in records if r["reject_reason"] is not None]
+        self._count_teacher_tokens(stats)
+        return self._kind_result(records, stats, iteration, kind)
+
+    def _generate_pass(
+        self, prompts: list[Prompt], probes: list[Prompt], iteration: int, token_cap: int | None
+    ) -> tuple[tuple[list, list, dict], tuple[list, list, dict]]:
+        """One teacher pass for an iteration's training and probe prompts (``probes_before_training``).
+
+        The probes go in the same runtime call after the training prompts (deduplicated after
+        them, as when they were written a stage later) and are not scored here: the probe stage
+        scores them with the student trained in between. Their records get their own kind and ids
+        (``itNNN-probe-...``, numbered from 0), exactly as a probe stage's own pass would.
+
+        Returns:
+            ``(accepted, rejected, stats)`` of the training prompts, then of the probes; each side's
+            counts, tokens and (by output-token share) seconds are its own.
+        """
+        sent = _with_uids(prompts, iteration, "train") + _with_uids(probes, iteration, "probe")
+        records, stats = self._produce(sent, iteration, "train", None, None, token_cap)
+        self._count_teacher_tokens(stats)
+        train, probe = records[: len(prompts)], records[len(prompts) :]
+        for j, rec in enumerate(probe):
+            rec.update(id=store.record_id(iteration, "probe", j), kind="probe")
+        parts = split_pass_stats(stats, [len(train), len(probe)],
+                                 [sum(int(r.get("output_tokens") or 0) for r in side) for side in (train, probe)])
+        if "unsent" in stats:
+            parts[0]["unsent"], parts[1]["unsent"] = len(prompts) - len(train), len(probes) - len(probe)
+        return (self._kind_result(train, parts[0], iteration, "train"),
+                self._kind_result(probe, parts[1], iteration, "probe"))
+
+    def _count_teacher_tokens(self, stats: dict[str, Any]) -> None:
         self.state["teacher_tokens"] += int(stats.get("output_tokens", 0))
         self.state["teacher_prompt_tokens"] = (int(self.state.get("teacher_prompt_tokens") or 0)
                                                + int(stats.get("prompt_tokens") or 0))
+
+    def _kind_result(
+        self, records: list[dict[str, Any]], stats: dict[str, Any], iteration: int, kind: str
+    ) -> tuple[list, list, dict]:
+        """Accepted and rejected records of one kind and their stage statistics; too many rejects stop the run."""
+        accepted = [r for r in records if r["reject_reason"] is None]
+        rejected = [r for r in records if r["reject_reason"] is not None]
         stats = {
             **stats,
             "requested": len(records),
@@ -471,7 +509,18 @@ class Distiller:
         m = self._iter_metrics(iteration)
         n = self._requested(iteration) - n_probe if self._budget_left() else 0
         prompts = self.strategy.train_prompts(ctx, n)
-        acc, rej, stats = self._generate_records(prompts, iteration, "train", self._token_cap(iteration, "train", n_probe))
+        if self._one_pass(n_probe):
+            # The probes' prompts are drawn as the probe stage would draw them (its context and
+            # seeded stream) and written now, in the same teacher pass; they wait, unscored and
+            # not yet training data, for the probe stage (``pending_probes``).
+            probe_ctx = self._ctx(iteration, "probe")
+            probes = self.strategy.probe_prompts(probe_ctx, n_probe)
+            (acc, rej, stats), (p_acc, p_rej, p_stats) = self._generate_pass(
+                prompts, probes, iteration, self._token_cap(iteration, "probe", n_probe))
+            self._write_pending_probes(iteration, p_acc, p_rej, p_stats)
+        else:
+            acc, rej, stats = self._generate_records(prompts, iteration, "train",
+                                                     self._token_cap(iteration, "train", n_probe))
         # A strategy that labels texts (LLKD) spends the rest of the stage's calls on it.
         label = self.strategy.label_prompts(ctx, acc, max(0, n - len(prompts)))[: max(0, n - len(prompts))]
         if label:
@@ -484,6 +533,48 @@ class Distiller:
         stats.update(ctx.stats)
         m["generate"] = stats
         return stats
+
+    def _one_pass(self, n_probe: int) -> bool:
+        """Whether this iteration's probes are written in the generate stage's teacher pass."""
+        return n_probe > 0 and self.strategy.uses_probes and self.strategy.probes_before_training
+
+    def _write_pending_probes(
+        self, iteration: int, accepted: list[dict[str, Any]], rejected: list[dict[str, Any]], stats: dict[str, Any]
+    ) -> None:
+        """Keep the probes written in the generate stage's pass until the probe stage scores them.
+
+        They are committed with the generate stage (a resumed run never asks the teacher for them
+        again) but under a name that is not training data (:data:`PENDING_PROBES`): the training
+        stage between must not see them, they are its fresh hold-out (:meth:`_holdout`).
+        """
+        path = store.part_path(self.run_dir, PENDING_PROBES, iteration)
+        store.write_part(path, self.task, accepted + rejected)
+        # The path is derived from the iteration, never read from the state file.
+        self.state["pending_probes"] = {"iteration": iteration, "stats": stats}
+
+    def _pending_probes(self, iteration: int) -> tuple[list, list, dict] | None:
+        """The probes the generate stage's pass wrote for this iteration, or None (two passes)."""
+        pending = self.state.get("pending_probes")
+        if not pending or pending["iteration"] != iteration:
+            return None
+        # Committed with the probe stage: from then on the probes are the ``probe`` part.
+        self.state["pending_probes"] = None
+        records = store.read_parts([store.part_path(self.run_dir, PENDING_PROBES, iteration)])
+        accepted = [r for r in records if r["reject_reason"] is None]
+        rejected = [r for r in records if r["reject_reason"] is not None]
+        return accepted, rejected, copy.deepcopy(pending["stats"])
+
+    def _score_pending(self, accepted: list[dict[str, Any]], stats: dict[str, Any]) -> None:
+        """Score the pending probes with the student trained since they were written."""
+        if self.student is None or not accepted:
+            return
+        t0 = time.perf_counter()
+        for rec, value in zip(accepted, self.runtime.score(self.student, self._checkpoint(), accepted), strict=True):
+            rec["score"] = float(value)
+        stats["score_seconds"] = round(time.perf_counter() - t0, 3)
+        scores = np.array([r["score"] for r in accepted], dtype=float)
+        if np.isfinite(scores).any():
+            stats["scores"] = score_quantiles(scores)
 
     def train_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
         """The student trains on what it may see so far, is checkpointed and evaluated.
@@ -521,9 +612,16 @@ class Distiller:
         return {k: v for k, v in stats.items() if k != "curve"}
 
     def probe_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
-        """The teacher writes probes; the student scores them (their spread tells if the score ranks)."""
-        prompts = self.strategy.probe_prompts(ctx, n_probe)
-        acc, rej, stats = self._generate_records(prompts, iteration, "probe", self._token_cap(iteration, "probe", n_probe))
+        """The teacher writes probes (or wrote them in the generate stage's pass, see
+        :meth:`_one_pass`); the student scores them (their spread tells if the score ranks)."""
+        pending = self._pending_probes(iteration)
+        if pending is not None:
+            acc, rej, stats = pending
+            self._score_pending(acc, stats)
+        else:
+            prompts = self.strategy.probe_prompts(ctx, n_probe)
+            acc, rej, stats = self._generate_records(prompts, iteration, "probe",
+                                                     self._token_cap(iteration, "probe", n_probe))
         stats.update(self._holdout(acc))
         stats.update(score_spread([r.get("score", math.nan) for r in acc]))
         self._write("probe", iteration, acc)
@@ -533,6 +631,8 @@ class Distiller:
 
     def feedback_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
         """The strategy picks the feedback pool of the next prompts."""
+        # The probe stage's commit holds the probes; their pending copy has served.
+        store.part_path(self.run_dir, PENDING_PROBES, iteration).unlink(missing_ok=True)
         probes = store.read_parts([store.part_path(self.run_dir, "probe", iteration)])
         fb = self.strategy.update_feedback(ctx, probes)
         self.state["feedback"] = fb
@@ -763,6 +863,42 @@ def baseline_metrics(baselines: dict[str, Any]) -> dict[str, float]:
             out["baseline_teacher_fewshot"] = float(teacher[name])
             break
     return out
+
+
+PASS_SHARED = ("seconds", "output_tokens", "prompt_tokens", "tokens_per_s", "samples_per_s")
+"""Produce statistics of a whole teacher pass that :func:`split_pass_stats` divides between its kinds."""
+
+
+def split_pass_stats(stats: dict[str, Any], counts: list[int], tokens: list[int]) -> list[dict[str, Any]]:
+    """One teacher pass's produce statistics divided between the kinds of prompts it carried.
+
+    Each side gets its own output tokens (``tokens``, summed from its records), the pass's
+    seconds in proportion to them (generation time goes with the tokens written; by prompt count
+    when nothing was written) and prompt tokens in proportion to its prompts; rates are
+    recomputed. Other counters (retries, streaming) stay with the first side. Every side says
+    ``teacher_pass: shared``.
+    """
+    seconds = float(stats.get("seconds") or 0)
+    total_tokens, total_count = sum(tokens), sum(counts)
+    prompt_tokens = int(stats.get("prompt_tokens") or 0)
+    out = []
+    for i, (n, t) in enumerate(zip(counts, tokens, strict=True)):
+        side = {k: v for k, v in stats.items() if k not in PASS_SHARED} if i == 0 else {}
+        share = t / total_tokens if total_tokens else (n / total_count if total_count else 0.0)
+        secs = seconds * share
+        side.update(
+            teacher_pass="shared", output_tokens=t, seconds=round(secs, 3),
+            prompt_tokens=round(prompt_tokens * n / total_count) if total_count else 0,
+            tokens_per_s=round(t / secs, 2) if secs > 0 else None,
+            samples_per_s=round(n / secs, 3) if secs > 0 and n else None,
+        )
+        out.append(side)
+    return out
+
+
+def _with_uids(prompts: list[Prompt], iteration: int, kind: str) -> list[Prompt]:
+    """``prompts`` with ``meta["uid"]``: their kind and position in the stage (engines may salt with it)."""
+    return [dataclasses.replace(p, meta={**p.meta, "uid": f"it{iteration}-{kind}-{i}"}) for i, p in enumerate(prompts)]
 
 
 def merge_produce_stats(parts: list[dict[str, Any]], sent: int) -> dict[str, Any]:

@@ -6,7 +6,9 @@ One iteration of every strategy runs the same stages (see :mod:`gold_ray.run.loo
 2. The student trains on everything kept so far (``continue_student`` decides whether it continues
    or restarts from the pretrained weights each round).
 3. ``probe_prompts``: the teacher writes probe samples (GOLD: "significantly different" ones);
-   the student scores them (energy by default).
+   the student scores them (energy by default). A strategy whose probe prompts are known before
+   training (``probes_before_training``, GOLD) has them written in step 1's teacher pass; step 3
+   then only scores them.
 4. ``update_feedback``: the strategy picks the examples that go into the next prompts.
 5. ``keep_for_training``: which accepted samples become training data.
 
@@ -134,12 +136,38 @@ def balanced_labels(task: TaskSpec, n: int, rng: np.random.Generator) -> list[st
     return labels
 
 
+DEMO_SET_REDRAWS = 8
+"""Draws a demo group makes at most to find a demo set no earlier group of the call has."""
+
+
+def demo_groups(labels: list[str | None], size: int) -> list[tuple[str | None, int]]:
+    """``labels`` cut into groups of at most ``size`` prompts of one label: ``(label, count)`` each.
+
+    A group shares one demo set, drawn for its label exactly as one prompt's would be (same label
+    first, a strategy's per-label feedback), so only the style hint and the request for the one
+    sample differ inside a group. Groups follow the order in which labels first appear in
+    ``labels`` and every label keeps its count, so the label balance is unchanged.
+    """
+    counts: dict[str | None, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return [(label, min(size, total - start)) for label, total in counts.items()
+            for start in range(0, total, size)]
+
+
 class Strategy:
     """A data-generation strategy. Subclasses set ``name`` and override what differs.
 
     Attributes:
         name: The strategy's config name.
         uses_probes: Whether the strategy generates probe samples each iteration.
+        probes_before_training: Whether :meth:`probe_prompts` depends only on what is known
+            before the iteration's training stage (the feedback pool, the stage's seeded ``rng``),
+            not on ``ctx.student`` or on ``ctx.memory`` changed by this iteration. Then the loop
+            sends the training and probe prompts to the teacher in one pass in the generate stage,
+            and the probe stage only scores the written probes with the newly trained student.
+            Such a strategy's ``probe_prompts`` gets the probe stage's context (its ``rng``) but
+            before training, so ``ctx.student`` is still the previous iteration's.
         continue_student: Keep training the same student across iterations (GOLD) rather than
             restarting from the pretrained weights each round (ProGen, S3).
         default_final_loss: The final stage's loss under ``student.final_loss=auto``: ``ce``, or
@@ -148,6 +176,7 @@ class Strategy:
 
     name: str = "base"
     uses_probes: bool = False
+    probes_before_training: bool = False
     continue_student: bool = True
     default_final_loss: str = "ce"
 
@@ -172,19 +201,36 @@ class Strategy:
         return demos
 
     def _prompts(self, ctx: StrategyContext, n: int, probe: bool) -> list[Prompt]:
+        """``n`` label-balanced prompts; with ``teacher.prompts_per_demo_set`` above 1, grouped
+        (:func:`demo_groups`) so that the prompts of a group share one draw of demonstrations."""
         render = render_probe_prompt if probe else render_train_prompt
+        labels = balanced_labels(ctx.task, n, ctx.rng)
+        per_set = ctx.config.teacher.prompts_per_demo_set
+        # Draw order at 1 is the same as before groups existed: demos, then style, per prompt.
+        groups = demo_groups(labels, per_set) if per_set > 1 else [(label, 1) for label in labels]
         prompts = []
-        for label in balanced_labels(ctx.task, n, ctx.rng):
-            prompts.append(
-                render(
-                    ctx.task,
-                    label,
-                    self.demos_for_prompt(ctx, label),
-                    style=draw_style(ctx.task, ctx.rng),
-                    prompt_style=ctx.prompt_style,
-                    max_demo_chars=ctx.config.strategy.max_demo_chars,
+        seen: set[str] = set()
+        for label, size in groups:
+            demos = self.demos_for_prompt(ctx, label)
+            if per_set > 1:
+                # A group stands for several prompts' draws: with few seed demos two groups can
+                # draw the same set, so a repeat is drawn again (a few times, from the same stream).
+                for _ in range(DEMO_SET_REDRAWS):
+                    if repr(demos) not in seen:
+                        break
+                    demos = self.demos_for_prompt(ctx, label)
+                seen.add(repr(demos))
+            for _ in range(size):
+                prompts.append(
+                    render(
+                        ctx.task,
+                        label,
+                        demos,
+                        style=draw_style(ctx.task, ctx.rng),
+                        prompt_style=ctx.prompt_style,
+                        max_demo_chars=ctx.config.strategy.max_demo_chars,
+                    )
                 )
-            )
         return prompts
 
     def prepare(self, task: TaskSpec, cfg: RunConfig, eval_file: Path | None) -> dict[str, Any]:

@@ -36,6 +36,8 @@ class GoldStrategy(Strategy):
 
     name = "gold"
     uses_probes = True
+    # Probe prompts depend on the previous iteration's feedback only: one teacher pass per iteration.
+    probes_before_training = True
     # The noise-robust final loss of the paper; alpha 0.1 was chosen on seed.jsonl (see StudentConfig).
     default_final_loss = "sce"
 

@@ -40,6 +40,49 @@ def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tupl
     return input_ids, mask
 
 
+def start_batch(
+    model: Any, rows: Sequence[Sequence[int]], pad_id: int, device: Any, prefix_lens: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """``(input_ids, attention_mask, position_ids, cache)`` of a batch's first forward pass.
+
+    Without ``prefix_lens`` (or all 0): the rows left-padded, no cache. With them, each row's first
+    ``prefix_lens[i]`` tokens are its prefix: every distinct prefix runs once through the model
+    (:func:`prefill_prefixes`), and what is left is the rows' suffixes, left-padded, whose mask
+    and positions continue after the prefix, so a row attends to exactly its own tokens as without
+    a prefix. Rows that share a prefix (the instructions and demonstrations of one demo set) pay
+    for it once. Every row needs a prefix then (a row of padding only would attend to nothing)
+    and at least one suffix token.
+    """
+    if not prefix_lens or not any(prefix_lens):
+        input_ids, mask = left_padded(rows, pad_id, device)
+        return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None
+    if any(n < 1 or n >= len(r) for r, n in zip(rows, prefix_lens, strict=True)):
+        raise ValueError("every row needs a prefix and a suffix of at least one token")
+    cache, prefix_mask = prefill_prefixes(model, [r[:n] for r, n in zip(rows, prefix_lens, strict=True)],
+                                          pad_id, device)
+    input_ids, mask = left_padded([r[n:] for r, n in zip(rows, prefix_lens, strict=True)], pad_id, device)
+    offset = torch.tensor(list(prefix_lens), device=device)[:, None]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) + offset
+    return input_ids, torch.cat([prefix_mask, mask], dim=1), positions, cache
+
+
+def prefill_prefixes(model: Any, prefixes: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Any, torch.Tensor]:
+    """The key/value cache and attention mask of ``prefixes``, one row per prefix, each distinct
+    prefix run through the model once (a left-padded batch of them) and its cache repeated for
+    every row that has it."""
+    distinct: dict[tuple[int, ...], int] = {}
+    index = [distinct.setdefault(tuple(p), len(distinct)) for p in prefixes]
+    input_ids, mask = left_padded([list(p) for p in distinct], pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                  logits_to_keep=1).past_key_values
+    if index != list(range(len(distinct))):
+        rows = torch.tensor(index, device=device)
+        cache.batch_select_indices(rows)
+        mask = mask[rows]
+    return cache, mask
+
+
 def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate token ids and their renormalised sampling probabilities, per row.
 
@@ -90,6 +133,7 @@ def decode_batch(
     top_p: float = 1.0,
     top_k: int = 0,
     stopped: Callable[[list[int]], bool] | None = None,
+    prefix_lens: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens after each row of token ids.
 
@@ -105,17 +149,17 @@ def decode_batch(
         top_k: Top-k cut (0: none).
         stopped: Called with a row's generated ids after each new token when given; True ends
             the row there (stop strings).
+        prefix_lens: Per row, leading tokens run as a prefix once per distinct prefix
+            (:func:`start_batch`); None or all 0: no prefix pass.
 
     Returns:
         The generated ids per row, in input order, without the end token.
     """
     device = next(model.parameters()).device
-    input_ids, mask = left_padded(rows, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, mask, positions, cache = start_batch(model, rows, pad_id, device, prefix_lens)
     ends = torch.tensor(sorted(set(end_ids)), device=device)
     out: list[list[int]] = [[] for _ in rows]
     live = torch.arange(len(rows), device=device)  # input row of each batch row still generating
-    cache = None
     step_ids, step_pos = input_ids, positions
     for _ in range(max_new_tokens):
         result = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,

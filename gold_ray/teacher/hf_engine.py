@@ -1,17 +1,19 @@
-"""The ``hf`` teacher engine: transformers on CPU or GPU, batched, with a shared prompt prefix run once when scoring."""
+"""The ``hf`` teacher engine: transformers on CPU or GPU, batched, with a prompt prefix shared by
+several prompts of a batch run once (scoring: the batch's common prefix; generation: each demo set's)."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import math
+from collections import Counter
 from typing import Any
 
 import torch
 
 from gold_ray.errors import InputError
 from gold_ray.models import allow_remote_code
-from gold_ray.teacher.decoding import decode_batch, left_padded
+from gold_ray.teacher.decoding import decode_batch, start_batch
 from gold_ray.teacher.engines import (
     common_prefix_len,
     error_text,
@@ -38,6 +40,9 @@ class HFEngine(TeacherEngine):
             sample the same text).
         device: ``cpu``, ``cuda``...; default: CUDA when available.
         add_bos: BOS in front of continuation prompts; None: :func:`wants_bos`.
+        share_prefixes: Run the prefix shared by the prompts of one demo set
+            (``Prompt.meta["prefix_key"]``, see ``teacher.prompts_per_demo_set``) once per batch;
+            off only to check that sharing changes nothing.
     """
 
     name = "hf"
@@ -52,6 +57,7 @@ class HFEngine(TeacherEngine):
         seed: int = 0,
         device: str | None = None,
         add_bos: bool | None = None,
+        share_prefixes: bool = True,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,6 +69,7 @@ class HFEngine(TeacherEngine):
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
         self.add_bos = add_bos
+        self.share_prefixes = share_prefixes
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             if self.tokenizer.eos_token is None:
@@ -90,7 +97,9 @@ class HFEngine(TeacherEngine):
         """One :class:`Generation` per prompt, in order; failed batches become error rows.
 
         Prompts are grouped by stop strings (``generate`` takes one set per call) and sorted by
-        length within a group, so batches carry little padding.
+        length within a group, so batches carry little padding. Prompts of one demo set (the same
+        ``meta["prefix_key"]``, more than one of them in the call) are kept together and a batch
+        is not cut inside such a group where it fits in one, so its shared prefix runs once.
         """
         results: list[Generation | None] = [None] * len(prompts)
         encoded: list[tuple[int, list[int]]] = []
@@ -99,16 +108,55 @@ class HFEngine(TeacherEngine):
                 encoded.append((i, prompt_token_ids(self.tokenizer, prompt, self.add_bos)))
             except Exception as err:  # one unrenderable prompt must not sink the call
                 results[i] = Generation(text="", error=error_text(self.name, err))
-        encoded.sort(key=lambda item: (prompts[item[0]].stop, len(item[1])))
+        keys = self._group_keys(prompts)
+        sizes = Counter(keys)
+        encoded.sort(key=lambda item: (prompts[item[0]].stop, keys[item[0]], len(item[1])))
         batch: list[tuple[int, list[int]]] = []
         for item in encoded:
-            if batch and (len(batch) == self.batch_size or prompts[batch[0][0]].stop != prompts[item[0]].stop):
+            i, last = item[0], batch[-1][0] if batch else None
+            new_group = last is not None and (keys[i] != keys[last] or not keys[i])
+            full = len(batch) == self.batch_size or (
+                new_group and keys[i] and sizes[keys[i]] <= self.batch_size < len(batch) + sizes[keys[i]])
+            if batch and (full or prompts[batch[0][0]].stop != prompts[i].stop):
                 self._run_batch(batch, prompts, params, results)
                 batch = []
             batch.append(item)
         if batch:
             self._run_batch(batch, prompts, params, results)
         return [g if g is not None else Generation(text="", error="hf engine: no result") for g in results]
+
+    def _group_keys(self, prompts: list[Prompt]) -> list[str]:
+        """Each prompt's demo-set key where it shares it with another prompt of the call, else ``""``."""
+        if not self.share_prefixes:
+            return [""] * len(prompts)
+        keys = [str(p.meta.get("prefix_key") or "") for p in prompts]
+        counts = Counter(keys)
+        return [k if k and counts[k] > 1 else "" for k in keys]
+
+    def _prefix_lens(self, rows: list[list[int]], keys: list[str], reserve: list[int]) -> list[int]:
+        """Per row, how many leading tokens run as a shared prefix (0 for all: none).
+
+        A group (rows of one key) shares the tokens common to all its rows, up to leaving each row
+        ``reserve`` tokens, when that is at least :attr:`MIN_SHARED_PREFIX`. Once any group does,
+        every other row runs its own prompt but ``reserve`` tokens as its prefix (the prefix pass
+        needs one for every row); that costs what the plain pass would.
+        """
+        groups: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            if key:
+                groups.setdefault(key, []).append(i)
+        lens = [0] * len(rows)
+        for idx in groups.values():
+            if len(idx) < 2:
+                continue
+            shared = min(common_prefix_len([rows[i] for i in idx]), *(len(rows[i]) - reserve[i] for i in idx))
+            if shared >= self.MIN_SHARED_PREFIX:
+                for i in idx:
+                    lens[i] = shared
+        if not any(lens):
+            return lens
+        lens = [n or len(row) - r for n, row, r in zip(lens, rows, reserve, strict=True)]
+        return lens if all(n >= 1 for n in lens) else [0] * len(rows)
 
     def _run_batch(
         self,
@@ -118,15 +166,19 @@ class HFEngine(TeacherEngine):
         results: list[Generation | None],
     ) -> None:
         stops = prompts[batch[0][0]].stop
+        rows = [ids for _, ids in batch]
         try:
-            outs = self._generate_batch([ids for _, ids in batch], stops, params)
+            prefix_lens = self._prefix_lens(rows, self._group_keys([prompts[i] for i, _ in batch]), [1] * len(rows))
+            outs = self._generate_batch(rows, stops, params, prefix_lens)
         except Exception as err:  # e.g. out of memory: keep the rows, mark them failed
             log.warning("hf engine: batch of %d failed: %s", len(batch), err)
             outs = [Generation(text="", error=error_text(self.name, err))] * len(batch)
         for (i, _), gen in zip(batch, outs, strict=True):
             results[i] = gen
 
-    def _generate_batch(self, rows: list[list[int]], stops: tuple[str, ...], params: SamplingParams) -> list[Generation]:
+    def _generate_batch(
+        self, rows: list[list[int]], stops: tuple[str, ...], params: SamplingParams, prefix_lens: list[int] | None = None
+    ) -> list[Generation]:
         model = self._require_model()
         stops = tuple(s for s in stops if s)
 
@@ -140,6 +192,7 @@ class HFEngine(TeacherEngine):
                 model, rows, pad_id=self.tokenizer.pad_token_id, end_ids=self._stop_ids,
                 max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                 top_p=params.top_p, top_k=params.top_k, stopped=stopped if stops else None,
+                prefix_lens=prefix_lens,
             )
         return [
             Generation(text=truncate_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops),
@@ -187,7 +240,8 @@ class HFEngine(TeacherEngine):
         return rows
 
     MIN_SHARED_PREFIX = 16
-    """Scoring runs a prefix shared by a whole batch once when it is at least this many tokens long."""
+    """A prefix shared by a scoring batch, or by a demo set's prompts in a generation batch, runs
+    once when it is at least this many tokens long."""
 
     def _score_batch(self, seqs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
         """Log-probabilities of continuations, one forward row per context.
@@ -202,26 +256,18 @@ class HFEngine(TeacherEngine):
         model = self._require_model()
         pad = self.tokenizer.pad_token_id
         need = [max(len(t) for t in targets) for _, targets in seqs]
-        # The longest token prefix common to the batch runs once and its key/value cache serves
-        # every row; it stops before the first position whose logits are needed.
-        shared = common_prefix_len([ids for ids, _ in seqs])
-        shared = min(shared, *(len(ids) - n for (ids, _), n in zip(seqs, need, strict=True)))
-        if len(seqs) < 2 or shared < self.MIN_SHARED_PREFIX:
-            shared = 0
-        rows = [ids[shared:] for ids, _ in seqs]
+        # The longest token prefix common to the batch (one group) runs once and its key/value
+        # cache serves every row; it stops before the first position whose logits are needed.
+        prefix_lens = self._prefix_lens([ids for ids, _ in seqs], ["batch"] * len(seqs), need)
         keep = max(need)
         # Left padding puts every row's end at the end, so only the last `keep` positions need
         # logits (a 262k vocabulary times the whole sequence would not fit).
-        input_ids, mask = left_padded(rows, pad, self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0) + shared
         extra: dict[str, Any] = {}
         with torch.inference_mode():
-            if shared:
-                prefix = torch.tensor([seqs[0][0][:shared]], device=self.device)
-                cache = model(input_ids=prefix, use_cache=True).past_key_values
-                cache.batch_repeat_interleave(len(seqs))
+            input_ids, mask, positions, cache = start_batch(model, [ids for ids, _ in seqs], pad, self.device,
+                                                            prefix_lens)
+            if cache is not None:
                 extra = {"past_key_values": cache}
-                mask = torch.cat([torch.ones((len(seqs), shared), dtype=mask.dtype, device=self.device), mask], dim=1)
             try:
                 logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                logits_to_keep=keep, **extra).logits

@@ -35,6 +35,8 @@ template or inject a system turn.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -336,6 +338,7 @@ def _chat_generation_prompt(
     if task.output_format:
         sep = "\n" if "\n" in task.output_format else " "
         request += f"\nFormat:{sep}{task.output_format}"
+    meta = {**meta, "prefix_key": prefix_key(json.dumps(messages, sort_keys=True))}
     messages.append({"role": "user", "content": request})
     stop = ("\n\n",) if single else ()
     return Prompt(kind=kind, label=label, messages=tuple(messages), prefill="", stop=stop, meta=meta)
@@ -376,11 +379,23 @@ def _continuation_generation_prompt(
     if kind == "probe":
         open_block = f"The next {task.sample_noun} is significantly different from the ones above, " \
                      f"from another topic or domain.\n{open_block}"
-    blocks.append(open_block)
     # Single-field demos are one line each, like a list; multi-field demos need blank lines between.
     joiner = "\n" if single else "\n\n"
+    meta = {**meta, "prefix_key": prefix_key("\n\n".join([blocks[0], joiner.join(blocks[1:])]))}
+    blocks.append(open_block)
     text = "\n\n".join([blocks[0], joiner.join(blocks[1:])])
     return Prompt(kind=kind, label=label, text=text, prefill=prefill, stop=stop, meta=meta)
+
+
+def prefix_key(shared: str) -> str:
+    """A short key of a prompt's shared part (instructions and demos, everything before the request
+    of this one sample), kept as ``Prompt.meta["prefix_key"]``.
+
+    Prompts with the same key begin with the same tokens: the ``hf`` engine runs that prefix once
+    per batch and the Serve router sends calls of one key to one replica. Only the equality of keys
+    means anything.
+    """
+    return hashlib.sha1(shared.encode("utf-8")).hexdigest()[:16]
 
 
 def _single_field(task: TaskSpec) -> bool:

@@ -44,7 +44,8 @@ class VLLMEngine(TeacherEngine):
         add_bos: BOS in front of continuation prompts; None: :func:`wants_bos`.
         cpu_kv_cache_gib: On a host without CUDA, the KV cache to reserve (GiB), exported as
             ``VLLM_CPU_KVCACHE_SPACE`` unless that is already set.
-        **engine_kwargs: Passed to ``vllm.LLM`` (``load_format`` defaults to ``safetensors``).
+        **engine_kwargs: Passed to ``vllm.LLM`` (``load_format`` defaults to ``safetensors``,
+            ``enable_prefix_caching`` to True).
 
     Raises:
         ImportError: vLLM is not installed; the message names the extras to install.
@@ -74,6 +75,9 @@ class VLLMEngine(TeacherEngine):
         self.add_bos = add_bos
         # Safetensors only: vLLM's "auto" would fall back to pickled .bin weights.
         engine_kwargs.setdefault("load_format", "safetensors")
+        # Automatic prefix caching: prompts of one demo set (``teacher.prompts_per_demo_set``) and
+        # the shared instructions of every prompt reuse the KV blocks computed for the first one.
+        engine_kwargs.setdefault("enable_prefix_caching", True)
         if engine_kwargs.get("trust_remote_code"):
             allow_remote_code(True, model_path, "teacher")
         self.llm = vllm.LLM(model=model_path, seed=seed, dtype=dtype, max_model_len=max_model_len, **engine_kwargs)
