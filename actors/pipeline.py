@@ -39,6 +39,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from actors.routing import PREFIX_KEY_KWARG, call_prefix_key
 from actors.scoring import SCORE_COLUMN, SCORED_AT_COLUMN, SCORED_BY_COLUMN, score_dataset
 from actors.teacher import (
     DEPLOYMENT_NAME,
@@ -115,7 +116,9 @@ class TeacherCaller:
         """The batch's record rows, one per prompt row, in order."""
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         requests = [{"prompt": r["prompt_json"], "params": self._params} for r in rows]
-        response = self._handle.generate_batch.remote(requests)
+        # The key of the prefix the batch's prompts share: the router sends it to the replica that has it.
+        key = call_prefix_key(r["prompt_json"] for r in rows)
+        response = self._handle.generate_batch.remote(requests, **({PREFIX_KEY_KWARG: key} if key else {}))
         try:
             replies = await asyncio.wait_for(_awaited(response), self._timeout)
         except Exception as err:  # a timeout, a replica that died mid-call: the whole batch failed

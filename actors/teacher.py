@@ -50,8 +50,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
+from actors.routing import PrefixAffinityRouter
 from gold_ray.config import RunConfig, TeacherConfig
 from gold_ray.run.faults import fault_point
 from gold_ray.teacher.labelling import answer_prompts
@@ -505,13 +507,15 @@ class TeacherDeployment:
         generation = await self.generate(prompt, request.get("params"))
         yield generation_to_row(generation)
 
-    async def generate_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def generate_batch(self, requests: list[dict[str, Any]], prefix_key: str | None = None) -> list[dict[str, Any]]:
         """One :func:`generation_to_row` dict per request, in order: a caller's whole batch in one
         Serve call (the generation pipeline's path; per-row calls cost the pipeline more CPU per
         sample than a small teacher does).
 
         Args:
             requests: ``{"prompt": ..., "params": ...}`` dicts as for :meth:`generate_rows`.
+            prefix_key: The prefix most of the requests share; read by the deployment's request
+                router (:class:`actors.routing.PrefixAffinityRouter`), not here.
 
         Returns:
             The response rows; a malformed request's row has ``teacher_error`` set.
@@ -695,6 +699,8 @@ def deployment_options(cfg: RunConfig, autoscaling_overrides: dict[str, Any] | N
         "max_ongoing_requests": s.max_ongoing_requests,
         "health_check_period_s": s.health_check_period_s,
         "health_check_timeout_s": s.health_check_timeout_s,
+        # Calls of one prompt prefix go to one replica (its engine has that prefix cached).
+        "request_router_config": RequestRouterConfig(request_router_class=PrefixAffinityRouter),
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     }
 
