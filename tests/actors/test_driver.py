@@ -7,9 +7,11 @@ import sqlite3
 import pytest
 
 from actors.driver import driver_name, run_on_ray
+from gold_ray.run import baselines
 from gold_ray.run.loop import Distiller
 from gold_ray.run.store import read_parts
 from gold_ray.run.tasks import load_task
+from gold_ray.student.evaluation import engine_answers, load_eval_records
 from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
 
 pytestmark = pytest.mark.ray
@@ -48,15 +50,16 @@ def fake_factory():
     return functools.partial(FakeTeacherEngine, task=load_task("sst2"))
 
 
-def test_ray_run_matches_the_in_process_loop(ray_cluster, tmp_path, tiny_student, cfg_for):
+def test_ray_run_matches_the_in_process_loop(ray_cluster, tmp_path, tiny_student, cfg_for, eval_file):
     # No in-loop training: both runtimes then score probes with the same deterministic student,
     # so counts and feedback must agree exactly.
     extra = ["student.epochs_per_iteration=0"]
     ref = Distiller(cfg_for(tmp_path / "local", tiny_student, "tracking.enabled=false", *extra),
                     engine=FakeTeacherEngine(task=load_task("sst2"))).run()
     events = []
-    got = run_on_ray(cfg_for(tmp_path / "ray", tiny_student, *extra), engine_factory=fake_factory(),
-                     on_event=lambda stage, info: events.append(stage))
+    # Another limit than the in-process run's: the teacher row is not in the cache, so the Serve teacher answers it.
+    ray_cfg = cfg_for(tmp_path / "ray", tiny_student, "baselines.teacher_fewshot_limit=7", *extra)
+    got = run_on_ray(ray_cfg, engine_factory=fake_factory(), on_event=lambda stage, info: events.append(stage))
 
     assert got["totals"]["accepted"] == ref["totals"]["accepted"]
     assert [m["feedback"]["ids"] for m in got["iterations"]] == [m["feedback"]["ids"] for m in ref["iterations"]]
@@ -70,6 +73,16 @@ def test_ray_run_matches_the_in_process_loop(ray_cluster, tmp_path, tiny_student
         names = {r[0] for r in db.execute("select distinct key from metrics")}
     assert status == "FINISHED"
     assert {"generate.accepted", "probe.accepted"} <= names
+
+    # The student beside its references, the teacher row through the run's Serve deployment
+    # (RayRuntime.answer): the same answers as the engine gives in this process.
+    refs, task = got["final"]["baselines"], load_task("sst2")
+    assert refs["majority"] == ref["final"]["baselines"]["majority"] and refs["majority"]["n"] == 10
+    teacher = refs["teacher_fewshot"]
+    assert teacher["cached"] is False and teacher["n"] == 7
+    here = baselines.teacher_fewshot(ray_cfg, task, baselines.fewshot_records(load_eval_records(task, eval_file), 7),
+                                     "chat", engine_answers(FakeTeacherEngine(task=task)), use_cache=False)
+    assert teacher["accuracy"] == here["accuracy"] and teacher["key"] == here["key"]
 
 
 def test_driver_killed_mid_run_resumes_without_loss(ray_cluster, tmp_path, tiny_student, cfg_for):

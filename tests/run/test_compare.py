@@ -103,7 +103,27 @@ def test_table_has_every_strategy_and_seed_with_mean_and_std(done):
     assert json.loads((out / "compare.json").read_text())["strategies"] == table["strategies"]
     md = (out / "compare.md").read_text()
     for strategy in STRATEGIES:
-        assert f"| {strategy} | 2 | {table['strategies'][strategy]['mean']:.4f} |" in md
+        s = table["strategies"][strategy]
+        assert f"| {strategy} | 2 | {s['mean']:.4f} ± {s['std']:.4f} |" in md
+
+
+@pytest.mark.slow
+def test_gold_is_paired_with_zerogen_beside_both_reference_rows(done):
+    table, out = done["table"], done["out"]
+    assert table["reference"] == "zerogen" and list(table["paired"]) == ["gold"]
+    gold, zerogen = table["strategies"]["gold"]["per_seed"], table["strategies"]["zerogen"]["per_seed"]
+    pair = table["paired"]["gold"]
+    assert pair["n"] == 2 and pair["mean"] == pytest.approx(statistics.fmean(gold[s] - zerogen[s] for s in gold))
+    assert pair["verdict"] in ("ahead", "behind", "within seed noise")
+    # Half the eval examples name each label: a majority class of 0.5 on the same 20 examples.
+    assert table["majority"]["accuracy"] == 0.5 and table["majority"]["n"] == table["eval_n"] == 20
+    md = (out / "compare.md").read_text()
+    assert "| vs zerogen (paired) |" in md and "| majority class (negative) | – | 0.5000 |" in md
+    # The teacher row was computed first; every run found it in the cache and reports it beside its student.
+    for row in table["runs"]:
+        final = json.loads((out / "runs" / f"{row['strategy']}-s{row['seed']}" / "metrics.json").read_text())["final"]
+        assert final["baselines"]["teacher_fewshot"]["cached"] is True
+        assert final["baselines"]["teacher_fewshot"]["accuracy"] == table["teacher_fewshot"]["accuracy"]
 
 
 @pytest.mark.slow
