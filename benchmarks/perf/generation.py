@@ -318,8 +318,82 @@ def pipeline_runner(cfg: Any, task: Any, workdir: Path, score: bool, ray_cpus: i
 # --- main -----------------------------------------------------------------------------------------
 
 
+def demo_set_comparison(args: argparse.Namespace, argv: list[str] | None, cfg: Any, model_path: str, params: Any,
+                        task: Any, sizes: list[int], n: int, repeats: int, warmup: int) -> int:
+    """The ``hf`` engine on the demo's prompts drawn with each ``teacher.prompts_per_demo_set`` of
+    ``sizes``, arms interleaved in one run; writes ``generation_prefix.json`` and ``.md``.
+
+    One engine serves every arm. Each repeat times every arm once, in alternating order, so a load
+    change on the machine falls on all arms alike; the ratios compare medians of this one run.
+    """
+    import torch
+
+    from gold_ray.teacher.engines import prompt_token_ids
+    from gold_ray.teacher.hf_engine import HFEngine
+
+    engine = HFEngine(model_path, dtype=cfg.teacher.dtype, batch_size=cfg.teacher.batch_size, seed=cfg.seed,
+                      device=args.device)
+    arms = {}
+    for g in sizes:
+        arm_cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"prompts_per_demo_set": g})})
+        arms[g] = gold_iteration_prompts(arm_cfg, n, feedback=args.feedback, seed=cfg.seed)
+    lens = {g: [len(prompt_token_ids(engine.tokenizer, p)) for p in ps] for g, ps in arms.items()}
+    run = _direct(engine, params)
+    for g in sizes:
+        run(arms[g][:warmup])
+    from gold_ray.teacher.parsing import Deduplicator, parse_batch
+
+    runs: dict[int, list[dict[str, Any]]] = {g: [] for g in sizes}
+    try:
+        for r in range(repeats):
+            for g in sizes if r % 2 == 0 else list(reversed(sizes)):
+                with stopwatch() as t:
+                    out = run(arms[g])
+                results = parse_batch(task, arms[g], out["generations"], Deduplicator())
+                runs[g].append({"repeat": r, "seconds": t["seconds"], "samples": n,
+                                "output_tokens": out["output_tokens"], "errors": out["errors"],
+                                "accepted": sum(x.fields is not None for x in results)})
+                log(f"  prompts_per_demo_set={g}, repeat {r}: {n} samples in {t['seconds']:.1f}s")
+    finally:
+        engine.close()
+    arms_metrics = {str(g): {**variant_metrics(runs[g]), "prompt_tokens_mean": sum(lens[g]) / len(lens[g]),
+                             "demo_sets": len({p.meta.get("prefix_key") for p in arms[g]})} for g in sizes}
+    base = median_of(arms_metrics[str(sizes[0])]["samples_per_s"])
+    ratios = {str(g): ratio(median_of(arms_metrics[str(g)]["samples_per_s"]), base) for g in sizes}
+    result = new_result("generation_prefix", command_line("benchmarks.perf.generation", argv), {
+        "teacher": cfg.teacher.model, "task": cfg.task.name, "device": args.device, "samples": n,
+        "repeats": repeats, "quick": args.quick, "warmup_prompts": warmup, "feedback_in_prompts": args.feedback,
+        "prompts_per_demo_set": sizes, "teacher_batch_size": cfg.teacher.batch_size,
+        "sampling": dataclasses.asdict(params), "torch_threads": torch.get_num_threads(), "config": args.config,
+        "overrides": args.set,
+    })
+    result["metrics"] = {"arms": arms_metrics, "samples_ratio_vs_first": ratios}
+    result["headline"] = {f"hf_prefix_speedup_{g}_vs_{sizes[0]}": ratios[str(g)] for g in sizes[1:]}
+    result["notes"] += [
+        "One hf engine, the same number of SST-2 GOLD prompts per arm (training then probes), drawn with each "
+        "teacher.prompts_per_demo_set; the arms run interleaved (alternating order per repeat), so the ratios "
+        "compare medians of the same run.",
+        "The machine may be loaded by other work while this runs (the load average at the start is recorded): "
+        "absolute samples/s are not comparable with other runs, only the ratios inside this one.",
+        "Accepted share is parsing only; whether grouped demo sets cost quality is the quality benchmark's question.",
+    ]
+    rows = [[g, spread_cell(arms_metrics[str(g)]["samples_per_s"]), spread_cell(arms_metrics[str(g)]["output_tokens_per_s"]),
+             ratios[str(g)], arms_metrics[str(g)]["demo_sets"], round(arms_metrics[str(g)]["prompt_tokens_mean"]),
+             sum(x["accepted"] for x in runs[g]) / sum(x["samples"] for x in runs[g])] for g in sizes]
+    body = [
+        f"## hf engine, prompts sharing demo sets: {cfg.teacher.model} on {args.device}, {n} prompts per arm "
+        f"(batch {cfg.teacher.batch_size}), {repeats} interleaved repeat(s)", "",
+        markdown_table(["prompts_per_demo_set", "samples/s", "output tok/s", f"x ({sizes[0]}) samples/s",
+                        "distinct demo sets", "prompt tokens (mean)", "accepted share"], rows),
+    ]
+    jp, mp = write_result(result, "\n".join(body), args.out)
+    log(f"generation: wrote {jp} and {mp}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the chosen variants; write ``generation.json`` and ``generation.md``."""
+    """Run the chosen variants; write ``generation.json`` and ``generation.md`` (with ``--demo-sets``:
+    the demo-set comparison instead, :func:`demo_set_comparison`)."""
     import os
 
     import torch
@@ -343,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-score", action="store_true", help="(d) without energy scoring")
     p.add_argument("--no-roof", action="store_true", help="skip the matmul roof measurement")
     p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default max(4, cores))")
+    p.add_argument("--demo-sets", default=None, metavar="1,8",
+                   help="instead of the variants: the hf engine with these teacher.prompts_per_demo_set values, "
+                        "interleaved (writes generation_prefix.json/.md)")
     args = p.parse_args(argv)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(chosen) - set(VARIANTS))
@@ -359,8 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     params = default_sampling(cfg.teacher)
     hf_dtype = engine_dtype_name(cfg.teacher.dtype, args.device)
     ray_cpus = args.ray_cpus or max(4, os.cpu_count() or 1)
-    prompts = gold_iteration_prompts(cfg, n, feedback=args.feedback, seed=cfg.seed)
     warmup = 1 if args.quick else min(4, n)
+    if args.demo_sets:
+        try:
+            sizes = [int(x) for x in args.demo_sets.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--demo-sets: comma-separated whole numbers, got {args.demo_sets!r}")
+        if len(sizes) < 2 or min(sizes) < 1:
+            p.error("--demo-sets: at least two values, each >= 1 (e.g. 1,8)")
+        return demo_set_comparison(args, argv, cfg, model_path, params, task, sizes, n, repeats, warmup)
+    prompts = gold_iteration_prompts(cfg, n, feedback=args.feedback, seed=cfg.seed)
 
     from transformers import AutoTokenizer
 
