@@ -315,12 +315,15 @@ class Distiller:
         prompts = _with_uids(prompts, iteration, kind)
         scorer = self.student if kind == "probe" else None
         ckpt = self._checkpoint() if scorer is not None else None
-        records, stats = self._produce(prompts, iteration, kind, scorer, ckpt, token_cap)
+        caps = None if token_cap is None else [(len(prompts), token_cap)]
+        records, stats = self._produce(prompts, iteration, kind, scorer, ckpt, caps)
+        stats.pop("sent_per_segment", None)
         self._count_teacher_tokens(stats)
         return self._kind_result(records, stats, iteration, kind)
 
     def _generate_pass(
-        self, prompts: list[Prompt], probes: list[Prompt], iteration: int, token_cap: int | None
+        self, prompts: list[Prompt], probes: list[Prompt], iteration: int,
+        token_caps: tuple[int, int] | None = None,
     ) -> tuple[tuple[list, list, dict], tuple[list, list, dict]]:
         """One teacher pass for an iteration's training and probe prompts (``probes_before_training``).
 
@@ -334,9 +337,12 @@ class Distiller:
             counts, tokens and (by output-token share) seconds are its own.
         """
         sent = _with_uids(prompts, iteration, "train") + _with_uids(probes, iteration, "probe")
-        records, stats = self._produce(sent, iteration, "train", None, None, token_cap)
+        # With a token budget the training prompts stop at their own share, so the probes keep theirs.
+        caps = None if token_caps is None else [(len(prompts), token_caps[0]), (len(sent), token_caps[1])]
+        records, stats = self._produce(sent, iteration, "train", None, None, caps)
+        n_train = stats.pop("sent_per_segment", [len(prompts)])[0]
         self._count_teacher_tokens(stats)
-        train, probe = records[: len(prompts)], records[len(prompts) :]
+        train, probe = records[:n_train], records[n_train:]
         for j, rec in enumerate(probe):
             rec.update(id=store.record_id(iteration, "probe", j), kind="probe")
         parts = split_pass_stats(stats, [len(train), len(probe)],
@@ -375,29 +381,42 @@ class Distiller:
 
     def _produce(
         self, prompts: list[Prompt], iteration: int, kind: str, scorer: Student | None, ckpt: Path | None,
-        token_cap: int | None,
+        token_caps: list[tuple[int, int]] | None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The runtime's records of ``prompts``; with ``token_cap``, sent in chunks of ``teacher.batch_size``
-        until the run's teacher output tokens reach the cap (``budget.teacher_tokens``)."""
-        if token_cap is None:
+        """The runtime's records of ``prompts``, in order.
+
+        With ``token_caps`` (``budget.teacher_tokens``), ``[(end, cap), ...]``: the prompts before
+        each ``end`` (after the previous one) are sent in chunks of ``teacher.batch_size`` while the
+        run's teacher output tokens are below that segment's ``cap``; the rest of the segment is not
+        sent, and the next segment starts. ``stats["sent_per_segment"]`` counts the records of each.
+        """
+        if token_caps is None:
             return self.runtime.produce(prompts, iteration, kind, scorer, ckpt, self.dedup)
         spent = int(self.state["teacher_tokens"])
         size = self.cfg.teacher.batch_size
         records: list[dict[str, Any]] = []
         parts: list[dict[str, Any]] = []
-        for start in range(0, len(prompts), size):
-            if spent >= token_cap:
-                break
-            chunk, stats = self.runtime.produce(prompts[start : start + size], iteration, kind, scorer, ckpt, self.dedup)
-            # Ids are positions in the stage, not in the chunk: a chunk's runtime numbers from 0.
-            for i, rec in enumerate(chunk):
-                rec["id"] = store.record_id(iteration, kind, start + i)
-            records += chunk
-            parts.append(stats)
-            spent += int(stats.get("output_tokens", 0))
+        sent: list[int] = []
+        begin = 0
+        for end, cap in token_caps:
+            before = len(records)
+            for start in range(begin, end, size):
+                if spent >= cap:
+                    break
+                chunk, stats = self.runtime.produce(prompts[start : min(start + size, end)], iteration, kind, scorer,
+                                                    ckpt, self.dedup)
+                # Ids are positions in the stage, not in the chunk: a chunk's runtime numbers from 0.
+                for i, rec in enumerate(chunk):
+                    rec["id"] = store.record_id(iteration, kind, start + i)
+                records += chunk
+                parts.append(stats)
+                spent += int(stats.get("output_tokens", 0))
+            sent.append(len(records) - before)
+            begin = end
         merged = merge_produce_stats(parts, len(records))
-        merged["token_cap"] = token_cap
+        merged["token_cap"] = token_caps[-1][1]
         merged["unsent"] = len(prompts) - len(records)
+        merged["sent_per_segment"] = sent
         return records, merged
 
     def _token_cap(self, iteration: int, kind: str, n_probe: int) -> int | None:
@@ -515,8 +534,9 @@ class Distiller:
             # not yet training data, for the probe stage (``pending_probes``).
             probe_ctx = self._ctx(iteration, "probe")
             probes = self.strategy.probe_prompts(probe_ctx, n_probe)
+            caps = self._token_cap(iteration, "train", n_probe), self._token_cap(iteration, "probe", n_probe)
             (acc, rej, stats), (p_acc, p_rej, p_stats) = self._generate_pass(
-                prompts, probes, iteration, self._token_cap(iteration, "probe", n_probe))
+                prompts, probes, iteration, None if caps[0] is None else caps)
             self._write_pending_probes(iteration, p_acc, p_rej, p_stats)
         else:
             acc, rej, stats = self._generate_records(prompts, iteration, "train",

@@ -233,6 +233,8 @@ def test_token_budget_stops_generating_and_the_hold_out_is_marked(tiny_run, tmp_
     # At most one chunk of 4 samples over the budget, and far from the 80 samples' worth.
     assert 200 <= spent <= 200 + 4 * 15 and sent < 40
     assert metrics["iterations"][0]["generate"]["unsent"] > 0
+    # The training prompts stop at their share: every iteration still writes probes for its band.
+    assert all(m["probe"]["requested"] > 0 and m["feedback"]["size"] > 0 for m in metrics["iterations"])
     ids = [r["id"] for r in read_parts(sorted((tmp_path / "run" / "data").glob("*.parquet")))]
     assert len(ids) == len(set(ids)), "chunks must not reuse record ids"
 
