@@ -529,8 +529,11 @@ class LiveReporter(Reporter):
             it, stage = t.current
             where = "final stage" if stage == "final" else f"iteration {it + 1}/{t.iterations or '?'} · {stage}"
             counts = f" · {format_counts(t.live)}" if t.live else ""
-            text = (f"{where} {format_seconds(t.stage_elapsed())}{counts} · ETA stage "
-                    f"{format_seconds(t.eta_stage())}, iteration {format_seconds(t.eta_iteration())}, run "
+            # The stage's ETA only once its rate is measured: "?" would cost the line its 80 columns.
+            stage_eta = t.eta_stage()
+            eta = (f"stage {format_seconds(stage_eta)}, " if stage_eta is not None else "")
+            text = (f"{where} {format_seconds(t.stage_elapsed())}{counts} · ETA {eta}"
+                    f"iteration {format_seconds(t.eta_iteration())}, run "
                     f"{format_seconds(t.eta_run())} · elapsed {format_seconds(t.elapsed())}")
             lines.append(Spinner("dots", text=Text(text)))
         total = t.total_stages if t.iterations else None

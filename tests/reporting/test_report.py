@@ -193,7 +193,7 @@ def test_report_of_a_stopped_run(tmp_path, runs):
                              "strategy.iterations=2", "tracking.enabled=false", f"output.dir={tmp_path / 'run'}"])
 
     def stop(stage, info):
-        if info["iteration"] == 1 and stage == "train":
+        if stage == "train" and info.get("iteration") == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
