@@ -434,6 +434,7 @@ class TeacherDeployment:
         # Engines take one SamplingParams per call, so a batch is split by params; requests
         # from one pipeline share them, so in practice this is a single engine call.
         self.batch_sizes.append(len(items))
+        fault_point("teacher.batch", size=len(items))
         groups: dict[SamplingParams, list[int]] = {}
         for i, (_, params) in enumerate(items):
             groups.setdefault(params, []).append(i)
@@ -701,7 +702,8 @@ def deployment_options(cfg: RunConfig, autoscaling_overrides: dict[str, Any] | N
         "health_check_timeout_s": s.health_check_timeout_s,
         # Calls of one prompt prefix go to one replica (its engine has that prefix cached).
         "request_router_config": RequestRouterConfig(request_router_class=PrefixAffinityRouter),
-        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus,
+                              **({"resources": dict(s.resources)} if s.resources else {})},
     }
 
 
