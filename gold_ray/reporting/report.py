@@ -399,6 +399,10 @@ def _final_rows(run: RunData) -> list[list[Any]]:
             "val_records", "dropped_by_noise_filter", "loss", "recipe", "val_accuracy", "val_loss", "chance_loss",
             "eval_source", "eval_note", "seconds")
     rows = [[k, final[k]] for k in keys if k in final]
+    if final.get("per_label_accuracy"):
+        # Which label the student misses: the first thing to read when it loses to a reference row.
+        rows.append(["accuracy per label", " · ".join(f"{label} {acc:.3f}" for label, acc
+                                                      in final["per_label_accuracy"].items())])
     for trial in final.get("recipes") or []:
         rows.append([f"candidate {trial.get('recipe')}",
                      f"val_accuracy {trial.get('val_accuracy', '')} · epochs {trial.get('epochs', '')} · "

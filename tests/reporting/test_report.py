@@ -116,6 +116,8 @@ def test_report_is_written_at_the_end_with_every_section_and_plot(runs):
     rows = re.findall(r"<tr>(.*?)</tr>", table)
     assert len(rows) == 2 and all(float(re.findall(r'<td class="num">([\d.]+)</td>', r)[-1]) > 0 for r in rows)
     assert f"{runs['metrics_a']['final']['accuracy']:.4f}" in page
+    per_label = runs["metrics_a"]["final"]["per_label_accuracy"]
+    assert "accuracy per label" in page and all(f"{label} {acc:.3f}" in page for label, acc in per_label.items())
 
 
 def test_report_is_self_contained(runs):
