@@ -593,6 +593,7 @@ class Distiller:
             rec["score"] = float(value)
         stats["score_seconds"] = round(time.perf_counter() - t0, 3)
         scores = np.array([r["score"] for r in accepted], dtype=float)
+        stats["scored"] = int(np.isfinite(scores).sum())  # as the two-pass path counts its scored probes
         if np.isfinite(scores).any():
             stats["scores"] = score_quantiles(scores)
 

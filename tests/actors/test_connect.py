@@ -26,7 +26,8 @@ def test_inside_a_ray_job_the_jobs_runtime_env_is_kept(inits, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     monkeypatch.setenv("GOLD_RAY_DATA", "/data")
     connect.ensure_ray()
-    assert inits == [{"address": "auto"}]
+    # Ray workers' output stays in Ray's logs unless --verbose.
+    assert inits == [{"address": "auto", "log_to_driver": False}]
 
 
 def test_a_cluster_named_by_ray_address_gets_the_forwarded_env(inits, monkeypatch):
@@ -36,6 +37,9 @@ def test_a_cluster_named_by_ray_address_gets_the_forwarded_env(inits, monkeypatc
     monkeypatch.setenv("PYTHONPATH", "/home/me/checkout")
     connect.ensure_ray()
     [kw] = inits
-    assert kw["address"] == "10.0.0.1:6379"
+    assert kw["address"] == "10.0.0.1:6379" and kw["log_to_driver"] is False
+    from gold_ray.reporting.logs import worker_env
+
+    # The user's settings travel, the checkout's PYTHONPATH does not; the workers' quiet settings join them.
     assert kw["runtime_env"]["env_vars"] == {"GOLD_RAY_DATA": "/data", "HF_HUB_OFFLINE": "1",
-                                             "TOKENIZERS_PARALLELISM": "false"}
+                                             "TOKENIZERS_PARALLELISM": "false", **worker_env()}

@@ -92,7 +92,7 @@ def test_driver_killed_mid_run_resumes_without_loss(ray_cluster, tmp_path, tiny_
     killed = []
 
     def kill_once(stage, info):
-        if (info["iteration"], stage) == (0, "train") and not killed:
+        if (info.get("iteration"), stage) == (0, "train") and not killed:
             killed.append(True)
             ray.kill(ray.get_actor(driver_name(cfg)), no_restart=True)
 

@@ -188,7 +188,7 @@ def test_llkd_resumes_with_the_committed_thresholds(tmp_path, student_dir, data_
     ref = Distiller(cfg_for(tmp_path / "ref", student_dir, data_dir), engine=FakeTeacherEngine(task=SST2)).run()
 
     def crash(stage, info):
-        if (info["iteration"], stage) == (1, "generate"):
+        if (info.get("iteration"), stage) == (1, "generate"):
             raise CrashAfter
 
     cfg = cfg_for(tmp_path / "crash", student_dir, data_dir)
