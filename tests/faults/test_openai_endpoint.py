@@ -62,8 +62,10 @@ def test_a_run_against_a_broken_endpoint_stops_naming_it(tmp_path, capsys, monke
     assert code == 2, err
     assert f"POST {srv.base_url}/chat/completions" in err
     assert "budget.max_reject_share" in err and "'error'" in err
-    train_prompts = 8  # 32 samples, 2 iterations, half of each iteration on probes
-    assert len(srv.seen) == train_prompts * 2, "each request tried twice (max_retries=1), then given up"
+    # 32 samples, 2 iterations, half of each iteration on probes; GOLD sends iteration 0's 8 training
+    # prompts and 8 probes in one teacher pass, and the stage stops there.
+    first_pass = 8 + 8
+    assert len(srv.seen) == first_pass * 2, "each request tried twice (max_retries=1), then given up"
     assert all(s["body"].get("model") == "fake" and s["auth"] == f"Bearer {PLANTED_KEY}" for s in srv.seen)
     # The key went to the endpoint only: not into the error, the logs or any file of the run.
     assert PLANTED_KEY not in err
