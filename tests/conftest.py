@@ -33,6 +33,11 @@ FAULT_HOOK = {
     "GOLD_RAY_FAULT_PLANS": tempfile.mkdtemp(prefix="grfault"),
 }
 os.environ.update(FAULT_HOOK)
+# The hook's module lives in this checkout: every subprocess of the suite (a CLI run from a temporary
+# folder, a Ray job's driver) must be able to import it, whatever its working directory.
+_paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+if str(REPO_ROOT) not in _paths:
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *_paths])
 
 # Cached teacher rows (gold_ray.run.baselines) of this session's fake and tiny teachers: kept out of
 # the user's cache, and never reused from an earlier session whose fake engines answered otherwise.
