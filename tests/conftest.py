@@ -70,7 +70,7 @@ def ray_cluster():
     # Short path: Ray's unix sockets live under it and have a ~107-character limit.
     temp_dir = tempfile.mkdtemp(prefix="grray")
     if owns:
-        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        pythonpath = os.environ["PYTHONPATH"]  # the checkout first, set at import above
         ray.init(
             num_cpus=4,
             include_dashboard=False,
