@@ -101,6 +101,7 @@ def run_teacher_fewshot(task: str, overrides: list[str], command: str, tag: str 
     metrics = teacher_fewshot(cfg)
     row = {
         **metrics,
+        "task": task,  # the benchmark's name, not the YAML path a task of its own resolves to
         "tag": tag,
         "eval_total": total,
         "subset": (f"seeded random subset (seed 0) of {metrics['n']} of {total} examples"
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 "task": args.task, "strategy": strategy, "seed": seed, "budget": args.samples,
                 "tag": args.tag, "teacher": cfg.teacher.model,
                 "accuracy": final.get("accuracy"), "macro_f1": final.get("macro_f1"),
-                "final_loss": final.get("loss"), "sce": [cfg.student.sce_alpha, cfg.student.sce_beta],
+                "final_loss": final.get("loss"), "final_recipe": final.get("recipe"), "sce": [cfg.student.sce_alpha, cfg.student.sce_beta],
                 "final_records": final.get("records"),
                 "per_iteration_accuracy": [m.get("train", {}).get("accuracy") for m in metrics["iterations"]],
                 "totals": metrics["totals"], "teacher_tokens": metrics["teacher_tokens"],
