@@ -195,7 +195,7 @@ class StudentConfig(_Section):
         batch_size: Training batch size.
         weight_decay: AdamW weight decay.
         epochs_per_iteration: Pins each iteration's epochs (no step floor, no early stopping);
-            None trains until the synthetic validation accuracy stops improving, with at least
+            None trains until the synthetic validation loss stops improving, with at least
             ``min_steps_per_iteration`` steps and at most ``max_epochs`` epochs.
         min_steps_per_iteration: The step floor of each iteration's training: a fresh head needs
             tens of optimiser steps before its energies mean anything.
@@ -203,8 +203,8 @@ class StudentConfig(_Section):
             and ``max_epochs``.
         final_min_steps: The step floor of the final training.
         max_epochs: Most epochs the step floor may raise a training to.
-        patience: Stop a training once its synthetic validation accuracy has not improved for this
-            many epochs (the best epoch's weights are kept).
+        patience: Stop a training (once past its step floor) when its synthetic validation loss
+            has not improved for this many epochs; the best epoch's weights are kept.
         warmup: Share of a training's planned steps with a linearly rising learning rate.
         val_share: Seeded share of the generated records held out as the synthetic validation split
             (early stopping, the final recipe). Without a real evaluation set, the same share is also

@@ -780,9 +780,9 @@ class Distiller:
 
         With a synthetic validation split of at least :data:`~gold_ray.student.training.MIN_VAL_RECORDS`
         records and no recipe pinned in the config, every candidate of :func:`final_recipes` is
-        trained (each until its validation accuracy stops improving) and the best on that split is
-        kept (:func:`choose_recipe`, which keeps the strategy's own loss unless another beats it
-        by more than the split's noise).
+        trained (each past its step floor, until its validation loss stops improving) and the best
+        on that split is kept (:func:`choose_recipe`, which keeps the strategy's own loss unless
+        another beats it by more than the split's noise).
         """
         t0 = time.perf_counter()
         ctx = self._ctx(self.cfg.strategy.iterations, "train")
