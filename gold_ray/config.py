@@ -213,7 +213,8 @@ class StudentConfig(_Section):
         final_loss: ``auto``: choose between the strategy's own loss (SCE for GOLD, CE for the
             others) and the other one on the synthetic validation split, keeping the strategy's own
             unless the other is better by more than the split's noise; the strategy's own when the
-            split is too small. ``ce`` or ``sce`` pins one for every strategy.
+            split is too small. ``own``: the strategy's own loss, with no other trained (half the
+            final stage's time). ``ce`` or ``sce`` pins one for every strategy.
         final_lrs: Learning rates the final recipe is chosen among (None: ``lr`` alone). Each
             adds a training per loss: the final stage trains at most ``2 * len(final_lrs)`` times.
         sce_alpha: Weight of the CE term of SCE. 0.1 (with beta 1) had the best mean accuracy on
@@ -240,7 +241,7 @@ class StudentConfig(_Section):
     warmup: float = Field(default=0.1, ge=0, lt=1)
     val_share: float = Field(default=0.1, ge=0, lt=0.5)
     final_fresh: bool = True
-    final_loss: Literal["auto", "ce", "sce"] = "auto"
+    final_loss: Literal["auto", "own", "ce", "sce"] = "auto"
     final_lrs: list[float] | None = None
     sce_alpha: float = Field(default=0.1, ge=0)
     sce_beta: float = Field(default=1.0, ge=0)

@@ -170,8 +170,8 @@ class Strategy:
             before training, so ``ctx.student`` is still the previous iteration's.
         continue_student: Keep training the same student across iterations (GOLD) rather than
             restarting from the pretrained weights each round (ProGen, S3).
-        default_final_loss: The final stage's loss under ``student.final_loss=auto``: ``ce``, or
-            ``sce`` where the method's paper trains with it (GOLD).
+        default_final_loss: The final stage's loss under ``student.final_loss`` ``auto`` or
+            ``own``: ``ce``, or ``sce`` where the method's paper trains with it (GOLD).
     """
 
     name: str = "base"
@@ -298,12 +298,12 @@ class Strategy:
     def final_loss(self, ctx: StrategyContext) -> tuple[str, float, float]:
         """Loss of the final training stage: (``ce`` or ``sce``, alpha, beta).
 
-        ``student.final_loss=auto`` means the strategy's own :attr:`default_final_loss`; ``ce`` or
-        ``sce`` applies to every strategy (for like-for-like comparisons).
+        ``student.final_loss`` ``auto`` or ``own`` means the strategy's own :attr:`default_final_loss`;
+        ``ce`` or ``sce`` applies to every strategy (for like-for-like comparisons).
         """
         return self.final_loss_for(ctx.config.student)
 
     def final_loss_for(self, student: StudentConfig) -> tuple[str, float, float]:
         """:meth:`final_loss` from the ``student`` config section alone (for tools that read a run's config)."""
-        loss = self.default_final_loss if student.final_loss == "auto" else student.final_loss
+        loss = self.default_final_loss if student.final_loss in ("auto", "own") else student.final_loss
         return loss, student.sce_alpha, student.sce_beta

@@ -18,6 +18,7 @@ def test_final_loss_is_the_strategy_own_unless_the_config_names_one(name):
     strategy = build_strategy(name)
     # auto: GOLD trains its final student with SCE (its paper's noise-robust loss), the others with CE.
     assert strategy.final_loss(_ctx()) == ("sce" if name == "gold" else "ce", 0.1, 1.0)
+    assert strategy.final_loss(_ctx("student.final_loss=own")) == strategy.final_loss(_ctx())
     # A named loss applies to every strategy alike, with the configured SCE weights.
     assert strategy.final_loss(_ctx("student.final_loss=sce", "student.sce_alpha=0.5")) == ("sce", 0.5, 1.0)
     assert strategy.final_loss(_ctx("student.final_loss=ce"))[0] == "ce"

@@ -23,7 +23,6 @@ from gold_ray.student.training import (
     loss_weight,
     synthetic_split,
 )
-from gold_ray.testing import save_tiny_classifier
 
 SST2 = load_task("sst2")
 GOOD = ["good", "great", "lovely", "fine", "superb", "nice"]
@@ -36,8 +35,9 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return save_tiny_classifier(tmp_path_factory.mktemp("tiny"), dropout=0.0)
+def model_dir(tiny_student_no_dropout) -> str:
+    """Dropout off: a fit resumed from an epoch must end on the weights of an unbroken one."""
+    return tiny_student_no_dropout
 
 
 def _student(model_dir: str, lr: float = 1e-3):
@@ -95,6 +95,8 @@ def test_final_candidates_are_bounded_and_the_strategys_own_loss_comes_first():
     both = final_recipes(cfg, ("sce", 0.1, 1.0), selectable=True)
     assert [r.loss for r in both] == ["sce", "ce"] and both[0].alpha == 0.1
     assert [r.loss for r in final_recipes(cfg, ("sce", 0.1, 1.0), selectable=False)] == ["sce"]
+    # `own`: the strategy's loss alone, even with a split to choose on.
+    assert [r.loss for r in final_recipes(StudentConfig(final_loss="own"), ("sce", 0.1, 1.0), selectable=True)] == ["sce"]
     pinned = StudentConfig(final_loss="ce", final_epochs=3, final_lrs=[1e-4, 3e-4])
     recipes = final_recipes(pinned, ("ce", 1.0, 1.0), selectable=True)
     assert [(r.loss, r.lr, r.epochs, r.max_epochs) for r in recipes] == [("ce", 1e-4, 3, 3), ("ce", 3e-4, 3, 3)]
