@@ -55,8 +55,10 @@ def ensure_ray(cfg: RunConfig | None = None) -> None:
     else:
         cpus = cfg.resources.local_ray_cpus if cfg is not None else None
         cpus = cpus or max(4, os.cpu_count() or 1)
+        # address="local": a Ray of this run's own even when another runs on this machine (a
+        # `ray start --head`, another run), which a plain ray.init() would join instead.
         # No dashboard; and should one be turned on, it listens on loopback only, like Serve.
-        ray.init(num_cpus=cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env}, log_to_driver=is_verbose())
         # Its agents and some workers would outlive a `kill -9` of this process (actors.reaper).
         from actors.reaper import watch

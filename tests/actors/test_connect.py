@@ -1,6 +1,9 @@
-"""actors.connect without a cluster: which Ray each entry point joins, and what it forwards."""
+"""actors.connect: which Ray each entry point joins and what it forwards (ray.init's arguments), and a real
+local start beside a Ray already running."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import ray
@@ -43,3 +46,21 @@ def test_a_cluster_named_by_ray_address_gets_the_forwarded_env(inits, monkeypatc
     # The user's settings travel, the checkout's PYTHONPATH does not; the workers' quiet settings join them.
     assert kw["runtime_env"]["env_vars"] == {"GOLD_RAY_DATA": "/data", "HF_HUB_OFFLINE": "1",
                                              "TOKENIZERS_PARALLELISM": "false", **worker_env()}
+
+
+@pytest.mark.ray
+def test_a_local_run_starts_its_own_ray_beside_one_already_running(ray_cluster, tmp_path):
+    # A plain ray.init() joins a Ray found running on this machine (here the session's), and then
+    # refuses the num_cpus a local run passes: the run died with an internal error.
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    code = "from actors.connect import connect_ray; print('GCS', connect_ray())"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [own] = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("GCS ")]
+    assert own != ray_cluster.get_runtime_context().gcs_address
