@@ -41,9 +41,9 @@ COVERAGE: list[tuple[str, list[tuple[str, str]]]] = [
     (r"(\.venv/bin/)?ray start --head .+", [("tests/jobs/test_submit.py", "def ray_head")]),
     (r"\.venv/bin/ray stop", [("tests/jobs/test_submit.py", "def ray_head")]),
     (r"\.venv/bin/gold-ray submit tiny --address \S+ --follow",
-     [("tests/jobs/test_submit.py", "def test_submitted_run_succeeds_with_outputs_and_an_mlflow_run")]),
+     [("tests/jobs/test_submit.py", "def test_a_job_whose_driver_is_killed_resumes_when_resubmitted")]),
     (r"\.venv/bin/gold-ray jobs status JOB_ID --address \S+",
-     [("tests/jobs/test_submit.py", "def test_submitted_run_succeeds_with_outputs_and_an_mlflow_run")]),
+     [("tests/jobs/test_submit.py", "def test_a_job_whose_driver_is_killed_resumes_when_resubmitted")]),
     (r"\. \.venv/bin/activate", [("tests/jobs/test_submit.py", "activate")]),
     (r"(\w+=\S+ )*ray job submit .+", [("tests/jobs/test_submit.py", "ray job submit")]),
     # No Docker or Kubernetes in CI: the files these commands use are validated instead.
