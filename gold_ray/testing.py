@@ -76,6 +76,32 @@ class FakeTeacherEngine(TeacherEngine):
         return rows
 
 
+class RecordingEngine(FakeTeacherEngine):
+    """The fake engine, remembering every prompt it was sent: what a test asserts the teacher was asked.
+
+    Answers exactly as :class:`FakeTeacherEngine` does (same arguments); only keeps the prompts.
+
+    Attributes:
+        prompts: Every prompt passed to ``generate``, in order.
+        scored: Every prompt passed to ``option_logprobs`` (the teacher as a classifier), in order.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.prompts: list[Prompt] = []
+        self.scored: list[Prompt] = []
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        """Record ``prompts``, then answer as the fake engine."""
+        self.prompts.extend(prompts)
+        return super().generate(prompts, params)
+
+    def option_logprobs(self, prompts: list[Prompt], options: list[str]) -> list[list[float]]:
+        """Record ``prompts``, then score them as the fake engine."""
+        self.scored.extend(prompts)
+        return super().option_logprobs(prompts, options)
+
+
 class LatencyBoundEngine(FakeTeacherEngine):
     """A teacher whose cost is pure waiting: every ``generate`` call sleeps, nothing computes.
 

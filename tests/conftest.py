@@ -1,4 +1,5 @@
-"""Shared fixtures: one small local Ray cluster for every test marked ``ray``."""
+"""Shared fixtures: one small local Ray cluster for every test marked ``ray``, the tiny models and a small
+evaluation file; what the Ray tests share besides fixtures is in ``tests/raykit.py``."""
 
 from __future__ import annotations
 
@@ -43,6 +44,37 @@ if str(REPO_ROOT) not in _paths:
 # the user's cache, and never reused from an earlier session whose fake engines answered otherwise.
 BASELINE_CACHE = {"GOLD_RAY_BASELINE_CACHE": tempfile.mkdtemp(prefix="grbase")}
 os.environ.update(BASELINE_CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory) -> str:
+    """A tiny random BERT with the MiniLM vocabulary (:func:`gold_ray.testing.save_tiny_classifier`), saved once.
+
+    Shared by the whole session: a test reads it (or copies it), never writes into it.
+    """
+    from gold_ray.testing import save_tiny_classifier
+
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny-student"))
+
+
+@pytest.fixture(scope="session")
+def tiny_student_no_dropout(tmp_path_factory) -> str:
+    """:func:`tiny_student` with dropout off (the same weights): training draws no random numbers.
+
+    For tests that compare runs which split batches differently (DDP against one worker, a resumed
+    Ray Train run against an unbroken one) or that need a trained student to be reproducible.
+    """
+    from gold_ray.testing import save_tiny_classifier
+
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny-student-no-dropout"), dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def eval_file(tmp_path_factory) -> Path:
+    """A 12-row SST-2 style evaluation JSONL (:func:`tests.faults.faultkit.write_eval_file`), written once."""
+    from tests.faults.faultkit import write_eval_file
+
+    return write_eval_file(tmp_path_factory.mktemp("eval") / "eval.jsonl")
 
 
 @pytest.fixture(scope="session")

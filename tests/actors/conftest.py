@@ -1,4 +1,4 @@
-"""Fixtures of the Ray tests of ``actors/``: a tiny student checkpoint and Serve apps torn down after use."""
+"""Fixtures of the Ray tests of ``actors/``: a student checkpoint and Serve apps torn down after use."""
 
 from __future__ import annotations
 
@@ -14,23 +14,20 @@ def sst2():
 
 
 @pytest.fixture(scope="session")
-def student_ckpt(tmp_path_factory, sst2):
-    """A saved classifier student (tiny random BERT) for SST-2, as ``load_student`` reads it."""
+def student_ckpt(tmp_path_factory, sst2, tiny_student):
+    """A saved classifier student (the tiny random BERT) for SST-2, as ``load_student`` reads it."""
     from gold_ray.student.model import ClassifierStudent
-    from gold_ray.testing import save_tiny_classifier
 
-    base = save_tiny_classifier(tmp_path_factory.mktemp("tiny-bert"))
     ckpt = tmp_path_factory.mktemp("student-ckpt")
-    ClassifierStudent(sst2, base, device="cpu").save(ckpt)
+    ClassifierStudent(sst2, tiny_student, device="cpu").save(ckpt)
     return str(ckpt)
 
 
 @pytest.fixture(scope="session")
 def serve_port(ray_cluster):
     """Starts Serve once the way a run does (``start_http``, default host), on a free port (never 8000)."""
-    from ray_testkit import free_port, make_cfg
-
     from actors.teacher import start_http
+    from tests.raykit import free_port, make_cfg
 
     port = free_port()
     start_http(make_cfg(teacher={"serve": {"port": port}}))

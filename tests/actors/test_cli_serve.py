@@ -5,9 +5,9 @@ import socket
 import urllib.request
 
 import pytest
-from ray_testkit import external_ipv4, listening_hosts
 
 from gold_ray.cli import main
+from tests.raykit import external_ipv4, listening_hosts
 
 pytestmark = pytest.mark.ray
 

@@ -12,22 +12,9 @@ from gold_ray.run.loop import Distiller
 from gold_ray.run.store import read_parts
 from gold_ray.run.tasks import load_task
 from gold_ray.student.evaluation import engine_answers, load_eval_records
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
+from gold_ray.testing import FakeTeacherEngine, tiny_run_config
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def tiny_student(tmp_path_factory):
-    return save_tiny_classifier(tmp_path_factory.mktemp("driver-student"))
-
-
-@pytest.fixture(scope="module")
-def eval_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("driver-eval") / "eval.jsonl"
-    path.write_text("".join(json.dumps({"text": f"film number {i} was {w}", "label": lab}) + "\n"
-                            for i, (w, lab) in enumerate([("great", "positive"), ("dull", "negative")] * 5)))
-    return path
 
 
 @pytest.fixture
@@ -77,7 +64,7 @@ def test_ray_run_matches_the_in_process_loop(ray_cluster, tmp_path, tiny_student
     # The student beside its references, the teacher row through the run's Serve deployment
     # (RayRuntime.answer): the same answers as the engine gives in this process.
     refs, task = got["final"]["baselines"], load_task("sst2")
-    assert refs["majority"] == ref["final"]["baselines"]["majority"] and refs["majority"]["n"] == 10
+    assert refs["majority"] == ref["final"]["baselines"]["majority"] and refs["majority"]["n"] == 12
     teacher = refs["teacher_fewshot"]
     assert teacher["cached"] is False and teacher["n"] == 7
     here = baselines.teacher_fewshot(ray_cfg, task, baselines.fewshot_records(load_eval_records(task, eval_file), 7),

@@ -11,14 +11,9 @@ from actors.driver import run_on_ray
 from gold_ray.run.loop import Distiller
 from gold_ray.run.store import read_parts
 from gold_ray.run.tasks import load_task
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
+from gold_ray.testing import FakeTeacherEngine, tiny_run_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def tiny_student(tmp_path_factory):
-    return save_tiny_classifier(tmp_path_factory.mktemp("strategies-student"))
 
 
 @pytest.fixture(scope="module")

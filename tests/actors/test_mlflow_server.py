@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory) -> Iterator[str]:
     """``mlflow server`` on a free loopback port, SQLite backend and a local artifact folder; yields its URL."""
-    from ray_testkit import free_port, wait_until
+    from tests.raykit import free_port, wait_until
 
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
@@ -93,7 +93,7 @@ def test_a_ray_run_on_a_tracking_server_is_one_mlflow_run_even_when_its_driver_d
     seen: dict = {}
 
     def kill_the_driver_while_held() -> None:
-        from ray_testkit import wait_until
+        from tests.raykit import wait_until
 
         if wait_until(held.exists, 600):
             state = json.loads((run_dir / "state.json").read_text())

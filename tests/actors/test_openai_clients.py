@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from ray_testkit import make_cfg
 
 from actors.teacher import (
     SSE_DONE,
@@ -29,6 +28,7 @@ from gold_ray.teacher.engines import prompt_token_ids
 from gold_ray.teacher.hf_engine import HFEngine
 from gold_ray.testing import FakeTeacherEngine
 from gold_ray.types import Generation, Prompt, SamplingParams
+from tests.raykit import make_cfg
 
 CHAT = [{"role": "system", "content": "You write film reviews."}, {"role": "user", "content": "Write a review."}]
 TEXT = "Once upon a time"

@@ -4,13 +4,13 @@ import functools
 import math
 
 import pytest
-from ray_testkit import CrashOnceEngine, GatedEngine, chat_prompts, make_cfg
 
 from actors.pipeline import generate_iteration, generation_dataset, parse_row, prompt_rows
 from actors.teacher import build_teacher_app, default_sampling
 from gold_ray.run.store import read_parts
 from gold_ray.teacher.parsing import Deduplicator, normalized_hash
 from gold_ray.testing import FakeTeacherEngine
+from tests.raykit import CrashOnceEngine, GatedEngine, chat_prompts, make_cfg
 
 GOOD_TEXTS = [
     "A gentle, funny film about two brothers on a road trip.",

@@ -88,7 +88,7 @@ def alive(procs: list[Any]) -> list[str]:
 
 
 def test_kill_9_of_gold_ray_distill_inside_a_stage_leaves_no_process_and_resume_matches(tmp_path):
-    from ray_testkit import wait_until
+    from tests.raykit import wait_until
 
     run_dir = tmp_path / "run"
     cfg_file = tmp_path / "run.yaml"

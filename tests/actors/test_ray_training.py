@@ -16,7 +16,6 @@ from gold_ray.config import RunConfig
 from gold_ray.run.tasks import load_task
 from gold_ray.student.model import build_student, load_student
 from gold_ray.student.training import Recipe
-from gold_ray.testing import save_tiny_classifier
 from tests.faults.hooks import plan_fault
 
 SST2 = load_task("sst2")
@@ -36,8 +35,8 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return save_tiny_classifier(tmp_path_factory.mktemp("tiny_bert"), dropout=0.0)
+def model_dir(tiny_student_no_dropout) -> str:
+    return tiny_student_no_dropout
 
 
 def _cfg(model_dir: str, workers: int) -> RunConfig:

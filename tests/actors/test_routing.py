@@ -1,27 +1,12 @@
 """Teacher calls of one prompt prefix land on one Serve replica (issue 18 item 3)."""
 
 import json
-import os
-import sys
 
 import pytest
-import ray
-from ray_testkit import chat_prompts, make_cfg, running_replicas, wait_until
 
 from actors.routing import affinity, call_prefix_key
 from actors.teacher import build_teacher_app, prompt_to_dict
-from gold_ray.testing import FakeTeacherEngine
-from gold_ray.types import Generation
-
-# The engine below is built inside the replicas, which cannot import this test module.
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-class PidEngine(FakeTeacherEngine):
-    """Answers with the process id of the replica that runs it."""
-
-    def generate(self, prompts, params):
-        return [Generation(text=f"pid {os.getpid()}", output_tokens=1) for _ in prompts]
+from tests.raykit import PidEngine, chat_prompts, make_cfg, running_replicas, wait_until
 
 
 def test_a_call_is_keyed_by_the_prefix_most_of_its_prompts_share():

@@ -4,9 +4,9 @@ import math
 
 import numpy as np
 import pytest
-from ray_testkit import make_cfg
 
 from actors.scoring import EnergyScorer, scorable_rows, score_dataset
+from tests.raykit import make_cfg
 
 ROWS = [
     {"text": "A warm and funny film with a great cast.", "label": "positive", "reject_reason": None},

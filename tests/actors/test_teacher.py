@@ -7,7 +7,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-from ray_testkit import chat_prompts, make_cfg
 
 from actors.teacher import (
     DEPLOYMENT_NAME,
@@ -20,6 +19,7 @@ from actors.teacher import (
 )
 from gold_ray.testing import FakeTeacherEngine
 from gold_ray.types import Prompt, SamplingParams
+from tests.raykit import chat_prompts, make_cfg
 
 # --- no cluster needed ----------------------------------------------------------------------------
 

@@ -9,12 +9,12 @@ import os
 import threading
 
 import pytest
-from ray_testkit import chat_prompts, make_cfg, running_replicas, wait_until
 
 from actors.pipeline import generate_iteration
 from actors.teacher import build_teacher_app
 from gold_ray.run.store import read_parts
 from tests.faults.hooks import plan_fault
+from tests.raykit import chat_prompts, make_cfg, running_replicas, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -1,7 +1,8 @@
 """Helpers of the fault tests: small run configs, deterministic engines, a scripted HTTP endpoint.
 
-Nothing here imports Ray, so the fast fault tests stay fast; Ray-side helpers live in
-``ray_faultkit.py``.
+Nothing here imports Ray, so the fast fault tests stay fast; what the Ray tests share (the held
+engine of the fault tests included) lives in :mod:`tests.raykit`. Import this module as
+``tests.faults.faultkit``.
 """
 
 from __future__ import annotations
@@ -40,10 +41,20 @@ def run_config(run_dir: Path, student: str, eval_file: Path, *extra: str) -> Run
     return load_config(None, run_overrides(run_dir, student, eval_file, *extra))
 
 
-def write_eval_file(path: Path, n: int = 12) -> Path:
-    """A small SST-2 style evaluation JSONL."""
-    rows = [{"text": f"film number {i} was {'great fun' if i % 2 else 'a dull mess'}",
-             "label": "positive" if i % 2 else "negative"} for i in range(n)]
+def write_eval_file(path: Path, n: int = 12, text: str = "film number {i} was {review}") -> Path:
+    """A small SST-2 style evaluation JSONL: ``n`` rows, negative and positive in turn (row 0 negative).
+
+    Args:
+        path: File to write.
+        n: Rows.
+        text: Each row's text, formatted with ``i`` (the row), ``label`` and ``review`` ("great
+            fun" or "a dull mess", by label).
+    """
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 else "negative"
+        review = "great fun" if i % 2 else "a dull mess"
+        rows.append({"text": text.format(i=i, label=label, review=review), "label": label})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from faultkit import run_overrides, tree_digest
 
 from gold_ray.cli import main
 from gold_ray.config import load_config
 from gold_ray.run.loop import Distiller, prepare_run_dir
 from gold_ray.run.tasks import SHIPPED_TASK_DIR
 from gold_ray.testing import FakeTeacherEngine
+from tests.faults.faultkit import run_overrides, tree_digest
 
 # The teacher is an endpoint nobody listens on: a case that wrongly got past validation would
 # start a run (and the folder check would catch what it destroyed), never reach a network.

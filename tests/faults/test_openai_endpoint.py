@@ -9,11 +9,11 @@ connections.
 from __future__ import annotations
 
 import pytest
-from faultkit import run_overrides, scripted_endpoint
 
 from gold_ray.cli import main
 from gold_ray.teacher.openai_engine import OpenAIEngine
 from gold_ray.types import Prompt, SamplingParams
+from tests.faults.faultkit import run_overrides, scripted_endpoint
 
 PLANTED_KEY = "sk-fault-test-PLANTED-0000"
 

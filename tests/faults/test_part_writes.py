@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from faultkit import SometimesGarbageEngine, committed_records, run_config, run_summary
 
 from gold_ray.run import store
 from gold_ray.run.loop import Distiller
 from gold_ray.run.tasks import load_task
+from tests.faults.faultkit import SometimesGarbageEngine, committed_records, run_config, run_summary
 
 SST2 = load_task("sst2")
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _record(i: int) -> dict:
@@ -116,9 +115,8 @@ def test_a_part_write_failing_inside_a_stage_loses_nothing(tmp_path, monkeypatch
 KILLER = """
 import os, signal, sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
 import pyarrow.parquet as pq
-from faultkit import SometimesGarbageEngine, run_config
+from tests.faults.faultkit import SometimesGarbageEngine, run_config
 from gold_ray.run import store
 from gold_ray.run.loop import Distiller
 
@@ -136,7 +134,7 @@ def write_part(path, task, records, writer=pq.write_table):
     return real_write(path, task, records, writer=writer)
 
 store.write_part = write_part
-Distiller(run_config(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])), engine=SometimesGarbageEngine()).run()
+Distiller(run_config(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])), engine=SometimesGarbageEngine()).run()
 """
 
 
@@ -144,7 +142,7 @@ Distiller(run_config(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])), engine=
 def test_a_process_killed_mid_write_resumes_exactly(tmp_path, tiny_student, eval_file, reference):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(HERE), str(run_dir), tiny_student, str(eval_file)],
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(run_dir), tiny_student, str(eval_file)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import committed_records, run_config, run_summary
-from ray_faultkit import HoldAtEngine, free_port, gated_row, wait_until
 
 from gold_ray.config import RunConfig
 from gold_ray.run.loop import Distiller
 from gold_ray.run.tasks import load_task
 from gold_ray.student.model import ClassifierStudent, build_student, load_student
-from gold_ray.testing import save_tiny_classifier
+from tests.faults.faultkit import committed_records, run_config, run_summary
+from tests.raykit import HoldAtEngine, free_port, gated_row, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -129,15 +128,13 @@ def test_the_driver_killed_inside_a_stage_resumes_to_the_counts_of_an_uninterrup
 # --- a Ray Train worker killed mid-epoch ---------------------------------------------------------
 
 
-def test_a_ray_train_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
+def test_a_ray_train_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(ray_cluster, tmp_path,
+                                                                              tiny_student_no_dropout):
     from actors.training import train_student_on_ray
     from gold_ray.student.training import Recipe
     from tests.faults.hooks import plan_fault
 
-    model_dir = save_tiny_classifier(tmp_path / "model")
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # comparable across runtimes
-    (Path(model_dir) / "config.json").write_text(json.dumps(config))
+    model_dir = tiny_student_no_dropout  # dropout off: comparable across runtimes
     cfg = RunConfig.model_validate({"seed": 3, "student": {"model": model_dir, "batch_size": 8, "max_length": 16,
                                                            "lr": 1e-3},
                                     "resources": {"train_workers": 1, "train_cpus_per_worker": 0.5}})
@@ -172,9 +169,8 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_bad_input_on_ray_is_one_clear_line_and_loses_nothing(ray_cluster, serve_port, tiny_student, eval_file,
                                                              tmp_path, capsys):
-    from faultkit import tree_digest
-
     from gold_ray.cli import main
+    from tests.faults.faultkit import tree_digest
 
     run_dir = tmp_path / "run"
     (run_dir / "data").mkdir(parents=True)
@@ -192,6 +188,6 @@ def test_bad_input_on_ray_is_one_clear_line_and_loses_nothing(ray_cluster, serve
 
 
 def run_config_overrides(run_dir: Path, student: str, eval_path: Path, port: int) -> list[str]:
-    from faultkit import run_overrides
+    from tests.faults.faultkit import run_overrides
 
     return run_overrides(run_dir, student, eval_path, f"teacher.serve.port={port}", "teacher.serve.num_cpus=0.25")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from faultkit import SometimesGarbageEngine, run_config
 
 from gold_ray.run import store
 from gold_ray.run.loop import Distiller
+from tests.faults.faultkit import SometimesGarbageEngine, run_config
 
 
 @pytest.fixture(scope="module")

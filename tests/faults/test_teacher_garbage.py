@@ -4,10 +4,10 @@ on, and a teacher that writes almost nothing usable stops the run with a clear m
 from __future__ import annotations
 
 import pytest
-from faultkit import GARBAGE_KINDS, SometimesGarbageEngine, committed_records, run_config
 
 from gold_ray.run import store
 from gold_ray.run.loop import Distiller, TooManyRejectsError
+from tests.faults.faultkit import GARBAGE_KINDS, SometimesGarbageEngine, committed_records, run_config
 
 # What each kind of garbage must be rejected as.
 EXPECTED_REASONS = {

@@ -1,48 +1,29 @@
 """The in-process loop end to end on tiny random models and the deterministic fake engine."""
 
-import json
-
 import pytest
 
 from gold_ray.run.loop import STAGES, Distiller, RunDirError
 from gold_ray.run.store import read_parts
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
-
-
-class RecordingEngine(FakeTeacherEngine):
-    """The fake engine, remembering every prompt it was sent."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.prompts = []
-
-    def generate(self, prompts, params):
-        self.prompts.extend(prompts)
-        return super().generate(prompts, params)
+from gold_ray.testing import FakeTeacherEngine, RecordingEngine, tiny_run_config
+from tests.faults.faultkit import write_eval_file
 
 
 @pytest.fixture(scope="module")
-def student_dir(tmp_path_factory):
-    return save_tiny_classifier(tmp_path_factory.mktemp("student"))
+def eval_file(tmp_path_factory):
+    """20 rows whose texts name their label, as the fake teacher's samples do (the shared file's do not):
+    tests here count the evaluation rows and expect a student that learns to get them right."""
+    return write_eval_file(tmp_path_factory.mktemp("loop-eval") / "eval.jsonl", n=20,
+                           text="a sample {i} that reads as {label}")
 
 
-@pytest.fixture
-def eval_file(tmp_path):
-    path = tmp_path / "eval.jsonl"
-    rows = [{"text": f"a sample {i} that reads as {'positive' if i % 2 else 'negative'}",
-             "label": "positive" if i % 2 else "negative"} for i in range(20)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-def make_cfg(tmp_path, student_dir, eval_file, *extra):
-    return tiny_run_config(tmp_path / "run", student_dir, f"task.eval_path={eval_file}", "budget.samples=24",
+def make_cfg(tmp_path, tiny_student, eval_file, *extra):
+    return tiny_run_config(tmp_path / "run", tiny_student, f"task.eval_path={eval_file}", "budget.samples=24",
                            "strategy.probe_fraction=0.5", *extra)
 
 
-def test_gold_loop_feeds_back_rejects_and_saves(tmp_path, student_dir, eval_file):
+def test_gold_loop_feeds_back_rejects_and_saves(tmp_path, tiny_student, eval_file):
     engine = RecordingEngine(fail_every=5)
-    cfg = make_cfg(tmp_path, student_dir, eval_file)
+    cfg = make_cfg(tmp_path, tiny_student, eval_file)
     metrics = Distiller(cfg, engine=engine).run()
     run = tmp_path / "run"
 
@@ -77,8 +58,8 @@ def test_gold_loop_feeds_back_rejects_and_saves(tmp_path, student_dir, eval_file
     assert f"Accepted samples (train and probe parts): {metrics['totals']['accepted']}" in card
 
 
-def test_zerogen_has_no_probes_or_feedback(tmp_path, student_dir, eval_file):
-    cfg = make_cfg(tmp_path, student_dir, eval_file, "strategy.name=zerogen")
+def test_zerogen_has_no_probes_or_feedback(tmp_path, tiny_student, eval_file):
+    cfg = make_cfg(tmp_path, tiny_student, eval_file, "strategy.name=zerogen")
     metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
     assert all(m["probe"]["requested"] == 0 for m in metrics["iterations"])
     assert all(m["feedback"]["size"] == 0 for m in metrics["iterations"])
@@ -100,8 +81,8 @@ def test_the_student_learns_cleanly_separable_data(tmp_path, eval_file):
     assert metrics["final"]["accuracy"] >= 0.9
 
 
-def test_existing_run_is_not_clobbered(tmp_path, student_dir, eval_file):
-    cfg = make_cfg(tmp_path, student_dir, eval_file, "strategy.iterations=1", "budget.samples=8")
+def test_existing_run_is_not_clobbered(tmp_path, tiny_student, eval_file):
+    cfg = make_cfg(tmp_path, tiny_student, eval_file, "strategy.iterations=1", "budget.samples=8")
     Distiller(cfg, engine=FakeTeacherEngine()).run()
     before = (tmp_path / "run" / "state.json").read_bytes()
     with pytest.raises(RunDirError, match="--resume"):
@@ -113,11 +94,11 @@ class CrashAfter(Exception):
     pass
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, student_dir, eval_file):
-    ref_cfg = make_cfg(tmp_path / "ref", student_dir, eval_file)
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_student, eval_file):
+    ref_cfg = make_cfg(tmp_path / "ref", tiny_student, eval_file)
     ref = Distiller(ref_cfg, engine=FakeTeacherEngine()).run()
 
-    cfg = make_cfg(tmp_path / "crash", student_dir, eval_file)
+    cfg = make_cfg(tmp_path / "crash", tiny_student, eval_file)
     events = []
 
     def crash_in_iteration_1(stage, info):
@@ -138,14 +119,14 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, student_dir
     assert len(ids) == len(set(ids)), "no committed sample is repeated"
 
 
-def test_fresh_student_head_follows_the_run_seed(tmp_path, student_dir, eval_file):
+def test_fresh_student_head_follows_the_run_seed(tmp_path, tiny_student, eval_file):
     """A new in-process student's head is drawn from the run seed, as the Ray train stage draws it."""
     import torch
 
     from gold_ray.student.model import build_student
 
     def fresh(seed):
-        distiller = Distiller(make_cfg(tmp_path / f"s{seed}", student_dir, eval_file, f"seed={seed}"),
+        distiller = Distiller(make_cfg(tmp_path / f"s{seed}", tiny_student, eval_file, f"seed={seed}"),
                               engine=FakeTeacherEngine())
         return distiller, dict(distiller._new_student().model.named_parameters())
 
@@ -154,16 +135,16 @@ def test_fresh_student_head_follows_the_run_seed(tmp_path, student_dir, eval_fil
     drawn = [n for n in w0 if not torch.equal(w0[n], w1[n])]
     assert drawn, "seeds 0 and 1 gave the same fresh student"
     assert all(n.startswith(("classifier", "score")) for n in drawn), drawn
-    ray_side = dict(build_student(distiller.task, distiller.cfg.student, student_dir, seed=1).model.named_parameters())
+    ray_side = dict(build_student(distiller.task, distiller.cfg.student, tiny_student, seed=1).model.named_parameters())
     assert all(torch.equal(w1[n], ray_side[n]) for n in w1)
 
 
-def test_random_score_control_feeds_back_a_band_ranked_by_text_hash(tmp_path, student_dir, eval_file):
+def test_random_score_control_feeds_back_a_band_ranked_by_text_hash(tmp_path, tiny_student, eval_file):
     import numpy as np
 
     from gold_ray.student.ood import band_indices, hashed_uniform_scores
 
-    cfg = make_cfg(tmp_path, student_dir, eval_file, "strategy.score=random", "budget.samples=48")
+    cfg = make_cfg(tmp_path, tiny_student, eval_file, "strategy.score=random", "budget.samples=48")
     metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
     probes = [r for r in read_parts([tmp_path / "run" / "data" / "probe-it000.parquet"]) if not r["reject_reason"]]
     scores = np.array([r["score"] for r in probes])
@@ -172,17 +153,17 @@ def test_random_score_control_feeds_back_a_band_ranked_by_text_hash(tmp_path, st
     assert band and set(metrics["iterations"][0]["feedback"]["ids"]) == band
 
 
-def test_iteration_eval_limit_bounds_only_the_per_iteration_evaluation(tmp_path, student_dir, eval_file):
-    cfg = make_cfg(tmp_path, student_dir, eval_file, "task.iteration_eval_limit=6", "strategy.name=zerogen")
+def test_iteration_eval_limit_bounds_only_the_per_iteration_evaluation(tmp_path, tiny_student, eval_file):
+    cfg = make_cfg(tmp_path, tiny_student, eval_file, "task.iteration_eval_limit=6", "strategy.name=zerogen")
     metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
     assert [m["train"]["n"] for m in metrics["iterations"]] == [6, 6]
     assert metrics["final"]["n"] == 20
 
 
 def test_the_student_trains_past_a_floor_and_the_final_recipe_is_chosen_on_a_synthetic_split(
-        tmp_path, student_dir, eval_file):
+        tmp_path, tiny_student, eval_file):
     # Enough samples for a synthetic validation split (10 % of them, at least 16), default training.
-    cfg = tiny_run_config(tmp_path / "run", student_dir, f"task.eval_path={eval_file}", "budget.samples=240",
+    cfg = tiny_run_config(tmp_path / "run", tiny_student, f"task.eval_path={eval_file}", "budget.samples=240",
                           "strategy.probe_fraction=0.25", "student.final_epochs=null", "student.max_epochs=4",
                           "student.min_steps_per_iteration=20", "student.final_min_steps=20")
     metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
@@ -200,14 +181,14 @@ def test_the_student_trains_past_a_floor_and_the_final_recipe_is_chosen_on_a_syn
     assert not (tmp_path / "run" / "checkpoints").exists() and (tmp_path / "run" / "student").is_dir()
 
 
-def test_stages_report_their_counts_through_on_event(tmp_path, student_dir, eval_file, monkeypatch):
+def test_stages_report_their_counts_through_on_event(tmp_path, tiny_student, eval_file, monkeypatch):
     import gold_ray.run.loop as loop_module
     from gold_ray.run.runtime import StageProgress
 
     # Every count, not one a second: what the runtime reports, before the rate bound.
     monkeypatch.setattr(loop_module, "StageProgress", lambda emit: StageProgress(emit, min_interval_s=0))
     events = []
-    cfg = make_cfg(tmp_path, student_dir, eval_file, "teacher.batch_size=4")
+    cfg = make_cfg(tmp_path, tiny_student, eval_file, "teacher.batch_size=4")
     metrics = Distiller(cfg, engine=FakeTeacherEngine(fail_every=5), on_event=lambda s, i: events.append((s, i))).run()
     assert events[0] == ("plan", {"iterations": 2, "samples": [[6, 6], [6, 6]]})
     progress = [i for s, i in events if s == "progress"]

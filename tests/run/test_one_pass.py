@@ -1,7 +1,6 @@
 """One teacher pass per iteration (issue 18 item 2): GOLD's probes are written with the training
 samples in the generate stage and only scored in the probe stage."""
 
-import json
 import math
 
 import pytest
@@ -9,7 +8,7 @@ import pytest
 from gold_ray.run.loop import PENDING_PROBES, Distiller, split_pass_stats
 from gold_ray.run.store import part_path, read_parts
 from gold_ray.strategies.gold import GoldStrategy
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
+from gold_ray.testing import FakeTeacherEngine, tiny_run_config
 
 
 class CountingEngine(FakeTeacherEngine):
@@ -28,32 +27,18 @@ class CrashAfter(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory):
-    return save_tiny_classifier(tmp_path_factory.mktemp("student"))
-
-
-@pytest.fixture
-def eval_file(tmp_path):
-    path = tmp_path / "eval.jsonl"
-    rows = [{"text": f"a sample {i} that reads as {'positive' if i % 2 else 'negative'}",
-             "label": "positive" if i % 2 else "negative"} for i in range(20)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-def make_cfg(out, student_dir, eval_file, *extra):
+def make_cfg(out, tiny_student, eval_file, *extra):
     # Few training steps: these tests are about what the teacher is asked and what is stored.
-    return tiny_run_config(out, student_dir, f"task.eval_path={eval_file}", "budget.samples=24",
+    return tiny_run_config(out, tiny_student, f"task.eval_path={eval_file}", "budget.samples=24",
                            "strategy.probe_fraction=0.5", "student.min_steps_per_iteration=2",
                            "student.final_min_steps=2", "student.max_epochs=1", *extra)
 
 
 def test_gold_asks_the_teacher_once_per_iteration_and_trains_on_probes_only_afterwards(
-        tmp_path, student_dir, eval_file):
+        tmp_path, tiny_student, eval_file):
     assert GoldStrategy.probes_before_training
     engine = CountingEngine()
-    metrics = Distiller(make_cfg(tmp_path / "run", student_dir, eval_file), engine=engine).run()
+    metrics = Distiller(make_cfg(tmp_path / "run", tiny_student, eval_file), engine=engine).run()
     # The final stage's teacher-as-classifier row is not an iteration's pass.
     passes = [b for b in engine.batches if any(k.startswith("it") for k in b)]
     assert [sorted(set(b)) for b in passes] == [["it0-probe", "it0-train"], ["it1-probe", "it1-train"]]
@@ -77,10 +62,10 @@ def test_gold_asks_the_teacher_once_per_iteration_and_trains_on_probes_only_afte
     assert not list((run / "data").glob(f"{PENDING_PROBES}-*")), "pending probes are removed once committed"
 
 
-def test_a_run_resumed_between_generate_and_probe_matches_an_unbroken_one(tmp_path, student_dir, eval_file):
-    ref = Distiller(make_cfg(tmp_path / "ref", student_dir, eval_file), engine=CountingEngine()).run()
+def test_a_run_resumed_between_generate_and_probe_matches_an_unbroken_one(tmp_path, tiny_student, eval_file):
+    ref = Distiller(make_cfg(tmp_path / "ref", tiny_student, eval_file), engine=CountingEngine()).run()
 
-    cfg = make_cfg(tmp_path / "crash", student_dir, eval_file)
+    cfg = make_cfg(tmp_path / "crash", tiny_student, eval_file)
 
     def crash_after_generate(stage, info):
         if stage == "generate" and info.get("iteration") == 1:

@@ -13,29 +13,13 @@ from gold_ray.run.store import read_parts
 from gold_ray.run.tasks import load_task
 from gold_ray.strategies.llkd import normalised_entropy, update_thresholds
 from gold_ray.teacher.labelling import OPTIONS_KEY, RECORD_KEY
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
+from gold_ray.testing import FakeTeacherEngine, RecordingEngine, tiny_run_config
 
 SST2 = load_task("sst2")
 
 
 class CrashAfter(Exception):
     pass
-
-
-class RecordingEngine(FakeTeacherEngine):
-    """The fake engine, remembering every prompt it generated for or scored."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.generated, self.scored = [], []
-
-    def generate(self, prompts, params):
-        self.generated.extend(prompts)
-        return super().generate(prompts, params)
-
-    def option_logprobs(self, prompts, options):
-        self.scored.extend(prompts)
-        return super().option_logprobs(prompts, options)
 
 
 def test_thresholds_are_class_wise_and_move_with_momentum():
@@ -130,11 +114,6 @@ def test_batch_calibration_removes_the_teachers_label_prior():
         load_config(None, ["strategy.llkd_calibration=platt"])
 
 
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory):
-    return save_tiny_classifier(tmp_path_factory.mktemp("llkd-student"))
-
-
 @pytest.fixture
 def data_dir(tmp_path):
     root = tmp_path / "data"
@@ -147,21 +126,21 @@ def data_dir(tmp_path):
     return root
 
 
-def cfg_for(out, student_dir, data_dir, *extra):
-    return tiny_run_config(out, student_dir, f"task.data_dir={data_dir}", "strategy.name=llkd", "budget.samples=40",
+def cfg_for(out, tiny_student, data_dir, *extra):
+    return tiny_run_config(out, tiny_student, f"task.data_dir={data_dir}", "strategy.name=llkd", "budget.samples=40",
                            *extra)
 
 
-def test_llkd_labels_pool_and_written_texts_and_trains_on_its_selection(tmp_path, student_dir, data_dir):
+def test_llkd_labels_pool_and_written_texts_and_trains_on_its_selection(tmp_path, tiny_student, data_dir):
     engine = RecordingEngine(task=SST2)
     # No teacher row at the end: its classify prompts would join the budget's count below.
-    cfg = cfg_for(tmp_path / "run", student_dir, data_dir, "baselines.teacher_fewshot=false")
+    cfg = cfg_for(tmp_path / "run", tiny_student, data_dir, "baselines.teacher_fewshot=false")
     metrics = Distiller(cfg, engine=engine).run()
     its = metrics["iterations"]
     data = tmp_path / "run" / "data"
 
     # Budget: every request counts, writing and labelling alike (20 per iteration).
-    assert len(engine.generated) + len(engine.scored) == 40
+    assert len(engine.prompts) + len(engine.scored) == 40
     assert all(m["generate"]["requested"] == 20 for m in its)
     # Each iteration labels its share of the 8 pool texts (4) and writes (20 - 4) // 2 = 8 texts.
     assert [m["generate"]["written"] for m in its] == [8, 8]
@@ -186,14 +165,14 @@ def test_llkd_labels_pool_and_written_texts_and_trains_on_its_selection(tmp_path
     assert {"llkd_tau_teacher_positive", "llkd_tau_student_negative"} <= set(its[0]["train"])
 
 
-def test_llkd_resumes_with_the_committed_thresholds(tmp_path, student_dir, data_dir):
-    ref = Distiller(cfg_for(tmp_path / "ref", student_dir, data_dir), engine=FakeTeacherEngine(task=SST2)).run()
+def test_llkd_resumes_with_the_committed_thresholds(tmp_path, tiny_student, data_dir):
+    ref = Distiller(cfg_for(tmp_path / "ref", tiny_student, data_dir), engine=FakeTeacherEngine(task=SST2)).run()
 
     def crash(stage, info):
         if (info.get("iteration"), stage) == (1, "generate"):
             raise CrashAfter
 
-    cfg = cfg_for(tmp_path / "crash", student_dir, data_dir)
+    cfg = cfg_for(tmp_path / "crash", tiny_student, data_dir)
     with pytest.raises(CrashAfter):
         Distiller(cfg, engine=FakeTeacherEngine(task=SST2), on_event=crash).run()
     state = json.loads((tmp_path / "crash" / "state.json").read_text())
@@ -204,17 +183,17 @@ def test_llkd_resumes_with_the_committed_thresholds(tmp_path, student_dir, data_
     assert resumed["final"]["records"] == ref["final"]["records"]
 
 
-def test_llkd_refuses_the_evaluation_file_as_its_pool(tmp_path, student_dir, data_dir):
-    cfg = cfg_for(tmp_path / "run", student_dir, data_dir, "task.unlabeled_path=sst2/test.jsonl")
+def test_llkd_refuses_the_evaluation_file_as_its_pool(tmp_path, tiny_student, data_dir):
+    cfg = cfg_for(tmp_path / "run", tiny_student, data_dir, "task.unlabeled_path=sst2/test.jsonl")
     with pytest.raises(ConfigError, match=r"task\.unlabeled_path: .*is the evaluation \(test\) file"):
         Distiller(cfg, engine=FakeTeacherEngine())
     assert not (tmp_path / "run").exists()
 
 
-def test_llkd_pool_records_need_the_input_fields(tmp_path, student_dir, data_dir):
+def test_llkd_pool_records_need_the_input_fields(tmp_path, tiny_student, data_dir):
     bad = tmp_path / "pool.jsonl"
     bad.write_text('{"text": "fine text here"}\n{"title": "no text"}\n')
-    cfg = cfg_for(tmp_path / "run", student_dir, data_dir, f"task.unlabeled_path={bad}")
+    cfg = cfg_for(tmp_path / "run", tiny_student, data_dir, f"task.unlabeled_path={bad}")
     with pytest.raises(ConfigError, match=r"task\.unlabeled_path: .*pool\.jsonl: record 2 has no \['text'\]"):
         Distiller(cfg, engine=FakeTeacherEngine())
 
@@ -224,16 +203,16 @@ def test_llkd_momentum_is_checked():
         load_config(None, ["strategy.llkd_momentum=1.0"])
 
 
-def test_llkd_warns_when_the_pool_is_far_smaller_than_the_budget(tmp_path, student_dir, data_dir, caplog):
+def test_llkd_warns_when_the_pool_is_far_smaller_than_the_budget(tmp_path, tiny_student, data_dir, caplog):
     """8 pool texts for 40 calls: the teacher writes the rest, so 8 + 32 // 2 = 24 texts get labelled."""
     with caplog.at_level("WARNING", logger="gold_ray.strategies.llkd"):
-        Distiller(cfg_for(tmp_path / "small", student_dir, data_dir), engine=FakeTeacherEngine(task=SST2))
+        Distiller(cfg_for(tmp_path / "small", tiny_student, data_dir), engine=FakeTeacherEngine(task=SST2))
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
     assert "task.unlabeled_path" in message and "holds 8 texts for budget.samples=40" in message
     assert "about 24 texts get labelled" in message
     caplog.clear()
     with caplog.at_level("WARNING", logger="gold_ray.strategies.llkd"):
-        Distiller(cfg_for(tmp_path / "enough", student_dir, data_dir, "budget.samples=16"),
+        Distiller(cfg_for(tmp_path / "enough", tiny_student, data_dir, "budget.samples=16"),
                   engine=FakeTeacherEngine(task=SST2))
     assert not caplog.records

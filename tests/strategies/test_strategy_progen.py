@@ -1,6 +1,5 @@
 """ProGen: influence-ranked in-context feedback, a held-out synthetic validation split, the same budget."""
 
-import json
 
 import numpy as np
 import pytest
@@ -11,41 +10,18 @@ from gold_ray.run.store import read_parts
 from gold_ray.run.tasks import load_task
 from gold_ray.strategies import StrategyContext, build_strategy
 from gold_ray.strategies.progen import in_validation_split
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
+from gold_ray.testing import FakeTeacherEngine, RecordingEngine, tiny_run_config
 
 SST2 = load_task("sst2")
 
 
-class RecordingEngine(FakeTeacherEngine):
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.prompts = []
-
-    def generate(self, prompts, params):
-        self.prompts.extend(prompts)
-        return super().generate(prompts, params)
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory):
-    return save_tiny_classifier(tmp_path_factory.mktemp("progen-student"), dropout=0.0)
-
-
-@pytest.fixture
-def eval_file(tmp_path):
-    path = tmp_path / "eval.jsonl"
-    path.write_text("".join(json.dumps({"text": f"sample {i} reads as {lab}", "label": lab}) + "\n"
-                            for i, lab in enumerate(["positive", "negative"] * 6)))
-    return path
-
-
-def cfg_for(tmp_path, student_dir, eval_file, *extra):
-    return tiny_run_config(tmp_path / "run", student_dir, f"task.eval_path={eval_file}", "strategy.name=progen",
+def cfg_for(tmp_path, tiny_student, eval_file, *extra):
+    return tiny_run_config(tmp_path / "run", tiny_student, f"task.eval_path={eval_file}", "strategy.name=progen",
                            "budget.samples=48", "strategy.progen_val_fraction=0.25",
                            "strategy.progen_feedback_ratio=1.0", *extra)
 
 
-def test_a_planted_mislabelled_record_ranks_last_through_a_trained_student(student_dir):
+def test_a_planted_mislabelled_record_ranks_last_through_a_trained_student(tiny_student_no_dropout):
     from gold_ray.student.model import ClassifierStudent
 
     rng = np.random.default_rng(0)
@@ -57,7 +33,8 @@ def test_a_planted_mislabelled_record_ranks_last_through_a_trained_student(stude
     train = [rec(i, pos, "positive") if i % 2 else rec(i, neg, "negative") for i in range(40)]
     train.append({"id": "planted", "text": "great wonderful brilliant film", "label": "negative"})
     val = [rec(100 + i, pos, "positive") if i % 2 else rec(100 + i, neg, "negative") for i in range(20)]
-    student = ClassifierStudent(SST2, student_dir, device="cpu", lr=1e-3)
+    # Dropout off: the ranking asserted is that of one exact, noise-free fit.
+    student = ClassifierStudent(SST2, tiny_student_no_dropout, device="cpu", lr=1e-3)
     student.fit(train, 8)
 
     cfg = load_config(None, ["strategy.name=progen", "strategy.feedback_pool_size=40"])
@@ -75,9 +52,9 @@ def test_a_planted_mislabelled_record_ranks_last_through_a_trained_student(stude
     assert all(r["influence"] < 0 for r in pool)
 
 
-def test_progen_holds_out_its_validation_split_and_feeds_back_by_label(tmp_path, student_dir, eval_file):
+def test_progen_holds_out_its_validation_split_and_feeds_back_by_label(tmp_path, tiny_student, eval_file):
     engine = RecordingEngine(task=SST2)
-    cfg = cfg_for(tmp_path, student_dir, eval_file)
+    cfg = cfg_for(tmp_path, tiny_student, eval_file)
     metrics = Distiller(cfg, engine=engine).run()
     run = tmp_path / "run"
     its = metrics["iterations"]
@@ -120,9 +97,9 @@ def test_progen_settings_are_checked():
         load_config(None, ["strategy.progen_feedback_ratio=1.5"])
 
 
-def test_progen_refuses_text_to_text_tasks(tmp_path, student_dir):
+def test_progen_refuses_text_to_text_tasks(tmp_path, tiny_student):
     cfg = load_config(None, ["task.name=svamp", "task.eval_path=/nonexistent/eval.jsonl", "strategy.name=progen",
-                             f"student.model={student_dir}",
+                             f"student.model={tiny_student}",
                              "teacher.model=fake", f"output.dir={tmp_path / 'run'}", "tracking.enabled=false"])
     with pytest.raises(ConfigError, match="progen needs a classification task"):
         Distiller(cfg, engine=FakeTeacherEngine())

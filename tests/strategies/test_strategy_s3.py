@@ -9,24 +9,9 @@ from gold_ray.run.loop import Distiller
 from gold_ray.run.store import read_parts
 from gold_ray.run.tasks import load_task
 from gold_ray.strategies.s3 import EXTRAPOLATE_STYLE
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
+from gold_ray.testing import FakeTeacherEngine, RecordingEngine, tiny_run_config
 
 SST2 = load_task("sst2")
-
-
-class RecordingEngine(FakeTeacherEngine):
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.prompts = []
-
-    def generate(self, prompts, params):
-        self.prompts.extend(prompts)
-        return super().generate(prompts, params)
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory):
-    return save_tiny_classifier(tmp_path_factory.mktemp("s3-student"))
 
 
 @pytest.fixture
@@ -42,14 +27,14 @@ def data_dir(tmp_path):
     return root
 
 
-def cfg_for(tmp_path, student_dir, data_dir, *extra):
-    return tiny_run_config(tmp_path / "run", student_dir, f"task.data_dir={data_dir}", "strategy.name=s3",
+def cfg_for(tmp_path, tiny_student, data_dir, *extra):
+    return tiny_run_config(tmp_path / "run", tiny_student, f"task.data_dir={data_dir}", "strategy.name=s3",
                            "budget.samples=40", "strategy.s3_error_share=0.5", *extra)
 
 
-def test_s3_extrapolates_the_students_validation_errors(tmp_path, student_dir, data_dir):
+def test_s3_extrapolates_the_students_validation_errors(tmp_path, tiny_student, data_dir):
     engine = RecordingEngine(task=SST2)
-    metrics = Distiller(cfg_for(tmp_path, student_dir, data_dir), engine=engine).run()
+    metrics = Distiller(cfg_for(tmp_path, tiny_student, data_dir), engine=engine).run()
     its = metrics["iterations"]
     val = [json.loads(line) for line in (data_dir / "sst2" / "seed.jsonl").read_text().splitlines()]
 
@@ -77,24 +62,24 @@ def test_s3_extrapolates_the_students_validation_errors(tmp_path, student_dir, d
     assert not trained & {r["text"] for r in val}
 
 
-def test_s3_refuses_the_evaluation_file_as_validation_set(tmp_path, student_dir, data_dir):
-    cfg = cfg_for(tmp_path, student_dir, data_dir, "task.val_path=sst2/test.jsonl")
+def test_s3_refuses_the_evaluation_file_as_validation_set(tmp_path, tiny_student, data_dir):
+    cfg = cfg_for(tmp_path, tiny_student, data_dir, "task.val_path=sst2/test.jsonl")
     with pytest.raises(ConfigError, match=r"task\.val_path: .*is the evaluation \(test\) file"):
         Distiller(cfg, engine=FakeTeacherEngine())
     assert not (tmp_path / "run").exists(), "a refused run must leave nothing behind"
     # Also when the evaluation file was set by path and the validation set is the same file.
-    cfg = cfg_for(tmp_path, student_dir, data_dir, f"task.eval_path={data_dir / 'sst2' / 'seed.jsonl'}")
+    cfg = cfg_for(tmp_path, tiny_student, data_dir, f"task.eval_path={data_dir / 'sst2' / 'seed.jsonl'}")
     with pytest.raises(ConfigError, match=r"task\.val_path \(default: the task's seed_path\)"):
         Distiller(cfg, engine=FakeTeacherEngine())
 
 
-def test_s3_names_the_field_of_a_missing_or_broken_validation_file(tmp_path, student_dir, data_dir):
+def test_s3_names_the_field_of_a_missing_or_broken_validation_file(tmp_path, tiny_student, data_dir):
     with pytest.raises(ConfigError, match=r"task\.val_path: S3's validation set .*does not exist"):
-        Distiller(cfg_for(tmp_path, student_dir, data_dir, "task.val_path=nope.jsonl"), engine=FakeTeacherEngine())
+        Distiller(cfg_for(tmp_path, tiny_student, data_dir, "task.val_path=nope.jsonl"), engine=FakeTeacherEngine())
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": "positive"}\n{"text": "x", "label": "maybe"}\n')
     with pytest.raises(ConfigError, match=r"task\.val_path: .*bad\.jsonl:2: label 'maybe'"):
-        Distiller(cfg_for(tmp_path, student_dir, data_dir, f"task.val_path={bad}"), engine=FakeTeacherEngine())
+        Distiller(cfg_for(tmp_path, tiny_student, data_dir, f"task.val_path={bad}"), engine=FakeTeacherEngine())
 
 
 def test_s3_share_setting_is_checked():
