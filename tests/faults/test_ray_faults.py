@@ -3,9 +3,9 @@
 Each fault is injected at a point the test controls (a gate file holds the work there), so the
 kill lands inside the stage and not merely near it. The run then completes, with every sample
 present exactly once. Covered elsewhere: a teacher replica that dies mid-request
-(tests/actors/test_pipeline.py::test_a_replica_crash_mid_iteration_is_retried), a driver killed
-between stages (tests/actors/test_driver.py::test_driver_killed_mid_run_resumes_without_loss) and
-a resubmitted job (tests/jobs/test_submit.py::test_resubmitted_job_resumes_after_its_driver_is_killed).
+(tests/actors/test_pipeline.py::test_a_replica_crash_mid_iteration_is_retried), the ``gold-ray``
+process killed (tests/actors/test_process_kill.py) and a job whose driver is killed
+(tests/jobs/test_submit.py::test_a_job_whose_driver_is_killed_resumes_when_resubmitted_and_succeeds_with_its_outputs).
 """
 
 from __future__ import annotations
