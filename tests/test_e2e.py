@@ -30,6 +30,8 @@ def test_real_models_in_process(tmp_path):
 
     cfg = load_config(None, ["task.name=sst2", "task.eval_limit=200", "budget.samples=24", "strategy.iterations=2",
                              "strategy.probe_fraction=0.5", "student.final_epochs=1", "teacher.batch_size=32",
+                             # the teacher row answers 50 of the 200 (a real teacher answers ~3 a second here)
+                             "baselines.teacher_fewshot_limit=50",
                              f"output.dir={tmp_path / 'run'}", "tracking.enabled=false"])
     engine = build_engine(cfg.teacher, resolve_model(cfg.teacher.model), cfg.seed)
     sent = []
@@ -56,6 +58,7 @@ def test_real_models_in_process(tmp_path):
     rejects = pq.read_table(run / "data" / "rejects-train-it000.parquet").to_pylist()
     assert all(r["reject_reason"] for r in rejects)
     assert 0.0 <= metrics["final"]["accuracy"] <= 1.0 and metrics["final"]["n"] == 200
+    assert metrics["final"]["baselines"]["teacher_fewshot"]["n"] == 50
     model = AutoModelForSequenceClassification.from_pretrained(run / "student")
     assert model.config.id2label == {0: "negative", 1: "positive"}
 
@@ -71,7 +74,8 @@ def test_readme_demo_on_ray_reduced(tmp_path):
     proc = subprocess.run(
         [str(exe), "distill", "demo", "--output", str(out), "--set", "budget.samples=16",
          "--set", "strategy.iterations=2", "--set", "task.eval_limit=100", "--set", "student.final_epochs=1",
-         "--set", "teacher.serve.num_cpus=0.5", "--set", "resources.scorer_num_cpus=0.5"],
+         "--set", "teacher.serve.num_cpus=0.5", "--set", "resources.scorer_num_cpus=0.5",
+         "--set", "baselines.teacher_fewshot_limit=50"],
         capture_output=True, text=True, timeout=1500, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -79,6 +83,7 @@ def test_readme_demo_on_ray_reduced(tmp_path):
     assert "MLflow run:" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["iterations"]) == 2 and "accuracy" in metrics["final"]
+    assert metrics["final"]["baselines"]["teacher_fewshot"]["n"] == 50  # answered by the Serve teacher
     assert (out / "student" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "data").glob("train-*.parquet")) == ["train-it000.parquet",
                                                                            "train-it001.parquet"]
