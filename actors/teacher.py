@@ -1,7 +1,7 @@
 """The teacher LLM as a Ray Serve deployment.
 
 One deployment class, :class:`TeacherDeployment`, wraps any :class:`~gold_ray.types.TeacherEngine`
-and offers it four ways:
+and offers it three ways:
 
 - OpenAI-compatible HTTP routes (``POST /v1/chat/completions``, ``POST /v1/completions``,
   ``GET /v1/models``), so any OpenAI client, ``HttpRequestProcessorConfig`` or ``curl`` can use it;
@@ -9,9 +9,7 @@ and offers it four ways:
 - :meth:`TeacherDeployment.generate`, an async method for in-cluster calls through a
   ``DeploymentHandle``;
 - :meth:`TeacherDeployment.generate_batch`, one call for a whole batch of requests: what the
-  generation pipeline (``actors.pipeline``) sends;
-- :meth:`TeacherDeployment.generate_rows`, an async generator that yields one response dict:
-  the shape ``ray.data.llm``'s ``ServeDeploymentProcessorConfig`` calls (it uses ``stream=True``).
+  generation pipeline (``actors.pipeline``) and the teacher row (``RayRuntime.answer``) send.
 
 Concurrent requests to one replica are gathered by ``@serve.batch`` into a single
 ``engine.generate`` call, which runs in a worker thread so the replica's event loop keeps
@@ -152,10 +150,10 @@ def params_from_dict(data: dict[str, Any] | str | None, default: SamplingParams)
 
 
 def generation_to_row(generation: Generation) -> dict[str, Any]:
-    """The response dict of :meth:`TeacherDeployment.generate_rows`.
+    """One response dict of :meth:`TeacherDeployment.generate_batch`.
 
-    Keys are prefixed with ``teacher_`` because ``ray.data.llm`` merges them into the row next
-    to the dataset's own columns; ``teacher_error`` is ``""`` on success so the column keeps one
+    Keys are prefixed with ``teacher_`` because the generation pipeline merges them into the row
+    next to the dataset's own columns; ``teacher_error`` is ``""`` on success so the column keeps one
     Arrow type across blocks. ``teacher_option_logprobs`` is the JSON list of a scored classify
     answer's option log-probabilities (``""`` for generated answers), for the same reason.
     """
@@ -485,36 +483,13 @@ class TeacherDeployment:
             params = params_from_dict(params, self._defaults)
         return await self._batched((prompt, params))
 
-    async def generate_rows(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yield exactly one response dict for one request (``ray.data.llm`` streams handle calls).
-
-        Args:
-            request: ``{"prompt": ..., "params": ...}`` as described in the module docstring;
-                other keys (``request_id``, ``idx_in_batch`` added by ``ray.data.llm``) are ignored.
-
-        Yields:
-            The :func:`generation_to_row` dict.
-
-        Raises:
-            ValueError: the request has no prompt or the prompt is malformed (``ray.data.llm``
-                turns a ValueError into an error row instead of failing the dataset).
-        """
-        if "prompt" not in request:
-            raise ValueError("request has no 'prompt'")
-        try:
-            prompt = prompt_from_dict(request["prompt"])
-        except (TypeError, KeyError, json.JSONDecodeError) as err:
-            raise ValueError(f"malformed prompt: {err}") from err
-        generation = await self.generate(prompt, request.get("params"))
-        yield generation_to_row(generation)
-
     async def generate_batch(self, requests: list[dict[str, Any]], prefix_key: str | None = None) -> list[dict[str, Any]]:
         """One :func:`generation_to_row` dict per request, in order: a caller's whole batch in one
         Serve call (the generation pipeline's path; per-row calls cost the pipeline more CPU per
         sample than a small teacher does).
 
         Args:
-            requests: ``{"prompt": ..., "params": ...}`` dicts as for :meth:`generate_rows`.
+            requests: ``{"prompt": ..., "params": ...}`` dicts (the module docstring).
             prefix_key: The prefix most of the requests share; read by the deployment's request
                 router (:class:`actors.routing.PrefixAffinityRouter`), not here.
 

@@ -169,25 +169,6 @@ def test_concurrent_calls_share_engine_batches(http_teacher):
 
 
 @pytest.mark.ray
-def test_generate_rows_yields_one_row_and_rejects_bad_requests(http_teacher):
-    _, handle, _ = http_teacher
-    prompt = chat_prompts(1)[0]
-    stream = handle.options(stream=True).generate_rows.remote(
-        {"prompt": json.dumps(prompt_to_dict(prompt)), "params": {"max_new_tokens": 5}, "request_id": "0"}
-    )
-    rows = list(stream)
-    assert len(rows) == 1
-    assert rows[0]["teacher_error"] == "" and "positive" in rows[0]["teacher_text"]
-    assert rows[0]["teacher_tokens"] > 0 and rows[0]["generated_at"] > 0
-
-    # ray.data.llm turns ValueError into an error row instead of failing the whole dataset.
-    with pytest.raises(ValueError):
-        list(handle.options(stream=True).generate_rows.remote({"request_id": "1"}))
-    with pytest.raises(ValueError):
-        list(handle.options(stream=True).generate_rows.remote({"prompt": "{not json"}))
-
-
-@pytest.mark.ray
 def test_generate_batch_answers_every_request_in_order_in_one_engine_call(http_teacher):
     _, handle, _ = http_teacher
     prompts = chat_prompts(6)
