@@ -128,6 +128,15 @@ def test_learning_check_flags_a_student_near_chance():
     learned = learning_check(SST2, {"steps": 10, "loss": 0.1, "recipe": "ce-lr0.0001", "val_loss": 0.2,
                                     "val_accuracy": 0.95}, val)
     assert not learned["near_chance"] and "warning" not in learned
+    # A student that fits noisy labels confidently: its validation loss is above ln 2, yet it
+    # fits its data and beats the majority share; it is not near chance.
+    confident = learning_check(SST2, {"steps": 10, "loss": 0.01, "recipe": "ce-lr0.0001", "val_loss": 0.84,
+                                      "val_accuracy": 0.75}, val)
+    assert not confident["near_chance"]
+    # An SCE fit has no CE training loss: its validation accuracy decides.
+    sce_at_chance = learning_check(SST2, {"steps": 10, "loss": 4.6, "recipe": "sce-a0.1-b1-lr0.0001",
+                                          "val_loss": 0.69, "val_accuracy": 0.6}, val)
+    assert sce_at_chance["near_chance"] and "validation accuracy" in sce_at_chance["warning"]
 
 
 def test_fit_with_a_split_stops_on_a_plateau_and_keeps_the_best_epoch(model_dir):
