@@ -29,9 +29,12 @@ for _key, _value in FAST_SERVE_METRICS.items():
 
 # The one fault-injection mechanism (gold_ray.run.faults): every process of the suite, Ray workers
 # included, calls tests/faults/hooks.py at each fault point; a test plans its faults there.
+# One plans folder per session: a second import of this module (as ``tests.conftest``) keeps it,
+# or the test process would plan faults where the Ray workers never look.
+_plans = os.environ.get("GOLD_RAY_FAULT_PLANS")
 FAULT_HOOK = {
     "GOLD_RAY_FAULT_HOOK": "tests.faults.hooks:dispatch",
-    "GOLD_RAY_FAULT_PLANS": tempfile.mkdtemp(prefix="grfault"),
+    "GOLD_RAY_FAULT_PLANS": _plans if _plans and os.path.isdir(_plans) else tempfile.mkdtemp(prefix="grfault"),
 }
 os.environ.update(FAULT_HOOK)
 # The hook's module lives in this checkout: every subprocess of the suite (a CLI run from a temporary
