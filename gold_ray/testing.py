@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from typing import Any
 
 from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
 
@@ -86,7 +87,7 @@ class RecordingEngine(FakeTeacherEngine):
         scored: Every prompt passed to ``option_logprobs`` (the teacher as a classifier), in order.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.prompts: list[Prompt] = []
         self.scored: list[Prompt] = []
