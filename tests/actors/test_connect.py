@@ -54,13 +54,11 @@ def test_a_local_run_starts_its_own_ray_beside_one_already_running(ray_cluster, 
     # refuses the num_cpus a local run passes: the run died with an internal error.
     import subprocess
     import sys
-    from pathlib import Path
 
-    # Not imported from tests/conftest.py: a second import of it would make a new fault-plans folder.
-    repo_root = Path(__file__).resolve().parents[2]
+    # The checkout is on PYTHONPATH (tests/conftest.py), so `actors` imports from any folder.
     code = "from actors.connect import connect_ray; print('GCS', connect_ray())"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [own] = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("GCS ")]
