@@ -368,16 +368,15 @@ class MlflowTracker:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
 
-    def finish(self, metrics: dict[str, Any], run_dir: str | os.PathLike[str], step: int) -> None:
-        """End a finished distillation's run: its ``final.*`` metrics at ``step``, ``metrics.json``
-        and the student, status FINISHED; ``metrics["mlflow"]`` then names the run.
+    def finish(self, metrics: dict[str, Any], run_dir: str | os.PathLike[str]) -> None:
+        """End a finished distillation's run: ``metrics.json`` and the student, status FINISHED;
+        ``metrics["mlflow"]`` then names the run. The ``final.*`` metrics are not logged here: the
+        final stage logged them before it committed, like every stage.
 
         Args:
             metrics: The run metrics (updated in place).
             run_dir: The run's output directory.
-            step: The step of the final metrics (the number of iterations).
         """
-        self.log_metrics({f"final.{k}": v for k, v in metrics.get("final", {}).items()}, step=step)
         self.log_artifact(Path(run_dir) / "metrics.json")
         self.log_student_model(Path(run_dir) / "student")
         self.end("FINISHED")
@@ -443,7 +442,7 @@ class NullTracker:
     def end(self, status: str = "FINISHED") -> None:
         """Do nothing."""
 
-    def finish(self, metrics: dict[str, Any], run_dir: str | os.PathLike[str], step: int) -> None:
+    def finish(self, metrics: dict[str, Any], run_dir: str | os.PathLike[str]) -> None:
         """Do nothing."""
 
 

@@ -734,7 +734,7 @@ class Distiller:
             self.runtime.run.tracking = self.tracker.parent_info()
             self.runtime.start()
             metrics = self._run_stages()
-            self.tracker.finish(metrics, self.run_dir, step=self.cfg.strategy.iterations)
+            self.tracker.finish(metrics, self.run_dir)
         except BaseException:
             if self.tracker.run_id:
                 self.tracker.end("FAILED")
