@@ -141,8 +141,9 @@ def run_on_ray(
         try:
             while True:
                 ready, _ = ray.wait([result], timeout=poll_s)
-                for stage, info in ray.get(driver.events_since.remote(seen)):
-                    seen += 1
+                events = ray.get(driver.events_since.remote(seen))
+                seen += len(events)
+                for stage, info in newest_progress(events):
                     on_event(stage, info)
                 if ready:
                     metrics = ray.get(result)
@@ -159,6 +160,22 @@ def run_on_ray(
         finally:
             ray.kill(driver, no_restart=True) if _alive(driver) else None
         return metrics
+
+
+def newest_progress(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """``events`` without the ``progress`` events a later one in the same batch supersedes.
+
+    A poll can bring many counts of one stage at once (all of them when the display waited on a
+    busy machine); shown one by one they would print the oldest count as the newest, and rates
+    measured over their arrival times would be wild. A count is superseded by the next event when
+    that is a count of the same stage, iteration and unit.
+    """
+    def key(event: tuple[str, dict[str, Any]]) -> tuple | None:
+        stage, info = event
+        return (info.get("stage"), info.get("iteration"), info.get("unit")) if stage == "progress" else None
+
+    return [e for i, e in enumerate(events)
+            if key(e) is None or i + 1 == len(events) or key(events[i + 1]) != key(e)]
 
 
 def _alive(actor: Any) -> bool:

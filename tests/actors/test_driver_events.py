@@ -1,0 +1,22 @@
+"""The driver's event batches: what the poll loop passes on to the display."""
+
+from actors.driver import newest_progress
+
+
+def _count(stage: str, done: int, iteration: int = 0, unit: str = "steps") -> tuple[str, dict]:
+    return ("progress", {"stage": stage, "iteration": iteration, "unit": unit, "done": done, "total": 10})
+
+
+def test_a_batch_keeps_only_the_newest_count_of_each_running_stage():
+    batch = [_count("train", 0), _count("train", 4), _count("train", 9), ("train", {"loss": 0.1}),
+             _count("probe", 1, unit="scored"), _count("probe", 3, unit="scored"), _count("probe", 2, unit="samples")]
+    kept = newest_progress(batch)
+    assert kept == [_count("train", 9), ("train", {"loss": 0.1}), _count("probe", 3, unit="scored"),
+                    _count("probe", 2, unit="samples")]
+
+
+def test_counts_of_another_iteration_and_other_events_are_never_dropped():
+    batch = [_count("train", 5, iteration=0), _count("train", 1, iteration=1), ("log", {"message": "m"}),
+             ("log", {"message": "m"}), _count("train", 2, iteration=1)]
+    assert newest_progress(batch) == batch
+    assert newest_progress([]) == []
