@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from gold_ray.run.runtime import Runtime
+from gold_ray.run.runtime import Produced, Runtime
 from gold_ray.run.store import read_parts
 from gold_ray.run.tasks import TaskSpec
 from gold_ray.student.evaluation import evaluate_student
@@ -78,15 +78,8 @@ class RayRuntime(Runtime):
             for scratch in SCRATCH_DIRS:
                 shutil.rmtree(self.run.run_dir / scratch, ignore_errors=True)
 
-    def produce(
-        self,
-        prompts: list[Prompt],
-        iteration: int,
-        kind: str,
-        student: Student | None,
-        checkpoint: Path | None,
-        dedup: Deduplicator,
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def produce(self, prompts: list[Prompt], iteration: int, kind: str, student: Student | None,
+                checkpoint: Path | None, dedup: Deduplicator) -> Produced:
         """Stream the prompts through Serve and Ray Data; probes are scored from ``checkpoint``."""
         from actors.pipeline import generate_iteration
 

@@ -40,7 +40,7 @@ from gold_ray.models import allow_remote_code, is_chat_model, resolve_model
 from gold_ray.reporting.tracking import NullTracker, Tracker, build_tracker
 from gold_ray.run import store
 from gold_ray.run.faults import fault_point
-from gold_ray.run.runtime import InProcessRuntime, RunContext, Runtime, StageProgress, no_progress
+from gold_ray.run.runtime import InProcessRuntime, Produced, RunContext, Runtime, StageProgress, no_progress
 from gold_ray.run.tasks import TaskSpec, load_task
 from gold_ray.strategies import Strategy, StrategyContext, build_strategy
 from gold_ray.student.evaluation import load_task_eval, seeded_subset, task_eval_file
@@ -382,7 +382,7 @@ class Distiller:
     def _produce(
         self, prompts: list[Prompt], iteration: int, kind: str, scorer: Student | None, ckpt: Path | None,
         token_caps: list[tuple[int, int]] | None,
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    ) -> Produced:
         """The runtime's records of ``prompts``, in order.
 
         With ``token_caps`` (``budget.teacher_tokens``), ``[(end, cap), ...]``: the prompts before

@@ -72,6 +72,9 @@ class RunContext:
 ProgressFn = Callable[..., None]
 """``progress(unit, done, total, **counts)``: how far the running stage has got (see :class:`StageProgress`)."""
 
+Produced = tuple[list[dict[str, Any]], dict[str, Any]]
+"""What :meth:`Runtime.produce` returns: ``(records, stats)``, every record in prompt order."""
+
 
 def no_progress(unit: str, done: int, total: int, **counts: Any) -> None:
     """A :data:`ProgressFn` that reports nothing (outside a stage)."""
@@ -140,15 +143,8 @@ class Runtime(ABC):
         """Release what :meth:`start` started and remove scratch files of a finished run."""
 
     @abstractmethod
-    def produce(
-        self,
-        prompts: list[Prompt],
-        iteration: int,
-        kind: str,
-        student: Student | None,
-        checkpoint: Path | None,
-        dedup: Deduplicator,
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def produce(self, prompts: list[Prompt], iteration: int, kind: str, student: Student | None,
+                checkpoint: Path | None, dedup: Deduplicator) -> Produced:
         """Answer ``prompts``; returns every record (accepted and rejected, in prompt order) and stats.
 
         Args:
@@ -225,15 +221,8 @@ class InProcessRuntime(Runtime):
             self._engine = build_engine(cfg.teacher, self.run.teacher_path or cfg.teacher.model, cfg.seed)
         return self._engine
 
-    def produce(
-        self,
-        prompts: list[Prompt],
-        iteration: int,
-        kind: str,
-        student: Student | None,
-        checkpoint: Path | None,
-        dedup: Deduplicator,
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def produce(self, prompts: list[Prompt], iteration: int, kind: str, student: Student | None,
+                checkpoint: Path | None, dedup: Deduplicator) -> Produced:
         """Generate, parse and (with a student) score in this process; see :meth:`Runtime.produce`.
 
         ``classify`` prompts are answered and read as labels (:mod:`gold_ray.teacher.labelling`); their

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gold_ray.errors import UserError
+from gold_ray.errors import UserError, parse_file
 from gold_ray.run.tasks import TaskSpec
 
 STATE_FILE = "state.json"
@@ -235,10 +235,7 @@ def load_state(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / STATE_FILE
     if not path.is_file():
         return None
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StateFileError(f"{path}: not a gold-ray state file ({err})") from err
+    state = parse_file(path, "json", lambda err: StateFileError(f"{path}: not a gold-ray state file ({err})"))
     if not isinstance(state, dict):
         raise StateFileError(f"{path}: not a gold-ray state file (a JSON object is expected)")
     for i, part in enumerate(state.get("parts") or []):

@@ -16,10 +16,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gold_ray.errors import MissingFileError, UserError
+from gold_ray.errors import MissingFileError, UserError, parse_file
 
 TaskType = Literal["classification", "pair_classification", "text_to_text"]
 
@@ -279,10 +278,7 @@ def load_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
             f"task {text!r}: no such file and no shipped task of that name "
             f"(shipped: {', '.join(shipped_tasks())})"
         )
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise TaskFileError(f"{path}: not valid YAML: {err}") from err
+    data = parse_file(path, "yaml", lambda err: TaskFileError(f"{path}: not valid YAML: {err}"))
     if not isinstance(data, dict):
         raise TaskFileError(f"{path}: expected a mapping of task fields, got {type(data).__name__}")
     try:

@@ -163,7 +163,6 @@ class LLKDStrategy(Strategy):
     """LLKD: teacher-labelled texts selected by teacher confidence and student uncertainty."""
 
     name = "llkd"
-    uses_probes = False
     continue_student = True
 
     def prepare(self, task: TaskSpec, cfg: RunConfig, eval_file: Any) -> dict[str, Any]:

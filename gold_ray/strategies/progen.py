@@ -50,7 +50,6 @@ class ProGenStrategy(Strategy):
     """ProGen: fresh student per round; most helpful examples by influence fed back per label."""
 
     name = "progen"
-    uses_probes = False
     continue_student = False
 
     def prepare(self, task: TaskSpec, cfg: RunConfig, eval_file: Any) -> dict[str, Any]:

@@ -58,7 +58,6 @@ class S3Strategy(Strategy):
     """S3: fresh student per round; its errors on a real validation set are extrapolated by the teacher."""
 
     name = "s3"
-    uses_probes = False
     continue_student = False
 
     def prepare(self, task: TaskSpec, cfg: RunConfig, eval_file: Any) -> dict[str, Any]:

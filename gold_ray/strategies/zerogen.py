@@ -15,4 +15,3 @@ class ZeroGenStrategy(Strategy):
     """ZeroGen: no probes, no feedback, CE training."""
 
     name = "zerogen"
-    uses_probes = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -395,6 +396,14 @@ def _check_lengths(pred: Sequence[Any], gold: Sequence[Any]) -> None:
         raise ValueError(f"{len(pred)} predictions for {len(gold)} gold answers")
 
 
+def _share(pred: Sequence[str], gold: Sequence[str], same: Callable[[str, str], bool]) -> float:
+    """Share of the pairs ``(pred[i], gold[i])`` for which ``same`` holds; NaN for empty input."""
+    _check_lengths(pred, gold)
+    if not gold:
+        return math.nan
+    return sum(same(p, g) for p, g in zip(pred, gold, strict=True)) / len(gold)
+
+
 def accuracy(pred: Sequence[str], gold: Sequence[str]) -> float:
     """Share of exact matches; NaN for empty input.
 
@@ -405,10 +414,7 @@ def accuracy(pred: Sequence[str], gold: Sequence[str]) -> float:
     Returns:
         Accuracy in [0, 1].
     """
-    _check_lengths(pred, gold)
-    if not gold:
-        return math.nan
-    return sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)
+    return _share(pred, gold, operator.eq)
 
 
 def macro_f1(pred: Sequence[str], gold: Sequence[str], labels: Sequence[str]) -> float:
@@ -469,10 +475,7 @@ def exact_match(pred: Sequence[str], gold: Sequence[str]) -> float:
     Returns:
         Exact match in [0, 1].
     """
-    _check_lengths(pred, gold)
-    if not gold:
-        return math.nan
-    return sum(normalize_answer(p) == normalize_answer(g) for p, g in zip(pred, gold, strict=True)) / len(gold)
+    return _share(pred, gold, lambda p, g: normalize_answer(p) == normalize_answer(g))
 
 
 def first_number(text: str) -> float | None:
@@ -493,25 +496,14 @@ def first_number(text: str) -> float | None:
 
 
 def numeric_match(pred: Sequence[str], gold: Sequence[str]) -> float:
-    """Share of predictions whose first number equals the gold's first number (within 1e-6).
+    """Like :func:`exact_match`, but an answer matches when its :func:`first_number` equals the gold's
+    (within ``NUMERIC_TOLERANCE``); an answer without any number never matches."""
 
-    A prediction or gold answer without any number never matches. NaN for empty input.
-
-    Args:
-        pred: Predicted answers.
-        gold: Gold answers.
-
-    Returns:
-        Numeric match in [0, 1].
-    """
-    _check_lengths(pred, gold)
-    if not gold:
-        return math.nan
-    hits = 0
-    for p, g in zip(pred, gold, strict=True):
+    def same_number(p: str, g: str) -> bool:
         a, b = first_number(p), first_number(g)
-        hits += a is not None and b is not None and abs(a - b) <= NUMERIC_TOLERANCE
-    return hits / len(gold)
+        return a is not None and b is not None and abs(a - b) <= NUMERIC_TOLERANCE
+
+    return _share(pred, gold, same_number)
 
 
 def score_predictions(task: TaskSpec, pred: Sequence[str], gold: Sequence[str]) -> dict:

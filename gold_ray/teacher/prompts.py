@@ -159,15 +159,8 @@ def choose_prompt_style(tokenizer_or_none: Any, configured: str) -> PromptStyle:
     return "chat" if getattr(tokenizer_or_none, "chat_template", None) else "continuation"
 
 
-def render_train_prompt(
-    task: TaskSpec,
-    label: str | None,
-    demos: list[dict],
-    *,
-    style: str | None,
-    prompt_style: PromptStyle,
-    max_demo_chars: int = 300,
-) -> Prompt:
+def render_train_prompt(task: TaskSpec, label: str | None, demos: list[dict], *, style: str | None,
+                        prompt_style: PromptStyle, max_demo_chars: int = 300) -> Prompt:
     """A request for one training sample of ``label``.
 
     Args:
@@ -188,30 +181,11 @@ def render_train_prompt(
     return _render_generation_prompt("train", task, label, demos, style, prompt_style, max_demo_chars)
 
 
-def render_probe_prompt(
-    task: TaskSpec,
-    label: str | None,
-    demos: list[dict],
-    *,
-    style: str | None,
-    prompt_style: PromptStyle,
-    max_demo_chars: int = 300,
-) -> Prompt:
+def render_probe_prompt(task: TaskSpec, label: str | None, demos: list[dict], *, style: str | None,
+                        prompt_style: PromptStyle, max_demo_chars: int = 300) -> Prompt:
     """Like :func:`render_train_prompt`, plus GOLD's request for a significantly different sample.
 
-    Args:
-        task: The task.
-        label: Label name asked for (None for text-to-text tasks).
-        demos: Demonstration records, in order.
-        style: Diversity hint or None.
-        prompt_style: ``chat`` or ``continuation``.
-        max_demo_chars: Length cap of each demo field value.
-
-    Returns:
-        A :class:`Prompt` of kind ``probe``.
-
-    Raises:
-        ValueError: unknown label or prompt style, or a demo misses a field.
+    Same arguments and errors as :func:`render_train_prompt`; returns a :class:`Prompt` of kind ``probe``.
     """
     return _render_generation_prompt("probe", task, label, demos, style, prompt_style, max_demo_chars)
 
@@ -307,16 +281,8 @@ def _render_generation_prompt(
     return _continuation_generation_prompt(kind, task, label, word, demos, style, max_chars, meta)
 
 
-def _chat_generation_prompt(
-    kind: PromptKind,
-    task: TaskSpec,
-    label: str | None,
-    word: str | None,
-    demos: list[dict],
-    style: str | None,
-    max_chars: int,
-    meta: dict[str, Any],
-) -> Prompt:
+def _chat_generation_prompt(kind: PromptKind, task: TaskSpec, label: str | None, word: str | None,
+                            demos: list[dict], style: str | None, max_chars: int, meta: dict[str, Any]) -> Prompt:
     noun = task.sample_noun
     single = _single_field(task)
     system = f"You write one {noun} at a time for a dataset. The dataset trains a model on this task: {task.description}"
@@ -344,16 +310,8 @@ def _chat_generation_prompt(
     return Prompt(kind=kind, label=label, messages=tuple(messages), prefill="", stop=stop, meta=meta)
 
 
-def _continuation_generation_prompt(
-    kind: PromptKind,
-    task: TaskSpec,
-    label: str | None,
-    word: str | None,
-    demos: list[dict],
-    style: str | None,
-    max_chars: int,
-    meta: dict[str, Any],
-) -> Prompt:
+def _continuation_generation_prompt(kind: PromptKind, task: TaskSpec, label: str | None, word: str | None,
+                                    demos: list[dict], style: str | None, max_chars: int, meta: dict[str, Any]) -> Prompt:
     single = _single_field(task)
     header = [task.description]
     glossary = _label_glossary(task)

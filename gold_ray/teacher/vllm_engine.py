@@ -53,17 +53,8 @@ class VLLMEngine(TeacherEngine):
 
     name = "vllm"
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        dtype: str = "auto",
-        seed: int = 0,
-        max_model_len: int = 2048,
-        add_bos: bool | None = None,
-        cpu_kv_cache_gib: int = 4,
-        **engine_kwargs: Any,
-    ):
+    def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 2048,
+                 add_bos: bool | None = None, cpu_kv_cache_gib: int = 4, **engine_kwargs: Any):
         try:
             import vllm
         except ImportError as err:
