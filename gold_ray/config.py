@@ -157,6 +157,13 @@ class TeacherConfig(_Section):
             vLLM caches and the Serve router sends to one replica. The default stays 1 until the
             quality benchmark (SST-2 ``gold`` and ``zerogen``, 3 seeds) shows that fewer distinct
             demo sets lose no accuracy: fewer demo sets may mean less diverse samples.
+        check_labels: Classification: the teacher reads every sample it wrote back as a few-shot
+            classifier (its seed demos, one scoring pass per label, as the teacher row does), and a
+            sample it reads as another label than the one it was asked to write is rejected
+            (reason ``label_check``, kept in the rejects part with the label it read). A small
+            teacher asked for a label writes text of another one often (on SST-2's seed data about a
+            quarter of the embedded teacher's samples); the ones it also reads as the asked label are
+            cleaner. The check costs a forward pass per sample and label, a small share of writing them.
         serve: The Ray Serve deployment.
     """
 
@@ -177,6 +184,7 @@ class TeacherConfig(_Section):
     retry_backoff_s: float = Field(default=1.0, ge=0)
     vllm_cpu_kv_cache_gib: int = Field(default=4, ge=1)
     prompts_per_demo_set: int = Field(default=1, ge=1)
+    check_labels: bool = True
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
@@ -199,12 +207,15 @@ class StudentConfig(_Section):
             ``min_steps_per_iteration`` steps and at most ``max_epochs`` epochs.
         min_steps_per_iteration: The step floor of each iteration's training: a fresh head needs
             tens of optimiser steps before its energies mean anything.
-        final_epochs: Pins the final stage's epochs; None: early stopping with ``final_min_steps``
-            and ``max_epochs``.
+        final_epochs: Pins the final stage's epochs; None: the step floor ``final_min_steps`` sets
+            them (at most ``max_epochs``). Either way the final training keeps its last epoch: the
+            synthetic validation split is measured (and chooses among ``final_loss`` candidates)
+            but picks no epoch, since on it the loss rises with a confident student while accuracy
+            on real data still improves (``benchmarks/quality/results/selection.md``).
         final_min_steps: The step floor of the final training.
         max_epochs: Most epochs the step floor may raise a training to.
-        patience: Stop a training (once past its step floor) when its synthetic validation loss
-            has not improved for this many epochs; the best epoch's weights are kept.
+        patience: Stop an iteration's training (once past its step floor) when its synthetic
+            validation loss has not improved for this many epochs; the best epoch's weights are kept.
         warmup: Share of a training's planned steps with a linearly rising learning rate.
         val_share: Seeded share of the generated records held out as the synthetic validation split
             (early stopping, the final recipe). Without a real evaluation set, the same share is also

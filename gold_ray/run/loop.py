@@ -361,6 +361,9 @@ class Distiller:
         self, records: list[dict[str, Any]], stats: dict[str, Any], iteration: int, kind: str
     ) -> tuple[list, list, dict]:
         """Accepted and rejected records of one kind and their stage statistics; too many rejects stop the run."""
+        if (kind in ("train", "probe") and self.cfg.teacher.check_labels and self.task.is_classification
+                and not self.strategy.teacher_labels):
+            stats = {**stats, "label_check": self._check_labels(records)}
         accepted = [r for r in records if r["reject_reason"] is None]
         rejected = [r for r in records if r["reject_reason"] is not None]
         stats = {
@@ -378,6 +381,32 @@ class Distiller:
         if share > self.cfg.budget.max_reject_share and (len(records) >= 8 or not accepted):
             raise self._too_many_rejects(iteration, kind, len(records), rejected, stats["rejected_by_reason"])
         return accepted, rejected, stats
+
+    def _check_labels(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Reject the accepted samples that the teacher, asked to classify them, reads as another label.
+
+        The teacher answers through the runtime (:meth:`Runtime.answer`) with the prompt of the
+        teacher row (:func:`gold_ray.student.evaluation.teacher_readings`).
+        A sample it leaves unanswered is kept: there is no reading to disagree with.
+
+        Returns:
+            ``checked``, ``rejected`` and ``seconds``.
+        """
+        from gold_ray.student.evaluation import FEWSHOT_PARAMS, teacher_readings
+
+        todo = [r for r in records if r["reject_reason"] is None and r.get("label") is not None]
+        if not todo:
+            return {"checked": 0, "rejected": 0, "seconds": 0.0}
+        t0 = time.perf_counter()
+        read = teacher_readings(lambda batch: self.runtime.answer(batch, FEWSHOT_PARAMS), self.task, todo,
+                                prompt_style=self.prompt_style, max_demo_chars=self.cfg.strategy.max_demo_chars)
+        rejected = 0
+        for rec, label in zip(todo, read, strict=True):
+            if label and label != rec["label"]:
+                rec.update(reject_reason="label_check", score=float("nan"),
+                           reject_detail=f"asked for {rec['label']!r}, the teacher reads it as {label!r}")
+                rejected += 1
+        return {"checked": len(todo), "rejected": rejected, "seconds": round(time.perf_counter() - t0, 3)}
 
     def _produce(
         self, prompts: list[Prompt], iteration: int, kind: str, scorer: Student | None, ckpt: Path | None,
@@ -780,7 +809,7 @@ class Distiller:
 
         With a synthetic validation split of at least :data:`~gold_ray.student.training.MIN_VAL_RECORDS`
         records and no recipe pinned in the config, every candidate of :func:`final_recipes` is
-        trained (each past its step floor, until its validation loss stops improving) and the best
+        trained (to the last epoch of its step floor's budget) and the best
         on that split is kept (:func:`choose_recipe`, which keeps the strategy's own loss unless
         another beats it by more than the split's noise).
         """

@@ -172,6 +172,8 @@ class Strategy:
             restarting from the pretrained weights each round (ProGen, S3).
         default_final_loss: The final stage's loss under ``student.final_loss`` ``auto`` or
             ``own``: ``ce``, or ``sce`` where the method's paper trains with it (GOLD).
+        teacher_labels: The teacher labels the written texts itself (LLKD), so the label check of
+            ``teacher.check_labels`` would only ask it the same question twice: skipped.
     """
 
     name: str = "base"
@@ -179,6 +181,7 @@ class Strategy:
     probes_before_training: bool = False
     continue_student: bool = True
     default_final_loss: str = "ce"
+    teacher_labels: bool = False
 
     def seed_demos_for(self, ctx: StrategyContext, label: str | None) -> list[dict[str, Any]]:
         """``strategy.demos_per_prompt`` of the task's seed demos in a random order, ``label``'s first."""

@@ -164,6 +164,7 @@ class LLKDStrategy(Strategy):
 
     name = "llkd"
     continue_student = True
+    teacher_labels = True
 
     def prepare(self, task: TaskSpec, cfg: RunConfig, eval_file: Any) -> dict[str, Any]:
         """Load the unlabelled pool (``task.unlabeled_path``, default the task's seed file).

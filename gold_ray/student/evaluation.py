@@ -628,6 +628,20 @@ def teacher_fewshot_predictions(
     return pred
 
 
+def teacher_readings(
+    answer: TeacherEngine | AnswerFn, task: TaskSpec, records: Sequence[dict], *, prompt_style: str,
+    max_demo_chars: int = 300,
+) -> list[str]:
+    """The label the teacher reads in each record, asked as the teacher row asks (the task's seed
+    demos; ``""`` where it gives no usable answer): the label check of generated samples."""
+    from gold_ray.teacher.prompts import render_classify_prompt
+
+    demos = list(task.seed_demos)
+    prompts = [render_classify_prompt(task, r, demos, prompt_style=prompt_style,  # type: ignore[arg-type]
+                                      max_demo_chars=max_demo_chars) for r in records]
+    return teacher_fewshot_predictions(answer, prompts, task)
+
+
 def evaluate_teacher_fewshot(
     engine: TeacherEngine | AnswerFn,
     task: TaskSpec,

@@ -216,3 +216,40 @@ def test_stages_report_their_counts_through_on_event(tmp_path, tiny_student, eva
     # Each stage's counts come before the stage's own event.
     order = [s if s != "progress" else f"progress:{i['stage']}" for s, i in events]
     assert order.index("progress:train") > order.index("generate") and order.index("train") > order.index("progress:train")
+
+
+class _ReadsEverythingAs(FakeTeacherEngine):
+    """The fake teacher, reading every sample back as one label (a teacher that disagrees with itself)."""
+
+    def __init__(self, word: str, **kwargs):
+        super().__init__(**kwargs)
+        self.word = word
+        self.read = 0
+
+    def option_logprobs(self, prompts, options):
+        self.read += len(prompts)
+        return [[0.0 if option == self.word else -5.0 for option in options] for _ in prompts]
+
+
+def test_the_label_check_rejects_the_samples_the_teacher_reads_as_another_label(tmp_path, tiny_student, eval_file):
+    cfg = make_cfg(tmp_path, tiny_student, eval_file, "strategy.name=zerogen", "strategy.iterations=1",
+                   "baselines.teacher_fewshot=false")
+    metrics = Distiller(cfg, engine=_ReadsEverythingAs("negative")).run()
+    gen = metrics["iterations"][0]["generate"]
+    data = tmp_path / "run" / "data"
+    kept = read_parts([data / "train-it000.parquet"])
+    checked = [r for r in read_parts([data / "rejects-train-it000.parquet"]) if r["reject_reason"] == "label_check"]
+    assert kept and {r["label"] for r in kept} == {"negative"}
+    # A rejected sample keeps its text and the label it was written for, and says what the teacher read.
+    assert checked and all(r["label"] == "positive" and r["text"] and "'negative'" in r["reject_detail"]
+                           for r in checked)
+    assert gen["label_check"]["rejected"] == len(checked) == gen["rejected_by_reason"]["label_check"]
+    assert gen["label_check"]["checked"] == len(kept) + len(checked) == gen["accepted"] + len(checked)
+
+    off = make_cfg(tmp_path / "off", tiny_student, eval_file, "strategy.name=zerogen", "strategy.iterations=1",
+                   "baselines.teacher_fewshot=false", "teacher.check_labels=false")
+    engine = _ReadsEverythingAs("negative")
+    metrics = Distiller(off, engine=engine).run()
+    assert engine.read == 0 and "label_check" not in metrics["iterations"][0]["generate"]
+    assert {r["label"] for r in read_parts([tmp_path / "off" / "run" / "data" / "train-it000.parquet"])} == {
+        "negative", "positive"}

@@ -94,6 +94,8 @@ def test_final_candidates_are_bounded_and_the_strategys_own_loss_comes_first():
     cfg = StudentConfig()
     both = final_recipes(cfg, ("sce", 0.1, 1.0), selectable=True)
     assert [r.loss for r in both] == ["sce", "ce"] and both[0].alpha == 0.1
+    # The final training keeps its last epoch; an iteration's keeps its best.
+    assert not any(r.keep_best or r.patience for r in both) and in_loop_recipe(cfg).keep_best
     assert [r.loss for r in final_recipes(cfg, ("sce", 0.1, 1.0), selectable=False)] == ["sce"]
     # `own`: the strategy's loss alone, even with a split to choose on.
     assert [r.loss for r in final_recipes(StudentConfig(final_loss="own"), ("sce", 0.1, 1.0), selectable=True)] == ["sce"]
@@ -161,6 +163,22 @@ def test_fit_with_a_split_stops_on_a_plateau_and_keeps_the_best_epoch(model_dir)
     from gold_ray.student.training import validation_metrics
 
     assert validation_metrics(student, val)["val_accuracy"] == pytest.approx(result["val_accuracy"])
+
+
+def test_fit_keeping_the_last_epoch_measures_the_split_but_runs_every_planned_epoch(model_dir):
+    # The same flipped split as above: a best-epoch fit would stop early and go back; this one may not.
+    flip = {"positive": "negative", "negative": "positive"}
+    train = RECORDS[::2]
+    val = [{**r, "label": flip[r["label"]]} for r in RECORDS[1::2]]
+    student = _student(model_dir, lr=3e-3)
+    result = fit(student, train, Recipe(lr=3e-3, epochs=6, max_epochs=6, keep_best=False), seed=0, val_records=val)
+    curve = result["curve"]
+    assert result["epochs"] == len(curve) == 6 and not result["stopped_early"]
+    assert all("val_loss" in point for point in curve) and result["best_epoch"] == 6
+    from gold_ray.student.training import validation_metrics
+
+    assert validation_metrics(student, val)["val_accuracy"] == pytest.approx(curve[-1]["val_accuracy"])
+    assert result["val_accuracy"] == curve[-1]["val_accuracy"]
 
 
 def test_fit_resumed_from_an_epoch_trains_what_an_unbroken_call_trains(model_dir):
