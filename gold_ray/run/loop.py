@@ -360,7 +360,19 @@ class Distiller:
     def _kind_result(
         self, records: list[dict[str, Any]], stats: dict[str, Any], iteration: int, kind: str
     ) -> tuple[list, list, dict]:
-        """Accepted and rejected records of one kind and their stage statistics; too many rejects stop the run."""
+        """Accepted and rejected records of one kind and their stage statistics; too many rejects stop the run.
+
+        The stop counts what the teacher failed to write (errors, refusals, unparsable or repeated
+        samples), not what the label check turned away afterwards: a check that rejects every one
+        of a few probes says the teacher disagrees with itself, not that the run is broken.
+        """
+        written = [r for r in records if r["reject_reason"] is None]
+        share = (len(records) - len(written)) / max(1, len(records))
+        # Small batches are noisy, so they stop the run only when nothing at all was accepted.
+        if share > self.cfg.budget.max_reject_share and (len(records) >= 8 or not written):
+            rejected = [r for r in records if r["reject_reason"] is not None]
+            raise self._too_many_rejects(iteration, kind, len(records), rejected,
+                                         dict(Counter(r["reject_reason"] for r in rejected)))
         if (kind in ("train", "probe") and self.cfg.teacher.check_labels and self.task.is_classification
                 and not self.strategy.teacher_labels):
             stats = {**stats, "label_check": self._check_labels(records)}
@@ -376,10 +388,6 @@ class Distiller:
         scores = np.array([r.get("score", np.nan) for r in accepted], dtype=float)
         if np.isfinite(scores).any():
             stats["scores"] = score_quantiles(scores)
-        share = len(rejected) / max(1, len(records))
-        # Small batches are noisy, so they stop the run only when nothing at all was accepted.
-        if share > self.cfg.budget.max_reject_share and (len(records) >= 8 or not accepted):
-            raise self._too_many_rejects(iteration, kind, len(records), rejected, stats["rejected_by_reason"])
         return accepted, rejected, stats
 
     def _check_labels(self, records: list[dict[str, Any]]) -> dict[str, Any]:
