@@ -25,8 +25,9 @@ URL is the Ray dashboard (``http://HEAD:8265``). The job runs ``python -m jobs.d
   (``tiny``) is passed as is. Paths *inside* the config (task files, local models, data) must
   exist on the cluster.
 - Environment: the variables of :data:`~gold_ray.entry.FORWARDED_ENV` (``GOLD_RAY_DATA``,
-  ``GOLD_RAY_CACHE``, ``MLFLOW_TRACKING_URI``, ...) are forwarded when set here. Nothing else is,
-  API keys included, unless named with ``--env``.
+  ``GOLD_RAY_CACHE``, ``MLFLOW_TRACKING_URI``, ...) are forwarded when set here, with the ones
+  that keep the job's workers quiet (:func:`~gold_ray.reporting.logs.worker_env`, as a local run's
+  are). Nothing else is, API keys included, unless named with ``--env``.
 - Output: a relative ``output.dir`` would land in the job's temporary copy of the working dir, so
   on a local cluster it is made absolute against the working dir; for a remote cluster a warning
   says to point it at shared storage.
@@ -51,6 +52,7 @@ from urllib.parse import urlparse
 from gold_ray.config import ConfigError, load_config
 from gold_ray.entry import FORWARDED_ENV, SHIPPED_CONFIG_DIR, config_path
 from gold_ray.errors import UserError
+from gold_ray.reporting.logs import worker_env
 
 EXCLUDES = [".venv", "runs", ".cache", ".git", "__pycache__", ".pytest_cache", ".ruff_cache",
             ".hypothesis", "*.egg-info", "mlruns", "*.db"]
@@ -154,7 +156,8 @@ def build_submission(
     if image and pip:
         raise SubmitError("--image and --pip cannot be combined: Ray 2.60's image_uri takes no pip; "
                           "install the requirements in the image")
-    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    # The job's own workers are as quiet as a local run's (ensure_ray adds nothing inside a job).
+    env_vars = {**worker_env(), **{name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}}
     env_vars.update(_env_value(item) for item in env)
     wd = Path(working_dir).resolve()
     local = config_path(config)

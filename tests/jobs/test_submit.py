@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gold_ray.reporting.logs import worker_env
 from gold_ray.run.store import read_parts
 from gold_ray.testing import save_tiny_chat_lm, save_tiny_classifier
 from jobs import submit as sub
@@ -153,7 +154,9 @@ def test_forwarded_environment_is_the_named_variables_only(tmp_path, clean_env):
     clean_env.setenv("OPENAI_API_KEY", "sk-secret")
     clean_env.chdir(tmp_path)
     _, env = sub.build_submission("run.yaml", "http://127.0.0.1:8265", working_dir=tmp_path)
-    assert env["env_vars"] == {"GOLD_RAY_DATA": "/data", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    # The named variables, and the ones that keep the job's workers as quiet as a local run's.
+    assert env["env_vars"] == {"GOLD_RAY_DATA": "/data", "MLFLOW_TRACKING_URI": "http://mlflow:5000", **worker_env()}
+    assert env["env_vars"]["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
     _, env = sub.build_submission("run.yaml", "http://127.0.0.1:8265", working_dir=tmp_path,
                                   env=["OPENAI_API_KEY", "GOLD_RAY_DATA=/mnt/data"])
     assert env["env_vars"]["OPENAI_API_KEY"] == "sk-secret"
