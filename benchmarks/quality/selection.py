@@ -75,6 +75,32 @@ def _summarise(rows: list[dict]) -> dict:
     return out
 
 
+def paired_table(rows: list[dict]) -> str:
+    """Last-epoch accuracies of each training on all records beside the same training on the
+    records that pass the label check, and the mean differences."""
+    from gold_ray.run.compare import markdown_table
+
+    def key(r: dict) -> tuple:
+        return r["run"], r["loss"], r["seed"]
+
+    checked = {key(r): r for r in rows if r.get("data") == "label_check"}
+    table, diffs = [], []
+    for r in rows:
+        other = checked.get(key(r)) if r.get("data", "all") == "all" else None
+        if other is None:
+            continue
+        a, b = r["curve"][-1], other["curve"][-1]
+        diffs.append((b["seed_accuracy"] - a["seed_accuracy"], b["test_accuracy"] - a["test_accuracy"]))
+        table.append([r["run"], r["loss"], r["seed"], f"{r['n_train']} / {other['n_train']}",
+                      f"{a['seed_accuracy']:.3f} / {b['seed_accuracy']:.3f}",
+                      f"{a['test_accuracy']:.3f} / {b['test_accuracy']:.3f}"])
+    if diffs:
+        table.append(["mean difference", "", "", "", f"{np.mean([d[0] for d in diffs]):+.3f}",
+                      f"{np.mean([d[1] for d in diffs]):+.3f}"])
+    return markdown_table(["run", "loss", "seed", "records: all / checked", "seed.jsonl: all / checked",
+                           "evaluation: all / checked"], table)
+
+
 def render(summary: dict, rows: list[dict]) -> str:
     """The Markdown report."""
     from gold_ray.run.compare import markdown_table
@@ -85,7 +111,8 @@ def render(summary: dict, rows: list[dict]) -> str:
              markdown_table(["data", "score", "trainings", "seed.jsonl accuracy", "evaluation accuracy"],
                             [[d, s, v["trainings"], f"{v['seed_accuracy']:.4f}", f"{v['test_accuracy']:.4f}"]
                              for d, by_score in summary.items() for s, v in by_score.items()]), "",
-             "## Every training", ""]
+             "## The label check, paired (last epoch of the same run, loss and seed)", "",
+             paired_table(rows), "", "## Every training", ""]
     table = []
     for row in rows:
         picks = {s: chosen_epoch(row["curve"], s) for s in SCORES}
