@@ -27,7 +27,8 @@ URL is the Ray dashboard (``http://HEAD:8265``). The job runs ``python -m jobs.d
 - Environment: the variables of :data:`~gold_ray.entry.FORWARDED_ENV` (``GOLD_RAY_DATA``,
   ``GOLD_RAY_CACHE``, ``MLFLOW_TRACKING_URI``, ...) are forwarded when set here, with the ones
   that keep the job's workers quiet (:func:`~gold_ray.reporting.logs.worker_env`, as a local run's
-  are). Nothing else is, API keys included, unless named with ``--env``.
+  are). Nothing else is, API keys included, unless named with ``--env``. For a remote cluster, a
+  note names each forwarded path variable (:data:`PATH_ENV`): the path must exist there too.
 - Output: a relative ``output.dir`` would land in the job's temporary copy of the working dir, so
   on a local cluster it is made absolute against the working dir; for a remote cluster a warning
   says to point it at shared storage.
@@ -69,6 +70,10 @@ _CONFIG_NAME_ENV = "GOLD_RAY_CONFIG_NAME"
 
 class SubmitError(UserError, RuntimeError):
     """A submission that cannot be made (unreachable cluster, bad arguments); the message says why."""
+
+
+PATH_ENV = ("GOLD_RAY_DATA", "GOLD_RAY_CACHE", "GOLD_RAY_BASELINE_CACHE", "HF_HOME", "HF_DATASETS_CACHE")
+"""Forwarded variables that hold a path on this machine: a remote cluster must have it too."""
 
 
 def is_local_address(address: str | None) -> bool:
@@ -156,8 +161,14 @@ def build_submission(
     if image and pip:
         raise SubmitError("--image and --pip cannot be combined: Ray 2.60's image_uri takes no pip; "
                           "install the requirements in the image")
+    forwarded = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    if address and not is_local_address(address):
+        for name in sorted(set(forwarded) & set(PATH_ENV) - {_env_value(item)[0] for item in env}):
+            print(f"gold-ray: note: {name}={forwarded[name]} is a path on this machine and is forwarded to the "
+                  f"job; on a remote cluster it must exist there (shared storage), else pass "
+                  f"--env {name}=/path/on/the/cluster", file=sys.stderr)
     # The job's own workers are as quiet as a local run's (ensure_ray adds nothing inside a job).
-    env_vars = {**worker_env(), **{name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}}
+    env_vars = {**worker_env(), **forwarded}
     env_vars.update(_env_value(item) for item in env)
     wd = Path(working_dir).resolve()
     local = config_path(config)

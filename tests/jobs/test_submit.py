@@ -147,7 +147,7 @@ def test_broken_config_is_left_for_the_job_to_report(tmp_path, clean_env):
     assert parse_entrypoint(entrypoint)[1] == {"--config": ["bad.yaml"]}
 
 
-def test_forwarded_environment_is_the_named_variables_only(tmp_path, clean_env):
+def test_forwarded_environment_is_the_named_variables_only(tmp_path, clean_env, capsys):
     (tmp_path / "run.yaml").write_text("output: {dir: /abs/run}\n")
     clean_env.setenv("GOLD_RAY_DATA", "/data")
     clean_env.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
@@ -161,6 +161,12 @@ def test_forwarded_environment_is_the_named_variables_only(tmp_path, clean_env):
                                   env=["OPENAI_API_KEY", "GOLD_RAY_DATA=/mnt/data"])
     assert env["env_vars"]["OPENAI_API_KEY"] == "sk-secret"
     assert env["env_vars"]["GOLD_RAY_DATA"] == "/mnt/data"  # an explicit value wins
+    assert "is a path on this machine" not in capsys.readouterr().err  # a local cluster has its paths
+    clean_env.setenv("HF_HOME", "/home/me/.cache/hf")
+    sub.build_submission("run.yaml", "http://head.example:8265", working_dir=tmp_path, env=["GOLD_RAY_DATA=/mnt/data"])
+    err = capsys.readouterr().err
+    assert "HF_HOME=/home/me/.cache/hf is a path on this machine" in err and "--env HF_HOME=" in err
+    assert "GOLD_RAY_DATA" not in err  # named with --env: the user chose its value for the cluster
     with pytest.raises(sub.SubmitError, match="NOT_SET_ANYWHERE"):
         sub.build_submission("run.yaml", None, working_dir=tmp_path, env=["NOT_SET_ANYWHERE"])
 
