@@ -483,7 +483,7 @@ def final_recipes(cfg: StudentConfig, own: tuple[str, float, float], *, selectab
         losses.append(other)
     lrs = (cfg.final_lrs or [cfg.lr]) if selectable else [cfg.lr]
     if cfg.final_epochs is not None:
-        budget = {"epochs": cfg.final_epochs, "max_epochs": cfg.final_epochs}
+        budget = {"epochs": cfg.final_epochs, "max_epochs": cfg.final_epochs, "keep_best": False}
     else:
         # The last epoch is kept, not the best on the synthetic split: that split holds the
         # teacher's texts and label noise, and its loss rises as the student grows confident while

@@ -102,6 +102,7 @@ def test_final_candidates_are_bounded_and_the_strategys_own_loss_comes_first():
     pinned = StudentConfig(final_loss="ce", final_epochs=3, final_lrs=[1e-4, 3e-4])
     recipes = final_recipes(pinned, ("ce", 1.0, 1.0), selectable=True)
     assert [(r.loss, r.lr, r.epochs, r.max_epochs) for r in recipes] == [("ce", 1e-4, 3, 3), ("ce", 3e-4, 3, 3)]
+    assert not any(r.keep_best for r in recipes)  # pinned epochs end on the last one too
 
 
 def test_choose_recipe_keeps_the_strategys_own_loss_within_the_splits_noise():
