@@ -234,7 +234,8 @@ class _ReadsEverythingAs(FakeTeacherEngine):
 def test_the_label_check_rejects_the_samples_the_teacher_reads_as_another_label(tmp_path, tiny_student, eval_file):
     # Half the samples fail the check, above this share: the stop for a broken teacher does not count them.
     cfg = make_cfg(tmp_path, tiny_student, eval_file, "strategy.name=zerogen", "strategy.iterations=1",
-                   "baselines.teacher_fewshot=false", "budget.max_reject_share=0.3")
+                   "baselines.teacher_fewshot=false", "budget.max_reject_share=0.3",
+                   "teacher.check_labels=true")
     metrics = Distiller(cfg, engine=_ReadsEverythingAs("negative")).run()
     gen = metrics["iterations"][0]["generate"]
     data = tmp_path / "run" / "data"
