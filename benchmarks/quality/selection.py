@@ -143,12 +143,11 @@ def record_epoch(fit_state: Any, *_: Any, student: Any, task: Any, val: list[dic
     """``fit``'s ``on_epoch``: append the epoch's scores on the synthetic split, seed.jsonl and the
     evaluation set to ``curve``."""
     from gold_ray.student.evaluation import evaluate_student
+    from gold_ray.student.influence import softmax
     from gold_ray.student.training import validation_metrics
 
     point = {"epoch": fit_state.epoch, "loss": fit_state.loss, **validation_metrics(student, val)}
-    logits = student.logits(val)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = softmax(student.logits(val))
     idx = [task.label_names.index(r["label"]) for r in val]
     point["val_prob"] = float(np.mean(probs[np.arange(len(val)), idx]))
     point["seed_accuracy"] = evaluate_student(student, task, seed_set)["accuracy"]

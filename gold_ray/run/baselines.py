@@ -37,8 +37,7 @@ from typing import Any
 from gold_ray.config import RunConfig
 from gold_ray.run import store
 from gold_ray.run.tasks import TaskSpec
-from gold_ray.student.evaluation import AnswerFn, evaluate_teacher_fewshot, seeded_subset
-from gold_ray.teacher.prompts import render_classify_prompt
+from gold_ray.student.evaluation import AnswerFn, evaluate_teacher_fewshot, fewshot_prompts, seeded_subset
 
 BASELINE_CACHE_ENV = "GOLD_RAY_BASELINE_CACHE"
 """Environment variable naming the folder of cached teacher rows (default ``cache_dir()/baselines``)."""
@@ -138,8 +137,7 @@ def teacher_fewshot(
         computed, ``key`` and ``cached`` (whether it came from the cache).
     """
     demos = list(task.seed_demos)
-    prompts = [render_classify_prompt(task, r, demos, prompt_style=prompt_style,  # type: ignore[arg-type]
-                                      max_demo_chars=cfg.strategy.max_demo_chars) for r in records]
+    prompts = fewshot_prompts(task, records, prompt_style=prompt_style, max_demo_chars=cfg.strategy.max_demo_chars)
     key = cache_key(cfg, task, prompts, records, teacher_path)
     path = cache_root() / f"teacher-fewshot-{key}.json"
     if use_cache and path.is_file():

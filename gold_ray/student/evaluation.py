@@ -628,17 +628,23 @@ def teacher_fewshot_predictions(
     return pred
 
 
+def fewshot_prompts(task: TaskSpec, records: Sequence[dict], *, prompt_style: str,
+                    max_demo_chars: int = 300) -> list[Prompt]:
+    """The teacher row's ``classify`` prompt for each record: the task's seed demos, then the record."""
+    from gold_ray.teacher.prompts import render_classify_prompt
+
+    demos = list(task.seed_demos)
+    return [render_classify_prompt(task, r, demos, prompt_style=prompt_style,  # type: ignore[arg-type]
+                                   max_demo_chars=max_demo_chars) for r in records]
+
+
 def teacher_readings(
     answer: TeacherEngine | AnswerFn, task: TaskSpec, records: Sequence[dict], *, prompt_style: str,
     max_demo_chars: int = 300,
 ) -> list[str]:
-    """The label the teacher reads in each record, asked as the teacher row asks (the task's seed
-    demos; ``""`` where it gives no usable answer): the label check of generated samples."""
-    from gold_ray.teacher.prompts import render_classify_prompt
-
-    demos = list(task.seed_demos)
-    prompts = [render_classify_prompt(task, r, demos, prompt_style=prompt_style,  # type: ignore[arg-type]
-                                      max_demo_chars=max_demo_chars) for r in records]
+    """The label the teacher reads in each record, asked as the teacher row asks
+    (:func:`fewshot_prompts`; ``""`` where it gives no usable answer): the label check of generated samples."""
+    prompts = fewshot_prompts(task, records, prompt_style=prompt_style, max_demo_chars=max_demo_chars)
     return teacher_fewshot_predictions(answer, prompts, task)
 
 
