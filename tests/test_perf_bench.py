@@ -5,6 +5,8 @@ No timings are asserted: these check the arithmetic, the result layout and the e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.perf import common, e2e, generation, memory, scaling, scoring, summary
@@ -149,3 +151,108 @@ def test_memory_tracker_keeps_the_peak_and_samples_a_real_process_tree():
     sample = memory.tree_memory(os.getpid(), pss=False)
     assert sample["rss"] > 0 and sample["processes"] >= 1 and sample["pss"] is None
     assert memory.tree_memory(2**22 + 12345, pss=False) is None  # no such process
+
+
+def test_e2e_runtimes_are_checked_and_run_in_a_fixed_order():
+    assert e2e.parse_runtimes("ray, authors") == ["authors", "ray"]
+    assert e2e.parse_runtimes("authors,local,ray") == list(e2e.RUNTIMES)
+    for bad in ("", "ray,spark"):
+        with pytest.raises(ValueError, match="--runtimes"):
+            e2e.parse_runtimes(bad)
+    assert e2e.runtime_dirs("runs/x", ["local", "ray"]) == {"local": Path("runs/x/local"),
+                                                            "ray": Path("runs/x/ray")}
+
+
+def test_e2e_compares_runtimes_side_by_side():
+    runs = {
+        "authors": {"start_s": 0.0, "total_s": 600.0,
+                    "event_walls": {"0": {"generate": 500.0, "train": 40.0}, "final": {"final": 60.0}}},
+        "local": {"start_s": 0.0, "total_s": 100.0,
+                  "event_walls": {"0": {"generate": 50.0, "train": 40.0}, "final": {"final": 10.0}}},
+        "ray": {"start_s": 5.0, "total_s": 110.0,
+                "event_walls": {"0": {"train": 42.0, "generate": 53.0}, "final": {"final": 10.0}}},
+    }
+    runs["authors"]["event_walls"]["0"]["feedback"] = 0.01
+    runs["ray"]["event_walls"]["0"]["feedback"] = 0.5
+    tiny = e2e.compare_runtimes(runs)["rows"][2]
+    assert tiny["stage"] == "iteration 0 feedback" and tiny["authors_over_ray"] is None  # too short to compare
+    for r in ("authors", "ray"):
+        del runs[r]["event_walls"]["0"]["feedback"]
+    comp = e2e.compare_runtimes(runs)
+    assert comp["runtimes"] == ["authors", "local", "ray"]
+    assert [r["stage"] for r in comp["rows"]] == ["iteration 0 generate", "iteration 0 train", "final",
+                                                  "Ray start", "whole run"]
+    whole = comp["rows"][-1]
+    assert (whole["authors"], whole["local"], whole["ray"]) == (600.0, 100.0, 110.0)
+    assert comp["ray_over_local"] == pytest.approx(1.1) == whole["ray_over_local"]
+    assert comp["speedup_vs_authors_loop"] == pytest.approx(600.0 / 110.0)
+    assert comp["rows"][0]["authors_over_ray"] == pytest.approx(500.0 / 53.0)
+    assert comp["rows"][3]["stage"] == "Ray start" and comp["rows"][3]["local"] is None
+    assert comp["rows"][3]["ray"] == 5.0 and comp["rows"][3]["ray_over_local"] is None
+    assert "| whole run | 600 | 100 | 110 | 1.1 | 5.45 |" in e2e.comparison_table(comp)
+    # A runtime that did not run has no column, and the ratios that need it are absent, not invented.
+    only = e2e.compare_runtimes({"ray": runs["ray"]})
+    assert only["runtimes"] == ["ray"] and only["ray_over_local"] is None
+    assert only["speedup_vs_authors_loop"] is None and "authors" not in only["rows"][-1]
+
+
+def test_authors_engine_calls_once_per_prompt_and_cuts_at_stop_strings():
+    from types import SimpleNamespace
+
+    from gold_ray.types import Generation
+
+    calls: list[int] = []
+
+    def runner(prompts):
+        calls.append(len(prompts))
+        gens = [Generation(text=f"answer {i}\n\nmore", output_tokens=7) for i in range(len(prompts))]
+        gens[-1] = Generation(text="", error="boom")
+        return {"generations": gens}
+
+    scored: list[int] = []
+
+    class Scorer(LatencyBoundEngine):
+        def option_logprobs(self, prompts, options):
+            scored.append(len(prompts))
+            return [[-1.0] * len(options) for _ in prompts]
+
+        def close(self):
+            scored.append(-1)
+
+    cfg = SimpleNamespace(teacher=SimpleNamespace(dtype="auto", max_new_tokens=16, batch_size=4,
+                                                  trust_remote_code=False), seed=0)
+    prompts = [Prompt(kind="train", label="positive", messages=({"role": "user", "content": "x"},),
+                      stop=("\n\n",)) for _ in range(3)]
+    engine = e2e.AuthorsLoopEngine(cfg, "unused", device="cpu", runner=runner,
+                                   scorer_factory=lambda: Scorer(latency_s=0))
+    gens = engine.generate(prompts, SamplingParams())
+    assert calls == [3] and [g.text for g in gens] == ["answer 0", "answer 1", ""]
+    assert gens[0].output_tokens == 7 and gens[2].error == "boom"  # tokens the pipeline wrote, errors kept
+    assert scored == []  # the scorer is built on first use only
+    assert engine.option_logprobs(prompts[:2], ["positive", "negative"]) == [[-1.0, -1.0]] * 2
+    engine.close()
+    assert scored == [2, -1]
+
+
+def test_summary_ceiling_targets_say_how_far_over():
+    assert summary.compare_target(1.3, "<=", 1.15) == {"target": 1.15, "op": "<=", "value": 1.3, "met": False,
+                                                      "shortfall": pytest.approx(1.3 / 1.15 - 1)}
+    assert summary.compare_target(1.0, "<=", 1.15)["met"] is True
+    with pytest.raises(ValueError, match="operator"):
+        summary.compare_target(1.0, "==", 1.0)
+
+
+def test_summary_picks_up_the_e2e_runtime_ratios(tmp_path):
+    res = common.new_result("e2e", "cmd", {})
+    res["headline"] = {"e2e_iteration_s": 30.0, "e2e_demo_s": 120.0, "e2e_ray_over_local": 1.2,
+                       "e2e_speedup_vs_authors_loop": 6.0}
+    s = summary.build_summary({"e2e": res})
+    assert s["e2e_demo_s"] == 120.0 and s["e2e_ray_over_local"] == 1.2
+    assert s["targets"]["e2e_ray_over_local"]["met"] is False
+    assert s["targets"]["e2e_speedup_vs_authors_loop"]["met"] is True
+    assert summary.build_summary({})["e2e_speedup_vs_authors_loop"] is None  # required, null when not run
+    common.write_result(res, "", tmp_path)
+    assert summary.main(["--out", str(tmp_path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "| e2e_ray_over_local | 1.2 | <= 1.15 | no (4% over) |" in text
+    assert "| e2e_speedup_vs_authors_loop | 6 | >= 5 | yes |" in text

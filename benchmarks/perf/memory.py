@@ -5,9 +5,9 @@
     python -m benchmarks.perf.memory [--quick] [--config demo] [--set key=value ...] [--interval 1.0]
         [--run-dir runs/perf-memory] [--overwrite] [--out DIR] [-- COMMAND ...]
 
-Runs the demo (``python -m benchmarks.perf.e2e --run-demo``, which starts a private local Ray
-whose GCS, raylet, workers, driver actor, Serve replicas, scorers and Ray Train workers are all
-its descendants) or any ``COMMAND`` after ``--``, and samples the whole process tree with psutil
+Runs the demo (``python -m benchmarks.perf.e2e --run-demo --runtimes ray``, into ``RUN_DIR/ray``,
+which starts a private local Ray whose GCS, raylet, workers, driver actor, Serve replicas, scorers
+and Ray Train workers are all its descendants) or any ``COMMAND`` after ``--``, and samples the whole process tree with psutil
 every ``--interval`` seconds. Reported: the peak of the summed RSS (counts shared pages once per
 process, so it overstates), the peak of the summed PSS (shared pages split between the processes
 that map them: the better total; Linux only), the number of processes at the peak and the largest
@@ -116,15 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(p, repeats=1)
     p.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     p.add_argument("--no-pss", action="store_true", help="sample RSS only (cheaper; PSS needs /proc/PID/smaps)")
-    p.add_argument("--run-dir", default="runs/perf-memory", help="where the demo run writes")
+    p.add_argument("--run-dir", default="runs/perf-memory", help="the demo run writes into RUN_DIR/ray")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
     args = p.parse_args(raw)
     with tempfile.TemporaryDirectory(prefix="perf-mem-") as tmp:
         if given:
             cmd, what = given, "command"
         else:
-            cmd = [sys.executable, "-m", "benchmarks.perf.e2e", "--run-demo", "--config", args.config,
-                   "--run-dir", args.run_dir, "--no-remeasure", "--out", tmp]
+            cmd = [sys.executable, "-m", "benchmarks.perf.e2e", "--run-demo", "--runtimes", "ray",
+                   "--config", args.config, "--run-dir", args.run_dir, "--no-remeasure", "--out", tmp]
             cmd += ["--quick"] if args.quick else []
             cmd += ["--overwrite"] if args.overwrite else []
             for item in args.set:
