@@ -15,7 +15,8 @@ Per worker:
    worker failure, or a second call with the same ``storage_path``/``name``), else from
    ``student_dir`` (continued training), else fresh from ``model_path``.
 2. Read every training row from the ``train`` Ray dataset, back in the order given.
-3. Train with the recipe; after each epoch rank 0 reports a checkpoint holding the student
+3. Train with the recipe; after an epoch (at most one per ``resources.train_checkpoint_every_s``)
+   rank 0 reports a checkpoint holding the student
    (``student/``), the optimiser and scheduler state with the best weights so far
    (``optimizer.pt``) and the loop's state (``train_state.json``).
 4. At the end, rank 0 reports a last checkpoint with the weights the job returns (the best epoch's,
@@ -104,6 +105,21 @@ def _nothing_to_train(records: Sequence[dict], recipe: Recipe) -> bool:
 # ---- the per-worker loop -----------------------------------------------------------------------
 
 
+def worker_threads(workers_on_node: int) -> int:
+    """Torch threads for one of ``workers_on_node`` training workers: the node's cores shared among them.
+
+    Cores are the physical ones this process may run on (torch's own default in a fresh process),
+    not the CPUs Ray booked for the worker (``ResourcesConfig.train_threads_per_worker``).
+    """
+    import os
+
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = min(usable, psutil.cpu_count(logical=False) or usable)
+    return max(1, cores // max(1, workers_on_node))
+
+
 def _load_worker_student(config: dict[str, Any], checkpoint_dir: Path | None, device: str) -> Student:
     task = load_task(config["task"])
     if checkpoint_dir is not None:
@@ -139,6 +155,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"] or worker_threads(ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
     recipe, seed = Recipe(**config["recipe"]), int(config["seed"])
     loss_fn(recipe.loss)  # fail on a bad loss name before any work
@@ -176,19 +193,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             written[0] = time.monotonic()
             _write_progress(Path(progress_file), info["step"], planned)
 
+    every_s, checkpointed = float(config["checkpoint_every_s"]), [time.monotonic()]
+
     def on_epoch(state: FitState, optimizer: Any, scheduler: Any, best: Any) -> None:
         if rank == 0 and mlflow_run:
             _log_epoch(mlflow_run, steps, state)
         steps.clear()
+        # A report waits for the Ray Train controller's next poll of the worker (up to 2 s), so
+        # an epoch reports only to checkpoint. Every rank must report as often as the others:
+        # rank 0's clock decides for all.
+        if not _rank_zero_says(time.monotonic() - checkpointed[0] >= every_s, world):
+            return
         _report(rank, student, {"fit": state.to_dict(), "resumed_from_epoch": resumed_from},
                 optimizer, scheduler, best, {"epoch": state.epoch, "loss": state.loss, "workers": world})
+        checkpointed[0] = time.monotonic()
 
     result = fit(student, rows, recipe, seed=seed, val_records=config.get("val_records") or (), model=model,
                  world_size=world, rank=rank, resume=resume, on_epoch=on_epoch, on_step=on_step)
-    result = {k: v for k, v in result.items() if k != "seconds"}
+    result = {**{k: v for k, v in result.items() if k != "seconds"}, "threads": torch.get_num_threads()}
     # The last checkpoint holds the weights the job returns (the best epoch's, with validation).
     _report(rank, student, {"fit": saved.get("fit") or {}, "resumed_from_epoch": resumed_from, "finished": True,
                             "result": result}, None, None, None, {**result, "workers": world})
+
+
+def _rank_zero_says(flag: bool, world: int) -> bool:
+    """Rank 0's ``flag``, on every rank (a broadcast over the DDP process group when there are several)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)])
+    dist.broadcast(value, src=0)
+    return bool(value.item())
 
 
 def _write_progress(path: Path, step: int, planned: int) -> None:
@@ -295,8 +331,9 @@ def train_student_on_ray(
             ``out_dir``, which every worker can write).
 
     Returns:
-        What :func:`gold_ray.student.training.fit` returns, plus ``seconds``, ``workers`` and
-        ``resumed_from_epoch``; loss NaN when there was nothing to train on.
+        What :func:`gold_ray.student.training.fit` returns, plus ``seconds``, ``workers``,
+        ``threads`` (torch threads per worker) and ``resumed_from_epoch``; loss NaN when there was
+        nothing to train on.
 
     Raises:
         ray.train.TrainingFailedError: training failed more often than ``FailureConfig`` allows.
@@ -334,6 +371,8 @@ def train_student_on_ray(
         "student_dir": student_dir,
         "student_cfg": cfg.student.model_dump(mode="json"),
         "seed": cfg.seed,
+        "threads": res.train_threads_per_worker,
+        "checkpoint_every_s": res.train_checkpoint_every_s,
         "recipe": recipe.to_dict(),
         "val_records": list(val_records),
         "mlflow": child_run,

@@ -391,8 +391,18 @@ class ResourcesConfig(_Section):
             ``{"scorer": 1}`` to place them on the nodes that advertise it.
         train_workers: Ray Train workers.
         train_use_gpu: Train on GPUs.
-        train_cpus_per_worker: CPUs per Ray Train worker.
+        train_cpus_per_worker: CPUs per Ray Train worker (what Ray schedules by).
+        train_threads_per_worker: Torch threads per Ray Train worker; None: the node's cores shared
+            among the node's training workers, as the in-process loop uses them all. Ray would give
+            a worker one thread per CPU it holds, but training runs while the teacher and the
+            scorers wait, so the cores Ray books for them lie idle: with one thread a training on
+            2 cores took about twice the in-process time (``benchmarks/perf``).
         train_resources_per_worker: Custom Ray resources per Ray Train worker, e.g. ``{"trainer": 1}``.
+        train_checkpoint_every_s: Least seconds between two Ray Train checkpoints of a training
+            (the last epoch is always checkpointed; 0: every epoch). A worker that fails resumes from
+            the latest one. The embedded student's checkpoint with its optimiser state is 348 MB
+            (0.4 to 2.3 s to write on 2 cores, then Ray Train copies it to storage), while an epoch
+            of a few hundred generated records takes seconds.
         local_ray_cpus: Logical CPUs of a Ray started locally (no ``$RAY_ADDRESS``); None means
             the machine's cores, but at least 4, so that a teacher, the scorer pool and a trainer
             fit on a 2-core laptop (they rarely compute at the same time).
@@ -407,7 +417,9 @@ class ResourcesConfig(_Section):
     train_workers: int = Field(default=1, ge=1)
     train_use_gpu: bool = False
     train_cpus_per_worker: float = Field(default=1.0, gt=0)
+    train_threads_per_worker: int | None = Field(default=None, ge=1)
     train_resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    train_checkpoint_every_s: float = Field(default=30.0, ge=0)
     local_ray_cpus: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")

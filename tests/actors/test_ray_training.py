@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from actors.training import STATE_FILE, make_ray_train_fn, run_name_for, train_student_on_ray
+from actors.training import STATE_FILE, make_ray_train_fn, run_name_for, train_student_on_ray, worker_threads
 from gold_ray.config import RunConfig
 from gold_ray.run.tasks import load_task
 from gold_ray.student.model import build_student, load_student
@@ -44,7 +44,9 @@ def _cfg(model_dir: str, workers: int) -> RunConfig:
         {
             "seed": 3,
             "student": {"model": model_dir, "batch_size": 8, "max_length": 16, "lr": 1e-3},
-            "resources": {"train_workers": workers, "train_cpus_per_worker": 0.5},
+            # A checkpoint every epoch, so that a failed worker resumes mid-run (the default writes
+            # one per 30 s, none in these sub-second epochs).
+            "resources": {"train_workers": workers, "train_cpus_per_worker": 0.5, "train_checkpoint_every_s": 0},
         }
     )
 
@@ -105,6 +107,8 @@ def test_one_worker_matches_in_process_fit_and_logs_to_mlflow(reference, model_d
     fit = local.fit(RECORDS, EPOCHS, seed=cfg.seed)
     m = reference["metrics"]
     assert m["epochs"] == EPOCHS and m["workers"] == 1 and m["steps"] == fit["steps"] == 10
+    # The worker trains on the node's cores, as the in-process loop does, not on the 0.5 CPU Ray books.
+    assert m["threads"] == worker_threads(1)
     assert m["loss"] == pytest.approx(fit["loss"], abs=1e-5)
     assert _max_diff(reference["before"], reference["after"]) > 1e-3  # it trained
     assert _max_diff(reference["after"], _state(local)) < 1e-5
@@ -134,6 +138,7 @@ def test_two_ddp_workers_match_one_worker(reference, model_dir, tmp_path):
     assert _max_diff(_state(student), reference["before"]) == 0.0
     metrics = make_ray_train_fn(cfg, "sst2", model_dir, tmp_path)(student, RECORDS, RECIPE)
     assert metrics["workers"] == 2 and metrics["steps"] == reference["metrics"]["steps"]
+    assert metrics["threads"] == worker_threads(2)  # the node's cores shared by its two workers
     # Same global batches and gradients, summed in another order: equal up to float rounding.
     assert metrics["loss"] == pytest.approx(reference["metrics"]["loss"], abs=1e-5)
     assert _max_diff(_state(student), reference["after"]) < 1e-4
