@@ -28,10 +28,11 @@ def test_real_models_in_process(tmp_path):
     from gold_ray.models import resolve_model
     from gold_ray.teacher.engines import build_engine
 
-    # 12 probes an iteration: the label check keeps about 60 % of a real teacher's samples, and a
-    # band of 2 or fewer probes is empty (as in the GOLD code).
+    # The label check on, as in the demo. 12 probes an iteration: the check keeps about 60 % of a real
+    # teacher's samples, and a band of 2 or fewer probes is empty (as in the GOLD code).
     cfg = load_config(None, ["task.name=sst2", "task.eval_limit=200", "budget.samples=48", "strategy.iterations=2",
                              "strategy.probe_fraction=0.5", "student.final_epochs=1", "teacher.batch_size=32",
+                             "teacher.check_labels=true",
                              # the teacher row answers 50 of the 200 (a real teacher answers ~3 a second here)
                              "baselines.teacher_fewshot_limit=50",
                              f"output.dir={tmp_path / 'run'}", "tracking.enabled=false"])
@@ -59,6 +60,8 @@ def test_real_models_in_process(tmp_path):
 
     rejects = pq.read_table(run / "data" / "rejects-train-it000.parquet").to_pylist()
     assert all(r["reject_reason"] for r in rejects)
+    check = it0["generate"]["label_check"]  # the teacher read back every sample it wrote
+    assert check["checked"] >= 1 and check["rejected"] == sum(r["reject_reason"] == "label_check" for r in rejects)
     assert 0.0 <= metrics["final"]["accuracy"] <= 1.0 and metrics["final"]["n"] == 200
     assert metrics["final"]["baselines"]["teacher_fewshot"]["n"] == 50
     model = AutoModelForSequenceClassification.from_pretrained(run / "student")
@@ -75,7 +78,8 @@ def test_readme_demo_on_ray_reduced(tmp_path):
     env.pop("RAY_ADDRESS")
     proc = subprocess.run(
         [str(exe), "distill", "demo", "--output", str(out), "--set", "budget.samples=16",
-         "--set", "strategy.iterations=2", "--set", "task.eval_limit=100", "--set", "student.final_epochs=1",
+         "--set", "strategy.iterations=2", "--set", "task.eval_limit=100",
+         "--set", "student.epochs_per_iteration=2", "--set", "student.final_epochs=1",
          "--set", "teacher.serve.num_cpus=0.5", "--set", "resources.scorer_num_cpus=0.5",
          "--set", "baselines.teacher_fewshot_limit=50"],
         capture_output=True, text=True, timeout=1500, env=env,
