@@ -27,7 +27,7 @@ URL is the Ray dashboard (``http://HEAD:8265``). The job runs ``python -m jobs.d
 - Environment: the variables of :data:`~gold_ray.entry.FORWARDED_ENV` (``GOLD_RAY_DATA``,
   ``GOLD_RAY_CACHE``, ``MLFLOW_TRACKING_URI``, ...) are forwarded when set here, with the ones
   that keep the job's workers quiet (:func:`~gold_ray.reporting.logs.worker_env`, as a local run's
-  are). Nothing else is, API keys included, unless named with ``--env``. For a remote cluster, a
+  are) and Ray Train's poll interval (:func:`actors.connect.ray_train_env`). Nothing else is, API keys included, unless named with ``--env``. For a remote cluster, a
   note names each forwarded path variable (:data:`PATH_ENV`): the path must exist there too.
 - Output: a relative ``output.dir`` would land in the job's temporary copy of the working dir, so
   on a local cluster it is made absolute against the working dir; for a remote cluster a warning
@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlparse
 
+from actors.connect import ray_train_env
 from gold_ray.config import ConfigError, load_config
 from gold_ray.entry import FORWARDED_ENV, SHIPPED_CONFIG_DIR, config_path
 from gold_ray.errors import UserError
@@ -168,7 +169,7 @@ def build_submission(
                   f"job; on a remote cluster it must exist there (shared storage), else pass "
                   f"--env {name}=/path/on/the/cluster", file=sys.stderr)
     # The job's own workers are as quiet as a local run's (ensure_ray adds nothing inside a job).
-    env_vars = {**worker_env(), **forwarded}
+    env_vars = {**ray_train_env(), **worker_env(), **forwarded}
     env_vars.update(_env_value(item) for item in env)
     wd = Path(working_dir).resolve()
     local = config_path(config)

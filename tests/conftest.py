@@ -100,6 +100,8 @@ def ray_cluster():
     """
     import ray
 
+    from actors.connect import ray_train_env
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     owns = not ray.is_initialized()
     # Short path: Ray's unix sockets live under it and have a ~107-character limit.
@@ -116,6 +118,7 @@ def ray_cluster():
                     "PYTHONPATH": pythonpath,
                     "TOKENIZERS_PARALLELISM": "false",
                     **FAST_SERVE_METRICS,
+                    **ray_train_env(),
                     **FAULT_HOOK,
                     **BASELINE_CACHE,
                 }

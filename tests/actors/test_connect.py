@@ -43,9 +43,11 @@ def test_a_cluster_named_by_ray_address_gets_the_forwarded_env(inits, monkeypatc
     assert kw["address"] == "10.0.0.1:6379" and kw["log_to_driver"] is False
     from gold_ray.reporting.logs import worker_env
 
-    # The user's settings travel, the checkout's PYTHONPATH does not; the workers' quiet settings join them.
+    # The user's settings travel, the checkout's PYTHONPATH does not; the workers' quiet settings and
+    # Ray Train's poll interval join them.
     assert kw["runtime_env"]["env_vars"] == {"GOLD_RAY_DATA": "/data", "HF_HUB_OFFLINE": "1",
-                                             "TOKENIZERS_PARALLELISM": "false", **worker_env()}
+                                             "TOKENIZERS_PARALLELISM": "false", **worker_env(),
+                                             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
 @pytest.mark.ray

@@ -155,7 +155,8 @@ def test_forwarded_environment_is_the_named_variables_only(tmp_path, clean_env, 
     clean_env.chdir(tmp_path)
     _, env = sub.build_submission("run.yaml", "http://127.0.0.1:8265", working_dir=tmp_path)
     # The named variables, and the ones that keep the job's workers as quiet as a local run's.
-    assert env["env_vars"] == {"GOLD_RAY_DATA": "/data", "MLFLOW_TRACKING_URI": "http://mlflow:5000", **worker_env()}
+    assert env["env_vars"] == {"GOLD_RAY_DATA": "/data", "MLFLOW_TRACKING_URI": "http://mlflow:5000", **worker_env(),
+                               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     assert env["env_vars"]["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
     _, env = sub.build_submission("run.yaml", "http://127.0.0.1:8265", working_dir=tmp_path,
                                   env=["OPENAI_API_KEY", "GOLD_RAY_DATA=/mnt/data"])
