@@ -11,7 +11,7 @@ Three cases, in this order:
 Unless ``--verbose`` (:func:`gold_ray.reporting.logs.is_verbose`), the workers' output stays in
 Ray's session logs instead of being forwarded to this process (``log_to_driver=False``), and the
 workers get :func:`gold_ray.reporting.logs.worker_env` (no progress bars). Every worker also gets
-:func:`ray_train_env` (how often Ray Train's controller polls its workers).
+:func:`gold_ray.entry.ray_train_env` (how often Ray Train's controller polls its workers).
 """
 
 from __future__ import annotations
@@ -21,23 +21,11 @@ import os
 import ray
 
 from gold_ray.config import RunConfig
-from gold_ray.entry import FORWARDED_ENV
+from gold_ray.entry import FORWARDED_ENV, ray_train_env
 from gold_ray.reporting.logs import is_verbose, worker_env
 
 _WATCHDOGS: list = []
 """The watchdog of the local Ray this process started (kept referenced for the process's life)."""
-
-RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-"""Ray Train settings for every Ray gold-ray starts or joins (:func:`ray_train_env`). The controller
-polls its workers every 2 s by default, and a training's start, each checkpoint and its end each wait
-for a poll: 20 one-step epochs of a tiny model took 16.7 s at 2 s and 13.2 s at 0.2 s (mean of four,
-on 2 cores)."""
-
-
-def ray_train_env() -> dict[str, str]:
-    """:data:`RAY_TRAIN_ENV`, each overridden by this process's own variable of the same name."""
-    return {k: os.environ.get(k, v) for k, v in RAY_TRAIN_ENV.items()}
-
 
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor in a job's entrypoint process (it holds the job's runtime_env)."""

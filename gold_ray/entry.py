@@ -16,6 +16,7 @@ this for every command, and a config error must be reported before Ray or torch 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -28,6 +29,18 @@ from gold_ray.errors import UserError
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs"
 """Folder of the configs shipped in the package (``demo``, ``tiny``, ...)."""
+
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+"""Ray Train settings for every Ray gold-ray starts or joins and every job it submits
+(:func:`ray_train_env`). The controller polls its workers every 2 s by default, and a training's
+start, each checkpoint and its end each wait for a poll: 20 one-step epochs of a tiny model took
+16.7 s at 2 s and 13.2 s at 0.2 s (mean of four, on 2 cores)."""
+
+
+def ray_train_env() -> dict[str, str]:
+    """:data:`RAY_TRAIN_ENV`, each overridden by this process's own variable of the same name."""
+    return {k: os.environ.get(k, v) for k, v in RAY_TRAIN_ENV.items()}
+
 
 FORWARDED_ENV = (
     "GOLD_RAY_DATA",

@@ -27,7 +27,8 @@ URL is the Ray dashboard (``http://HEAD:8265``). The job runs ``python -m jobs.d
 - Environment: the variables of :data:`~gold_ray.entry.FORWARDED_ENV` (``GOLD_RAY_DATA``,
   ``GOLD_RAY_CACHE``, ``MLFLOW_TRACKING_URI``, ...) are forwarded when set here, with the ones
   that keep the job's workers quiet (:func:`~gold_ray.reporting.logs.worker_env`, as a local run's
-  are) and Ray Train's poll interval (:func:`actors.connect.ray_train_env`). Nothing else is, API keys included, unless named with ``--env``. For a remote cluster, a
+  are) and Ray Train's poll interval (:func:`gold_ray.entry.ray_train_env`). Nothing else is, API
+  keys included, unless named with ``--env``. For a remote cluster, a
   note names each forwarded path variable (:data:`PATH_ENV`): the path must exist there too.
 - Output: a relative ``output.dir`` would land in the job's temporary copy of the working dir, so
   on a local cluster it is made absolute against the working dir; for a remote cluster a warning
@@ -50,9 +51,8 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlparse
 
-from actors.connect import ray_train_env
 from gold_ray.config import ConfigError, load_config
-from gold_ray.entry import FORWARDED_ENV, SHIPPED_CONFIG_DIR, config_path
+from gold_ray.entry import FORWARDED_ENV, SHIPPED_CONFIG_DIR, config_path, ray_train_env
 from gold_ray.errors import UserError
 from gold_ray.reporting.logs import worker_env
 

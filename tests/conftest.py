@@ -100,7 +100,7 @@ def ray_cluster():
     """
     import ray
 
-    from actors.connect import ray_train_env
+    from gold_ray.entry import ray_train_env
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     owns = not ray.is_initialized()
