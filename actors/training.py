@@ -109,7 +109,7 @@ def worker_threads(workers_on_node: int) -> int:
     """Torch threads for one of ``workers_on_node`` training workers: the node's cores shared among them.
 
     Cores are the physical ones this process may run on (torch's own default in a fresh process),
-    not the CPUs Ray booked for the worker (``ResourcesConfig.train_threads_per_worker``).
+    not the CPUs Ray booked for the worker; ``resources.train_threads_per_worker`` pins another count.
     """
     import os
 
@@ -202,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # A report waits for the Ray Train controller's next poll of the worker (up to 2 s), so
         # an epoch reports only to checkpoint. Every rank must report as often as the others:
         # rank 0's clock decides for all.
-        if not _rank_zero_says(time.monotonic() - checkpointed[0] >= every_s, world):
+        if not _rank_zero_says(time.monotonic() - checkpointed[0] >= every_s, world, device):
             return
         _report(rank, student, {"fit": state.to_dict(), "resumed_from_epoch": resumed_from},
                 optimizer, scheduler, best, {"epoch": state.epoch, "loss": state.loss, "workers": world})
@@ -216,13 +216,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             "result": result}, None, None, None, {**result, "workers": world})
 
 
-def _rank_zero_says(flag: bool, world: int) -> bool:
+def _rank_zero_says(flag: bool, world: int, device: Any) -> bool:
     """Rank 0's ``flag``, on every rank (a broadcast over the DDP process group when there are several)."""
     if world == 1:
         return flag
     import torch.distributed as dist
 
-    value = torch.tensor([int(flag)])
+    value = torch.tensor([int(flag)], device=device)  # NCCL, the GPU workers' backend, sends device tensors
     dist.broadcast(value, src=0)
     return bool(value.item())
 
