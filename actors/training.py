@@ -199,7 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and mlflow_run:
             _log_epoch(mlflow_run, steps, state)
         steps.clear()
-        # A report waits for the Ray Train controller's next poll of the worker (up to 2 s), so
+        # A report waits for the Ray Train controller's next poll of the worker (2 s by default), so
         # an epoch reports only to checkpoint. Every rank must report as often as the others:
         # rank 0's clock decides for all.
         if not _rank_zero_says(time.monotonic() - checkpointed[0] >= every_s, world, device):

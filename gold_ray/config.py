@@ -394,9 +394,9 @@ class ResourcesConfig(_Section):
         train_cpus_per_worker: CPUs per Ray Train worker (what Ray schedules by).
         train_threads_per_worker: Torch threads per Ray Train worker; None: the node's cores shared
             among the node's training workers, as the in-process loop uses them all. Ray would give
-            a worker one thread per CPU it holds, but training runs while the teacher and the
-            scorers wait, so the cores Ray books for them lie idle: with one thread a training on
-            2 cores took about twice the in-process time (``benchmarks/perf``).
+            a worker one thread per CPU it holds (one at the default 1 CPU, where the in-process
+            loop uses every core), but training runs while the teacher and the scorers wait, so
+            the cores Ray books for them lie idle.
         train_resources_per_worker: Custom Ray resources per Ray Train worker, e.g. ``{"trainer": 1}``.
         train_checkpoint_every_s: Least seconds between two Ray Train checkpoints of a training
             (the last epoch is always checkpointed; 0: every epoch). A worker that fails resumes from
