@@ -5,9 +5,10 @@
 
 - ``produce``: prompt rows stream through :func:`actors.pipeline.generate_iteration` (the teacher's
   Serve deployment, parsing in the caller, probes scored by the energy-scorer pool);
-- ``train``: a Ray Train job (:func:`actors.training.make_ray_train_fn`), DDP over
-  ``resources.train_workers``, its MLflow child run under the run's; rank 0's step count comes
-  back to :attr:`~gold_ray.run.runtime.Runtime.progress` while it trains;
+- ``train``: an order to the run's Ray Train worker group (:class:`actors.training.RayTrainStep`,
+  started with the teacher and kept for the run), DDP over ``resources.train_workers``, its MLflow
+  child run under the run's; rank 0's step count comes back to
+  :attr:`~gold_ray.run.runtime.Runtime.progress` while it trains;
 - ``score`` (the final noise filter): the same scorer pool, over a Ray dataset of the records;
 - ``evaluate``: a Ray task with the scorers' resources, so no model runs in the driver actor.
 - ``answer`` (the teacher-as-classifier row): the same Serve deployment, one ``generate_batch`` call
@@ -64,12 +65,28 @@ class RayRuntime(Runtime):
 
         cfg = self.run.cfg
         factory = self.engine_factory or ConfigEngineFactory(cfg.teacher, cfg.seed, model_path=self.run.teacher_path)
+        # The training workers start beside the teacher, so their start-up overlaps the first
+        # generate stage instead of delaying the first training.
+        self._train_step().start()
         start_teacher(cfg, factory, name=self.app_name)
 
+    def _train_step(self) -> Any:
+        if self._train is None:
+            from actors.training import RayTrainStep
+
+            run = self.run
+            self._train = RayTrainStep(run.cfg, run.cfg.task.name, run.student_path, run.run_dir / "ray_train",
+                                       mlflow_parent=lambda: self.run.tracking,
+                                       keep_workers=run.cfg.resources.train_keep_workers)
+        return self._train
+
     def close(self) -> None:
-        """Delete the teacher application; a finished run's scratch folders go too."""
+        """Stop the training workers and delete the teacher application; a finished run's scratch folders go too."""
         from ray import serve
 
+        if self._train is not None:
+            self._train.close()
+            self._train = None
         try:
             serve.delete(self.app_name)
         except Exception:  # noqa: BLE001 - best-effort cleanup; the run's result matters more
@@ -94,14 +111,8 @@ class RayRuntime(Runtime):
     def train(
         self, student: Student, records: list[dict[str, Any]], recipe: Recipe, val_records: Sequence[dict] = ()
     ) -> dict[str, Any]:
-        """A Ray Train job; the trained weights come back into ``student``."""
-        if self._train is None:
-            from actors.training import make_ray_train_fn
-
-            run = self.run
-            self._train = make_ray_train_fn(run.cfg, run.cfg.task.name, run.student_path, run.run_dir / "ray_train",
-                                            mlflow_parent=lambda: self.run.tracking)
-        return self._train(student, records, recipe, val_records, on_progress=self.progress)
+        """An order to the run's Ray Train workers; the trained weights come back into ``student``."""
+        return self._train_step()(student, records, recipe, val_records, on_progress=self.progress)
 
     def score(self, student: Student, checkpoint: Path | None, records: list[dict[str, Any]]) -> np.ndarray:
         """The scorer pool's scores of ``records`` (from ``checkpoint``, the student on disk)."""

@@ -403,6 +403,9 @@ class ResourcesConfig(_Section):
             the latest one. The embedded student's checkpoint with its optimiser state is 348 MB
             (0.4 to 2.3 s to write on 2 cores, then Ray Train copies it to storage), while an epoch
             of a few hundred generated records takes seconds.
+        train_keep_workers: Keep one Ray Train worker group for the whole run, started with the
+            teacher, and send it every training (its start-up, about 10 s on 2 cores, is paid once);
+            False starts a group per training and frees its CPUs (and GPUs) in between.
         local_ray_cpus: Logical CPUs of a Ray started locally (no ``$RAY_ADDRESS``); None means
             the machine's cores, but at least 4, so that a teacher, the scorer pool and a trainer
             fit on a 2-core laptop (they rarely compute at the same time).
@@ -420,6 +423,7 @@ class ResourcesConfig(_Section):
     train_threads_per_worker: int | None = Field(default=None, ge=1)
     train_resources_per_worker: dict[str, float] = Field(default_factory=dict)
     train_checkpoint_every_s: float = Field(default=30.0, ge=0)
+    train_keep_workers: bool = True
     local_ray_cpus: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")

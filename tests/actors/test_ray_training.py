@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from actors.training import STATE_FILE, make_ray_train_fn, run_name_for, train_student_on_ray, worker_threads
+from actors.training import STATE_FILE, RayTrainStep, run_name_for, train_student_on_ray, worker_threads
 from gold_ray.config import RunConfig
 from gold_ray.run.tasks import load_task
 from gold_ray.student.model import build_student, load_student
@@ -88,8 +88,11 @@ def reference(ray_cluster, model_dir, tmp_path_factory):
     tracker.start("ref")
     student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
     before = _state(student)
-    train = make_ray_train_fn(cfg, "sst2", model_dir, work / "scratch", mlflow_parent=tracker.parent_info)
-    metrics = train(student, RECORDS, RECIPE)
+    train = RayTrainStep(cfg, "sst2", model_dir, work / "scratch", mlflow_parent=tracker.parent_info)
+    try:
+        metrics = train(student, RECORDS, RECIPE)
+    finally:
+        train.close()
     return {
         "before": before,
         "after": _state(student),
@@ -112,11 +115,9 @@ def test_one_worker_matches_in_process_fit_and_logs_to_mlflow(reference, model_d
     assert m["loss"] == pytest.approx(fit["loss"], abs=1e-5)
     assert _max_diff(reference["before"], reference["after"]) > 1e-3  # it trained
     assert _max_diff(reference["after"], _state(local)) < 1e-5
-    # The hook cleaned up its scratch students and the finished Ray Train run.
-    leftovers = [
-        p for d in ("inputs", "outputs", "ray_train") for p in (reference["work"] / d).glob("train-*")
-    ]
-    assert leftovers == []
+    # The weights travelled through the object store: no student and no progress file was left on disk
+    # beside Ray Train's own checkpoint storage.
+    assert sorted(p.name for p in reference["work"].iterdir()) == [RayTrainStep.RUN_NAME]
 
     tracker = reference["tracker"]
     children = tracker.client.search_runs(
@@ -136,12 +137,40 @@ def test_two_ddp_workers_match_one_worker(reference, model_dir, tmp_path):
     cfg = _cfg(model_dir, 2)
     student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
     assert _max_diff(_state(student), reference["before"]) == 0.0
-    metrics = make_ray_train_fn(cfg, "sst2", model_dir, tmp_path)(student, RECORDS, RECIPE)
+    train = RayTrainStep(cfg, "sst2", model_dir, tmp_path)
+    try:
+        metrics = train(student, RECORDS, RECIPE)
+    finally:
+        train.close()
     assert metrics["workers"] == 2 and metrics["steps"] == reference["metrics"]["steps"]
     assert metrics["threads"] == worker_threads(2)  # the node's cores shared by its two workers
     # Same global batches and gradients, summed in another order: equal up to float rounding.
     assert metrics["loss"] == pytest.approx(reference["metrics"]["loss"], abs=1e-5)
     assert _max_diff(_state(student), reference["after"]) < 1e-4
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_kept_worker_group_serves_every_order_in_one_process(reference, model_dir, tmp_path):
+    """Two trainings, one worker group: the second starts from the first's weights, sent through the
+    object store, and ends where two in-process fits in a row end."""
+    cfg = _cfg(model_dir, 1)
+    student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
+    train = RayTrainStep(cfg, "sst2", model_dir, tmp_path)
+    try:
+        first = train(student, RECORDS, RECIPE)
+        assert _max_diff(_state(student), reference["after"]) < 1e-5
+        second = train(student, RECORDS[5:25], Recipe(lr=1e-3, epochs=1, max_epochs=1))
+    finally:
+        train.close()
+    assert not train.workers.running
+    assert second["worker_pid"] == first["worker_pid"]  # no new worker process for the second order
+    assert second["steps"] == 3 and second["resumed_from_epoch"] == 0
+
+    local = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
+    local.fit(RECORDS, EPOCHS, seed=cfg.seed)
+    local.fit(RECORDS[5:25], 1, seed=cfg.seed)
+    assert _max_diff(_state(student), _state(local)) < 1e-5
 
 
 @pytest.mark.ray
@@ -169,8 +198,9 @@ def test_nothing_to_train_copies_the_student_without_ray(model_dir, tmp_path):
     cfg = _cfg(model_dir, 2)
     student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
     before = _state(student)
-    train = make_ray_train_fn(cfg, "sst2", model_dir, tmp_path)
+    train = RayTrainStep(cfg, "sst2", model_dir, tmp_path)
     assert math.isnan(train(student, [], RECIPE)["loss"])
+    assert not train.workers.running  # no group was started for nothing
     assert _max_diff(before, _state(student)) == 0.0
     got = train_student_on_ray(
         None,
