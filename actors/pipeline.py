@@ -4,8 +4,10 @@
 
     prompt rows ──► TeacherCaller (one actor) ──────────► EnergyScorer pool ──► driver
                     (one Serve call per batch:              (only with a       (dedup, ids,
-                     TeacherDeployment.generate_batch,       checkpoint)        Parquet)
-                     answers parsed in place)
+                     TeacherDeployment.generate_batch,       checkpoint; the    Parquet)
+                     answers parsed in place)                run's warm
+                                                             ScorerPool if
+                                                             given)
 
 Ray Data's streaming executor runs the stages concurrently, so the first samples are scored
 while the teacher is still writing later ones.
@@ -40,7 +42,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from actors.routing import PREFIX_KEY_KWARG, call_prefix_key
-from actors.scoring import SCORE_COLUMN, SCORED_AT_COLUMN, SCORED_BY_COLUMN, score_dataset
+from actors.scoring import SCORE_COLUMN, SCORED_AT_COLUMN, SCORED_BY_COLUMN, ScorerPool, score_dataset
 from actors.teacher import (
     DEPLOYMENT_NAME,
     default_sampling,
@@ -203,6 +205,7 @@ def generation_dataset(
     params: SamplingParams,
     request_batch_size: int,
     request_timeout_s: float | None = None,
+    scorer_pool: ScorerPool | None = None,
 ) -> ray.data.Dataset:
     """The lazy pipeline for ``rows``: teacher calls, parsing and (with a checkpoint) scoring.
 
@@ -216,6 +219,8 @@ def generation_dataset(
         request_batch_size: Rows per caller batch; a caller sends a batch's requests at once.
         request_timeout_s: Give up on one request after this long (an error row, retried by
             :func:`generate_iteration`); None waits as long as the request is queued.
+        scorer_pool: The run's warm scorers, given ``checkpoint_dir`` as their student; None
+            starts a Ray Data actor pool for this dataset (:func:`~actors.scoring.score_dataset`).
 
     Returns:
         A dataset of record rows (see :func:`parse_row`), plus ``score``/``scored_at`` when scored.
@@ -236,7 +241,7 @@ def generation_dataset(
         num_cpus=CALLER_NUM_CPUS,
     )
     if checkpoint_dir is not None:
-        ds = score_dataset(ds, cfg, checkpoint_dir, task)
+        ds = score_dataset(ds, cfg, checkpoint_dir, task, pool=scorer_pool)
     return ds
 
 
@@ -358,6 +363,7 @@ def generate_iteration(
     request_timeout_s: float | None = None,
     retry_backoff_s: float | None = None,
     on_progress: Callable[..., None] | None = None,
+    scorer_pool: ScorerPool | None = None,
 ) -> dict[str, Any]:
     """Generate, parse and score one batch of prompts through the teacher deployment; write Parquet.
 
@@ -382,6 +388,9 @@ def generate_iteration(
             ``teacher.retry_backoff_s``.
         on_progress: Told the samples done of requested, rejects and scores so far as rows arrive
             (the runtime's :attr:`~gold_ray.run.runtime.Runtime.progress`).
+        scorer_pool: The run's :class:`~actors.scoring.ScorerPool`: its warm actors score with
+            ``checkpoint_dir`` (published once, however often the pipeline is retried). None
+            starts scorer actors for this iteration and stops them after it.
 
     Returns:
         Statistics: ``requested``, ``accepted``, ``rejected``, ``rejected_by_reason``,
@@ -404,7 +413,7 @@ def generate_iteration(
         results, retry_stats = _collect(
             rows,
             lambda subset: generation_dataset(
-                subset, cfg, task, app_name, ckpt, params, batch, request_timeout_s
+                subset, cfg, task, app_name, ckpt, params, batch, request_timeout_s, scorer_pool
             ),
             task,
             cfg.teacher.max_retries,

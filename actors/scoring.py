@@ -1,18 +1,29 @@
-"""Energy (OOD) scoring of generated samples by a pool of Ray Data actors.
+"""Energy (OOD) scoring of generated samples by a pool of Ray actors.
 
-Each :class:`EnergyScorer` actor loads the current student checkpoint once and scores every batch
-it is given; :func:`score_dataset` puts a pool of them behind ``Dataset.map_batches`` so scoring
-streams alongside generation. Only accepted samples are scored: a row with a reject reason, or
-without its input fields, gets ``NaN``.
+Each :class:`EnergyScorer` holds a student and scores every batch it is given. Two ways to run them:
+
+- :class:`ScorerPool` (what a run uses): long-lived actors, started on first use and kept for the
+  whole run with the student loaded. A new student reaches them as weights through the object
+  store, tagged with a version; an actor reloads only when a batch carries a version it does not
+  hold. Ray Data still streams the samples: a light ``map_batches`` task forwards each batch to one
+  of the warm actors. Measured on a 2-core machine with MiniLM, starting a scorer actor and
+  loading the student took 8 s; scoring 13 probes on a warm one, 0.2 s.
+- :func:`score_dataset` without a pool: a Ray Data actor pool started for that one dataset.
+
+Only accepted samples are scored: a row with a reject reason, or without its input fields, gets ``NaN``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import random
 import socket
+import tempfile
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -20,6 +31,9 @@ import ray
 from gold_ray.config import RunConfig
 from gold_ray.run.faults import fault_point
 from gold_ray.run.tasks import TaskSpec, load_task
+
+if TYPE_CHECKING:
+    from gold_ray.student.model import Student
 
 SCORE_COLUMN = "score"
 """Column the scorer writes (float64; NaN for rows that were not scored)."""
@@ -126,23 +140,251 @@ def scorer_resources(cfg: RunConfig) -> dict[str, Any]:
     return resources
 
 
+SCORER_MAX_RESTARTS = 8
+"""Times Ray restarts a pool's scorer actor that died (and resends the call it was running):
+finite, so that a process that dies on every start (out of memory loading the student) ends in
+an error rather than in restarting for ever."""
+
+CALLS_IN_FLIGHT_PER_SCORER = 2
+"""Forwarded batches per warm scorer at once: one scoring, one queued behind it, so an actor
+never waits for a forwarder's round trip between batches."""
+
+FORWARD_NUM_CPUS = 0.1
+"""CPUs of one forwarding task: it only waits for a scorer actor (Ray lends its CPU back while
+it blocks), and a whole CPU each would starve a small cluster."""
+
+
+class WarmScorer(EnergyScorer):
+    """The body of one :class:`ScorerPool` actor: an :class:`EnergyScorer` that takes new weights.
+
+    Args:
+        skeleton: One reference to the files of a saved student (``Student.save``), by path
+            relative to its folder: written to a private temporary folder, loaded and removed
+            again, so the actor needs no shared file system and survives the run deleting its
+            checkpoints. Wrapped in a list so that Ray does not resolve it before the constructor
+            runs (it warns about constructor arguments in the object store; the pool keeps this
+            one alive for the actors' restarts).
+        version: The version of the skeleton's own weights.
+        task: The task.
+        score: ``energy``, ``msp``, ``nll`` or ``random``.
+        temperature: Energy temperature T.
+        mode: Text-to-text energy mode.
+    """
+
+    def __init__(self, skeleton: list[ray.ObjectRef], version: int, task: TaskSpec, score: str = "energy",
+                 temperature: float = 1.0, mode: str = "masked"):
+        with tempfile.TemporaryDirectory(prefix="gold-ray-scorer-") as folder:
+            for name, data in ray.get(skeleton[0]).items():
+                path = Path(folder, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            super().__init__(folder, task, score=score, temperature=temperature, mode=mode)
+        self.version = version
+
+    def score_batch(self, batch: dict[str, np.ndarray], version: int, weights: list[ray.ObjectRef]
+                    ) -> dict[str, np.ndarray]:
+        """``batch`` scored by the weights of ``version``, loaded from ``weights[0]`` unless already held.
+
+        The reference comes wrapped in a list so that Ray hands it over unresolved: a call for the
+        version the actor holds does not fetch the weights at all. An actor that Ray restarted
+        holds its skeleton's version again, and so reloads by itself on its next call.
+        """
+        if version != self.version:
+            self.student.model.load_state_dict(ray.get(weights[0]))
+            self.student.model.eval()
+            self.version = version
+        return self(batch)
+
+    def describe(self) -> dict[str, Any]:
+        """``identity`` (``host:pid``, as in ``scored_by``) and the weights ``version`` it holds."""
+        return {"identity": self.identity, "version": self.version}
+
+
+# Where this worker process starts its turn over the actors: forwarding tasks run in whichever
+# worker Ray picks, so a shared counter is not available; a random start per process and a turn
+# per batch spread the batches without one.
+_turns = itertools.count(random.randrange(1 << 16))
+
+
+def _forward(batch: dict[str, np.ndarray], *, actors: list[Any], version: int,
+             weights: list[ray.ObjectRef]) -> dict[str, np.ndarray]:
+    """Ray Data function: score ``batch`` on one of the warm ``actors``, the next one if it is dead."""
+    first = next(_turns)
+    error: Exception | None = None
+    for k in range(len(actors)):
+        actor = actors[(first + k) % len(actors)]
+        try:
+            return ray.get(actor.score_batch.remote(batch, version, weights))
+        except ray.exceptions.RayActorError as err:  # restarts used up: the others take its work
+            error = err
+    assert error is not None
+    raise error
+
+
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _folder_key(folder: Path) -> tuple:
+    """What tells one saved student from another without reading it: its files' names, sizes and times."""
+    return (str(folder.resolve()), *((str(f.relative_to(folder)), st.st_size, st.st_mtime_ns)
+                                     for f in sorted(folder.rglob("*")) if f.is_file() and (st := f.stat())))
+
+
+class ScorerPool:
+    """The energy scorers of a whole run: ``resources.scorer_max_actors`` long-lived Ray actors.
+
+    Actors start on the first :meth:`score_dataset` and live until :meth:`close`, holding the
+    student in memory. :meth:`set_student` publishes new weights (one ``ray.put``, a new version);
+    each actor fetches them on its first batch of that version. Ray restarts an actor that dies
+    (``SCORER_MAX_RESTARTS``) and resends its call, which then reloads the weights by itself.
+
+    Args:
+        cfg: The run config (pool size and actor resources from ``resources``, the score from ``strategy``).
+        task: The task (name, YAML path or spec).
+    """
+
+    def __init__(self, cfg: RunConfig, task: str | TaskSpec):
+        self.cfg = cfg
+        self.task = task if isinstance(task, TaskSpec) else load_task(task)
+        self._actors: list[Any] = []
+        self._version = 0
+        self._weights: ray.ObjectRef | None = None
+        self._key: tuple | None = None
+        self._skeleton: ray.ObjectRef | None = None
+        self._skeleton_version = 0
+        self._architecture: str | None = None
+
+    @property
+    def version(self) -> int:
+        """The version of the current weights (0 before the first :meth:`set_student`)."""
+        return self._version
+
+    @property
+    def actors(self) -> list[Any]:
+        """The actor handles (empty until the first :meth:`score_dataset`, and after :meth:`close`)."""
+        return list(self._actors)
+
+    def set_student(self, student_or_checkpoint: Student | str | Path) -> int:
+        """Make ``student_or_checkpoint`` the student that later :meth:`score_dataset` calls score with.
+
+        A checkpoint folder already published (same files, sizes and times) is not published again.
+        A student of another architecture replaces the actors (they start again on next use).
+
+        Args:
+            student_or_checkpoint: A :class:`~gold_ray.student.model.Student`, or a folder it was saved to.
+
+        Returns:
+            The version the weights were published as.
+        """
+        folder = None
+        if isinstance(student_or_checkpoint, str | Path):
+            folder = Path(student_or_checkpoint)
+            key = _folder_key(folder)
+            if key == self._key:
+                return self._version
+            from gold_ray.student.model import load_student
+
+            student = load_student(folder, self.task, device="cpu")
+        else:
+            student, key = student_or_checkpoint, None
+        self._version += 1
+        self._weights = ray.put({k: v.detach().cpu() for k, v in student.model.state_dict().items()})
+        self._key = key
+        architecture = f"{type(student).__name__}:{student.model.config.to_json_string()}"
+        if architecture != self._architecture:
+            self._publish_skeleton(student, folder)
+            self._architecture = architecture
+        return self._version
+
+    def _publish_skeleton(self, student: Student, folder: Path | None) -> None:
+        """The files actors start from; actors holding another architecture are stopped."""
+        if folder is None:
+            with tempfile.TemporaryDirectory(prefix="gold-ray-skeleton-") as tmp:
+                student.save(tmp)
+                files = _folder_files(Path(tmp))
+        else:
+            files = _folder_files(folder)
+        self._stop_actors()
+        # Kept by the pool for the run: Ray passes it again to an actor it restarts.
+        self._skeleton = ray.put(files)
+        self._skeleton_version = self._version
+
+    def _start_actors(self) -> list[Any]:
+        if not self._actors:
+            s = self.cfg.strategy
+            actor = ray.remote(WarmScorer).options(
+                max_restarts=SCORER_MAX_RESTARTS, max_task_retries=SCORER_MAX_RESTARTS,
+                **scorer_resources(self.cfg))
+            self._actors = [
+                actor.remote([self._skeleton], self._skeleton_version, self.task, score=s.score,
+                             temperature=s.energy_temperature, mode=s.energy_mode)
+                for _ in range(self.cfg.resources.scorer_max_actors)
+            ]
+        return self._actors
+
+    def score_dataset(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        """``ds`` with ``score``, ``scored_at`` and ``scored_by`` columns from the warm actors (lazy).
+
+        The dataset scores with the weights current now, even if :meth:`set_student` is called
+        again before it runs.
+
+        Raises:
+            RuntimeError: no student was set yet.
+        """
+        if self._weights is None:
+            raise RuntimeError("ScorerPool.score_dataset before set_student")
+        actors = self._start_actors()
+        return ds.map_batches(
+            _forward,
+            fn_kwargs={"actors": actors, "version": self._version, "weights": [self._weights]},
+            batch_size=self.cfg.resources.scorer_batch_size,
+            batch_format="numpy",
+            compute=ray.data.TaskPoolStrategy(size=len(actors) * CALLS_IN_FLIGHT_PER_SCORER),
+            num_cpus=FORWARD_NUM_CPUS,
+        )
+
+    def _stop_actors(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+
+    def close(self) -> None:
+        """Kill the actors and release the weights; a later :meth:`set_student` starts afresh."""
+        self._stop_actors()
+        self._weights = self._skeleton = self._key = self._architecture = None
+
+    def __enter__(self) -> ScorerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def score_dataset(
-    ds: ray.data.Dataset, cfg: RunConfig, checkpoint_dir: str, task: str | TaskSpec
+    ds: ray.data.Dataset, cfg: RunConfig, checkpoint_dir: str, task: str | TaskSpec,
+    pool: ScorerPool | None = None,
 ) -> ray.data.Dataset:
     """``ds`` with a ``score`` column computed by a pool of :class:`EnergyScorer` actors (lazy).
 
-    The pool size is ``resources.scorer_min_actors`` (default: the maximum) to
-    ``scorer_max_actors``; the score, its temperature and the text-to-text mode come from the ``strategy`` section.
+    Without ``pool``, a Ray Data actor pool started for this dataset, of ``resources.scorer_min_actors``
+    (default: the maximum) to ``scorer_max_actors`` actors, each loading ``checkpoint_dir``. With
+    ``pool``, its warm actors, after ``pool.set_student(checkpoint_dir)``. The score, its
+    temperature and the text-to-text mode come from the ``strategy`` section.
 
     Args:
         ds: Rows with the task's input fields (and ``reject_reason``, if any row is rejected).
         cfg: The run config.
         checkpoint_dir: The student checkpoint to score with.
-        task: The task (name, YAML path or spec).
+        task: The task (name, YAML path or spec); a pool scores for its own.
+        pool: The run's :class:`ScorerPool`, or None.
 
     Returns:
         The lazily mapped dataset.
     """
+    if pool is not None:
+        pool.set_student(checkpoint_dir)
+        return pool.score_dataset(ds)
     r, s = cfg.resources, cfg.strategy
     return ds.map_batches(
         EnergyScorer,

@@ -162,3 +162,30 @@ def test_a_replica_crash_mid_iteration_is_retried(serve_apps, sst2, tmp_path):
     assert marker.exists()  # the replica did die
     assert stats["accepted"] == 8 and stats["rejected_by_reason"] == {}
     assert stats["attempts"] >= 2
+
+
+@pytest.mark.ray
+def test_iterations_given_the_run_s_scorer_pool_score_on_one_warm_actor_with_each_checkpoint(
+        serve_apps, student_ckpt, tiny_student, sst2, tmp_path):
+    import ray
+
+    from actors.scoring import ScorerPool
+    from gold_ray.student.model import ClassifierStudent, load_student
+
+    cfg = make_cfg()
+    handle = serve_apps(build_teacher_app(cfg, FakeTeacherEngine), "warm-scorers")
+    other = tmp_path / "other-ckpt"
+    ClassifierStudent(sst2, tiny_student, device="cpu", seed=1).save(other)
+    seen = []
+    with ScorerPool(cfg, sst2) as pool:
+        for i, ckpt in enumerate((student_ckpt, str(other))):
+            out = tmp_path / f"train-it{i:03d}.parquet"
+            stats = generate_iteration(chat_prompts(6), cfg, sst2, handle, ckpt, out, iteration=i, scorer_pool=pool)
+            [actor] = pool.actors
+            seen.append(ray.get(actor.describe.remote()))
+            accepted = [r for r in read_parts([out]) if r["reject_reason"] is None]
+            assert stats["scored"] == len(accepted) > 0 and stats["scorer_actors"] == 1
+            expected = load_student(ckpt, sst2).ood_scores(accepted)
+            assert [r["score"] for r in accepted] == pytest.approx(list(expected), rel=1e-5)
+    assert [s["version"] for s in seen] == [1, 2]
+    assert seen[0]["identity"] == seen[1]["identity"], "the second iteration started no scorer"

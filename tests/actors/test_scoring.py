@@ -66,3 +66,90 @@ def test_score_dataset_runs_a_pool_of_scorers(ray_cluster, student_ckpt, sst2):
     for row in out:
         assert math.isnan(row["score"]) == (row["reject_reason"] is not None)
     assert len({row["scored_by"] for row in out}) == 2
+
+
+# --- the run's warm pool --------------------------------------------------------------------------
+
+# Accepted rows carry "" as the pipeline's rows do: Ray Data hands a block whose reasons are all
+# None to a scorer as float32 NaN, which scorable_rows reads as a reason and leaves unscored.
+SCORABLE = [dict(ROWS[i % 3], text=f"{ROWS[i % 3]['text']} ({i})" if ROWS[i % 3]["text"] else "", i=i,
+                 reject_reason=ROWS[i % 3]["reject_reason"] or "") for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def two_students(tmp_path_factory, sst2, tiny_student):
+    """Two classifier students of one architecture whose heads differ (seeds 1 and 2), saved."""
+    from gold_ray.student.model import ClassifierStudent
+
+    out = []
+    for seed in (1, 2):
+        folder = tmp_path_factory.mktemp(f"student-seed{seed}")
+        student = ClassifierStudent(sst2, tiny_student, device="cpu", seed=seed)
+        student.save(folder)
+        out.append((student, str(folder)))
+    return out
+
+
+def _scored(pool, ray, rows=SCORABLE):
+    """The rows scored by ``pool``, in input order."""
+    out = pool.score_dataset(ray.data.from_items(rows, override_num_blocks=3)).take_all()
+    return sorted(out, key=lambda r: r["i"])
+
+
+def _expected(student, rows=SCORABLE):
+    """What ``student`` scores in this process (NaN where the pool leaves rows unscored)."""
+    expected = np.full(len(rows), np.nan)
+    keep = [i for i, r in enumerate(rows) if not r["reject_reason"]]
+    expected[keep] = student.ood_scores([rows[i] for i in keep])
+    return expected
+
+
+@pytest.mark.ray
+def test_one_warm_actor_scores_successive_students_with_their_own_weights(ray_cluster, sst2, two_students):
+    from actors.scoring import ScorerPool
+
+    (a, a_dir), (b, b_dir) = two_students
+    assert not np.allclose(_expected(a)[[0, 2]], _expected(b)[[0, 2]]), "the two students must score apart"
+    with ScorerPool(make_cfg(resources={"scorer_batch_size": 3}), sst2) as pool:
+        assert pool.set_student(a_dir) == 1
+        first = _scored(pool, ray_cluster)
+        assert pool.set_student(a_dir) == 1, "the same checkpoint is not published again"
+        assert pool.set_student(b_dir) == 2
+        second = _scored(pool, ray_cluster)
+        assert pool.set_student(a) == 3, "a student object is published as it is"
+        third = _scored(pool, ray_cluster)
+        [actor] = pool.actors
+        held = ray_cluster.get(actor.describe.remote())
+
+    for out, student in ((first, a), (second, b), (third, a)):
+        np.testing.assert_allclose([r["score"] for r in out], _expected(student), rtol=1e-5)
+    # One process did all of it: new weights, not new actors.
+    assert len({r["scored_by"] for r in first + second + third}) == 1
+    assert held == {"identity": first[0]["scored_by"], "version": 3}
+    assert pool.actors == []
+
+
+@pytest.mark.ray
+def test_score_dataset_with_a_pool_scores_on_its_warm_actors(ray_cluster, sst2, two_students):
+    from actors.scoring import ScorerPool
+
+    (a, a_dir), (b, b_dir) = two_students
+    cfg = make_cfg(resources={"scorer_max_actors": 2, "scorer_batch_size": 2})
+    pool = ScorerPool(cfg, sst2)
+    try:
+        runs = [score_dataset(ray_cluster.data.from_items(SCORABLE, override_num_blocks=5), cfg, d, sst2, pool=pool)
+                .take_all() for d in (a_dir, b_dir)]
+        actors = {ray_cluster.get(x.describe.remote())["identity"] for x in pool.actors}
+    finally:
+        pool.close()
+    for out, student in zip(runs, (a, b), strict=True):
+        out.sort(key=lambda r: r["i"])
+        np.testing.assert_allclose([r["score"] for r in out], _expected(student), rtol=1e-5)
+        assert {r["scored_by"] for r in out} <= actors and len(actors) == 2
+
+
+def test_a_pool_without_a_student_refuses_to_score(sst2):
+    from actors.scoring import ScorerPool
+
+    with pytest.raises(RuntimeError, match="before set_student"):
+        ScorerPool(make_cfg(), sst2).score_dataset(None)
