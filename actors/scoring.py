@@ -21,6 +21,7 @@ import os
 import random
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -180,20 +181,34 @@ class WarmScorer(EnergyScorer):
                 path.write_bytes(data)
             super().__init__(folder, task, score=score, temperature=temperature, mode=mode)
         self.version = version
+        # The pool runs this actor with several threads so that a forwarder can ask whether it is
+        # free without queueing behind a batch; the student scores one batch at a time.
+        self._scoring = threading.Lock()
 
-    def score_batch(self, batch: dict[str, np.ndarray], version: int, weights: list[ray.ObjectRef]
-                    ) -> dict[str, np.ndarray]:
+    def score_batch(self, batch: dict[str, np.ndarray], version: int, weights: list[ray.ObjectRef],
+                    wait: bool = True) -> dict[str, np.ndarray] | None:
         """``batch`` scored by the weights of ``version``, loaded from ``weights[0]`` unless already held.
 
         The reference comes wrapped in a list so that Ray hands it over unresolved: a call for the
         version the actor holds does not fetch the weights at all. An actor that Ray restarted
         holds its skeleton's version again, and so reloads by itself on its next call.
+
+        Args:
+            batch: A numpy batch.
+            version: The weights' version.
+            weights: ``[ObjectRef]`` of the weights' state dict.
+            wait: False returns None at once when the actor is scoring another batch.
         """
-        if version != self.version:
-            self.student.model.load_state_dict(ray.get(weights[0]))
-            self.student.model.eval()
-            self.version = version
-        return self(batch)
+        if not self._scoring.acquire(blocking=wait):
+            return None
+        try:
+            if version != self.version:
+                self.student.model.load_state_dict(ray.get(weights[0]))
+                self.student.model.eval()
+                self.version = version
+            return self(batch)
+        finally:
+            self._scoring.release()
 
     def describe(self) -> dict[str, Any]:
         """``identity`` (``host:pid``, as in ``scored_by``) and the weights ``version`` it holds."""
@@ -208,13 +223,24 @@ _turns = itertools.count(random.randrange(1 << 16))
 
 def _forward(batch: dict[str, np.ndarray], *, actors: list[Any], version: int,
              weights: list[ray.ObjectRef]) -> dict[str, np.ndarray]:
-    """Ray Data function: score ``batch`` on one of the warm ``actors``, the next one if it is dead."""
+    """Ray Data function: score ``batch`` on an idle warm actor, else queue it at this turn's actor
+    (the next one if that one is dead)."""
     first = next(_turns)
-    error: Exception | None = None
-    for k in range(len(actors)):
-        actor = actors[(first + k) % len(actors)]
+    order = [actors[(first + k) % len(actors)] for k in range(len(actors))]
+    ref = ray.put(batch)  # sent once, however many actors are asked
+    # Independent turns leave one actor with three batches and another idle often enough (seen
+    # with four batches on two actors) that asking first pays for its round trips.
+    for actor in order:
         try:
-            return ray.get(actor.score_batch.remote(batch, version, weights))
+            out = ray.get(actor.score_batch.remote(ref, version, weights, False))
+        except ray.exceptions.RayActorError:
+            continue
+        if out is not None:
+            return out
+    error: Exception | None = None
+    for actor in order:
+        try:
+            return ray.get(actor.score_batch.remote(ref, version, weights))
         except ray.exceptions.RayActorError as err:  # restarts used up: the others take its work
             error = err
     assert error is not None
@@ -313,13 +339,16 @@ class ScorerPool:
     def _start_actors(self) -> list[Any]:
         if not self._actors:
             s = self.cfg.strategy
+            actors = self.cfg.resources.scorer_max_actors
+            # A thread for every forwarder that may wait here and one more, so that asking whether
+            # the actor is free never queues behind them.
             actor = ray.remote(WarmScorer).options(
                 max_restarts=SCORER_MAX_RESTARTS, max_task_retries=SCORER_MAX_RESTARTS,
-                **scorer_resources(self.cfg))
+                max_concurrency=actors * CALLS_IN_FLIGHT_PER_SCORER + 1, **scorer_resources(self.cfg))
             self._actors = [
                 actor.remote([self._skeleton], self._skeleton_version, self.task, score=s.score,
                              temperature=s.energy_temperature, mode=s.energy_mode)
-                for _ in range(self.cfg.resources.scorer_max_actors)
+                for _ in range(actors)
             ]
         return self._actors
 
