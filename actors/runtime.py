@@ -10,7 +10,10 @@
   child run under the run's; rank 0's step count comes back to
   :attr:`~gold_ray.run.runtime.Runtime.progress` while it trains;
 - ``score`` (the final noise filter): the same scorer pool, over a Ray dataset of the records;
-- ``evaluate``: a Ray task with the scorers' resources, so no model runs in the driver actor.
+  the pool's actors (:class:`actors.scoring.ScorerPool`) start with the first scoring and keep
+  the student loaded for the run, each new student reaching them as weights;
+- ``evaluate``: on one of the pool's warm scorers (the student's weights sent to it), so no model
+  runs in the driver actor.
 - ``answer`` (the teacher-as-classifier row): the same Serve deployment, one ``generate_batch`` call
   per ``teacher.batch_size`` prompts.
 """
@@ -24,13 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 
 from gold_ray.run.runtime import Produced, Runtime
 from gold_ray.run.store import read_parts
-from gold_ray.run.tasks import TaskSpec
-from gold_ray.student.evaluation import evaluate_student
-from gold_ray.student.model import Student, load_student
+from gold_ray.student.model import Student
 from gold_ray.student.training import Recipe
 from gold_ray.teacher.parsing import Deduplicator
 from gold_ray.types import Generation, Prompt, SamplingParams
@@ -58,6 +58,7 @@ class RayRuntime(Runtime):
         self.app_name = app_name
         self.engine_factory = engine_factory
         self._train = None
+        self._scorers = None
 
     def start(self) -> None:
         """Start the teacher deployment (replicas build their engines) for the whole run."""
@@ -80,6 +81,14 @@ class RayRuntime(Runtime):
                                        keep_workers=run.cfg.resources.train_keep_workers)
         return self._train
 
+    def _scorer_pool(self) -> Any:
+        """The run's warm energy scorers (:class:`actors.scoring.ScorerPool`); they start on first use."""
+        if self._scorers is None:
+            from actors.scoring import ScorerPool
+
+            self._scorers = ScorerPool(self.run.cfg, self.run.task)
+        return self._scorers
+
     def close(self) -> None:
         """Stop the training workers and delete the teacher application; a finished run's scratch folders go too."""
         from ray import serve
@@ -87,6 +96,9 @@ class RayRuntime(Runtime):
         if self._train is not None:
             self._train.close()
             self._train = None
+        if self._scorers is not None:
+            self._scorers.close()
+            self._scorers = None
         try:
             serve.delete(self.app_name)
         except Exception:  # noqa: BLE001 - best-effort cleanup; the run's result matters more
@@ -103,7 +115,8 @@ class RayRuntime(Runtime):
         tmp = self.run.run_dir / "tmp" / f"{kind}-it{iteration:03d}.parquet"
         ckpt = str(checkpoint) if student is not None and checkpoint is not None else None
         stats = generate_iteration(prompts, self.run.cfg, self.run.task, self.app_name, ckpt, tmp,
-                                   iteration=iteration, dedup=dedup, on_progress=self.progress)
+                                   iteration=iteration, dedup=dedup, on_progress=self.progress,
+                                   scorer_pool=self._scorer_pool())
         records = read_parts([tmp])
         tmp.unlink(missing_ok=True)
         return records, {k: stats.get(k) for k in PRODUCE_STATS}
@@ -123,7 +136,8 @@ class RayRuntime(Runtime):
         from actors.scoring import SCORE_COLUMN, score_dataset
 
         rows = [{**{k: r.get(k) for k in self.run.task.field_names}, "_row": i} for i, r in enumerate(records)]
-        ds = score_dataset(ray.data.from_items(rows), self.run.cfg, str(checkpoint), self.run.task)
+        ds = score_dataset(ray.data.from_items(rows), self.run.cfg, str(checkpoint), self.run.task,
+                           pool=self._scorer_pool())
         scores = np.full(len(records), np.nan)
         self.progress("scored", 0, len(records))
         for done, row in enumerate(ds.iter_rows(), start=1):
@@ -147,22 +161,7 @@ class RayRuntime(Runtime):
         return out
 
     def evaluate(self, student: Student, checkpoint: Path | None, records: list[dict[str, Any]]) -> dict[str, Any]:
-        """The student's metrics, computed by a Ray task with the scorers' resources."""
+        """The student's metrics, computed on one of the run's warm scorers (no model runs in the driver actor)."""
         if not records:
             return {}
-        # The student travels through the object store as its weights, not as a file.
-        weights = ray.put({k: v.detach().cpu() for k, v in student.model.state_dict().items()})
-        src = self.run.run_dir / "tmp" / "eval-student"
-        if not (src / "config.json").is_file():
-            student.save(src)
-        from actors.scoring import scorer_resources
-
-        task = _evaluate_remote.options(**scorer_resources(self.run.cfg))
-        return ray.get(task.remote(str(src), self.run.task, weights, records))
-
-
-@ray.remote
-def _evaluate_remote(student_dir: str, task: TaskSpec, weights: dict[str, Any], records: list[dict]) -> dict:
-    student = load_student(student_dir, task)
-    student.model.load_state_dict(weights)
-    return evaluate_student(student, task, records)
+        return self._scorer_pool().evaluate(student, records)

@@ -50,7 +50,7 @@ def _missing(value: Any) -> bool:
     """True for the ways an absent string shows up in a numpy batch: None, NaN, empty."""
     if value is None:
         return True
-    if isinstance(value, float) and math.isnan(value):
+    if isinstance(value, float | np.floating) and math.isnan(value):
         return True
     return isinstance(value, str) and not value.strip()
 
@@ -202,13 +202,25 @@ class WarmScorer(EnergyScorer):
         if not self._scoring.acquire(blocking=wait):
             return None
         try:
-            if version != self.version:
-                self.student.model.load_state_dict(ray.get(weights[0]))
-                self.student.model.eval()
-                self.version = version
+            self._hold(version, weights)
             return self(batch)
         finally:
             self._scoring.release()
+
+    def _hold(self, version: int, weights: list[ray.ObjectRef]) -> None:
+        if version != self.version:
+            self.student.model.load_state_dict(ray.get(weights[0]))
+            self.student.model.eval()
+            self.version = version
+
+    def evaluate(self, records: list[dict[str, Any]], version: int, weights: list[ray.ObjectRef]) -> dict[str, Any]:
+        """The metrics of :func:`gold_ray.student.evaluation.evaluate_student` on ``records``, with the
+        weights of ``version`` (loaded as :meth:`score_batch` does)."""
+        from gold_ray.student.evaluation import evaluate_student
+
+        with self._scoring:
+            self._hold(version, weights)
+            return evaluate_student(self.student, self.task, records)
 
     def describe(self) -> dict[str, Any]:
         """``identity`` (``host:pid``, as in ``scored_by``) and the weights ``version`` it holds."""
@@ -372,6 +384,14 @@ class ScorerPool:
             compute=ray.data.TaskPoolStrategy(size=len(actors) * CALLS_IN_FLIGHT_PER_SCORER),
             num_cpus=FORWARD_NUM_CPUS,
         )
+
+    def evaluate(self, student: Student, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """``student``'s metrics on ``records`` (:func:`gold_ray.student.evaluation.evaluate_student`),
+        computed on a warm actor: no process starts for an evaluation, and the actors' resources are
+        the only ones an evaluation needs."""
+        self.set_student(student)
+        actor = self._start_actors()[0]
+        return ray.get(actor.evaluate.remote(list(records), self._version, [self._weights]))
 
     def _stop_actors(self) -> None:
         for actor in self._actors:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.perf import common, e2e, generation, memory, scaling, scoring, summary
+from benchmarks.perf import common, e2e, generation, memory, scaling, scoring, summary, training
 from gold_ray.testing import LatencyBoundEngine
 from gold_ray.types import Prompt, SamplingParams
 
@@ -256,3 +256,21 @@ def test_summary_picks_up_the_e2e_runtime_ratios(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "| e2e_ray_over_local | 1.2 | <= 1.15 | no (4% over) |" in text
     assert "| e2e_speedup_vs_authors_loop | 6 | >= 5 | yes |" in text
+
+
+def test_training_records_come_from_seed_demos_and_are_all_different():
+    from gold_ray.run.tasks import load_task
+
+    task = load_task("sst2")
+    recs = training.training_records(task, 3 * len(task.seed_demos))
+    assert len(recs) == 3 * len(task.seed_demos) and len({r["text"] for r in recs}) == len(recs)
+    assert {r[task.target_key] for r in recs} <= set(task.label_names)
+
+
+def test_summary_holds_the_ray_training_fixed_cost_against_its_ceiling():
+    res = common.new_result("training", "cmd", {})
+    res["headline"] = {"train_fixed_cost_ray_s": 7.5, "train_group_start_s": 12.0}
+    s = summary.build_summary({"training": res})
+    assert s["targets"]["train_fixed_cost_ray_s"] == {"target": 5.0, "op": "<=", "value": 7.5, "met": False,
+                                                      "shortfall": 0.5}
+    assert summary.build_summary({})["train_fixed_cost_ray_s"] is None

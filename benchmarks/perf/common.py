@@ -443,7 +443,10 @@ def start_local_ray(num_cpus: int) -> Any:
         return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false"}
+    from gold_ray.entry import ray_train_env
+
+    # What a run's own Ray gets (actors.connect): Ray Train's poll interval among it.
+    env = {**ray_train_env(), "PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false"}
     for key in ("GOLD_RAY_DATA", "GOLD_RAY_CACHE", "HF_HUB_OFFLINE"):
         if os.environ.get(key):
             env[key] = os.environ[key]

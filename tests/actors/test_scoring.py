@@ -64,7 +64,7 @@ def test_score_dataset_runs_a_pool_of_scorers(ray_cluster, student_ckpt, sst2):
         ctx.wait_for_min_actors_s = saved
     assert len(out) == 24
     for row in out:
-        assert math.isnan(row["score"]) == (row["reject_reason"] is not None)
+        assert math.isnan(row["score"]) == isinstance(row["reject_reason"], str)
     assert len({row["scored_by"] for row in out}) == 2
 
 
@@ -146,6 +146,26 @@ def test_score_dataset_with_a_pool_scores_on_its_warm_actors(ray_cluster, sst2, 
         out.sort(key=lambda r: r["i"])
         np.testing.assert_allclose([r["score"] for r in out], _expected(student), rtol=1e-5)
         assert {r["scored_by"] for r in out} <= actors and len(actors) == 2
+
+
+@pytest.mark.ray
+def test_a_warm_scorer_evaluates_each_student_with_its_own_weights(ray_cluster, sst2, two_students):
+    from actors.scoring import ScorerPool
+    from gold_ray.student.evaluation import evaluate_student
+
+    (a, a_dir), (b, _) = two_students
+    labelled = [{"text": t, "label": lab} for t, lab in (("a fine film", "positive"), ("dull and long", "negative"),
+                                                        ("superb acting", "positive"), ("a weak plot", "negative"))]
+    with ScorerPool(make_cfg(), sst2) as pool:
+        pool.set_student(a_dir)
+        scored = _scored(pool, ray_cluster)
+        got = [pool.evaluate(student, labelled) for student in (b, a)]
+        [actor] = pool.actors
+        held = ray_cluster.get(actor.describe.remote())
+    want = [evaluate_student(student, sst2, labelled) for student in (b, a)]
+    assert want[0] != want[1], "the two students must predict apart"
+    assert got == want
+    assert held["identity"] == scored[0]["scored_by"]  # the scoring actor evaluated too: nothing started
 
 
 def test_a_pool_without_a_student_refuses_to_score(sst2):
