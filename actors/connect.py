@@ -16,6 +16,7 @@ workers get :func:`gold_ray.reporting.logs.worker_env` (no progress bars). Every
 
 from __future__ import annotations
 
+import math
 import os
 
 import ray
@@ -36,10 +37,34 @@ def in_ray_job() -> bool:
     return JOB_CONFIG_ENV in os.environ
 
 
+def held_cpus(cfg: RunConfig) -> float:
+    """The CPUs a run books at once on Ray: the teacher's replicas at their most, the warm scorers,
+    the kept training workers and the teacher caller of a generate stage."""
+    from actors.pipeline import CALLER_NUM_CPUS
+
+    serve, res = cfg.teacher.serve, cfg.resources
+    return (serve.max_replicas * serve.num_cpus + res.scorer_max_actors * res.scorer_num_cpus
+            + res.train_workers * res.train_cpus_per_worker + CALLER_NUM_CPUS)
+
+
+def local_ray_cpus(cfg: RunConfig | None) -> int:
+    """Logical CPUs of a Ray started for ``cfg``: ``resources.local_ray_cpus`` when set, else enough
+    for :func:`held_cpus` and at least the machine's cores, and 4.
+
+    Logical CPUs are Ray's bookkeeping, not cores: the actors a run keeps share the machine's cores
+    and rarely compute at the same time (the scorers and the trainers wait while the teacher
+    writes), but each must be placed, or the run waits for ever.
+    """
+    if cfg is not None and cfg.resources.local_ray_cpus:
+        return cfg.resources.local_ray_cpus
+    need = math.ceil(held_cpus(cfg)) if cfg is not None else 0
+    return max(4, os.cpu_count() or 1, need)
+
+
 def ensure_ray(cfg: RunConfig | None = None) -> None:
     """Connect to Ray unless this process already is (see the module docstring for which Ray).
 
-    A local Ray gets ``resources.local_ray_cpus`` logical CPUs (default: the cores, at least 4).
+    A local Ray gets :func:`local_ray_cpus` logical CPUs.
     """
     if ray.is_initialized():
         return
@@ -54,8 +79,7 @@ def ensure_ray(cfg: RunConfig | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=is_verbose())
     else:
-        cpus = cfg.resources.local_ray_cpus if cfg is not None else None
-        cpus = cpus or max(4, os.cpu_count() or 1)
+        cpus = local_ray_cpus(cfg)
         # address="local": a Ray of this run's own even when another runs on this machine (a
         # `ray start --head`, another run), which a plain ray.init() would join instead.
         # No dashboard; and should one be turned on, it listens on loopback only, like Serve.

@@ -150,9 +150,9 @@ CALLS_IN_FLIGHT_PER_SCORER = 2
 """Forwarded batches per warm scorer at once: one scoring, one queued behind it, so an actor
 never waits for a forwarder's round trip between batches."""
 
-FORWARD_NUM_CPUS = 0.1
-"""CPUs of one forwarding task: it only waits for a scorer actor (Ray lends its CPU back while
-it blocks), and a whole CPU each would starve a small cluster."""
+FORWARD_NUM_CPUS = 0.0
+"""CPUs of one forwarding task: none, as it only waits for a scorer actor; any share would have
+to be free beside the run's warm actors, which may book every CPU of a small cluster."""
 
 
 class WarmScorer(EnergyScorer):

@@ -435,6 +435,7 @@ class TrainingWorkers:
         import ray.train
         from ray.train.torch import TorchTrainer
 
+        self._shutdown()  # the order book of a group that ended (failed) goes with it
         res = self.cfg.resources
         self._orders = ray.remote(num_cpus=0)(OrderBook).remote()
         config = {

@@ -407,8 +407,10 @@ class ResourcesConfig(_Section):
             teacher, and send it every training (its start-up, about 10 s on 2 cores, is paid once);
             False starts a group per training and frees its CPUs (and GPUs) in between.
         local_ray_cpus: Logical CPUs of a Ray started locally (no ``$RAY_ADDRESS``); None means
-            the machine's cores, but at least 4, so that a teacher, the scorer pool and a trainer
-            fit on a 2-core laptop (they rarely compute at the same time).
+            enough for everything a run books at once (the teacher's replicas at their most, the
+            scorers, the training workers and the teacher caller), and at least the machine's
+            cores and 4: a teacher, the scorer pool and a trainer share a 2-core laptop's cores,
+            as they rarely compute at the same time, but each must be placed.
     """
 
     scorer_min_actors: int | None = Field(default=None, ge=1)

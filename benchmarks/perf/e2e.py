@@ -315,11 +315,12 @@ def run_runtime(runtime: str, cfg: Any) -> dict[str, Any]:
     start_s = 0.0
     t0 = t_run = time.perf_counter()
     if runtime == "ray":
+        from actors.connect import local_ray_cpus
         from actors.driver import run_on_ray
 
         # A private Ray, never one already running on this machine; its start is what a
         # `gold-ray distill` user waits for too, so it counts in the total.
-        start_local_ray(cfg.resources.local_ray_cpus or max(4, os.cpu_count() or 1))
+        start_local_ray(local_ray_cpus(cfg))  # what gold-ray distill's own Ray gets
         start_s = time.perf_counter() - t0
         t_run = time.perf_counter()
         try:

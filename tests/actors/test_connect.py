@@ -65,3 +65,17 @@ def test_a_local_run_starts_its_own_ray_beside_one_already_running(ray_cluster, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     [own] = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("GCS ")]
     assert own != ray_cluster.get_runtime_context().gcs_address
+
+
+def test_a_local_ray_has_cpus_for_everything_a_run_keeps_at_once():
+    from actors.connect import held_cpus, local_ray_cpus
+    from gold_ray.config import RunConfig
+
+    demo = RunConfig.model_validate({"teacher": {"serve": {"num_cpus": 2, "max_replicas": 2}},
+                                     "resources": {"scorer_max_actors": 2, "scorer_num_cpus": 0.5,
+                                                   "train_workers": 2, "train_cpus_per_worker": 1}})
+    assert held_cpus(demo) == 2 * 2 + 2 * 0.5 + 2 * 1 + 0.25
+    assert local_ray_cpus(demo) == 8  # every kept actor placed: none waits for another to end
+    assert local_ray_cpus(RunConfig()) == max(4, os.cpu_count() or 1)
+    assert local_ray_cpus(demo.model_copy(update={"resources": demo.resources.model_copy(
+        update={"local_ray_cpus": 3})})) == 3  # the user's setting wins

@@ -194,6 +194,30 @@ def test_failed_worker_is_retried_and_a_later_call_resumes_the_run(reference, mo
     assert len(list((tmp_path / "storage" / "retry").rglob(STATE_FILE))) == 1  # num_to_keep=1
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_group_that_fails_for_good_raises_and_the_next_training_starts_a_new_one(reference, model_dir, tmp_path):
+    import ray.train
+
+    cfg = _cfg(model_dir, 1)
+    for k in range(3):  # one failure more than FailureConfig(max_failures=2) retries
+        plan_fault("train.step", tmp_path / f"failed-{k}", rank=0, epoch=0, batch=1)
+    student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
+    before = _state(student)
+    train = RayTrainStep(cfg, "sst2", model_dir, tmp_path / "work")
+    try:
+        with pytest.raises(ray.train.TrainingFailedError):
+            train(student, RECORDS, RECIPE)
+        assert not train.workers.running
+        assert _max_diff(before, _state(student)) == 0.0  # nothing half-trained came back
+        metrics = train(student, RECORDS, RECIPE)
+    finally:
+        train.close()
+    assert all((tmp_path / f"failed-{k}").exists() for k in range(3))
+    assert metrics["steps"] == 10 and metrics["resumed_from_epoch"] == 0
+    assert _max_diff(_state(student), reference["after"]) < 1e-5
+
+
 def test_nothing_to_train_copies_the_student_without_ray(model_dir, tmp_path):
     cfg = _cfg(model_dir, 2)
     student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
