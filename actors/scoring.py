@@ -215,12 +215,24 @@ class WarmScorer(EnergyScorer):
 
     def evaluate(self, records: list[dict[str, Any]], version: int, weights: list[ray.ObjectRef]) -> dict[str, Any]:
         """The metrics of :func:`gold_ray.student.evaluation.evaluate_student` on ``records``, with the
-        weights of ``version`` (loaded as :meth:`score_batch` does)."""
+        weights of ``version`` (loaded as :meth:`score_batch` does).
+
+        It computes on the node's cores, not on the one thread Ray gives an actor that books half a
+        CPU: a run evaluates after a training, while the teacher and the trainers wait.
+        """
+        import torch
+
+        from actors.training import worker_threads
         from gold_ray.student.evaluation import evaluate_student
 
         with self._scoring:
             self._hold(version, weights)
-            return evaluate_student(self.student, self.task, records)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(worker_threads(1))
+            try:
+                return evaluate_student(self.student, self.task, records)
+            finally:
+                torch.set_num_threads(threads)
 
     def describe(self) -> dict[str, Any]:
         """``identity`` (``host:pid``, as in ``scored_by``) and the weights ``version`` it holds."""
