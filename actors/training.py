@@ -61,7 +61,7 @@ from gold_ray.run.faults import fault_point
 from gold_ray.run.tasks import load_task
 from gold_ray.student.losses import loss_fn
 from gold_ray.student.model import Student, build_student, load_student
-from gold_ray.student.training import FitState, Recipe, fit, planned_steps
+from gold_ray.student.training import FitState, Recipe, cpu_weights, fit, planned_steps
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +115,6 @@ def run_name_for(
 
 def _nothing_to_train(records: Sequence[dict], recipe: Recipe) -> bool:
     return len(records) == 0 or recipe.epochs <= 0
-
-
-def _cpu_weights(student: Student) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in student.model.state_dict().items()}
 
 
 # ---- the order book: the queue between the driver and the workers ---------------------------------
@@ -270,7 +266,7 @@ class _Worker:
         if saved.get("finished"):
             # An order finished before the restart, asked again: its result stands.
             self._load_checkpoint(saved, with_optimizer=False)
-            return {**saved["result"], "workers": self.world}, _cpu_weights(self.student) if self.rank == 0 else None
+            return {**saved["result"], "workers": self.world}, cpu_weights(self.student) if self.rank == 0 else None
         if saved:
             resume = self._load_checkpoint(saved, with_optimizer=True)
         else:
@@ -282,7 +278,7 @@ class _Worker:
         _report(self.rank, self.student, {"order": order["id"], "fit": saved.get("fit") or {},
                                           "resumed_from_epoch": resumed_from, "finished": True, "result": result},
                 None, None, None, {**result, "workers": self.world})
-        return {**result, "workers": self.world}, _cpu_weights(self.student) if self.rank == 0 else None
+        return {**result, "workers": self.world}, cpu_weights(self.student) if self.rank == 0 else None
 
     def _fit(self, order: dict[str, Any], recipe: Recipe, seed: int, rows: list[dict[str, Any]],
              resume: dict[str, Any] | None, resumed_from: int) -> dict[str, Any]:
@@ -521,7 +517,7 @@ class TrainingWorkers:
                 progress_file, lambda step, total: on_progress("steps", step, total, phase=recipe.name))
         # The refs travel inside lists, so the workers fetch them when they need them.
         order = {"id": order_id, "recipe": recipe.to_dict(), "seed": self.cfg.seed,
-                 "weights": [ray.put(_cpu_weights(student))], "records": [ray.put(list(records))],
+                 "weights": [ray.put(cpu_weights(student))], "records": [ray.put(list(records))],
                  "val_records": list(val_records), "mlflow": child_run,
                  "progress_file": str(progress_file) if progress_file else None}
         status = "FAILED"

@@ -358,7 +358,7 @@ def fit(
         scheduler.load_state_dict(resume["scheduler"])
         snapshot = resume.get("best")
         if snapshot is None and state.best_epoch and state.best_epoch == state.epoch:
-            snapshot = _weights(student)  # the checkpoint's own weights are the best ones
+            snapshot = cpu_weights(student)  # the checkpoint's own weights are the best ones
     params = [p for p in student.model.parameters() if p.requires_grad]
     use_val = bool(val_records)
     rng = np.random.default_rng(seed)
@@ -412,7 +412,7 @@ def fit(
                     state.best_epoch = epoch  # measured only: the last epoch is the one kept
                 elif score > state.best_score:
                     state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
-                    snapshot = _weights(student)
+                    snapshot = cpu_weights(student)
                 else:
                     state.bad_epochs += 1
                     # Never before the step floor: a fresh head's first epochs can stall on the split
@@ -440,8 +440,9 @@ def fit(
     return result
 
 
-def _weights(student: Student) -> dict[str, torch.Tensor]:
-    """A CPU copy of the student's weights (the best epoch's, kept while training goes on)."""
+def cpu_weights(student: Student) -> dict[str, torch.Tensor]:
+    """A CPU copy of the student's weights (the best epoch's kept while training goes on; what a
+    Ray Train worker sends back)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in student.model.state_dict().items()}
 
 
