@@ -61,6 +61,22 @@ def local_ray_cpus(cfg: RunConfig | None) -> int:
     return max(4, os.cpu_count() or 1, need)
 
 
+def on_this_node() -> ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy:
+    """Pin an actor to the node of the calling process.
+
+    For the actors a run cannot lose (the driver actor, the training order book): a zero-CPU actor
+    otherwise goes wherever Ray's default policy sends it, a worker node included, and dies with
+    that node. Pinned, it shares the fate of the process that started it, which notices its loss
+    (:func:`actors.driver.run_on_ray` starts a new driver). A run is started from the CLI's machine,
+    or by a Ray job's entrypoint, which runs on the head node unless the job asks for entrypoint
+    resources. Not ``soft``: a soft affinity sent the first such actor of a fresh cluster to
+    another node (Ray 2.60, ``ray.cluster_utils.Cluster`` on this machine).
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def ensure_ray(cfg: RunConfig | None = None) -> None:
     """Connect to Ray unless this process already is (see the module docstring for which Ray).
 

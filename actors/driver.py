@@ -28,7 +28,7 @@ from typing import Any
 
 import ray
 
-from actors.connect import ensure_ray
+from actors.connect import ensure_ray, on_this_node
 from gold_ray.config import RunConfig
 from gold_ray.reporting.logs import library_output
 from gold_ray.run.loop import Distiller, EventFn
@@ -133,7 +133,7 @@ def run_on_ray(
     on_event = on_event or (lambda stage, info: None)
     attempt = 0
     while True:
-        driver = DistillationDriver.options(name=driver_name(cfg)).remote(
+        driver = DistillationDriver.options(name=driver_name(cfg), scheduling_strategy=on_this_node()).remote(
             cfg.model_dump(mode="json"), resume, engine_factory
         )
         result = driver.run.remote()

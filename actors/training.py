@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from actors.connect import on_this_node
 from gold_ray.config import RunConfig
 from gold_ray.run.faults import fault_point
 from gold_ray.run.tasks import load_task
@@ -433,7 +434,7 @@ class TrainingWorkers:
 
         self._shutdown()  # the order book of a group that ended (failed) goes with it
         res = self.cfg.resources
-        self._orders = ray.remote(num_cpus=0)(OrderBook).remote()
+        self._orders = ray.remote(num_cpus=0)(OrderBook).options(scheduling_strategy=on_this_node()).remote()
         config = {
             "task": self.task_name,
             "model_path": self.model_path,

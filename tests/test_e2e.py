@@ -30,11 +30,11 @@ def test_real_models_in_process(tmp_path):
 
     # The label check on, as in the demo. 12 probes an iteration: the check keeps about 60 % of a real
     # teacher's samples, and a band of 2 or fewer probes is empty (as in the GOLD code).
-    cfg = load_config(None, ["task.name=sst2", "task.eval_limit=200", "budget.samples=48", "strategy.iterations=2",
+    cfg = load_config(None, ["task.name=sst2", "task.eval_limit=100", "budget.samples=48", "strategy.iterations=2",
                              "strategy.probe_fraction=0.5", "student.final_epochs=1", "teacher.batch_size=32",
                              "teacher.check_labels=true",
-                             # the teacher row answers 50 of the 200 (a real teacher answers ~3 a second here)
-                             "baselines.teacher_fewshot_limit=50",
+                             # the teacher row answers 16 of the 100 (a real teacher answers ~3 a second here)
+                             "baselines.teacher_fewshot_limit=16",
                              f"output.dir={tmp_path / 'run'}", "tracking.enabled=false"])
     engine = build_engine(cfg.teacher, resolve_model(cfg.teacher.model), cfg.seed)
     sent = []
@@ -62,8 +62,8 @@ def test_real_models_in_process(tmp_path):
     assert all(r["reject_reason"] for r in rejects)
     check = it0["generate"]["label_check"]  # the teacher read back every sample it wrote
     assert check["checked"] >= 1 and check["rejected"] == sum(r["reject_reason"] == "label_check" for r in rejects)
-    assert 0.0 <= metrics["final"]["accuracy"] <= 1.0 and metrics["final"]["n"] == 200
-    assert metrics["final"]["baselines"]["teacher_fewshot"]["n"] == 50
+    assert 0.0 <= metrics["final"]["accuracy"] <= 1.0 and metrics["final"]["n"] == 100
+    assert metrics["final"]["baselines"]["teacher_fewshot"]["n"] == 16
     model = AutoModelForSequenceClassification.from_pretrained(run / "student")
     assert model.config.id2label == {0: "negative", 1: "positive"}
 
@@ -78,10 +78,10 @@ def test_readme_demo_on_ray_reduced(tmp_path):
     env.pop("RAY_ADDRESS")
     proc = subprocess.run(
         [str(exe), "distill", "demo", "--output", str(out), "--set", "budget.samples=16",
-         "--set", "strategy.iterations=2", "--set", "task.eval_limit=100",
+         "--set", "strategy.iterations=2", "--set", "task.eval_limit=48",
          "--set", "student.epochs_per_iteration=2", "--set", "student.final_epochs=1",
          "--set", "teacher.serve.num_cpus=0.5", "--set", "resources.scorer_num_cpus=0.5",
-         "--set", "baselines.teacher_fewshot_limit=50"],
+         "--set", "baselines.teacher_fewshot_limit=16"],
         capture_output=True, text=True, timeout=1500, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -89,7 +89,7 @@ def test_readme_demo_on_ray_reduced(tmp_path):
     assert "MLflow run:" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["iterations"]) == 2 and "accuracy" in metrics["final"]
-    assert metrics["final"]["baselines"]["teacher_fewshot"]["n"] == 50  # answered by the Serve teacher
+    assert metrics["final"]["baselines"]["teacher_fewshot"]["n"] == 16  # answered by the Serve teacher
     assert (out / "student" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "data").glob("train-*.parquet")) == ["train-it000.parquet",
                                                                            "train-it001.parquet"]

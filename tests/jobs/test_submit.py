@@ -284,8 +284,10 @@ def ray_head() -> Iterator[str]:
         except Exception:  # noqa: BLE001 - best effort; the kills below still run
             pass
         try:
+            # `ray start --block` takes 20 s and more to stop on SIGTERM; what is left after a few
+            # seconds is killed below (the head's group, then whatever carries its temp dir).
             os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=20)
+            head.wait(timeout=3)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         with contextlib.suppress(ProcessLookupError):
