@@ -133,6 +133,7 @@ class RayRuntime(Runtime):
             return super().score(student, checkpoint, records)
         import ray.data
 
+        from actors.pipeline import block_rows
         from actors.scoring import SCORE_COLUMN, score_dataset
 
         rows = [{**{k: r.get(k) for k in self.run.task.field_names}, "_row": i} for i, r in enumerate(records)]
@@ -140,8 +141,11 @@ class RayRuntime(Runtime):
                            pool=self._scorer_pool())
         scores = np.full(len(records), np.nan)
         self.progress("scored", 0, len(records))
-        for done, row in enumerate(ds.iter_rows(), start=1):
-            scores[int(row["_row"])] = float(row[SCORE_COLUMN])
+        done = 0
+        for block in block_rows(ds):
+            for row in block:
+                scores[int(row["_row"])] = float(row[SCORE_COLUMN])
+            done += len(block)
             self.progress("scored", done, len(records))
         return scores
 

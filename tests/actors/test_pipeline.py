@@ -118,6 +118,19 @@ def test_iteration_writes_every_row_with_scores_and_errors(serve_apps, student_c
 
 
 @pytest.mark.ray
+def test_progress_counts_whole_teacher_batches(serve_apps, sst2, tmp_path):
+    # A batch's rows arrive together: counted row by row, the first row of a batch would set the
+    # stage's rate (one sample in the time of a whole batch) and its time left.
+    cfg = make_cfg()
+    serve_apps(build_teacher_app(cfg, functools.partial(FakeTeacherEngine)), "counted")
+    seen = []
+    generate_iteration(chat_prompts(12), cfg, sst2, "counted", None, tmp_path / "out.parquet", request_batch_size=4,
+                       on_progress=lambda unit, done, total, **counts: seen.append((unit, done, total)))
+    assert seen[0] == ("samples", 0, 12) and seen[-1] == ("samples", 12, 12)
+    assert all(done % 4 == 0 for _, done, _ in seen), seen
+
+
+@pytest.mark.ray
 def test_failed_requests_are_retried(serve_apps, sst2, tmp_path):
     cfg = make_cfg(teacher={"max_retries": 1, "retry_backoff_s": 0.1})  # the retry delay comes from the config
     serve_apps(build_teacher_app(cfg, functools.partial(FakeTeacherEngine, fail_every=4)), "flaky")
