@@ -77,6 +77,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     s = cfg.student
     final_ratio = final_work_ratio(s)
     title = f"gold-ray · {cfg.task.name} · {cfg.strategy.name} · {where} · {cfg.output.dir}"
+    if not args.local:
+        # Importing Ray gives its logger a stderr handler: import it before library_output routes that logger.
+        from actors.driver import run_on_ray
     with library_output(cfg.output.dir, verbose=_verbose(args)), \
             progress(mode, iterations=cfg.strategy.iterations, final_ratio=final_ratio, title=title) as reporter:
         reporter.message("start", f"gold-ray: distilling task {cfg.task.name} with strategy {cfg.strategy.name} "
@@ -87,8 +90,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
             metrics = distill_in_process(cfg, resume=args.resume, on_event=reporter)
         else:
-            from actors.driver import run_on_ray
-
             if reporter.mode != "plain":
                 # Even --verbose: Ray Data's bars would scroll under the live view (or break JSON lines).
                 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -116,16 +117,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     where = "in this process" if args.local else "on Ray"
     # One line per stage, each prefixed with its run (a live view of one run does not fit several).
     mode = "json" if args.json_logs else "quiet" if args.quiet else "plain"
+    runner = distill_in_process
+    if not args.local:
+        # Imported before library_output routes Ray's logger (see cmd_distill).
+        from actors.driver import run_on_ray
+
+        runner = run_on_ray
     with library_output(out, verbose=_verbose(args)), progress(mode, eta=False) as reporter:
         reporter.message("start", f"gold-ray: comparing {', '.join(strategies)} on task {cfg.task.name} with seeds "
                                   f"{', '.join(map(str, seeds))} ({cfg.budget.samples} teacher samples per run) "
                                   f"{where} into {out}", strategies=strategies, seeds=seeds, out=str(out))
-        if args.local:
-            runner = distill_in_process
-        else:
-            from actors.driver import run_on_ray
-
-            runner = run_on_ray
         table = compare(cfg, strategies, seeds, out, runner=runner, with_teacher=not args.no_teacher_fewshot,
                         reference=args.reference,
                         on_event=lambda name, stage, info: reporter(stage, {"run": name, **info}),
