@@ -24,13 +24,17 @@ def _row(i: int, failed: bool = False) -> dict:
 
 
 class _Run:
-    """One pipeline run: yields its rows, then raises if told to (a replica dying mid-stream)."""
+    """One pipeline run: yields its rows, a block each, then raises if told to (a replica dying mid-stream)."""
 
     def __init__(self, rows: list[dict], crash: str | None):
         self.rows, self.crash = rows, crash
 
-    def iter_rows(self):
-        yield from self.rows
+    def iter_batches(self, *, batch_size, batch_format):
+        assert (batch_size, batch_format) == (None, "pyarrow")  # whole blocks, as actors.pipeline.block_rows asks
+        import pyarrow as pa
+
+        for row in self.rows:
+            yield pa.Table.from_pylist([row])
         if self.crash:
             raise RuntimeError(self.crash)
 
