@@ -455,7 +455,7 @@ class TrainingWorkers:
             run_config=ray.train.RunConfig(
                 name=self.name,
                 storage_path=_storage_uri(self.storage_path),
-                failure_config=ray.train.FailureConfig(max_failures=2),
+                failure_config=ray.train.FailureConfig(max_failures=res.train_max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             ),
         )

@@ -406,6 +406,9 @@ class ResourcesConfig(_Section):
         train_keep_workers: Keep one Ray Train worker group for the whole run, started with the
             teacher, and send it every training (its start-up, about 10 s on 2 cores, is paid once);
             False starts a group per training and frees its CPUs (and GPUs) in between.
+        train_max_failures: Times Ray Train restarts a training's worker group after a worker
+            dies (Ray Train's ``FailureConfig.max_failures``), each from the latest checkpoint;
+            one failure more ends the training with an error, and the next training starts a new group.
         local_ray_cpus: Logical CPUs of a Ray started locally (no ``$RAY_ADDRESS``); None means
             enough for everything a run books at once (the teacher's replicas at their most, the
             scorers, the training workers and the teacher caller), and at least the machine's
@@ -426,6 +429,7 @@ class ResourcesConfig(_Section):
     train_resources_per_worker: dict[str, float] = Field(default_factory=dict)
     train_checkpoint_every_s: float = Field(default=30.0, ge=0)
     train_keep_workers: bool = True
+    train_max_failures: int = Field(default=2, ge=0)
     local_ray_cpus: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")

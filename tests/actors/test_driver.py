@@ -2,7 +2,7 @@
 progress view (here JSON lines) and the run ends with report.html.
 
 One Ray run serves both checks (a run on Ray costs half a minute on 2 cores).
-A driver killed inside a stage and resumed: tests/faults/test_ray_faults.py.
+A driver killed inside a stage and resumed: tests/actors/test_mlflow_server.py.
 """
 
 import functools

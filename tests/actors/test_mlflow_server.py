@@ -1,10 +1,14 @@
-"""A Ray run tracked by a real MLflow tracking server (``mlflow server``: SQLite backend, local artifacts).
+"""A Ray run tracked by a real MLflow tracking server (``mlflow server``: SQLite backend, local artifacts),
+whose driver actor is killed twice.
 
-The run trains with 2 Ray Train workers, and its driver actor is killed before the first stage
-commits (held at the ``stage.start`` fault point of iteration 0's generate stage, so the kill lands
-there); :func:`actors.driver.run_on_ray` starts a new driver that resumes the run. Read back with
-``MlflowClient`` over HTTP, the run is one MLflow run with its params, per-iteration metrics, the
-Ray Train job (2 workers) as a child run and the student as a logged artifact folder.
+The run trains with 2 Ray Train workers. Its driver actor is killed before the first stage commits
+(held at the ``stage.start`` fault point of iteration 0's generate stage) and again inside iteration
+1's generate stage (the teacher holds on that stage's first prompt); each time
+:func:`actors.driver.run_on_ray` starts a new driver that resumes the run. The finished run has
+the counts and feedback of an uninterrupted run (the in-process loop, same config), every sample
+once, and read back with ``MlflowClient`` over HTTP it is one MLflow run with its params,
+per-iteration metrics, the Ray Train job (2 workers) as a child run and the student as a logged
+artifact folder. One run serves both checks: a run on Ray costs half a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from pathlib import Path
 
 import pytest
 
-from gold_ray.run.tasks import load_task
-from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
-from tests.faults.faultkit import committed_records, write_eval_file
+from gold_ray.run.loop import Distiller
+from gold_ray.testing import save_tiny_classifier, tiny_run_config
+from tests.faults.faultkit import committed_records, run_summary, write_eval_file
 from tests.faults.hooks import clear_plans, plan_fault
+from tests.raykit import HoldAtEngine, free_port, wait_until
+
+KINDS = ("empty", "binary", "other_label", "json")
+"""The teacher's garbage answers (a quarter of them), so that resumed stages also reject alike."""
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -34,8 +42,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory) -> Iterator[str]:
     """``mlflow server`` on a free loopback port, SQLite backend and a local artifact folder; yields its URL."""
-    from tests.raykit import free_port, wait_until
-
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
@@ -70,7 +76,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
         log.close()
 
 
-def test_a_ray_run_on_a_tracking_server_is_one_mlflow_run_even_when_its_driver_dies_before_the_first_commit(
+def test_a_ray_run_on_a_tracking_server_whose_driver_dies_twice_is_one_mlflow_run_with_an_unbroken_runs_counts(
         ray_cluster, serve_port, mlflow_server, tmp_path):
     import ray
     from mlflow.tracking import MlflowClient
@@ -79,40 +85,68 @@ def test_a_ray_run_on_a_tracking_server_is_one_mlflow_run_even_when_its_driver_d
 
     student = save_tiny_classifier(tmp_path / "student")
     eval_file = write_eval_file(tmp_path / "eval.jsonl")
-    run_dir = tmp_path / "run"
     experiment = f"gold-ray-{tmp_path.name}"
-    cfg = tiny_run_config(
-        run_dir, student, f"task.eval_path={eval_file}", "teacher.prompt_style=chat", "budget.samples=16",
-        "strategy.probe_fraction=0.5", "student.epochs_per_iteration=0", "student.final_loss=sce",
-        f"teacher.serve.port={serve_port}", "teacher.serve.num_cpus=0.25",
+
+    def cfg_for(run_dir, *extra):
+        # No in-loop training: both runtimes score probes with the same student, so counts and
+        # feedback must agree exactly; one pinned final recipe keeps the final stage short.
+        return tiny_run_config(
+            run_dir, student, f"task.eval_path={eval_file}", "teacher.prompt_style=chat", "budget.samples=16",
+            "strategy.probe_fraction=0.5", "student.epochs_per_iteration=0", "student.final_loss=sce", *extra)
+
+    unused = str(tmp_path / "unused")
+    reference = Distiller(cfg_for(tmp_path / "reference"),
+                          engine=HoldAtEngine("none", unused, unused, share=0.25, kinds=KINDS)).run()
+
+    run_dir = tmp_path / "run"
+    cfg = cfg_for(
+        run_dir, f"teacher.serve.port={serve_port}", "teacher.serve.num_cpus=0.25",
         "resources.scorer_num_cpus=0.25", "resources.scorer_min_actors=1", "resources.scorer_max_actors=1",
         "resources.train_workers=2", "resources.train_cpus_per_worker=0.5", "tracking.enabled=true",
         f"tracking.tracking_uri={mlflow_server}", f"tracking.experiment={experiment}")
-
     held, gate = tmp_path / "held.json", tmp_path / "gate"
+    holding, gate2 = tmp_path / "holding", tmp_path / "gate2"
     seen: dict = {}
 
-    def kill_the_driver_while_held() -> None:
-        from tests.raykit import wait_until
-
-        if wait_until(held.exists, 600):
+    def kill_the_driver_when(marker: Path, key: str) -> None:
+        if wait_until(marker.exists, 600):
             state = json.loads((run_dir / "state.json").read_text())
-            seen["state"] = (state["stage"], state["parts"], state.get("mlflow_run_id"))
+            seen[key] = (state["iteration"], state["stage"], state["parts"], state.get("mlflow_run_id"))
             ray.kill(ray.get_actor(driver_name(cfg)), no_restart=True)
-        gate.touch()
+
+    def kill_twice() -> None:
+        try:
+            kill_the_driver_when(held, "first")
+        finally:
+            gate.touch()
+        try:
+            kill_the_driver_when(holding, "second")
+        finally:
+            gate2.touch()
 
     plan_fault("stage.start", held, action="hold", gate=gate, iteration=0, stage="generate")
-    watcher = threading.Thread(target=kill_the_driver_while_held, daemon=True)
+    factory = functools.partial(HoldAtEngine, "it1-train-0", str(holding), str(gate2), share=0.25, kinds=KINDS)
+    watcher = threading.Thread(target=kill_twice, daemon=True)
     watcher.start()
     try:
-        got = run_on_ray(cfg, engine_factory=functools.partial(FakeTeacherEngine, task=load_task("sst2")))
+        got = run_on_ray(cfg, engine_factory=factory)
     finally:
+        gate.touch()
+        gate2.touch()
         watcher.join(timeout=30)
         clear_plans()
 
-    assert held.exists() and seen.get("state"), "the driver was held and killed inside iteration 0's generate stage"
-    stage, parts, first_id = seen["state"]
-    assert stage is None and parts == [], "killed before the first stage committed"
+    assert seen.get("first") and seen.get("second"), f"the driver was killed twice: {seen}"
+    iteration, stage, parts, first_id = seen["first"]
+    assert stage is None and parts == [], "first killed before the first stage committed"
+    assert seen["second"][:2] == (0, "feedback"), "then killed inside iteration 1's generate stage"
+    assert seen["second"][3] == first_id, "the second driver kept the first one's MLflow run"
+
+    # Resumed twice, the run counts and feeds back what an uninterrupted run does, each sample once.
+    assert run_summary(got) == run_summary(reference)
+    ids = [r["id"] for r in committed_records(run_dir)]
+    assert len(ids) == len(set(ids)) == 16
+    assert (run_dir / "student" / "config.json").is_file()
 
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name(experiment)
@@ -125,12 +159,11 @@ def test_a_ray_run_on_a_tracking_server_is_one_mlflow_run_even_when_its_driver_d
     # Params: the config, flattened.
     assert run.data.params["seed"] == "0" and run.data.params["resources.train_workers"] == "2"
     assert run.data.params["strategy.name"] == "gold"
-    # Per-iteration metrics, at steps 0 and 1; the final ones at step 2.
+    # Per-iteration metrics, once at steps 0 and 1 (no stage logged twice across the drivers); the final ones at step 2.
     for key in ("generate.accepted", "probe.accepted", "train.records"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1], key
     assert {m.step for m in client.get_metric_history(run.info.run_id, "final.records")} == {2}
-    # The Ray Train job (the final student; no in-loop epochs, one pinned recipe, to keep the test
-    # short) is a child run with its training curve.
+    # The Ray Train job (the final student; no in-loop epochs) is a child run with its training curve.
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
     assert len(children) == 1 and children[0].info.status == "FINISHED", [c.info.run_name for c in children]
     assert client.get_metric_history(children[0].info.run_id, "train.step_loss")
@@ -138,6 +171,3 @@ def test_a_ray_run_on_a_tracking_server_is_one_mlflow_run_even_when_its_driver_d
     logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "student")}
     assert {"config.json", "model.safetensors"} <= logged, logged
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json", "student"}
-
-    ids = [r["id"] for r in committed_records(run_dir)]
-    assert len(ids) == len(set(ids)) == 16

@@ -199,9 +199,10 @@ def test_failed_worker_is_retried_and_a_later_call_resumes_the_run(reference, mo
 def test_a_group_that_fails_for_good_raises_and_the_next_training_starts_a_new_one(reference, model_dir, tmp_path):
     import ray.train
 
+    # No restart: the first failure ends the training (each restart of a group costs seconds).
     cfg = _cfg(model_dir, 1)
-    for k in range(3):  # one failure more than FailureConfig(max_failures=2) retries
-        plan_fault("train.step", tmp_path / f"failed-{k}", rank=0, epoch=0, batch=1)
+    cfg.resources.train_max_failures = 0
+    plan_fault("train.step", tmp_path / "failed-0", rank=0, epoch=0, batch=1)
     student = build_student(SST2, cfg.student, model_dir, seed=cfg.seed)
     before = _state(student)
     train = RayTrainStep(cfg, "sst2", model_dir, tmp_path / "work")
@@ -213,7 +214,7 @@ def test_a_group_that_fails_for_good_raises_and_the_next_training_starts_a_new_o
         metrics = train(student, RECORDS, RECIPE)
     finally:
         train.close()
-    assert all((tmp_path / f"failed-{k}").exists() for k in range(3))
+    assert (tmp_path / "failed-0").exists()
     assert metrics["steps"] == 10 and metrics["resumed_from_epoch"] == 0
     assert _max_diff(_state(student), reference["after"]) < 1e-5
 

@@ -1,9 +1,10 @@
-"""Faults of a Ray cluster: a scorer actor, the driver actor and a Ray Train worker killed mid-work.
+"""Faults of a Ray cluster: a scorer actor and a Ray Train worker killed mid-work.
 
 Each fault is injected at a point the test controls (a gate file holds the work there), so the
 kill lands inside the stage and not merely near it. The run then completes, with every sample
 present exactly once. Covered elsewhere: a teacher replica that dies mid-request
-(tests/actors/test_pipeline.py::test_a_replica_crash_mid_iteration_is_retried), the ``gold-ray``
+(tests/actors/test_pipeline.py::test_a_replica_crash_mid_iteration_is_retried), the driver actor
+killed twice (tests/actors/test_mlflow_server.py), the ``gold-ray``
 process killed (tests/actors/test_process_kill.py) and a job whose driver is killed
 (tests/jobs/test_submit.py::test_a_job_whose_driver_is_killed_resumes_when_resubmitted_and_succeeds_with_its_outputs).
 """
@@ -11,27 +12,22 @@ process killed (tests/actors/test_process_kill.py) and a job whose driver is kil
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import signal
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from gold_ray.config import RunConfig
-from gold_ray.run.loop import Distiller
 from gold_ray.run.tasks import load_task
 from gold_ray.student.model import ClassifierStudent, build_student, load_student
-from tests.faults.faultkit import committed_records, run_config, run_summary
-from tests.raykit import HoldAtEngine, free_port, gated_row, wait_until
+from tests.raykit import free_port, gated_row, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SST2 = load_task("sst2")
-KINDS = ("empty", "binary", "other_label", "json")
 
 
 @pytest.fixture(scope="module")
@@ -85,49 +81,6 @@ def test_a_scorer_actor_killed_mid_stream_is_replaced_and_no_row_is_lost_or_doub
     late = {r["scored_by"] for r in out if r["i"] >= 8}
     assert late and all(not s.endswith(f":{killed[0]}") for s in late), (
         f"a replacement scorer did the rest (killed pid {killed[0]}; rows from 8 on scored by {sorted(late)})")
-
-
-# --- the driver killed inside a stage ------------------------------------------------------------
-
-
-def test_the_driver_killed_inside_a_stage_resumes_to_the_counts_of_an_uninterrupted_run(
-        ray_cluster, serve_port, tiny_student, eval_file, tmp_path):
-    import ray
-
-    from actors.driver import driver_name, run_on_ray
-
-    extra = ["student.epochs_per_iteration=0", "budget.samples=16", f"teacher.serve.port={serve_port}",
-             "teacher.serve.num_cpus=0.25", "resources.scorer_num_cpus=0.25", "resources.train_cpus_per_worker=0.5"]
-    # The reference runs in process; with no in-loop training both runtimes score probes with the
-    # same student, so counts and feedback must agree exactly (tests/actors/test_driver.py).
-    reference = Distiller(run_config(tmp_path / "ref", tiny_student, eval_file, *extra),
-                          engine=HoldAtEngine("none", str(tmp_path / "unused"), str(tmp_path / "unused"),
-                                              share=0.25, kinds=KINDS)).run()
-
-    run_dir = tmp_path / "ray"
-    cfg = run_config(run_dir, tiny_student, eval_file, *extra)
-    marker, gate = tmp_path / "holding", tmp_path / "gate"
-    factory = functools.partial(HoldAtEngine, "it1-train-0", str(marker), str(gate), share=0.25, kinds=KINDS)
-    seen: dict = {}
-
-    def kill_inside_generate_of_iteration_1():
-        if wait_until(marker.exists, 600):
-            state = json.loads((run_dir / "state.json").read_text())
-            seen["state"] = (state["iteration"], state["stage"])
-            ray.kill(ray.get_actor(driver_name(cfg)), no_restart=True)
-            seen["killed"] = True
-        gate.touch()
-
-    watcher = threading.Thread(target=kill_inside_generate_of_iteration_1, daemon=True)
-    watcher.start()
-    got = run_on_ray(cfg, engine_factory=factory)
-    watcher.join(timeout=10)
-
-    assert seen.get("killed") and seen["state"] == (0, "feedback"), seen
-    assert run_summary(got) == run_summary(reference)
-    ids = [r["id"] for r in committed_records(run_dir)]
-    assert len(ids) == len(set(ids)) == 16
-    assert (run_dir / "student" / "config.json").is_file()
 
 
 # --- a Ray Train worker killed mid-epoch ---------------------------------------------------------
