@@ -33,6 +33,9 @@ def test_real_models_in_process(tmp_path):
     cfg = load_config(None, ["task.name=sst2", "task.eval_limit=100", "budget.samples=48", "strategy.iterations=2",
                              "strategy.probe_fraction=0.5", "student.final_epochs=1", "teacher.batch_size=32",
                              "teacher.check_labels=true",
+                             # 10 steps an iteration, not the 60 of the default floor: what is checked
+                             # here is the feedback path, and 60 steps of the real student take 20 s
+                             "student.min_steps_per_iteration=10",
                              # the teacher row answers 16 of the 100 (a real teacher answers ~3 a second here)
                              "baselines.teacher_fewshot_limit=16",
                              f"output.dir={tmp_path / 'run'}", "tracking.enabled=false"])

@@ -95,15 +95,15 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_cfg(out: Path, tiny: dict[str, Path], *extra: str):
-    """The multi-node run: 16 samples over 2 iterations, no in-loop training (so probes are scored by
+    """The multi-node run: 16 samples in one iteration, no in-loop training (so probes are scored by
     the same student on every runtime, and records and feedback must match exactly), 2 DDP workers
     for the final student, each role pinned by its custom resource."""
     from tests.raykit import free_port
 
     return tiny_run_config(
         out, tiny["student"], f"task.eval_path={tiny['eval']}", "teacher.prompt_style=chat", "budget.samples=16",
-        "strategy.probe_fraction=0.5", "student.epochs_per_iteration=0", "student.final_epochs=1",
-        f"teacher.serve.port={free_port()}", "teacher.serve.num_cpus=0.25", "teacher.serve.resources={teacher: 1}",
+        "strategy.iterations=1", "strategy.probe_fraction=0.5", "student.epochs_per_iteration=0",
+        "student.final_epochs=1", f"teacher.serve.port={free_port()}", "teacher.serve.num_cpus=0.25", "teacher.serve.resources={teacher: 1}",
         "resources.scorer_min_actors=1", "resources.scorer_max_actors=1", "resources.scorer_num_cpus=0.25",
         "resources.scorer_batch_size=2", "resources.scorer_resources={scorer: 1}", "resources.train_workers=2",
         "resources.train_cpus_per_worker=0.5", "resources.train_resources_per_worker={trainer: 1}", *extra)

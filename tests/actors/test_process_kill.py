@@ -44,7 +44,7 @@ def cli_env() -> dict[str, str]:
 
 
 def config(root: Path, run_dir: Path) -> dict[str, Any]:
-    """A 16-sample run of a tiny greedy chat teacher (same answer for the same prompt on any runtime)."""
+    """A 16-sample, one-iteration run of a tiny greedy chat teacher (same answer for the same prompt on any runtime)."""
     models = root / "models"
     if not (models / "teacher").is_dir():
         save_tiny_chat_lm(models / "teacher")
@@ -58,7 +58,7 @@ def config(root: Path, run_dir: Path) -> dict[str, Any]:
                     "serve": {"num_cpus": 0.25}},
         "student": {"model": str(models / "student"), "max_length": 32, "batch_size": 8, "final_epochs": 1,
                     "epochs_per_iteration": 0, "final_loss": "sce"},
-        "strategy": {"name": "gold", "iterations": 2, "probe_fraction": 0.5},
+        "strategy": {"name": "gold", "iterations": 1, "probe_fraction": 0.5},
         "budget": {"samples": 16, "max_reject_share": 1.0},
         "resources": {"scorer_min_actors": 1, "scorer_max_actors": 1, "scorer_num_cpus": 0.25,
                       "train_workers": 1, "train_cpus_per_worker": 0.5, "local_ray_cpus": 4},

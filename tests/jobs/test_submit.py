@@ -316,8 +316,9 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {"teacher": teacher, "student": Path(save_tiny_classifier(root / "student")), "eval": eval_path}
 
 
-def tiny_config(models: dict[str, Path], run_dir: Path, *, iterations: int = 2, samples: int = 16) -> dict:
-    """A run sized for a 2-core machine: ~16 samples, tiny models, tracking on (SQLite in the run dir)."""
+def tiny_config(models: dict[str, Path], run_dir: Path, *, iterations: int = 1, samples: int = 16) -> dict:
+    """A run sized for a 2-core machine: 16 samples in one iteration, tiny models, two epochs a
+    training, tracking on (SQLite in the run dir)."""
     return {
         "seed": 0,
         "task": {"name": "sst2", "eval_path": str(models["eval"]), "eval_limit": 8},
@@ -326,7 +327,8 @@ def tiny_config(models: dict[str, Path], run_dir: Path, *, iterations: int = 2, 
             "batch_size": 8, "dtype": "float32",
             "serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5},
         },
-        "student": {"model": str(models["student"]), "max_length": 32, "batch_size": 8, "final_epochs": 1},
+        "student": {"model": str(models["student"]), "max_length": 32, "batch_size": 8, "epochs_per_iteration": 2,
+                    "final_epochs": 1},
         "strategy": {"name": "gold", "iterations": iterations},
         "budget": {"samples": samples, "max_reject_share": 1.0},
         "resources": {"scorer_min_actors": 1, "scorer_max_actors": 1, "scorer_num_cpus": 0.25,
@@ -459,7 +461,7 @@ def test_a_job_whose_driver_is_killed_resumes_when_resubmitted_and_succeeds_with
         assert (run_dir / part).read_bytes() == data, part
     assert json.loads((run_dir / "state.json").read_text())["finished"] is True
     assert (run_dir / "student" / "config.json").is_file()
-    assert len(json.loads((run_dir / "metrics.json").read_text())["iterations"]) == 2
+    assert len(json.loads((run_dir / "metrics.json").read_text())["iterations"]) == 1
     # Every committed row once: 16 samples requested, 16 rows (accepted or rejected), 16 ids.
     state = json.loads((run_dir / "state.json").read_text())
     ids = [r["id"] for r in read_parts([run_dir / p for p in state["parts"]])]
