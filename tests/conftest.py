@@ -80,6 +80,19 @@ def eval_file(tmp_path_factory) -> Path:
     return write_eval_file(tmp_path_factory.mktemp("eval") / "eval.jsonl")
 
 
+@pytest.fixture
+def hf_offline(monkeypatch, tmp_path):
+    """No data folder (``$GOLD_RAY_DATA`` unset) and ``datasets`` offline with an empty cache of its
+    own: no evaluation set is fetched or reused."""
+    import datasets
+
+    from gold_ray.run.tasks import DATA_DIR_ENV
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_lm(tmp_path_factory) -> str:
     """A tiny random Llama with a chat template (:func:`gold_ray.testing.save_tiny_chat_lm`), saved once."""

@@ -104,3 +104,31 @@ def test_a_newcomer_distills_their_own_task_by_the_readme(tmp_path):
     with contextlib.redirect_stdout(out):
         exec(compile(code.replace("runs/demo/student", str(run / "student")), "README.md", "exec"), {})
     assert out.getvalue().split()[0] in ("billing", "technical")
+
+
+def test_the_demo_with_no_data_folder_and_no_network_evaluates_on_a_synthetic_hold_out_and_says_so(
+        tmp_path, tiny_chat_lm, tiny_student):
+    """The shipped ``demo`` config (shrunk, tiny models) where ``$GOLD_RAY_DATA`` is unset and the
+    SST-2 dataset it names cannot be reached (``datasets`` offline, an empty cache): the run
+    completes, evaluates on a synthetic hold-out, says why in one line, and marks the figures."""
+    env = {k: v for k, v in NEWCOMER_ENV.items() if k != "GOLD_RAY_DATA"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+               HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"))
+    out = tmp_path / "runs" / "demo"
+    proc = subprocess.run(
+        [GOLD_RAY, "distill", "demo", "--local", "--output", str(out), "--set", f"teacher.model={tiny_chat_lm}",
+         "--set", f"student.model={tiny_student}", "--set", "budget.samples=16", "--set", "strategy.iterations=1",
+         "--set", "teacher.max_new_tokens=16", "--set", "student.final_epochs=1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    why = [line for line in text.splitlines() if "has no real evaluation set here" in line]
+    assert len(why) == 1 and "nyu-mll/glue/sst2:validation cannot be reached" in why[0], text[-3000:]
+    assert "on a synthetic hold-out (no real evaluation set" in text
+
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    # Kept apart from real-data figures: synthetic_* keys, never "accuracy".
+    assert final["eval_source"] == "none" and "accuracy" not in final and "synthetic_accuracy" in final
+    assert final["baselines"]["on"] == "synthetic hold-out" and final["synthetic_n"] == final["baselines"]["n"] > 0
+    assert "No real evaluation set: per-iteration values are on a synthetic hold-out" in (
+        out / "report.html").read_text()

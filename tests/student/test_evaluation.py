@@ -119,16 +119,6 @@ seed_demos:
 """
 
 
-@pytest.fixture
-def hf_offline(monkeypatch, tmp_path):
-    """``datasets`` offline, with an empty cache of its own: nothing is fetched or reused."""
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
-
-
 def _my_task(tmp_path: Path, eval_yaml: str):
     return load_task(_write(tmp_path / "mine.yaml", MY_TASK + eval_yaml))
 
