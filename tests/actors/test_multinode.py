@@ -103,7 +103,8 @@ def run_cfg(out: Path, tiny: dict[str, Path], *extra: str):
     return tiny_run_config(
         out, tiny["student"], f"task.eval_path={tiny['eval']}", "teacher.prompt_style=chat", "budget.samples=16",
         "strategy.iterations=1", "strategy.probe_fraction=0.5", "student.epochs_per_iteration=0",
-        "student.final_epochs=1", f"teacher.serve.port={free_port()}", "teacher.serve.num_cpus=0.25", "teacher.serve.resources={teacher: 1}",
+        "student.final_epochs=1", f"teacher.serve.port={free_port()}", "teacher.serve.num_cpus=0.25",
+        "teacher.serve.resources={teacher: 1}",
         "resources.scorer_min_actors=1", "resources.scorer_max_actors=1", "resources.scorer_num_cpus=0.25",
         "resources.scorer_batch_size=2", "resources.scorer_resources={scorer: 1}", "resources.train_workers=2",
         "resources.train_cpus_per_worker=0.5", "resources.train_resources_per_worker={trainer: 1}", *extra)
