@@ -23,6 +23,7 @@ from gold_ray.run.loop import distill_in_process
 from gold_ray.run.store import read_parts
 from gold_ray.run.tasks import load_task
 from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier
+from tests.faults.faultkit import write_data_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -30,14 +31,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A ``$GOLD_RAY_DATA``-like folder: sst2/test.jsonl (evaluation) and sst2/seed.jsonl (LLKD's unlabelled texts)."""
-    root = tmp_path_factory.mktemp("strategies-data")
-    (root / "sst2").mkdir()
-    rows = [{"text": f"real review number {i} reads as {lab} about the film", "label": lab}
-            for i, lab in enumerate(["positive", "negative"] * 3)]
-    (root / "sst2" / "seed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "sst2" / "test.jsonl").write_text("".join(json.dumps({**r, "text": "test " + r["text"]}) + "\n"
-                                                      for r in rows))
-    return root
+    return write_data_dir(tmp_path_factory.mktemp("strategies") / "data", pairs=3)
 
 
 def test_compare_on_ray_nests_driver_runs_under_one_parent_and_llkd_chooses_as_in_process(

@@ -41,6 +41,22 @@ def run_config(run_dir: Path, student: str, eval_file: Path, *extra: str) -> Run
     return load_config(None, run_overrides(run_dir, student, eval_file, *extra))
 
 
+def write_data_dir(root: Path, pairs: int, verb: str = "reads as") -> Path:
+    """A ``$GOLD_RAY_DATA``-like folder for SST-2; returns ``root``.
+
+    ``sst2/seed.jsonl`` holds ``2 * pairs`` labelled reviews, positive and negative in turn (LLKD's
+    unlabelled texts, S3's real validation set); ``sst2/test.jsonl`` the same rows with "test "
+    before each text (the evaluation set).
+    """
+    (root / "sst2").mkdir(parents=True)
+    rows = [{"text": f"real review number {i} {verb} {lab} about the film", "label": lab}
+            for i, lab in enumerate(["positive", "negative"] * pairs)]
+    (root / "sst2" / "seed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "sst2" / "test.jsonl").write_text("".join(json.dumps({**r, "text": "test " + r["text"]}) + "\n"
+                                                      for r in rows))
+    return root
+
+
 def write_eval_file(path: Path, n: int = 12, text: str = "film number {i} was {review}") -> Path:
     """A small SST-2 style evaluation JSONL: ``n`` rows, negative and positive in turn (row 0 negative).
 

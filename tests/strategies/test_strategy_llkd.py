@@ -14,6 +14,7 @@ from gold_ray.run.tasks import load_task
 from gold_ray.strategies.llkd import normalised_entropy, update_thresholds
 from gold_ray.teacher.labelling import OPTIONS_KEY, RECORD_KEY
 from gold_ray.testing import FakeTeacherEngine, RecordingEngine, tiny_run_config
+from tests.faults.faultkit import write_data_dir
 
 SST2 = load_task("sst2")
 
@@ -116,14 +117,7 @@ def test_batch_calibration_removes_the_teachers_label_prior():
 
 @pytest.fixture
 def data_dir(tmp_path):
-    root = tmp_path / "data"
-    (root / "sst2").mkdir(parents=True)
-    rows = [{"text": f"real review number {i} reads as {lab} about the film", "label": lab}
-            for i, lab in enumerate(["positive", "negative"] * 4)]
-    (root / "sst2" / "seed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "sst2" / "test.jsonl").write_text("".join(json.dumps({**r, "text": "test " + r["text"]}) + "\n"
-                                                      for r in rows))
-    return root
+    return write_data_dir(tmp_path / "data", pairs=4)
 
 
 def cfg_for(out, tiny_student, data_dir, *extra):

@@ -10,6 +10,7 @@ from gold_ray.run.store import read_parts
 from gold_ray.run.tasks import load_task
 from gold_ray.strategies.s3 import EXTRAPOLATE_STYLE
 from gold_ray.testing import FakeTeacherEngine, RecordingEngine, tiny_run_config
+from tests.faults.faultkit import write_data_dir
 
 SST2 = load_task("sst2")
 
@@ -17,14 +18,7 @@ SST2 = load_task("sst2")
 @pytest.fixture
 def data_dir(tmp_path):
     """A data folder like ``$GOLD_RAY_DATA``: sst2/test.jsonl (evaluation) and sst2/seed.jsonl."""
-    root = tmp_path / "data"
-    (root / "sst2").mkdir(parents=True)
-    rows = [{"text": f"real review number {i} is {lab} about the film", "label": lab}
-            for i, lab in enumerate(["positive", "negative"] * 5)]
-    (root / "sst2" / "seed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "sst2" / "test.jsonl").write_text("".join(json.dumps({**r, "text": "test " + r["text"]}) + "\n"
-                                                      for r in rows))
-    return root
+    return write_data_dir(tmp_path / "data", pairs=5, verb="is")
 
 
 def cfg_for(tmp_path, tiny_student, data_dir, *extra):
