@@ -31,24 +31,13 @@ from gold_ray.run.tasks import load_task
 from gold_ray.testing import FakeTeacherEngine, save_tiny_classifier, tiny_run_config
 from tests.faults.faultkit import committed_records, run_summary, write_eval_file
 from tests.faults.hooks import clear_plans, plan_fault, read_records
+from tests.raykit import free_port, kill_marked, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).with_name("cluster_run.py")
 MiB = 1024 * 1024
-
-
-def kill_leftovers(marker: str) -> None:
-    """Kill, by pid, any process whose command line still names ``marker`` (the cluster's temp dir)."""
-    import psutil
-
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if proc.pid != os.getpid() and any(marker in part for part in proc.info["cmdline"] or ()):
-                proc.kill()
-        except psutil.Error:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +67,7 @@ def cluster() -> Iterator[dict[str, Any]]:
         yield {"cluster": c, "nodes": nodes, "ids": {n.node_id: role for role, n in nodes.items()}}
     finally:
         c.shutdown()
-        kill_leftovers(temp_dir)
+        kill_marked(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
@@ -98,8 +87,6 @@ def run_cfg(out: Path, tiny: dict[str, Path], *extra: str):
     """The multi-node run: 16 samples in one iteration, no in-loop training (so probes are scored by
     the same student on every runtime, and records and feedback must match exactly), 2 DDP workers
     for the final student, each role pinned by its custom resource."""
-    from tests.raykit import free_port
-
     return tiny_run_config(
         out, tiny["student"], f"task.eval_path={tiny['eval']}", "teacher.prompt_style=chat", "budget.samples=16",
         "strategy.iterations=1", "strategy.probe_fraction=0.5", "student.epochs_per_iteration=0",
@@ -147,8 +134,6 @@ def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = 600) -> None
 
 def test_a_run_across_nodes_places_each_role_by_its_resource_and_survives_losing_a_scorer_node(
         cluster, tiny, reference, tmp_path):
-    from tests.raykit import wait_until
-
     ids = cluster["ids"]
     where = {point: tmp_path / f"where-{point}.jsonl"
              for point in ("teacher.batch", "score.batch", "train.step", "stage.start")}

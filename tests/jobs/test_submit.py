@@ -32,6 +32,7 @@ from gold_ray.reporting.logs import worker_env
 from gold_ray.run.store import read_parts
 from gold_ray.testing import save_tiny_chat_lm, save_tiny_classifier
 from jobs import submit as sub
+from tests.raykit import free_port, kill_marked
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -211,24 +212,6 @@ def test_unreachable_cluster_is_one_clear_error(capsys):
 # ---- a real local Ray head ---------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_marked(marker: str) -> None:
-    """Kill, by pid, what is left of processes whose command line holds our unique temp dir."""
-    import psutil
-
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if proc.pid != os.getpid() and any(marker in part for part in proc.info["cmdline"] or ()):
-                proc.kill()
-        except psutil.Error:
-            pass
-
-
 def activated_env() -> dict[str, str]:
     """This environment as ``. .venv/bin/activate`` leaves it, less a Ray address or MLflow URI.
 
@@ -292,7 +275,7 @@ def ray_head() -> Iterator[str]:
             pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
-        _kill_marked(temp_dir)
+        kill_marked(temp_dir)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
