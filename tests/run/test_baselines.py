@@ -219,11 +219,11 @@ def test_metrics_report_and_mlflow_record_the_references(tiny_run):
     assert logged["final.baseline_teacher_fewshot"] == pytest.approx(1.0)
 
 
-def test_token_budget_stops_generating_and_the_hold_out_is_marked(tiny_run, tmp_path, monkeypatch):
-    """``budget.teacher_tokens`` holds output tokens, not samples; without a real eval set the
-    references are computed on the synthetic hold-out and said to be."""
+def test_token_budget_stops_generating_and_the_hold_out_is_marked(tiny_run, tmp_path, monkeypatch, hf_offline):
+    """``budget.teacher_tokens`` holds output tokens, not samples; without a real eval set (no data
+    folder, ``datasets`` offline: SST-2 is not fetched) the references are computed on the synthetic
+    hold-out and said to be."""
     monkeypatch.setenv(baselines.BASELINE_CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv("GOLD_RAY_DATA", raising=False)
     # The fake teacher writes about 11 tokens a sample: 200 tokens buy about 18 of the 80 samples.
     cfg = tiny_run_config(tmp_path / "run", tiny_run["student"], "budget.samples=80", "budget.teacher_tokens=200",
                           "teacher.batch_size=4", "strategy.probe_fraction=0.5", "student.val_share=0.3")
