@@ -137,7 +137,7 @@ def test_a_ray_run_on_a_tracking_server_whose_driver_dies_twice_is_one_mlflow_ru
         clear_plans()
 
     assert seen.get("first") and seen.get("second"), f"the driver was killed twice: {seen}"
-    iteration, stage, parts, first_id = seen["first"]
+    _, stage, parts, first_id = seen["first"]
     assert stage is None and parts == [], "first killed before the first stage committed"
     assert seen["second"][:2] == (0, "feedback"), "then killed inside iteration 1's generate stage"
     assert seen["second"][3] == first_id, "the second driver kept the first one's MLflow run"
