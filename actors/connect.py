@@ -99,8 +99,13 @@ def ensure_ray(cfg: RunConfig | None = None) -> None:
         # address="local": a Ray of this run's own even when another runs on this machine (a
         # `ray start --head`, another run), which a plain ray.init() would join instead.
         # No dashboard; and should one be turned on, it listens on loopback only, like Serve.
+        # The raylet prints a warning to this process's stdout, whatever log_to_driver says, once a node
+        # holds 4x its "maximum startup concurrency" worker processes; Ray takes that as min(cores,
+        # CPUs), 2 on a 2-core machine, where a run keeps 10 to 12 workers (its fractional-CPU actors
+        # and Ray's own) by design. Counted in the logical CPUs it books, the run is within bounds.
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env}, log_to_driver=is_verbose())
+                 runtime_env={"env_vars": env}, log_to_driver=is_verbose(),
+                 _system_config={"worker_maximum_startup_concurrency": cpus})
         # Its agents and some workers would outlive a `kill -9` of this process (actors.reaper).
         from actors.reaper import watch
 

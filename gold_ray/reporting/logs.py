@@ -12,7 +12,9 @@ By default (:func:`library_output` with ``verbose=False``), for the duration of 
   Python warnings go to ``RUN_DIR/logs/libraries.log`` instead of the terminal;
 - a Ray run does not forward its workers' output to the terminal (``ray.init(log_to_driver=False)``,
   :mod:`actors.connect`): it stays in Ray's own session logs, and gold-ray's own warnings from
-  the driver actor reach the terminal as ``log`` events (:mod:`actors.driver`).
+  the driver actor reach the terminal as ``log`` events (:mod:`actors.driver`); the raylet's
+  warning about the number of worker processes, which Ray prints whatever ``log_to_driver``
+  says, is not raised by a local Ray (its threshold is set there, :func:`actors.connect.ensure_ray`).
 
 ``verbose=True`` (``gold-ray distill --verbose``) leaves every library as it is, bars included.
 The environment a Ray run gives its workers when quiet is :func:`worker_env`.

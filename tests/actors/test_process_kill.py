@@ -127,6 +127,9 @@ def test_kill_9_of_gold_ray_distill_inside_a_stage_leaves_no_process_and_resume_
     # and Ray Data's progress bars are off.
     printed = resumed.stdout + resumed.stderr
     assert "Started a local Ray instance" not in printed
+    # Nor the raylet's warning about the number of worker processes (actors.connect.ensure_ray).
+    for out in (printed, (tmp_path / "first.log").read_text()):
+        assert "worker processes have been started" not in out, out
     assert not [line for line in printed.splitlines() if "Running Dataset" in line or "MapBatches(" in line], printed
     assert "Started a local Ray instance" in (run_dir / "logs" / "libraries.log").read_text()
     for part, data in parts_before.items():
