@@ -39,8 +39,8 @@ demo: setup
 	$(BIN)/gold-ray models prepare
 	$(BIN)/gold-ray distill demo --overwrite
 
-# Two pytest processes side by side (tests/split_run.py): the tests marked ray, one after another,
-# and all the others. pytest exits 5 when it collects no test; that is reported, not treated as a crash.
+# Two pytest processes side by side (tests/split_run.py): the tests marked ray, one after another, and
+# all the others. A part that collects no test (pytest's exit 5) passes.
 test: setup
 	$(BIN)/python tests/split_run.py $(PYTEST_ARGS)
 

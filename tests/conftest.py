@@ -49,16 +49,6 @@ BASELINE_CACHE = {"GOLD_RAY_BASELINE_CACHE": tempfile.mkdtemp(prefix="grbase")}
 os.environ.update(BASELINE_CACHE)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``own_ray`` the tests marked ``ray`` that do not use the session's cluster (they start
-    a Ray of their own: a CLI run, ``ray start``, a multi-node cluster), so that ``make test``
-    (``tests/split_run.py``) can run them beside the others. Runs before ``-m`` selects."""
-    for item in items:
-        if item.get_closest_marker("ray") and "ray_cluster" not in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.own_ray)
-
-
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory) -> str:
     """A tiny random BERT with the MiniLM vocabulary (:func:`gold_ray.testing.save_tiny_classifier`), saved once.
