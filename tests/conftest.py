@@ -49,6 +49,27 @@ BASELINE_CACHE = {"GOLD_RAY_BASELINE_CACHE": tempfile.mkdtemp(prefix="grbase")}
 os.environ.update(BASELINE_CACHE)
 
 
+RUN_FIRST = (
+    "tests/actors/test_teacher_replicas.py",  # waits on Serve's autoscaling and health-check timers
+    "tests/actors/test_mlflow_server.py",  # waits for a tracking server and two driver restarts
+    "tests/faults/test_ray_faults.py",  # waits for Ray to notice killed processes
+)
+"""Test modules run before the others: they mostly wait, so under ``make test`` the busy part of
+the other process (``tests/split_run.py``) costs them least."""
+RUN_LAST = ("tests/actors/test_multinode.py",)
+"""Test modules run after the others: the multi-node run once hung after losing a node while two
+other processes kept both cores busy; last, it runs once the other part of ``make test`` ended."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order whole modules by :data:`RUN_FIRST` and :data:`RUN_LAST`, keeping the order within each
+    (so module-scoped fixtures are still set up once)."""
+    def rank(item: pytest.Item) -> int:
+        module = item.nodeid.split("::", 1)[0]
+        return 0 if module in RUN_FIRST else 2 if module in RUN_LAST else 1
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory) -> str:
     """A tiny random BERT with the MiniLM vocabulary (:func:`gold_ray.testing.save_tiny_classifier`), saved once.

@@ -1,14 +1,15 @@
 """Run the test suite as two pytest processes side by side: ``make test`` calls this.
 
-- ``ray``: the tests marked ``ray``, one after another (one Ray at a time on the machine, the
-  session's cluster shared, as in one pytest process);
-- ``others``: every other test.
+- ``ray``: the tests that use the session's Ray cluster, one after another (one Ray at a time
+  in that process, the cluster shared, as in one pytest process);
+- ``others``: every other test, the ``own_ray`` ones included: they run Ray in processes of
+  their own (a ``gold-ray`` CLI run, ``ray start``), which the session's cluster does not disturb.
 
 On two cores the Ray tests spend about a third of their time waiting (Ray's start-ups, gates,
 grace periods), which the other process fills. Each process plans its faults in a folder of its
-own (``tests/conftest.py``), so a fault planned in one never fires in the other. A third process
-for the Ray tests that start a Ray of their own was tried and dropped: beside two others, the
-multi-node test's run did not finish within its 600 s after losing its scorer node.
+own (``tests/conftest.py``), so a fault planned in one never fires in the other. The multi-node
+test stays in the Ray part and runs last there (``tests/conftest.py``): beside two other busy
+processes, its run once did not finish within 600 s after losing its scorer node.
 
 Usage::
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = REPO_ROOT / ".cache" / "test-logs"
-PARTS = {"ray": "ray", "others": "not ray"}
+PARTS = {"ray": "ray and not own_ray", "others": "not ray or own_ray"}
 """Each part's name (its log file) and its marker expression."""
 NO_TESTS = 5
 """pytest's exit status when it collected no test."""

@@ -73,6 +73,7 @@ def test_real_models_in_process(tmp_path):
 
 @needs_data
 @pytest.mark.ray
+@pytest.mark.own_ray
 def test_readme_demo_on_ray_reduced(tmp_path):
     """The README's ``make demo`` runs ``gold-ray distill demo``; here with a tiny budget."""
     exe = Path(sys.executable).parent / "gold-ray"

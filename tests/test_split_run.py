@@ -18,11 +18,16 @@ def _where(name):
 def test_on_ray():
     _where("ray.pid")
 
+@pytest.mark.ray
+@pytest.mark.own_ray
+def test_on_a_ray_of_its_own():
+    _where("own.pid")
+
 def test_elsewhere():
     _where("other.pid")
     assert os.environ.get("FAIL_OTHERS") != "1"
 '''
-INI = "[pytest]\nmarkers =\n    ray: starts Ray\n"
+INI = "[pytest]\nmarkers =\n    ray: starts Ray\n    own_ray: starts a Ray of its own\n"
 
 
 def _suite(tmp_path):
@@ -34,16 +39,18 @@ def _suite(tmp_path):
 
 
 def test_ray_tests_and_the_others_run_in_two_processes_and_both_logs_are_kept(tmp_path, monkeypatch, capsys):
+    """The session's Ray tests in one process; the rest, those with a Ray of their own too, in the other."""
     root = _suite(tmp_path)
     monkeypatch.delenv("FAIL_OTHERS", raising=False)
     assert split_run.main([str(root), "-p", "no:cacheprovider", "-q"], log_dir=tmp_path / "logs") == 0
     ray_pid, other_pid = (root / "ray.pid").read_text(), (root / "other.pid").read_text()
     assert ray_pid != other_pid and str(os.getpid()) not in (ray_pid, other_pid)
+    assert (root / "own.pid").read_text() == other_pid
     out = capsys.readouterr().out
     for marker in split_run.PARTS.values():
         assert f"tests marked {marker!r}: pytest exited" in out
     assert "1 passed" in (tmp_path / "logs" / "ray.log").read_text()
-    assert "1 passed" in (tmp_path / "logs" / "others.log").read_text()
+    assert "2 passed" in (tmp_path / "logs" / "others.log").read_text()
 
 
 def test_a_failing_part_fails_the_run_and_a_part_with_no_test_does_not(tmp_path, monkeypatch):
@@ -66,3 +73,14 @@ def test_a_marker_selection_of_ones_own_runs_one_plain_pytest(tmp_path, monkeypa
                           log_dir=tmp_path / "logs") == 0
     assert (root / "other.pid").exists() and not (root / "ray.pid").exists()
     assert not (tmp_path / "logs").exists()
+
+
+def test_modules_named_to_run_first_and_last_do_so_and_the_rest_keep_their_order():
+    from types import SimpleNamespace
+
+    from tests import conftest
+
+    first, last = f"{conftest.RUN_FIRST[0]}::t", f"{conftest.RUN_LAST[0]}::t"
+    items = [SimpleNamespace(nodeid=n) for n in ("tests/a.py::t1", last, first, "tests/b.py::t2")]
+    conftest.pytest_collection_modifyitems(items)
+    assert [i.nodeid for i in items] == [first, "tests/a.py::t1", "tests/b.py::t2", last]

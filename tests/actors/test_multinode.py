@@ -122,7 +122,7 @@ def start_run(cfg, cluster: dict[str, Any], tmp_path: Path) -> tuple[subprocess.
     return proc, metrics
 
 
-def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = 600) -> None:
+def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = 300) -> None:
     """Wait for the driver process; fail with the tail of its log if it did not succeed."""
     try:
         code = proc.wait(timeout=timeout)

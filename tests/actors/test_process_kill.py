@@ -27,7 +27,7 @@ from gold_ray.testing import save_tiny_chat_lm, save_tiny_classifier
 from tests.faults.faultkit import committed_records, run_summary, write_eval_file
 from tests.faults.hooks import clear_plans, plan_fault
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -340,6 +340,7 @@ def job_id_of(stdout: str) -> str:
 
 
 @pytest.mark.ray
+@pytest.mark.own_ray
 @pytest.mark.slow
 def test_broken_config_fails_the_job_with_the_key_in_its_logs(ray_head, tmp_path):
     config = write_config(tmp_path / "broken.yaml", {"budget": {"samples": 16, "bogus_key": 1},
@@ -389,6 +390,7 @@ def readme_plain_submit(address: str, config: Path) -> subprocess.Popen[str]:
 
 
 @pytest.mark.ray
+@pytest.mark.own_ray
 @pytest.mark.slow
 def test_a_job_whose_driver_is_killed_resumes_when_resubmitted_and_succeeds_with_its_outputs(
         ray_head, tiny_models, tmp_path):
