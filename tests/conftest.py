@@ -51,7 +51,6 @@ os.environ.update(BASELINE_CACHE)
 
 RUN_FIRST = (
     "tests/actors/test_teacher_replicas.py",  # waits on Serve's autoscaling and health-check timers
-    "tests/actors/test_mlflow_server.py",  # waits for a tracking server and two driver restarts
     "tests/faults/test_ray_faults.py",  # waits for Ray to notice killed processes
 )
 """Test modules run before the others: they mostly wait, so under ``make test`` the busy part of
