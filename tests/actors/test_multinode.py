@@ -129,7 +129,9 @@ def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = 300) -> None
     except subprocess.TimeoutExpired:
         proc.kill()
         code = "timeout"
-    assert code == 0, (tmp_path / "driver.log").read_text()[-6000:]
+    state = tmp_path / "run" / "state.json"  # where a run that did not finish stood
+    where = state.read_text() if state.is_file() else "no state.json"
+    assert code == 0, f"{where}\n" + (tmp_path / "driver.log").read_text()[-6000:]
 
 
 def test_a_run_across_nodes_places_each_role_by_its_resource_and_survives_losing_a_scorer_node(
