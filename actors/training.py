@@ -60,6 +60,7 @@ from actors.connect import on_this_node
 from gold_ray.config import RunConfig
 from gold_ray.run.faults import fault_point
 from gold_ray.run.tasks import load_task
+from gold_ray.student.allocator import KEEP_FREED_MEMORY_ENV
 from gold_ray.student.losses import loss_fn
 from gold_ray.student.model import Student, build_student, load_student
 from gold_ray.student.training import FitState, Recipe, cpu_weights, fit, planned_steps
@@ -457,6 +458,8 @@ class TrainingWorkers:
                 storage_path=_storage_uri(self.storage_path),
                 failure_config=ray.train.FailureConfig(max_failures=res.train_max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                # The workers train in a thread: glibc's settings must be there when they start.
+                worker_runtime_env={"env_vars": KEEP_FREED_MEMORY_ENV},
             ),
         )
         outcome: dict[str, Any] = {}

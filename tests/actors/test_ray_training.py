@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 
+import psutil
 import pytest
 import torch
 
 from actors.training import STATE_FILE, RayTrainStep, run_name_for, train_student_on_ray, worker_threads
 from gold_ray.config import RunConfig
 from gold_ray.run.tasks import load_task
+from gold_ray.student.allocator import KEEP_FREED_MEMORY_ENV
 from gold_ray.student.model import build_student, load_student
 from gold_ray.student.training import Recipe
 from tests.faults.hooks import plan_fault
@@ -161,6 +163,9 @@ def test_a_kept_worker_group_serves_every_order_in_one_process(reference, model_
         first = train(student, RECORDS, RECIPE)
         assert _max_diff(_state(student), reference["after"]) < 1e-5
         second = train(student, RECORDS[5:25], Recipe(lr=1e-3, epochs=1, max_epochs=1))
+        # The worker started with glibc told to keep freed memory (it trains in a thread of its own).
+        env = psutil.Process(first["worker_pid"]).environ()
+        assert {k: env.get(k) for k in KEEP_FREED_MEMORY_ENV} == KEEP_FREED_MEMORY_ENV
     finally:
         train.close()
     assert not train.workers.running
