@@ -120,12 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="perf-train-") as tmp:
         for side, keep in (("ray_kept", True), ("ray_per_training", False)):
             side_cfg = cfg.model_copy(update={"resources": res.model_copy(update={"train_keep_workers": keep})})
-            step = RayTrainStep(side_cfg, cfg.task.name, student_path, Path(tmp) / side, keep_workers=keep)
-            runs, first, diffs, pids = [], None, [], set()
+            step, runs, first, diffs, pids = None, [], None, [], set()
             try:
                 # The kept group's first training also starts the group: timed apart, as a run pays it
                 # once, beside its teacher's start.
                 for i in range(repeats + (1 if keep else 0)):
+                    if step is None or not keep:
+                        # A group per training gets a storage folder per training: in one folder the
+                        # same order would find its finished checkpoint and not train again.
+                        if step is not None:
+                            step.close()
+                        step = RayTrainStep(side_cfg, cfg.task.name, student_path, Path(tmp) / side / str(i),
+                                            keep_workers=keep)
                     student = fresh()
                     with stopwatch() as t:
                         metrics = step(student, records, recipe)
@@ -138,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(t["seconds"])
                     log(f"  {side} repeat {len(runs) - 1}: {t['seconds']:.2f}s")
             finally:
-                step.close()
+                if step is not None:
+                    step.close()
             sides[side] = {"seconds": summarize(runs), "first_seconds": first, "max_abs_weight_diff": max(diffs),
                            "worker_processes": len(pids)}
         ray.shutdown()
