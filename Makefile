@@ -40,7 +40,8 @@ demo: setup
 	$(BIN)/gold-ray distill demo --overwrite
 
 # Two pytest processes side by side (tests/split_run.py): the tests on the session's Ray cluster, one
-# after another, and all the others (own_ray ones included). A part that collects no test (pytest's exit 5) passes.
+# after another, and all the others (own_ray ones included). A part that collects no test (pytest's
+# exit 5) passes.
 test: setup
 	$(BIN)/python tests/split_run.py $(PYTEST_ARGS)
 
