@@ -75,12 +75,12 @@ def test_a_marker_selection_of_ones_own_runs_one_plain_pytest(tmp_path, monkeypa
     assert not (tmp_path / "logs").exists()
 
 
-def test_modules_named_to_run_first_and_last_do_so_and_the_rest_keep_their_order():
+def test_modules_named_to_run_last_do_so_and_the_rest_keep_their_order():
     from types import SimpleNamespace
 
     from tests import conftest
 
-    first, last = f"{conftest.RUN_FIRST[0]}::t", f"{conftest.RUN_LAST[0]}::t"
-    items = [SimpleNamespace(nodeid=n) for n in ("tests/a.py::t1", last, first, "tests/b.py::t2")]
+    last = f"{conftest.RUN_LAST[0]}::t"
+    items = [SimpleNamespace(nodeid=n) for n in ("tests/b.py::t2", last, "tests/a.py::t1")]
     conftest.pytest_collection_modifyitems(items)
-    assert [i.nodeid for i in items] == [first, "tests/a.py::t1", "tests/b.py::t2", last]
+    assert [i.nodeid for i in items] == ["tests/b.py::t2", "tests/a.py::t1", last]
