@@ -67,6 +67,25 @@ def _variant(sps: float, tps: float) -> dict:
     return generation.variant_metrics([{"seconds": 10.0, "samples": sps * 10, "output_tokens": tps * 10}])
 
 
+def test_a_generation_variant_whose_every_sample_failed_is_an_error_not_a_fast_run():
+    from gold_ray.types import Generation
+
+    def failing(prompts):
+        gens = [Generation(text="", error="TypeError: _generate_batch() takes 4 positional arguments") for _ in prompts]
+        return {"output_tokens": 0, "errors": len(prompts), "generations": gens}
+
+    with pytest.raises(RuntimeError, match="every sample of this variant failed, e.g.: TypeError"):
+        generation.time_variant(failing, _prompts(4), repeats=1, task="sst2", warmup=0)
+
+    def half(prompts):
+        gens = [Generation(text="" if i % 2 else "Review: fine", error="boom" if i % 2 else None, output_tokens=3)
+                for i in range(len(prompts))]
+        return {"output_tokens": 6, "errors": len(prompts) // 2, "generations": gens}
+
+    m = generation.time_variant(half, _prompts(4), repeats=1, task="sst2", warmup=0)
+    assert m["runs"][0]["errors"] == 2  # some failures are recorded, not raised
+
+
 def test_generation_ratios_come_from_one_runs_medians():
     variants = {"reference": _variant(0.5, 25.0), "hf": _variant(4.0, 180.0), "vllm": _variant(5.0, 200.0),
                 "pipeline": _variant(4.5, 190.0)}

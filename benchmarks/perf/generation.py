@@ -18,8 +18,9 @@ training prompts, then probe prompts), same machine, one run:
     recorded, when vLLM does not import.
 (d) ``pipeline``: :func:`actors.pipeline.generate_iteration` on a private local Ray: the teacher
     as a Serve deployment (the config's engine), one ``TeacherCaller`` actor (one Serve call per
-    batch, parsing in place), and energy scoring of every accepted sample by the scorer actor pool (a fresh, untrained student
-    checkpoint: same cost as a trained one).
+    batch, parsing in place), and energy scoring of every accepted sample by the run's warm scorer
+    pool (:class:`actors.scoring.ScorerPool`, started once, as a run starts it; a fresh, untrained
+    student checkpoint: same cost as a trained one).
 
 Variants run one after another (load, one untimed warm-up call, the timed repeats, release), so
 a large GPU model never has two copies in memory. Reported per variant: samples/s and output
@@ -171,7 +172,8 @@ def generate_engine(model_path: str, **kwargs: Any) -> Any:
     from gold_ray.types import Generation
 
     class GenerateEngine(HFEngine):
-        def _generate_batch(self, rows, stops, params):  # noqa: ANN001, ANN202 (benchmark-only)
+        def _generate_batch(self, rows, stops, params, prefix_lens=None):  # noqa: ANN001, ANN202 (benchmark-only)
+            # The baseline predates shared prefixes: prefix_lens is ignored.
             pad = self.tokenizer.pad_token_id
             ids, mask = left_padded(rows, pad, self.device)
             width = ids.shape[1]
@@ -251,11 +253,13 @@ def time_variant(run: RunFn, prompts: list[Any], repeats: int, task: Any, warmup
     if warmup:
         run(prompts[:warmup])
     runs = []
+    first_error = None
     for r in range(repeats):
         with stopwatch() as t:
             out = run(prompts)
         accepted = None
         if out.get("generations") is not None:
+            first_error = first_error or next((g.error for g in out["generations"] if g.error), None)
             results = parse_batch(task, prompts, out["generations"], Deduplicator())
             accepted = sum(x.fields is not None for x in results)
         elif out.get("accepted") is not None:
@@ -264,6 +268,9 @@ def time_variant(run: RunFn, prompts: list[Any], repeats: int, task: Any, warmup
                      "output_tokens": out["output_tokens"], "errors": out["errors"], "accepted": accepted,
                      **out.get("extra", {})})
         log(f"  repeat {r}: {len(prompts)} samples in {t['seconds']:.1f}s, {out['output_tokens']} output tokens")
+        if out["errors"] == len(prompts):
+            # A variant that only failed has no speed to report; a 0-second "run" would read as one.
+            raise RuntimeError(f"every sample of this variant failed, e.g.: {first_error or 'no error text'}")
     return variant_metrics(runs)
 
 
@@ -281,20 +288,23 @@ def pipeline_runner(cfg: Any, task: Any, workdir: Path, score: bool, ray_cpus: i
     app = "perf-teacher"
     handle = start_teacher(cfg, name=app)
     wait_for_serve_app(app)
-    ckpt = None
+    ckpt = pool = None
     if score:
+        from actors.scoring import ScorerPool
         from gold_ray.models import resolve_model
         from gold_ray.student.model import build_student
 
         ckpt = workdir / "student-ckpt"
         build_student(task, cfg.student, resolve_model(cfg.student.model), device="cpu").save(ckpt)
+        # A run keeps its scorers for its whole length (the untimed warm-up call starts them).
+        pool = ScorerPool(cfg, task)
     calls = {"n": 0}
 
     def run(prompts: list[Any]) -> dict[str, Any]:
         calls["n"] += 1
         before = len(handle.batch_size_history.remote().result())
         stats = generate_iteration(prompts, cfg, task, app, ckpt, workdir / f"it{calls['n']}.parquet",
-                                   iteration=calls["n"], dedup=Deduplicator())
+                                   iteration=calls["n"], dedup=Deduplicator(), scorer_pool=pool)
         sizes = handle.batch_size_history.remote().result()[before:]
         extra = {"scored": stats["scored"], "scorer_actors": stats["scorer_actors"], "streamed": stats["streamed"],
                  "retried": stats["retried"], "engine_batches": len(sizes),
@@ -304,6 +314,8 @@ def pipeline_runner(cfg: Any, task: Any, workdir: Path, score: bool, ray_cpus: i
                 "extra": extra}
 
     def close() -> None:
+        if pool is not None:
+            pool.close()
         serve.delete(app)
         serve.shutdown()
         ray.shutdown()
@@ -497,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
                     settings[name] = {"dtype": cfg.teacher.dtype}
                 else:
                     run, close, settings[name] = pipeline_runner(cfg, task, Path(tmp), not args.no_score, ray_cpus)
-                variants[name] = time_variant(run, prompts, repeats, task, warmup)
+                try:
+                    variants[name] = time_variant(run, prompts, repeats, task, warmup)
+                except RuntimeError as err:  # the other variants still run; the reason is printed with them
+                    result["skipped"][name] = f"failed: {err}"
+                    log(f"  {result['skipped'][name]}")
             finally:
                 close()
                 # Drop the last variant's model before the next one loads (a GPU holds one at a time).
@@ -514,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         "Ratios compare medians from this run. Roof fractions use the square-matmul peak of the engines' dtype "
         "and 2 FLOPs per matmul parameter per token; 'processed' also counts the prompt tokens every sample "
         f"prefills (mean {prompt_tokens:.0f}).",
-        "(d) includes Ray Data start-up and a fresh scorer pool each call, as every GOLD iteration pays them.",
+        "(d) includes Ray Data's start-up each call, as every generate stage pays it; the scorer pool is the "
+        "run's warm one (started by the untimed warm-up call, once per run), and each call scores with it.",
     ]
     rows = []
     for name in chosen:
