@@ -45,8 +45,10 @@ demo: setup
 test: setup
 	$(BIN)/python tests/split_run.py $(PYTEST_ARGS)
 
+# One pytest worker per core (pytest-xdist), each with one torch thread: two threads per worker on
+# 2 cores oversubscribe them and took 122 s, one thread 61 s, one process 95 s (2026-12-06).
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto -m "not slow and not ray" $(PYTEST_ARGS)
 
 # The CUDA paths (teacher, student, a whole run) on tiny random models; they skip without a GPU.
 test-gpu: setup

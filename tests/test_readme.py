@@ -107,7 +107,8 @@ def test_makefile_targets_of_the_readme():
         pytest.skip("make is not installed")
     out = subprocess.run([make, "-n", "test-fast", "lint"], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "MAKEFLAGS": ""}).stdout
-    assert 'pytest -m "not slow and not ray"' in out and "ruff check" in out
+    assert '-m "not slow and not ray"' in out and "ruff check" in out
+    assert "-n auto" in out and "OMP_NUM_THREADS=1" in out  # one worker per core, one torch thread each
 
 
 def test_cli_knows_every_readme_subcommand_and_flag(capsys):
