@@ -86,6 +86,14 @@ def test_a_generation_variant_whose_every_sample_failed_is_an_error_not_a_fast_r
     assert m["runs"][0]["errors"] == 2  # some failures are recorded, not raised
 
 
+def test_memory_records_its_command_without_machine_paths():
+    import sys
+
+    cmd = [sys.executable, "-m", "benchmarks.perf.e2e", "--out", "/scratch/perf-mem-x", "--run-dir", "runs/m"]
+    assert memory.portable_command(cmd, "/scratch/perf-mem-x") == [
+        "python", "-m", "benchmarks.perf.e2e", "--out", "<tmp>", "--run-dir", "runs/m"]
+
+
 def test_generation_ratios_come_from_one_runs_medians():
     variants = {"reference": _variant(0.5, 25.0), "hf": _variant(4.0, 180.0), "vllm": _variant(5.0, 200.0),
                 "pipeline": _variant(4.5, 190.0)}

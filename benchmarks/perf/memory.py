@@ -35,6 +35,12 @@ from benchmarks.perf.common import (
 )
 
 
+def portable_command(cmd: list[str], tmp: str) -> list[str]:
+    """``cmd`` as results record it: this interpreter as ``python`` and the scratch folder as
+    ``<tmp>``, so that no path of the machine that ran it goes into a committed result."""
+    return ["python" if a == sys.executable else a.replace(tmp, "<tmp>") for a in cmd]
+
+
 def tree_memory(root_pid: int, pss: bool = True) -> dict[str, Any] | None:
     """One sample: summed RSS (and PSS) of ``root_pid`` and all its descendants.
 
@@ -140,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     peak = tracker.peak_rss or {"rss": 0, "processes": 0, "top": []}
     result = new_result("memory", command_line("benchmarks.perf.memory", argv), {
-        "measured": what, "command_sampled": cmd, "interval_s": args.interval, "quick": args.quick,
+        "measured": what, "command_sampled": portable_command(cmd, tmp), "interval_s": args.interval,
+        "quick": args.quick,
         "config": args.config, "overrides": args.set, "pss": not args.no_pss,
     })
     gib = 2**30
