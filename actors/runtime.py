@@ -9,7 +9,8 @@
   started with the teacher and kept for the run), DDP over ``resources.train_workers``, its MLflow
   child run under the run's; rank 0's step count comes back to
   :attr:`~gold_ray.run.runtime.Runtime.progress` while it trains;
-- ``score`` (the final noise filter): the same scorer pool, over a Ray dataset of the records;
+- ``score`` (an iteration's probes, the final noise filter): the same scorer pool, over a Ray
+  dataset of the records, or in one call to one of its actors when they fit one scoring batch;
   the pool's actors (:class:`actors.scoring.ScorerPool`) start with the first scoring and keep
   the student loaded for the run, each new student reaching them as weights;
 - ``evaluate``: on one of the pool's warm scorers (the student's weights sent to it), so no model
@@ -131,12 +132,20 @@ class RayRuntime(Runtime):
         """The scorer pool's scores of ``records`` (from ``checkpoint``, the student on disk)."""
         if checkpoint is None or not records:
             return super().score(student, checkpoint, records)
+        if len(records) <= self.run.cfg.resources.scorer_batch_size:
+            # A dozen probes: one call to a warm scorer, not a dataset (Ray Data's start costs more).
+            self.progress("scored", 0, len(records))
+            scores = self._scorer_pool().score_records(checkpoint, records)
+            self.progress("scored", len(records), len(records))
+            return scores
         import ray.data
 
         from actors.pipeline import block_rows
         from actors.scoring import SCORE_COLUMN, score_dataset
 
-        rows = [{**{k: r.get(k) for k in self.run.task.field_names}, "_row": i} for i, r in enumerate(records)]
+        # The target too: a text-to-text energy reads the answer, and the ``nll`` score the label.
+        task = self.run.task
+        rows = [{**{k: r.get(k) for k in (*task.field_names, task.target_key)}, "_row": i} for i, r in enumerate(records)]
         ds = score_dataset(ray.data.from_items(rows), self.run.cfg, str(checkpoint), self.run.task,
                            pool=self._scorer_pool())
         scores = np.full(len(records), np.nan)

@@ -397,6 +397,25 @@ class ScorerPool:
             num_cpus=FORWARD_NUM_CPUS,
         )
 
+    def score_records(self, student_or_checkpoint: Student | str | Path, records: list[dict[str, Any]]) -> np.ndarray:
+        """The scores of a few ``records`` (one scoring batch), from one warm actor in one call.
+
+        What :meth:`score_dataset` computes for them, without a dataset: for a GOLD iteration's dozen
+        probes, starting Ray Data's executor took 1.4 to 1.6 s against 0.05 s of scoring.
+
+        Args:
+            student_or_checkpoint: The student to score with (see :meth:`set_student`).
+            records: Records with the task's input fields.
+
+        Returns:
+            One float per record (NaN where a field is missing).
+        """
+        self.set_student(student_or_checkpoint)
+        names = [*self.task.field_names, self.task.target_key]
+        batch = {k: np.array([r.get(k) for r in records], dtype=object) for k in names}
+        out = ray.get(self._start_actors()[0].score_batch.remote(batch, self._version, [self._weights]))
+        return np.asarray(out[SCORE_COLUMN], dtype=np.float64)
+
     def evaluate(self, student: Student, records: list[dict[str, Any]]) -> dict[str, Any]:
         """``student``'s metrics on ``records`` (:func:`gold_ray.student.evaluation.evaluate_student`),
         computed on a warm actor: no process starts for an evaluation, and the actors' resources are

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.perf import common, e2e, generation, memory, scaling, scoring, summary, training
 from gold_ray.testing import LatencyBoundEngine
@@ -301,3 +302,31 @@ def test_summary_holds_the_ray_training_fixed_cost_against_its_ceiling():
     assert s["targets"]["train_fixed_cost_ray_s"] == {"target": 5.0, "op": "<=", "value": 7.5, "met": False,
                                                       "shortfall": 0.5}
     assert summary.build_summary({})["train_fixed_cost_ray_s"] is None
+
+
+def test_precision_pairs_each_variant_with_the_loop_fit_of_the_same_run():
+    from benchmarks.perf.precision import summary_of
+
+    def row(run, variant, s_per_step, test, val):
+        return {"run": run, "variant": variant, "seconds_per_step": s_per_step, "test_accuracy": test,
+                "val_accuracy": val}
+
+    rows = [row("a", "loop", 1.0, 0.70, 0.80), row("a", "bfloat16", 0.5, 0.72, 0.80),
+            row("b", "loop", 0.9, 0.60, 0.70), row("b", "bfloat16", 0.3, 0.59, 0.72),
+            row("c", "bfloat16", 0.1, 0.99, 0.99)]  # no loop fit of c: not paired, not counted
+    s = summary_of(rows)["bfloat16"]
+    assert s["runs"] == 2 and s["speedup_vs_loop_median"] == pytest.approx((2.0 + 3.0) / 2)
+    assert s["test_accuracy_diff_mean"] == pytest.approx(0.005)
+    assert (s["test_accuracy_diff_min"], s["test_accuracy_diff_max"]) == pytest.approx((-0.01, 0.02))
+    assert s["val_accuracy_diff_mean"] == pytest.approx(0.01)
+    assert "float32" not in summary_of(rows)
+
+
+def test_precision_loop_variant_unfuses_adamw_only_inside_its_block():
+    from benchmarks.perf.precision import _per_tensor_adamw
+    from gold_ray.student.training import adamw
+
+    model = torch.nn.Linear(3, 2)
+    with _per_tensor_adamw():
+        assert not adamw(model, 1e-3, 0.01).defaults["fused"]
+    assert adamw(model, 1e-3, 0.01).defaults["fused"]

@@ -208,7 +208,8 @@ def reference_runner(model_path: str, dtype: str, device: str, max_new_tokens: i
     import transformers
     from transformers import pipeline
 
-    from gold_ray.teacher.engines import render_prompt_text, resolve_dtype
+    from gold_ray.devices import resolve_dtype
+    from gold_ray.teacher.engines import render_prompt_text
     from gold_ray.types import Generation
 
     transformers.logging.set_verbosity_error()  # one "max_length and max_new_tokens" warning per sample

@@ -125,7 +125,7 @@ def tokens_bound(gflops: float | None, matmul_param_count: int) -> float | None:
 
 def engine_dtype_name(dtype: str, device: str) -> str:
     """The dtype the engines run in for a configured ``teacher.dtype`` (``auto`` resolved)."""
-    from gold_ray.teacher.engines import resolve_dtype
+    from gold_ray.devices import resolve_dtype
 
     return str(resolve_dtype(dtype, device)).removeprefix("torch.")
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from gold_ray.config import StudentConfig
+from gold_ray.devices import default_device, training_dtype
 from gold_ray.errors import InputError
 from gold_ray.models import allow_remote_code
 from gold_ray.run.tasks import TaskSpec
@@ -47,11 +48,7 @@ META_FILE = "gold_ray_student.json"
 
 Schedule = Literal["linear", "constant"]
 
-_SETTINGS = ("max_length", "batch_size", "lr", "weight_decay", "seed", "schedule")
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+_SETTINGS = ("max_length", "batch_size", "lr", "weight_decay", "seed", "schedule", "precision")
 
 
 @contextmanager
@@ -96,11 +93,15 @@ class Student(ABC):
         trust_remote_code: Allow model code from the model folder.
         device: ``cpu``, ``cuda`` …; default: CUDA when available.
         schedule: ``linear`` decay to zero over each :meth:`fit` call, or ``constant``.
+        precision: What training computes in: ``auto`` (bfloat16 where the device does it fast),
+            ``bfloat16`` or ``float32`` (see :func:`gold_ray.devices.training_dtype`). Weights and
+            optimiser state are float32 either way, and scoring and prediction compute in float32.
 
     Attributes:
         model: The torch module (``eval`` mode outside :meth:`fit`).
         tokenizer: Its tokenizer.
         kind: ``classifier`` or ``text_to_text``.
+        train_dtype: The dtype ``precision`` resolved to on this student's device.
     """
 
     kind: str = "base"
@@ -118,6 +119,7 @@ class Student(ABC):
         trust_remote_code: bool = False,
         device: str | None = None,
         schedule: Schedule = "linear",
+        precision: str = "auto",
     ):
         self.task = task
         self.model_path = str(model_path)
@@ -130,7 +132,9 @@ class Student(ABC):
         self.seed = seed
         self.trust_remote_code = allow_remote_code(trust_remote_code, self.model_path, "student")
         self.schedule = schedule
-        self.device = torch.device(device or _default_device())
+        self.device = torch.device(device or default_device())
+        self.precision = precision
+        self.train_dtype = training_dtype(precision, self.device.type)
         self.tokenizer = self._load_tokenizer(self.model_path)
         with _seeded(seed):
             self.model: nn.Module = self._load_model(self.model_path).to(self.device)
@@ -481,7 +485,8 @@ class ClassifierStudent(Student):
         """Class-logit CE or SCE of one batch; see :meth:`Student.batch_loss`."""
         inputs = self._to_device(model, batch)
         labels = inputs.pop("labels")
-        return loss_fn(loss, alpha, beta)(model(**inputs).logits, labels)
+        # The loss in float32 whatever the forward computed in (bf16 training): softmax of bf16 logits is coarse.
+        return loss_fn(loss, alpha, beta)(model(**inputs).logits.float(), labels)
 
     @torch.no_grad()
     def logits(self, records: Sequence[dict]) -> np.ndarray:
@@ -649,7 +654,7 @@ class TextToTextStudent(Student):
         labels = inputs["labels"]
         if not self.is_seq2seq:
             inputs.pop("labels")
-        logits, targets = self._shifted(model(**inputs).logits, labels)
+        logits, targets = self._shifted(model(**inputs).logits.float(), labels)
         return loss_fn(loss, alpha, beta)(logits, targets)
 
     def _target_logits(self, records: Sequence[dict], fixed: bool) -> tuple[Tensor, Tensor]:
@@ -807,6 +812,7 @@ def build_student(
         "seed": seed,
         "trust_remote_code": cfg.trust_remote_code,
         "device": device,
+        "precision": cfg.precision,
     }
     if kind == "classifier":
         if not task.is_classification:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gold_ray.devices import autocast
 from gold_ray.student.allocator import keep_freed_memory
 from gold_ray.student.losses import loss_fn
 
@@ -190,13 +191,19 @@ def all_reduce_mean(values: list[float], world_size: int) -> list[float]:
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on biases and norms)."""
+    """AdamW with weight decay on matrices only (not on biases and norms).
+
+    The fused implementation where every parameter lives on a CPU or CUDA device: one kernel per
+    step instead of a loop over tensors, the same update up to rounding (a few per cent of the
+    embedded student's CPU step: ``benchmarks/perf/results/training-precision.md``).
+    """
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup: float) -> Callable[[int], float]:
@@ -386,7 +393,9 @@ def fit(
                     if world_size > 1:
                         local = target_count(batch) if mine else 0
                         weight = loss_weight(local, target_count(student.collate(global_rows)), world_size)
-                    value = student.batch_loss(model, batch, recipe.loss, recipe.alpha, recipe.beta) * weight
+                    # The forward (and so the backward) in the student's training dtype; bf16 needs no loss scaling.
+                    with autocast(student.train_dtype, student.device.type):
+                        value = student.batch_loss(model, batch, recipe.loss, recipe.alpha, recipe.beta) * weight
                     optimizer.zero_grad(set_to_none=True)
                     value.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)

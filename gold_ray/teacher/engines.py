@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
-import torch
-
 from gold_ray.config import TeacherConfig
+from gold_ray.devices import default_device
 from gold_ray.errors import InputError
 from gold_ray.types import Prompt, TeacherEngine
 
@@ -149,44 +147,6 @@ def option_token_ids(tokenizer: Any, rendered: str, option: str) -> list[int]:
     return list(tokenizer(sep + option, add_special_tokens=False)["input_ids"])
 
 
-@lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU advertises AMX-BF16 or AVX512-BF16 (read from ``/proc/cpuinfo``; Linux).
-
-    ``torch.backends.cpu.get_cpu_capability()`` says ``AVX512`` but not whether the bf16
-    extensions exist; without them bf16 matmuls are emulated and slower than fp32.
-    """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """The torch dtype for a configured name.
-
-    Args:
-        dtype: ``auto``, ``bfloat16``, ``float16`` or ``float32``.
-        device: ``cpu`` or ``cuda`` (or ``cuda:N``).
-
-    Returns:
-        For ``auto``: bfloat16 on a GPU that supports it (else float16); on CPU bfloat16 when
-        :func:`cpu_has_fast_bf16`, else float32. Otherwise the named dtype.
-    """
-    if dtype != "auto":
-        if dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype {dtype!r}: expected auto, bfloat16, float16 or float32")
-        return getattr(torch, dtype)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-
-
 def error_text(engine: str, err: BaseException) -> str:
     return f"{engine} engine: {type(err).__name__}: {err}"[:2000]
 
@@ -199,7 +159,7 @@ def auto_engine_name(device: str | None = None) -> str:
     """The engine ``teacher.engine=auto`` means here: ``vllm`` on a CUDA GPU with vLLM installed
     (continuous batching and paged attention; far ahead of ``hf`` there), else ``hf`` (on CPU the
     vLLM CPU build needs an environment of its own, see ``make test-vllm``)."""
-    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cuda":
+    if (device or default_device()) != "cuda":
         return "hf"
     try:
         import vllm  # noqa: F401

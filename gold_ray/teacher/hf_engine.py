@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from gold_ray.devices import default_device, resolve_dtype
 from gold_ray.errors import InputError
 from gold_ray.models import allow_remote_code
 from gold_ray.teacher.decoding import decode_batch, start_batch
@@ -20,7 +21,6 @@ from gold_ray.teacher.engines import (
     option_token_ids,
     prompt_token_ids,
     render_prompt_text,
-    resolve_dtype,
     truncate_at_stop,
 )
 from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
@@ -65,7 +65,7 @@ class HFEngine(TeacherEngine):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         trust_remote_code = allow_remote_code(trust_remote_code, model_path, "teacher")
         torch.manual_seed(seed)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
         self.add_bos = add_bos

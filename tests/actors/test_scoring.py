@@ -168,6 +168,22 @@ def test_a_warm_scorer_evaluates_each_student_with_its_own_weights(ray_cluster, 
     assert held["identity"] == scored[0]["scored_by"]  # the scoring actor evaluated too: nothing started
 
 
+@pytest.mark.ray
+@pytest.mark.parametrize("score", ["energy", "nll"])
+def test_a_few_records_are_scored_in_one_call_as_the_student_scores_them(ray_cluster, sst2, two_students, score):
+    from actors.scoring import ScorerPool
+
+    (a, a_dir), _ = two_students
+    records = [{"text": r["text"], "label": r["label"]} for r in SCORABLE if not r["reject_reason"]]
+    flipped = [{**r, "label": "negative" if r["label"] == "positive" else "positive"} for r in records]
+    with ScorerPool(make_cfg(strategy={"score": score}), sst2) as pool:
+        got = [pool.score_records(a_dir, rows) for rows in (records, flipped)]
+    for rows, scores in zip((records, flipped), got, strict=True):
+        np.testing.assert_allclose(scores, a.ood_scores(rows, score=score), rtol=1e-5)
+    # The label travels with the inputs: the NLL of a record depends on it, the energy does not.
+    assert np.allclose(got[0], got[1]) == (score == "energy")
+
+
 def test_a_pool_without_a_student_refuses_to_score(sst2):
     from actors.scoring import ScorerPool
 

@@ -103,9 +103,10 @@ def _train_acc(student, records) -> float:
     return float(np.mean([p == r["label"] for p, r in zip(student.predict(records), records, strict=True)]))
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("loss", ["ce", "sce"])
-def test_classifier_fit_learns_toy_sentiment(models, loss):
-    student = _classifier(models)
+def test_classifier_fit_learns_toy_sentiment(models, loss, precision):
+    student = _classifier(models, precision=precision)
     steps = []
     first = student.fit(SENTIMENT, 1, loss=loss)
     result = student.fit(SENTIMENT, 9, loss=loss, on_step=steps.append)
@@ -114,6 +115,9 @@ def test_classifier_fit_learns_toy_sentiment(models, loss):
     assert result["loss"] < 0.5 * first["loss"]
     assert _train_acc(student, SENTIMENT) == 1.0
     assert not student.model.training
+    # Mixed precision: bfloat16 computes, the weights it trains stay float32.
+    assert student.train_dtype is getattr(torch, precision)
+    assert {p.dtype for p in student.model.parameters()} == {torch.float32}
 
 
 def test_classifier_logits_shape_and_ood_scores(models):
@@ -188,6 +192,8 @@ def test_save_gives_a_plain_hf_classifier_and_load_student_roundtrips(models, tm
 
     again = load_student(tmp_path / "s", SST2)
     assert isinstance(again, ClassifierStudent)
+    assert meta["settings"]["precision"] == "auto" and again.precision == "auto"
+    assert load_student(tmp_path / "s", SST2, precision="float32").train_dtype is torch.float32
     np.testing.assert_array_equal(again.logits(SENTIMENT), student.logits(SENTIMENT))
     assert again.base_model_path == str(models["bert"])
     with pytest.raises(ValueError, match="labels"):

@@ -20,7 +20,6 @@ from gold_ray.teacher.engines import (
     option_token_ids,
     prompt_token_ids,
     render_prompt_text,
-    resolve_dtype,
     truncate_at_stop,
     wants_bos,
 )
@@ -233,14 +232,6 @@ def test_option_is_joined_with_one_space(engine):
     joined = option_token_ids(tok, "Label:", "positive")
     assert tok.decode(joined) == " positive"
     assert tok.decode(option_token_ids(tok, "Label: ", "positive")) == "positive"
-
-
-def test_resolve_dtype():
-    assert resolve_dtype("float32", "cpu") is torch.float32
-    assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16
-    assert resolve_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
-    with pytest.raises(ValueError):
-        resolve_dtype("int8", "cpu")
 
 
 def test_build_engine(model_dir):
