@@ -45,7 +45,8 @@ def _cfg(model_dir: str, workers: int) -> RunConfig:
     return RunConfig.model_validate(
         {
             "seed": 3,
-            "student": {"model": model_dir, "batch_size": 8, "max_length": 16, "lr": 1e-3},
+            # float32: these tests compare weights across worker counts to 1e-5, finer than bfloat16 rounds.
+            "student": {"model": model_dir, "batch_size": 8, "max_length": 16, "lr": 1e-3, "precision": "float32"},
             # A checkpoint every epoch, so that a failed worker resumes mid-run (the default writes
             # one per 30 s, none in these sub-second epochs).
             "resources": {"train_workers": workers, "train_cpus_per_worker": 0.5, "train_checkpoint_every_s": 0},
