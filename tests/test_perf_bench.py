@@ -330,3 +330,10 @@ def test_precision_loop_variant_unfuses_adamw_only_inside_its_block():
     with _per_tensor_adamw():
         assert not adamw(model, 1e-3, 0.01).defaults["fused"]
     assert adamw(model, 1e-3, 0.01).defaults["fused"]
+
+
+def test_precision_records_its_run_folders_without_machine_paths():
+    from benchmarks.perf.precision import portable_runs
+
+    assert portable_runs("/home/me/runs/quality/sst2-gold-s0-n1000,rel/rte-gold-s0-n1000") == (
+        "<RUNS>/sst2-gold-s0-n1000,<RUNS>/rte-gold-s0-n1000")

@@ -172,6 +172,13 @@ def render(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def portable_runs(runs: str) -> str:
+    """``--runs`` as results record it: each run folder as ``<RUNS>/<name>``, so that no path of the
+    machine that ran it goes into a committed result (the quality benchmark's folder is
+    ``runs/quality``)."""
+    return ",".join(f"<RUNS>/{Path(r).name}" for r in runs.split(",") if r)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Fit every (run, variant) pair not yet measured; write ``training-precision.json`` and ``.md``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -186,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     out_json = Path(args.out) / f"{NAME}.json"
     rows: list[dict[str, Any]] = json.loads(out_json.read_text())["metrics"]["fits"] if out_json.is_file() else []
     done = {(r["run"], r["variant"]) for r in rows}
-    result = new_result(NAME, command_line("benchmarks.perf.precision", argv),
-                        {"runs": args.runs.split(","), "variants": variants})
+    argv = list(sys.argv[1:] if argv is None else argv)
+    shown = [portable_runs(a) if i and argv[i - 1] == "--runs" else a for i, a in enumerate(argv)]
+    shown = [f"--runs={portable_runs(a[7:])}" if a.startswith("--runs=") else a for a in shown]
+    result = new_result(NAME, command_line("benchmarks.perf.precision", shown),
+                        {"runs": portable_runs(args.runs).split(","), "variants": variants})
     for run in args.runs.split(","):
         run_dir = Path(run)
         todo = [v for v in variants if (run_dir.name, v) not in done]
