@@ -168,8 +168,11 @@ class TeacherConfig(_Section):
             poor, biased classifier the check keeps mostly one label (AG News: it rejected 56 to
             61 % of the samples, and GOLD's and ZeroGen's students fell to 57 and 69 %, against
             83 to 84 % without it; ``results/with-label-check/``). Turn it on where the teacher row
-            is well above chance (the demo does). The check costs a forward pass per sample and
-            label. LLKD, whose teacher labels every text itself, skips it.
+            is well above chance (the demo does). The check stands down for a batch (rejects
+            nothing, says why in the log and in ``label_check.skipped``) when the teacher agrees with
+            itself far more on some labels than on others, or no more than chance
+            (:func:`gold_ray.run.loop.label_check_skip_reason`). The check costs a forward pass per
+            sample and label. LLKD, whose teacher labels every text itself, skips it.
         serve: The Ray Serve deployment.
     """
 

@@ -1,8 +1,10 @@
 """The in-process loop end to end on tiny random models and the deterministic fake engine."""
 
+import zlib
+
 import pytest
 
-from gold_ray.run.loop import STAGES, Distiller, RunDirError
+from gold_ray.run.loop import LABEL_CHECK_MIN_READ, STAGES, Distiller, RunDirError, label_check_skip_reason
 from gold_ray.run.store import read_parts
 from gold_ray.testing import FakeTeacherEngine, RecordingEngine, tiny_run_config
 from tests.faults.faultkit import write_eval_file
@@ -231,23 +233,59 @@ class _ReadsEverythingAs(FakeTeacherEngine):
         return [[0.0 if option == self.word else -5.0 for option in options] for _ in prompts]
 
 
+class _ReadsSomeWrong(FakeTeacherEngine):
+    """The fake teacher, reading about a quarter of its samples back as another label, evenly over
+    the labels (an imperfect but fair reader: what the label check is for)."""
+
+    def option_logprobs(self, prompts, options):
+        rows = super().option_logprobs(prompts, options)
+        for i, prompt in enumerate(prompts):
+            if zlib.crc32(prompt.messages[-1]["content"].encode()) % 4 == 0:
+                rows[i] = rows[i][1:] + rows[i][:1]  # the next label's score: read as another label
+        return rows
+
+
 def test_the_label_check_rejects_the_samples_the_teacher_reads_as_another_label(tmp_path, tiny_student, eval_file):
-    # Half the samples fail the check, above this share: the stop for a broken teacher does not count them.
     cfg = make_cfg(tmp_path, tiny_student, eval_file, "strategy.name=zerogen", "strategy.iterations=1",
-                   "baselines.teacher_fewshot=false", "budget.max_reject_share=0.3",
-                   "teacher.check_labels=true")
-    metrics = Distiller(cfg, engine=_ReadsEverythingAs("negative")).run()
+                   "baselines.teacher_fewshot=false", "teacher.check_labels=true")
+    metrics = Distiller(cfg, engine=_ReadsSomeWrong()).run()
     gen = metrics["iterations"][0]["generate"]
     data = tmp_path / "run" / "data"
     kept = read_parts([data / "train-it000.parquet"])
     checked = [r for r in read_parts([data / "rejects-train-it000.parquet"]) if r["reject_reason"] == "label_check"]
-    assert kept and {r["label"] for r in kept} == {"negative"}
+    assert kept and {r["label"] for r in kept} == {"negative", "positive"}
     # A rejected sample keeps its text and the label it was written for, and says what the teacher read.
-    assert checked and all(r["label"] == "positive" and r["text"] and "'negative'" in r["reject_detail"]
-                           for r in checked)
-    assert gen["label_check"]["rejected"] == len(checked) == gen["rejected_by_reason"]["label_check"]
-    assert gen["label_check"]["checked"] == len(kept) + len(checked) == gen["accepted"] + len(checked)
+    other = {"negative": "positive", "positive": "negative"}
+    assert checked and all(r["text"] and f"{other[r['label']]!r}" in r["reject_detail"] for r in checked)
+    check = gen["label_check"]
+    assert "skipped" not in check and check["rejected"] == len(checked) == gen["rejected_by_reason"]["label_check"]
+    assert check["checked"] == len(kept) + len(checked) == gen["accepted"] + len(checked)
+    assert sum(a for a, _ in check["agreement"].values()) == len(kept)
 
+
+def test_the_label_check_rejects_nothing_when_the_teacher_leans_to_one_label(tmp_path, tiny_student, eval_file):
+    # A teacher that reads everything as one label would leave only that label: the check stands down.
+    cfg = make_cfg(tmp_path, tiny_student, eval_file, "strategy.name=zerogen", "strategy.iterations=1",
+                   "baselines.teacher_fewshot=false", "teacher.check_labels=true")
+    engine = _ReadsEverythingAs("negative")
+    metrics = Distiller(cfg, engine=engine).run()
+    check = metrics["iterations"][0]["generate"]["label_check"]
+    kept = read_parts([tmp_path / "run" / "data" / "train-it000.parquet"])
+    assert engine.read > 0 and check["rejected"] == 0 and "lean to 'negative'" in check["skipped"]
+    assert check["agreement"]["positive"][0] == 0 and {r["label"] for r in kept} == {"negative", "positive"}
+
+
+def test_label_check_skip_reason_names_a_lean_and_a_reader_at_chance():
+    assert label_check_skip_reason({"positive": [12, 20], "negative": [15, 20]}, 2) is None
+    assert "lean to 'Sports'" in label_check_skip_reason(
+        {"Sports": [20, 20], "World": [3, 20], "Business": [9, 20], "Sci/Tech": [10, 20]}, 4)
+    assert "no more often than chance" in label_check_skip_reason({"a": [5, 10], "b": [5, 10]}, 2)
+    # Labels with too few readings do not count towards a lean.
+    assert label_check_skip_reason({"a": [9, 10], "b": [0, LABEL_CHECK_MIN_READ - 1]}, 2) is None
+    assert label_check_skip_reason({}, 2) is None
+
+
+def test_the_label_check_off_asks_the_teacher_nothing(tmp_path, tiny_student, eval_file):
     off = make_cfg(tmp_path / "off", tiny_student, eval_file, "strategy.name=zerogen", "strategy.iterations=1",
                    "baselines.teacher_fewshot=false", "teacher.check_labels=false")
     engine = _ReadsEverythingAs("negative")
