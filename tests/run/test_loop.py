@@ -1,5 +1,6 @@
 """The in-process loop end to end on tiny random models and the deterministic fake engine."""
 
+import json
 import zlib
 
 import pytest
@@ -261,6 +262,9 @@ def test_the_label_check_rejects_the_samples_the_teacher_reads_as_another_label(
     assert "skipped" not in check and check["rejected"] == len(checked) == gen["rejected_by_reason"]["label_check"]
     assert check["checked"] == len(kept) + len(checked) == gen["accepted"] + len(checked)
     assert sum(a for a, _ in check["agreement"].values()) == len(kept)
+    # The run's totals, which the decision reads, are kept with the run (a resumed run goes on from them).
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["label_agreement"] == check["agreement"]
 
 
 def test_the_label_check_rejects_nothing_when_the_teacher_leans_to_one_label(tmp_path, tiny_student, eval_file):
