@@ -161,9 +161,11 @@ class GatedEngine(FakeTeacherEngine):
 
 
 class CrashOnceEngine(FakeTeacherEngine):
-    """The fake engine, except that the first call in the whole cluster kills its replica process.
+    """The fake engine, except that the first call of a pipeline in the whole cluster kills its replica process.
 
-    A marker file makes the crash happen once: the replacement replica answers normally.
+    A marker file makes the crash happen once: the replacement replica answers normally. Serve's
+    health probe (one unlabelled prompt) never crashes it: on a busy machine the probe could come
+    first, and the replica would be replaced before the pipeline's call ever met the crash.
     """
 
     def __init__(self, marker: str, **kw: Any):
@@ -171,8 +173,8 @@ class CrashOnceEngine(FakeTeacherEngine):
         self.marker = Path(marker)
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
-        """Exit the process on the first call ever (no cleanup, like a crash), else answer."""
-        if not self.marker.exists():
+        """Exit the process on the first labelled call (no cleanup, like a crash), else answer."""
+        if not self.marker.exists() and any(p.label for p in prompts):
             self.marker.write_text("crashed")
             os._exit(1)
         return super().generate(prompts, params)

@@ -450,10 +450,13 @@ class Distiller:
 
         The teacher answers through the runtime (:meth:`Runtime.answer`) with the prompt of the
         teacher row (:func:`gold_ray.student.evaluation.teacher_readings`).
-        A sample it leaves unanswered is kept: there is no reading to disagree with.
+        A sample it leaves unanswered is kept: there is no reading to disagree with. The check
+        rejects nothing when the run's readings so far lean to some labels or sit at chance
+        (:func:`label_check_skip_reason`); the run's totals are kept in ``state["label_agreement"]``.
 
         Returns:
-            ``checked``, ``rejected`` and ``seconds``.
+            ``checked``, ``rejected``, ``agreement`` (this batch's :func:`label_agreement`),
+            ``skipped`` (why it rejected nothing, when it stood down) and ``seconds``.
         """
         from gold_ray.student.evaluation import FEWSHOT_PARAMS, teacher_readings
 
