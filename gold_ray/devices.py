@@ -73,8 +73,8 @@ def training_dtype(precision: str, device: str) -> torch.dtype:
         ValueError: an unknown name.
     """
     if precision == "auto":
-        fast = torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_has_fast_bf16()
-        return torch.bfloat16 if fast else torch.float32
+        # Where the device's own best dtype is float16 (a GPU without bf16), train in float32.
+        return torch.bfloat16 if resolve_dtype("auto", device) is torch.bfloat16 else torch.float32
     if precision not in ("bfloat16", "float32"):
         raise ValueError(f"student.precision {precision!r}: expected auto, bfloat16 or float32")
     return getattr(torch, precision)

@@ -59,19 +59,18 @@ def _per_tensor_adamw() -> Iterator[None]:
     """AdamW without ``fused`` inside the block (the optimiser before ``student.precision``)."""
     import torch
 
-    from gold_ray.student import training
-
     original = torch.optim.AdamW
 
     def loop_adamw(*args: Any, **kwargs: Any) -> Any:
         kwargs["fused"] = None
         return original(*args, **kwargs)
 
-    training.torch.optim.AdamW = loop_adamw  # type: ignore[misc]
+    # gold_ray.student.training.adamw looks the class up on torch.optim at each call.
+    torch.optim.AdamW = loop_adamw  # type: ignore[misc]
     try:
         yield
     finally:
-        training.torch.optim.AdamW = original  # type: ignore[misc]
+        torch.optim.AdamW = original  # type: ignore[misc]
 
 
 def run_inputs(run_dir: Path) -> dict[str, Any]:
