@@ -2,7 +2,7 @@
 
 ::
 
-    prompt rows ──► TeacherCaller (one actor) ──────────► EnergyScorer pool ──► driver
+    prompt rows ──► teacher_records (Ray tasks) ─────────► EnergyScorer pool ──► driver
                     (one Serve call per batch:              (only with a       (dedup, ids,
                      TeacherDeployment.generate_batch,       checkpoint; the    Parquet)
                      answers parsed in place)                run's warm
@@ -26,7 +26,6 @@ scored before it is rejected; its score is then cleared to NaN.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -61,8 +60,8 @@ from gold_ray.types import Generation, Prompt, SamplingParams
 logger = logging.getLogger(__name__)
 
 CALLER_NUM_CPUS = 0.25
-"""CPUs reserved by the :class:`TeacherCaller` actor: it only awaits Serve responses, and the
-default (one whole CPU) would starve a small CPU cluster."""
+"""CPUs the teacher-call stage books in all, shared by its tasks in flight: they only wait for
+Serve, and a whole CPU each would starve a small CPU cluster."""
 
 BATCHES_IN_FLIGHT_PER_REPLICA = 2
 """Caller batches kept in flight per teacher replica: one running, one queued behind it, so a
@@ -89,50 +88,51 @@ def prompt_rows(prompts: list[Prompt]) -> list[dict[str, Any]]:
     ]
 
 
-class TeacherCaller:
-    """Ray Data stage: sends each batch of prompt rows to the teacher in one Serve call
-    (:meth:`~actors.teacher.TeacherDeployment.generate_batch`) and parses the answers into record
-    rows (:func:`parse_row`).
+_HANDLES: dict[str, DeploymentHandle] = {}
+"""This worker process's handles to teacher deployments, by Serve application: a handle's router
+learns the replicas once, and Ray reuses the process for the next iteration's calls."""
 
-    One actor keeps every call of an iteration open at once (it only awaits Serve), so the
-    processes an iteration starts do not grow with the number of teacher replicas; and one call
-    per batch, not per row. Measured on a 2-core machine (``benchmarks/perf/results/scaling.md``),
-    a Python process started per replica per iteration and per-row Serve requests cost more CPU
-    than a small teacher's own work. A failed or timed-out call becomes an ``error`` row for
-    every prompt of the batch, which :func:`generate_iteration` retries.
+
+def teacher_handle(app_name: str) -> DeploymentHandle:
+    """A handle to the teacher deployment of ``app_name``, kept for this process's later calls."""
+    handle = _HANDLES.get(app_name)
+    if handle is None:
+        handle = _HANDLES[app_name] = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
+    return handle
+
+
+def teacher_records(batch: dict[str, np.ndarray], *, app_name: str, params_json: str, task: TaskSpec,
+                    request_timeout_s: float | None = None) -> dict[str, np.ndarray]:
+    """Ray Data stage (a task per batch): the batch's record rows, one per prompt row, in order.
+
+    The batch goes to the teacher in one Serve call
+    (:meth:`~actors.teacher.TeacherDeployment.generate_batch`) and the answers are parsed into
+    record rows (:func:`parse_row`). A stateless task, not an actor: Ray runs it in a worker
+    process it keeps, where an actor pool would start a process for every iteration (2.1 s and
+    2.2 CPU-seconds a generate stage on 2 cores, against 0.4 s for the whole call of a few
+    prompts). A failed or timed-out call becomes an ``error`` row for every prompt of the batch,
+    which :func:`generate_iteration` retries.
 
     Args:
+        batch: :func:`prompt_rows` columns.
         app_name: Serve application holding the teacher deployment.
         params_json: The sampling parameters of every request, as JSON.
         task: The task the answers are parsed for.
-        request_timeout_s: Give up on one batch call after this long; None waits.
+        request_timeout_s: Give up on the call after this long; None waits.
     """
-
-    def __init__(self, app_name: str, params_json: str, task: TaskSpec, request_timeout_s: float | None = None):
-        self._handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
-        self._params = params_json
-        self._task = task
-        self._timeout = request_timeout_s
-
-    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The batch's record rows, one per prompt row, in order."""
-        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        requests = [{"prompt": r["prompt_json"], "params": self._params} for r in rows]
-        # The key of the prefix the batch's prompts share: the router sends it to the replica that has it.
-        key = call_prefix_key(r["prompt_json"] for r in rows)
-        response = self._handle.generate_batch.remote(requests, **({PREFIX_KEY_KWARG: key} if key else {}))
-        try:
-            replies = await asyncio.wait_for(_awaited(response), self._timeout)
-        except Exception as err:  # a timeout, a replica that died mid-call: the whole batch failed
-            response.cancel()
-            failed = generation_to_row(Generation(text="", error=f"{type(err).__name__}: {err}"))
-            replies = [failed] * len(requests)
-        records = [parse_row({**row, **reply}, task=self._task) for row, reply in zip(rows, replies, strict=True)]
-        return {key: np.asarray([r[key] for r in records]) for key in records[0]} if records else {}
-
-
-async def _awaited(response: Any) -> Any:
-    return await response
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    requests = [{"prompt": r["prompt_json"], "params": params_json} for r in rows]
+    # The key of the prefix the batch's prompts share: the router sends it to the replica that has it.
+    key = call_prefix_key(r["prompt_json"] for r in rows)
+    response = teacher_handle(app_name).generate_batch.remote(requests, **({PREFIX_KEY_KWARG: key} if key else {}))
+    try:
+        replies = response.result(timeout_s=request_timeout_s)
+    except Exception as err:  # a timeout, a replica that died mid-call: the whole batch failed
+        response.cancel()
+        failed = generation_to_row(Generation(text="", error=f"{type(err).__name__}: {err}"))
+        replies = [failed] * len(requests)
+    records = [parse_row({**row, **reply}, task=task) for row, reply in zip(rows, replies, strict=True)]
+    return {key: np.asarray([r[key] for r in records]) for key in records[0]} if records else {}
 
 
 def parse_row(row: dict[str, Any], *, task: TaskSpec) -> dict[str, Any]:
@@ -228,8 +228,8 @@ def generation_dataset(
     blocks = max(1, min(len(rows), math.ceil(len(rows) / request_batch_size)))
     in_flight = batches_in_flight(cfg.teacher.serve.max_replicas, blocks)
     ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        TeacherCaller,
-        fn_constructor_kwargs={
+        teacher_records,
+        fn_kwargs={
             "app_name": app_name,
             "params_json": json.dumps(params_to_dict(params)),
             "task": task,
@@ -237,8 +237,8 @@ def generation_dataset(
         },
         batch_size=request_batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=in_flight),
-        num_cpus=CALLER_NUM_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=in_flight),
+        num_cpus=CALLER_NUM_CPUS / in_flight,
     )
     if checkpoint_dir is not None:
         ds = score_dataset(ds, cfg, checkpoint_dir, task, pool=scorer_pool)

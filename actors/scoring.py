@@ -30,6 +30,7 @@ import numpy as np
 import ray
 
 from gold_ray.config import RunConfig
+from gold_ray.devices import shared_threads
 from gold_ray.run.faults import fault_point
 from gold_ray.run.tasks import TaskSpec, load_task
 
@@ -222,13 +223,12 @@ class WarmScorer(EnergyScorer):
         """
         import torch
 
-        from actors.training import worker_threads
         from gold_ray.student.evaluation import evaluate_student
 
         with self._scoring:
             self._hold(version, weights)
             threads = torch.get_num_threads()
-            torch.set_num_threads(worker_threads(1))
+            torch.set_num_threads(shared_threads(1))
             try:
                 return evaluate_student(self.student, self.task, records)
             finally:

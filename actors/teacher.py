@@ -41,6 +41,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,7 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.routing import PrefixAffinityRouter
 from gold_ray.config import RunConfig, TeacherConfig
+from gold_ray.devices import shared_threads
 from gold_ray.run.faults import fault_point
 from gold_ray.teacher.labelling import answer_prompts
 from gold_ray.types import Generation, Prompt, SamplingParams, TeacherEngine
@@ -378,6 +380,37 @@ class HealthSettings:
     probe_chat: bool = False
 
 
+@dataclass(frozen=True)
+class ReplicaThreads:
+    """How many torch threads a teacher replica computes with (``teacher.serve.threads``).
+
+    Attributes:
+        configured: A fixed count; None shares the node's cores (:meth:`count`).
+        max_replicas: The deployment's autoscaling ceiling.
+    """
+
+    configured: int | None = None
+    max_replicas: int = 1
+
+    def count(self) -> int:
+        """``configured`` when set; otherwise the node's cores shared among :meth:`sharers`
+        replicas (:func:`gold_ray.devices.shared_threads`). Call it inside the replica."""
+        if self.configured:
+            return self.configured
+        import ray
+
+        ctx = ray.get_runtime_context()
+        node = next((n for n in ray.nodes() if n.get("NodeID") == ctx.get_node_id()), {})
+        booked = ctx.get_assigned_resources().get("CPU", 0.0)
+        return shared_threads(self.sharers(float(node.get("Resources", {}).get("CPU", 0.0)), booked))
+
+    def sharers(self, node_cpus: float, booked: float) -> int:
+        """Replicas of the deployment a node with ``node_cpus`` logical CPUs can hold when each
+        books ``booked``, at most ``max_replicas`` (all of them when a replica books none)."""
+        fits = int(node_cpus // booked) if booked > 0 and node_cpus > 0 else self.max_replicas
+        return max(1, min(self.max_replicas, fits))
+
+
 def _answer(kind: str, engine: TeacherEngine, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
     # In the worker thread: a test can hang the engine here (the hook blocks) as a stuck device would.
     fault_point("teacher.engine", kind=kind, prompts=len(prompts))
@@ -401,6 +434,8 @@ class TeacherDeployment:
         batch_wait_timeout_s: Longest wait for a batch to fill before it runs anyway.
         health: When the replica counts as hung (see :meth:`check_health`); the defaults of
             :class:`HealthSettings` when None.
+        threads: The replica's torch threads, set before the engine is built; None leaves what
+            Ray set (one per booked CPU).
     """
 
     def __init__(
@@ -411,7 +446,12 @@ class TeacherDeployment:
         max_batch_size: int = 64,
         batch_wait_timeout_s: float = 0.05,
         health: HealthSettings | None = None,
+        threads: ReplicaThreads | None = None,
     ):
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads.count())
         self._engine = engine_factory()
         self._model_name = model_name
         self._defaults = defaults or SamplingParams()
@@ -423,6 +463,10 @@ class TeacherDeployment:
         # One engine call at a time: the health check's probe must not run inside a batch
         # (engines are not thread-safe), and a busy engine is judged by how long its call runs.
         self._engine_lock = asyncio.Lock()
+        # Every engine call runs on this one thread: an OpenMP runtime keeps one thread team per
+        # calling thread, and asyncio's default pool hands calls to any of its threads, so teams
+        # multiplied and idle ones spun beside the busy one.
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-engine")
         self._busy_since: float | None = None
         self._answered_at = time.monotonic()
         self._probe: asyncio.Future[list[Generation]] | None = None
@@ -449,7 +493,8 @@ class TeacherDeployment:
             self._busy_since = time.monotonic()
             try:
                 # The same answering rule as the in-process loop: classify prompts with options are scored.
-                generations = await asyncio.to_thread(_answer, kind, self._engine, prompts, params)
+                generations = await asyncio.get_running_loop().run_in_executor(
+                    self._engine_thread, _answer, kind, self._engine, prompts, params)
             finally:
                 self._busy_since = None
             self._answered_at = time.monotonic()
@@ -712,6 +757,7 @@ def build_teacher_app(
         max_batch_size=max_batch_size,
         batch_wait_timeout_s=batch_wait_timeout_s,
         health=health_settings(cfg),
+        threads=ReplicaThreads(cfg.teacher.serve.threads, cfg.teacher.serve.max_replicas),
     )
 
 

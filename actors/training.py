@@ -58,6 +58,7 @@ import torch
 
 from actors.connect import on_this_node
 from gold_ray.config import RunConfig
+from gold_ray.devices import shared_threads
 from gold_ray.run.faults import fault_point
 from gold_ray.run.tasks import load_task
 from gold_ray.student.allocator import KEEP_FREED_MEMORY_ENV
@@ -181,19 +182,6 @@ class OrderBook:
 # ---- the per-worker loop -----------------------------------------------------------------------
 
 
-def worker_threads(workers_on_node: int) -> int:
-    """Torch threads for one of ``workers_on_node`` training workers: the node's cores shared among them.
-
-    Cores are the physical ones this process may run on (torch's own default in a fresh process),
-    not the CPUs Ray booked for the worker; ``resources.train_threads_per_worker`` pins another count.
-    """
-    import psutil
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cores = min(usable, psutil.cpu_count(logical=False) or usable)
-    return max(1, cores // max(1, workers_on_node))
-
-
 def _save_checkpoint(out: Path, student: Student, optimizer: Any, scheduler: Any, best: Any,
                      state: dict[str, Any]) -> None:
     student.save(out / STUDENT_SUBDIR)
@@ -215,7 +203,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads"] or worker_threads(ctx.get_local_world_size()))
+    torch.set_num_threads(config["threads"] or shared_threads(ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
     task = load_task(config["task"])
     from gold_ray.config import StudentConfig

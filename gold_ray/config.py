@@ -81,8 +81,12 @@ class ServeConfig(_Section):
         max_replicas: Autoscaling ceiling.
         target_ongoing_requests: Requests per replica the autoscaler aims for.
         max_ongoing_requests: Requests a replica accepts at once.
-        num_cpus: CPUs per replica.
+        num_cpus: CPUs per replica (what Ray schedules by).
         num_gpus: GPUs per replica.
+        threads: Torch threads per replica; None: the node's cores shared among the replicas the
+            node can hold (by ``num_cpus``, at most ``max_replicas``). Ray would give a replica one
+            thread per CPU it books (one at the default 1 CPU, where the in-process loop uses every
+            core), but the teacher computes while the scorers and the trainers wait.
         resources: Custom Ray resources per replica (``{"teacher": 1}`` keeps replicas on the
             nodes that advertise ``teacher``, e.g. ``ray start --resources='{"teacher": 4}'``).
         host: HTTP bind address; loopback unless the user exposes it on purpose.
@@ -103,6 +107,7 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(default=256, ge=1)
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    threads: int | None = Field(default=None, ge=1)
     resources: dict[str, float] = Field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

@@ -6,10 +6,26 @@ here, so a machine's answer is the same for both.
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 
 import torch
+
+
+def shared_threads(sharers: int) -> int:
+    """Torch threads for one of ``sharers`` processes that share this machine's cores evenly.
+
+    Cores are the physical ones this process may run on (torch's own default in a fresh process),
+    not the CPUs Ray booked for it: Ray sets ``OMP_NUM_THREADS`` to an actor's booked CPUs, so a
+    teacher replica or a training worker booking one CPU would compute with one thread, while
+    the run's stages take turns and the cores booked by the waiting ones lie idle.
+    """
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = min(usable, psutil.cpu_count(logical=False) or usable)
+    return max(1, cores // max(1, sharers))
 
 
 def default_device() -> str:

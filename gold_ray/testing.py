@@ -77,6 +77,16 @@ class FakeTeacherEngine(TeacherEngine):
         return rows
 
 
+class ThreadCountEngine(FakeTeacherEngine):
+    """A fake engine whose every answer is ``threads N``: the torch threads of the process (and
+    thread) that answers, so a test can see what a Serve replica computes with."""
+
+    def _answer(self, prompt: Prompt) -> str:
+        import torch
+
+        return f"threads {torch.get_num_threads()}"
+
+
 class RecordingEngine(FakeTeacherEngine):
     """The fake engine, remembering every prompt it was sent: what a test asserts the teacher was asked.
 

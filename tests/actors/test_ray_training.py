@@ -12,8 +12,9 @@ import psutil
 import pytest
 import torch
 
-from actors.training import STATE_FILE, RayTrainStep, run_name_for, train_student_on_ray, worker_threads
+from actors.training import STATE_FILE, RayTrainStep, run_name_for, train_student_on_ray
 from gold_ray.config import RunConfig
+from gold_ray.devices import shared_threads
 from gold_ray.run.tasks import load_task
 from gold_ray.student.allocator import KEEP_FREED_MEMORY_ENV
 from gold_ray.student.model import build_student, load_student
@@ -114,7 +115,7 @@ def test_one_worker_matches_in_process_fit_and_logs_to_mlflow(reference, model_d
     m = reference["metrics"]
     assert m["epochs"] == EPOCHS and m["workers"] == 1 and m["steps"] == fit["steps"] == 10
     # The worker trains on the node's cores, as the in-process loop does, not on the 0.5 CPU Ray books.
-    assert m["threads"] == worker_threads(1)
+    assert m["threads"] == shared_threads(1)
     assert m["loss"] == pytest.approx(fit["loss"], abs=1e-5)
     assert _max_diff(reference["before"], reference["after"]) > 1e-3  # it trained
     assert _max_diff(reference["after"], _state(local)) < 1e-5
@@ -146,7 +147,7 @@ def test_two_ddp_workers_match_one_worker(reference, model_dir, tmp_path):
     finally:
         train.close()
     assert metrics["workers"] == 2 and metrics["steps"] == reference["metrics"]["steps"]
-    assert metrics["threads"] == worker_threads(2)  # the node's cores shared by its two workers
+    assert metrics["threads"] == shared_threads(2)  # the node's cores shared by its two workers
     # Same global batches and gradients, summed in another order: equal up to float rounding.
     assert metrics["loss"] == pytest.approx(reference["metrics"]["loss"], abs=1e-5)
     assert _max_diff(_state(student), reference["after"]) < 1e-4

@@ -10,6 +10,7 @@ import pytest
 
 from actors.teacher import (
     DEPLOYMENT_NAME,
+    ReplicaThreads,
     build_teacher_app,
     deployment_options,
     params_from_dict,
@@ -17,7 +18,8 @@ from actors.teacher import (
     prompt_to_dict,
     start_teacher,
 )
-from gold_ray.testing import FakeTeacherEngine
+from gold_ray.devices import shared_threads
+from gold_ray.testing import FakeTeacherEngine, ThreadCountEngine
 from gold_ray.types import Prompt, SamplingParams
 from tests.raykit import chat_prompts, make_cfg
 
@@ -73,6 +75,15 @@ def test_deployment_options_come_from_the_serve_section():
     # Serve's own health check runs TeacherDeployment.check_health on the configured clock.
     assert (opts["health_check_period_s"], opts["health_check_timeout_s"]) == (10.0, 30.0)
     assert opts["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1}
+
+
+def test_replicas_share_a_node_as_many_as_fit_by_their_cpus_and_the_ceiling():
+    # 16 logical CPUs: 1-CPU replicas could be 16, the ceiling says 4; 8-CPU replicas fit twice.
+    assert ReplicaThreads(max_replicas=4).sharers(16, 1) == 4
+    assert ReplicaThreads(max_replicas=4).sharers(16, 8) == 2
+    assert ReplicaThreads(max_replicas=4).sharers(4, 8) == 1  # booked more than the node shows
+    assert ReplicaThreads(max_replicas=3).sharers(16, 0) == 3  # books no CPU (a GPU replica)
+    assert ReplicaThreads(configured=3, max_replicas=4).count() == 3  # a pinned count is taken as is
 
 
 # --- on the Ray cluster ---------------------------------------------------------------------------
@@ -185,3 +196,18 @@ def test_generate_batch_answers_every_request_in_order_in_one_engine_call(http_t
     assert [p.label in r["teacher_text"] for p, r in zip(prompts, good, strict=True)] == [True] * 6
     # Gathered into as few engine calls as the replica's batch cap allows (4 in this fixture).
     assert handle.batch_size_history.remote().result()[before:] == [4, 2]
+
+
+@pytest.mark.ray
+def test_a_replica_computes_on_the_nodes_cores_not_on_the_cpus_it_books(serve_apps):
+    # Ray gives an actor booking half a CPU one torch thread; the replica takes the node's cores
+    # (it computes while the run's other stages wait), unless teacher.serve.threads pins a count.
+    if shared_threads(1) == 1:
+        pytest.skip("one core: nothing to share")
+    prompt = {"prompt": json.dumps(prompt_to_dict(chat_prompts(1)[0]))}
+    for threads, expected in ((None, shared_threads(1)), (1, 1)):
+        cfg = make_cfg(teacher={"serve": {"num_cpus": 0.5, "threads": threads}})
+        handle = serve_apps(build_teacher_app(cfg, ThreadCountEngine), f"threads-{threads}",
+                            route_prefix=f"/threads-{threads}")
+        rows = handle.generate_batch.remote([prompt]).result()
+        assert rows[0]["teacher_text"] == f"threads {expected}"
