@@ -57,11 +57,11 @@ from typing import Any
 import torch
 
 from actors.connect import on_this_node
+from gold_ray.allocator import KEEP_FREED_MEMORY_ENV
 from gold_ray.config import RunConfig
 from gold_ray.devices import shared_threads
 from gold_ray.run.faults import fault_point
 from gold_ray.run.tasks import load_task
-from gold_ray.student.allocator import KEEP_FREED_MEMORY_ENV
 from gold_ray.student.losses import loss_fn
 from gold_ray.student.model import Student, build_student, load_student
 from gold_ray.student.training import FitState, Recipe, cpu_weights, fit, planned_steps

@@ -77,14 +77,24 @@ class FakeTeacherEngine(TeacherEngine):
         return rows
 
 
-class ThreadCountEngine(FakeTeacherEngine):
-    """A fake engine whose every answer is ``threads N``: the torch threads of the process (and
-    thread) that answers, so a test can see what a Serve replica computes with."""
+class ProcessFactsEngine(FakeTeacherEngine):
+    """A fake engine whose every answer is JSON about the process (and thread) that answers:
+    ``threads`` (torch's) and ``faults``, the minor page faults of allocating and freeing a 64 MB
+    tensor 20 times, as a model step does with its buffers. A test sees what a Serve replica
+    computes with."""
 
     def _answer(self, prompt: Prompt) -> str:
+        import json
+        import resource
+
         import torch
 
-        return f"threads {torch.get_num_threads()}"
+        torch.ones(16 * 2**20)  # the first one faults in any case
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            torch.ones(16 * 2**20)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        return json.dumps({"threads": torch.get_num_threads(), "faults": faults})
 
 
 class RecordingEngine(FakeTeacherEngine):

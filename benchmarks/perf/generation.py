@@ -17,7 +17,7 @@ training prompts, then probe prompts), same machine, one run:
 (c) ``vllm``: :class:`gold_ray.teacher.vllm_engine.VLLMEngine` called directly; skipped, with the reason
     recorded, when vLLM does not import.
 (d) ``pipeline``: :func:`actors.pipeline.generate_iteration` on a private local Ray: the teacher
-    as a Serve deployment (the config's engine), one ``TeacherCaller`` actor (one Serve call per
+    as a Serve deployment (the config's engine), the ``teacher_records`` stage (Ray tasks, one Serve call per
     batch, parsing in place), and energy scoring of every accepted sample by the run's warm scorer
     pool (:class:`actors.scoring.ScorerPool`, started once, as a run starts it; a fresh, untrained
     student checkpoint: same cost as a trained one).

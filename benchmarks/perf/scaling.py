@@ -7,7 +7,7 @@
 
 The teacher is :class:`gold_ray.testing.LatencyBoundEngine`: every engine call sleeps
 ``--latency-s`` whatever its batch size, and computes nothing. With N Serve replicas (min = max =
-N) the pipeline (:func:`actors.pipeline.generate_iteration`: one ``TeacherCaller`` actor
+N) the pipeline (:func:`actors.pipeline.generate_iteration`: ``teacher_records`` tasks
 keeping two batches per replica in flight, Serve batching, parsing; no scoring unless
 ``--score``) gets ``N x batch x rounds`` prompts, so each replica has ``rounds`` full batches to do. An ideal pipeline reaches
 ``N x batch / latency`` samples/s; scaling efficiency is ``throughput(N) / (N x throughput(1))``.

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gold_ray.allocator import keep_freed_memory
 from gold_ray.devices import autocast
-from gold_ray.student.allocator import keep_freed_memory
 from gold_ray.student.losses import loss_fn
 
 if TYPE_CHECKING:
@@ -352,7 +352,7 @@ def fit(
     if epochs == 0:
         return {"loss": math.nan, "steps": 0, "epochs": 0, "seconds": 0.0, "recipe": recipe.name, "curve": []}
     loss_fn(recipe.loss)  # fail on a bad loss name before any work
-    keep_freed_memory()  # every step frees what the next allocates (gold_ray.student.allocator)
+    keep_freed_memory()  # every step frees what the next allocates (gold_ray.allocator)
     model = model if model is not None else student.model
     batch_size = student.batch_size
     per_epoch = math.ceil(n / batch_size)

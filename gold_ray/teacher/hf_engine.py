@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from gold_ray.allocator import keep_freed_memory
 from gold_ray.devices import default_device, resolve_dtype
 from gold_ray.errors import InputError
 from gold_ray.models import allow_remote_code
@@ -63,6 +64,9 @@ class HFEngine(TeacherEngine):
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # Every decode step frees what the next allocates (gold_ray.allocator); before the model
+        # loads, so that a thread the engine is later called from shares the kept memory.
+        keep_freed_memory()
         trust_remote_code = allow_remote_code(trust_remote_code, model_path, "teacher")
         torch.manual_seed(seed)
         self.device = device or default_device()

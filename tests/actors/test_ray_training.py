@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from actors.training import STATE_FILE, RayTrainStep, run_name_for, train_student_on_ray
+from gold_ray.allocator import KEEP_FREED_MEMORY_ENV
 from gold_ray.config import RunConfig
 from gold_ray.devices import shared_threads
 from gold_ray.run.tasks import load_task
-from gold_ray.student.allocator import KEEP_FREED_MEMORY_ENV
 from gold_ray.student.model import build_student, load_student
 from gold_ray.student.training import Recipe
 from tests.faults.hooks import plan_fault
