@@ -2,12 +2,12 @@
 
 ::
 
-    prompt rows ──► teacher_records (Ray tasks) ─────────► EnergyScorer pool ──► driver
-                    (one Serve call per batch:              (only with a       (dedup, ids,
-                     TeacherDeployment.generate_batch,       checkpoint; the    Parquet)
-                     answers parsed in place)                run's warm
-                                                             ScorerPool if
-                                                             given)
+    prompt rows ──► teacher_records ──► TeacherCaller ──► EnergyScorer pool ──► driver
+                    (Ray tasks that       (one actor for     (only with a       (dedup, ids,
+                     forward each batch)   the run: one       checkpoint; the    Parquet)
+                                           Serve call per     run's warm
+                                           batch, answers     ScorerPool if
+                                           parsed in place)   given)
 
 Ray Data's streaming executor runs the stages concurrently, so the first samples are scored
 while the teacher is still writing later ones.
@@ -26,6 +26,7 @@ scored before it is rejected; its score is then cleared to NaN.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -60,8 +61,15 @@ from gold_ray.types import Generation, Prompt, SamplingParams
 logger = logging.getLogger(__name__)
 
 CALLER_NUM_CPUS = 0.25
-"""CPUs the teacher-call stage books in all, shared by its tasks in flight: they only wait for
-Serve, and a whole CPU each would starve a small CPU cluster."""
+"""CPUs reserved by the :class:`TeacherCaller` actor: it only awaits Serve responses, and the
+default (one whole CPU) would starve a small CPU cluster."""
+
+FORWARD_NUM_CPUS = 0.0
+"""CPUs of one task of the teacher-call stage: none, as it only waits for the caller actor."""
+
+CALLER_MAX_RESTARTS = 3
+"""Times Ray restarts a caller actor that died (its node lost); the batches it had in flight come
+back as a failed pipeline, which :func:`generate_iteration` retries."""
 
 BATCHES_IN_FLIGHT_PER_REPLICA = 2
 """Caller batches kept in flight per teacher replica: one running, one queued behind it, so a
@@ -88,50 +96,71 @@ def prompt_rows(prompts: list[Prompt]) -> list[dict[str, Any]]:
     ]
 
 
-_HANDLES: dict[str, DeploymentHandle] = {}
-"""This worker process's handles to teacher deployments, by Serve application: a handle's router
-learns the replicas once, and Ray reuses the process for the next iteration's calls."""
+class TeacherCaller:
+    """Sends batches of prompt rows to the teacher, one Serve call per batch
+    (:meth:`~actors.teacher.TeacherDeployment.generate_batch`), and parses the answers into record
+    rows (:func:`parse_row`). A Ray actor kept for the whole run (:func:`start_caller`).
 
-
-def teacher_handle(app_name: str) -> DeploymentHandle:
-    """A handle to the teacher deployment of ``app_name``, kept for this process's later calls."""
-    handle = _HANDLES.get(app_name)
-    if handle is None:
-        handle = _HANDLES[app_name] = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
-    return handle
-
-
-def teacher_records(batch: dict[str, np.ndarray], *, app_name: str, params_json: str, task: TaskSpec,
-                    request_timeout_s: float | None = None) -> dict[str, np.ndarray]:
-    """Ray Data stage (a task per batch): the batch's record rows, one per prompt row, in order.
-
-    The batch goes to the teacher in one Serve call
-    (:meth:`~actors.teacher.TeacherDeployment.generate_batch`) and the answers are parsed into
-    record rows (:func:`parse_row`). A stateless task, not an actor: Ray runs it in a worker
-    process it keeps, where an actor pool would start a process for every iteration (2.1 s and
-    2.2 CPU-seconds a generate stage on 2 cores, against 0.4 s for the whole call of a few
-    prompts). A failed or timed-out call becomes an ``error`` row for every prompt of the batch,
-    which :func:`generate_iteration` retries.
+    One process with one Serve router for every call of a run: the router knows all the calls it
+    has in flight, so they spread over the replicas by load (routers of separate processes, one
+    call each, sent most calls to one replica of two: 8 batches of 0.5 s took 4.1 s, not 2), and
+    the process starts once per run, not per generate stage (an actor started per stage cost 2.1 s
+    and 2.2 CPU-seconds a stage on 2 cores). Ray Data's tasks only forward batches to it
+    (:func:`teacher_records`). A failed or timed-out call becomes an ``error`` row for every
+    prompt of the batch, which :func:`generate_iteration` retries.
 
     Args:
-        batch: :func:`prompt_rows` columns.
         app_name: Serve application holding the teacher deployment.
-        params_json: The sampling parameters of every request, as JSON.
         task: The task the answers are parsed for.
-        request_timeout_s: Give up on the call after this long; None waits.
     """
+
+    def __init__(self, app_name: str, task: TaskSpec):
+        self._app_name = app_name
+        self._task = task
+        self._handle: DeploymentHandle | None = None
+
+    async def records(self, rows: list[dict[str, Any]], params_json: str,
+                      request_timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """The rows' record rows, in order.
+
+        Args:
+            rows: :func:`prompt_rows` rows.
+            params_json: The sampling parameters of every request, as JSON.
+            request_timeout_s: Give up on the call after this long; None waits.
+        """
+        if self._handle is None:  # at the first call: the application may still be deploying at start
+            self._handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=self._app_name)
+        requests = [{"prompt": r["prompt_json"], "params": params_json} for r in rows]
+        # The key of the prefix the batch's prompts share: the router sends it to the replica that has it.
+        key = call_prefix_key(r["prompt_json"] for r in rows)
+        response = self._handle.generate_batch.remote(requests, **({PREFIX_KEY_KWARG: key} if key else {}))
+        try:
+            replies = await asyncio.wait_for(_awaited(response), request_timeout_s)
+        except Exception as err:  # a timeout, a replica that died mid-call: the whole batch failed
+            response.cancel()
+            failed = generation_to_row(Generation(text="", error=f"{type(err).__name__}: {err}"))
+            replies = [failed] * len(requests)
+        return [parse_row({**row, **reply}, task=self._task) for row, reply in zip(rows, replies, strict=True)]
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+def start_caller(app_name: str, task: TaskSpec) -> Any:
+    """A :class:`TeacherCaller` actor for ``app_name``'s teacher, on this node (kill it when done)."""
+    from actors.connect import on_this_node
+
+    return ray.remote(TeacherCaller).options(
+        num_cpus=CALLER_NUM_CPUS, max_restarts=CALLER_MAX_RESTARTS, scheduling_strategy=on_this_node(),
+    ).remote(app_name, task)
+
+
+def teacher_records(batch: dict[str, np.ndarray], *, caller: Any, params_json: str,
+                    request_timeout_s: float | None = None) -> dict[str, np.ndarray]:
+    """Ray Data function: ``batch``'s record rows from the caller actor (:meth:`TeacherCaller.records`)."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-    requests = [{"prompt": r["prompt_json"], "params": params_json} for r in rows]
-    # The key of the prefix the batch's prompts share: the router sends it to the replica that has it.
-    key = call_prefix_key(r["prompt_json"] for r in rows)
-    response = teacher_handle(app_name).generate_batch.remote(requests, **({PREFIX_KEY_KWARG: key} if key else {}))
-    try:
-        replies = response.result(timeout_s=request_timeout_s)
-    except Exception as err:  # a timeout, a replica that died mid-call: the whole batch failed
-        response.cancel()
-        failed = generation_to_row(Generation(text="", error=f"{type(err).__name__}: {err}"))
-        replies = [failed] * len(requests)
-    records = [parse_row({**row, **reply}, task=task) for row, reply in zip(rows, replies, strict=True)]
+    records = ray.get(caller.records.remote(rows, params_json, request_timeout_s))
     return {key: np.asarray([r[key] for r in records]) for key in records[0]} if records else {}
 
 
@@ -200,7 +229,7 @@ def generation_dataset(
     rows: list[dict[str, Any]],
     cfg: RunConfig,
     task: TaskSpec,
-    app_name: str,
+    caller: Any,
     checkpoint_dir: str | None,
     params: SamplingParams,
     request_batch_size: int,
@@ -213,7 +242,7 @@ def generation_dataset(
         rows: :func:`prompt_rows` output (or a subset of it, on a retry).
         cfg: The run config.
         task: The task.
-        app_name: Serve application holding the teacher deployment.
+        caller: The :class:`TeacherCaller` actor (:func:`start_caller`) that calls the teacher.
         checkpoint_dir: Student checkpoint to score with, or None to leave scores NaN.
         params: Sampling parameters of every request.
         request_batch_size: Rows per caller batch; a caller sends a batch's requests at once.
@@ -229,16 +258,12 @@ def generation_dataset(
     in_flight = batches_in_flight(cfg.teacher.serve.max_replicas, blocks)
     ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         teacher_records,
-        fn_kwargs={
-            "app_name": app_name,
-            "params_json": json.dumps(params_to_dict(params)),
-            "task": task,
-            "request_timeout_s": request_timeout_s,
-        },
+        fn_kwargs={"caller": caller, "params_json": json.dumps(params_to_dict(params)),
+                   "request_timeout_s": request_timeout_s},
         batch_size=request_batch_size,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=in_flight),
-        num_cpus=CALLER_NUM_CPUS / in_flight,
+        num_cpus=FORWARD_NUM_CPUS,
     )
     if checkpoint_dir is not None:
         ds = score_dataset(ds, cfg, checkpoint_dir, task, pool=scorer_pool)
@@ -376,6 +401,7 @@ def generate_iteration(
     retry_backoff_s: float | None = None,
     on_progress: Callable[..., None] | None = None,
     scorer_pool: ScorerPool | None = None,
+    caller: Any = None,
 ) -> dict[str, Any]:
     """Generate, parse and score one batch of prompts through the teacher deployment; write Parquet.
 
@@ -403,6 +429,8 @@ def generate_iteration(
         scorer_pool: The run's :class:`~actors.scoring.ScorerPool`: its warm actors score with
             ``checkpoint_dir`` (published once, however often the pipeline is retried). None
             starts scorer actors for this iteration and stops them after it.
+        caller: The run's :class:`TeacherCaller` actor for this teacher (:func:`start_caller`);
+            None starts one for this call and stops it after.
 
     Returns:
         Statistics: ``requested``, ``accepted``, ``rejected``, ``rejected_by_reason``,
@@ -422,16 +450,22 @@ def generate_iteration(
 
     t0 = time.perf_counter()
     if rows:
-        results, retry_stats = _collect(
-            rows,
-            lambda subset: generation_dataset(
-                subset, cfg, task, app_name, ckpt, params, batch, request_timeout_s, scorer_pool
-            ),
-            task,
-            cfg.teacher.max_retries,
-            cfg.teacher.retry_backoff_s if retry_backoff_s is None else retry_backoff_s,
-            on_progress,
-        )
+        own = caller is None
+        caller = start_caller(app_name, task) if own else caller
+        try:
+            results, retry_stats = _collect(
+                rows,
+                lambda subset: generation_dataset(
+                    subset, cfg, task, caller, ckpt, params, batch, request_timeout_s, scorer_pool
+                ),
+                task,
+                cfg.teacher.max_retries,
+                cfg.teacher.retry_backoff_s if retry_backoff_s is None else retry_backoff_s,
+                on_progress,
+            )
+        finally:
+            if own:
+                ray.kill(caller)
     else:
         results, retry_stats = {}, {"attempts": 0, "retried": 0}
     seconds = time.perf_counter() - t0

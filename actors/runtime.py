@@ -4,7 +4,8 @@
 (:class:`gold_ray.run.loop.Distiller`) is the same object as in process. Where each step runs:
 
 - ``produce``: prompt rows stream through :func:`actors.pipeline.generate_iteration` (the teacher's
-  Serve deployment, parsing in the caller, probes scored by the energy-scorer pool);
+  Serve deployment called by the run's :class:`~actors.pipeline.TeacherCaller` actor, parsing in
+  the caller, probes scored by the energy-scorer pool);
 - ``train``: an order to the run's Ray Train worker group (:class:`actors.training.RayTrainStep`,
   started with the teacher and kept for the run), DDP over ``resources.train_workers``, its MLflow
   child run under the run's; rank 0's step count comes back to
@@ -60,6 +61,7 @@ class RayRuntime(Runtime):
         self.engine_factory = engine_factory
         self._train = None
         self._scorers = None
+        self._caller = None
 
     def start(self) -> None:
         """Start the teacher deployment (replicas build their engines) for the whole run."""
@@ -71,6 +73,15 @@ class RayRuntime(Runtime):
         # generate stage instead of delaying the first training.
         self._train_step().start()
         start_teacher(cfg, factory, name=self.app_name)
+        self._teacher_caller()
+
+    def _teacher_caller(self) -> Any:
+        """The run's :class:`actors.pipeline.TeacherCaller` actor, started once."""
+        if self._caller is None:
+            from actors.pipeline import start_caller
+
+            self._caller = start_caller(self.app_name, self.run.task)
+        return self._caller
 
     def _train_step(self) -> Any:
         if self._train is None:
@@ -100,6 +111,11 @@ class RayRuntime(Runtime):
         if self._scorers is not None:
             self._scorers.close()
             self._scorers = None
+        if self._caller is not None:
+            import ray
+
+            ray.kill(self._caller)
+            self._caller = None
         try:
             serve.delete(self.app_name)
         except Exception:  # noqa: BLE001 - best-effort cleanup; the run's result matters more
@@ -117,7 +133,7 @@ class RayRuntime(Runtime):
         ckpt = str(checkpoint) if student is not None and checkpoint is not None else None
         stats = generate_iteration(prompts, self.run.cfg, self.run.task, self.app_name, ckpt, tmp,
                                    iteration=iteration, dedup=dedup, on_progress=self.progress,
-                                   scorer_pool=self._scorer_pool())
+                                   scorer_pool=self._scorer_pool(), caller=self._teacher_caller())
         records = read_parts([tmp])
         tmp.unlink(missing_ok=True)
         return records, {k: stats.get(k) for k in PRODUCE_STATS}

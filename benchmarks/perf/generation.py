@@ -17,7 +17,7 @@ training prompts, then probe prompts), same machine, one run:
 (c) ``vllm``: :class:`gold_ray.teacher.vllm_engine.VLLMEngine` called directly; skipped, with the reason
     recorded, when vLLM does not import.
 (d) ``pipeline``: :func:`actors.pipeline.generate_iteration` on a private local Ray: the teacher
-    as a Serve deployment (the config's engine), the ``teacher_records`` stage (Ray tasks, one Serve call per
+    as a Serve deployment (the config's engine), the run's ``TeacherCaller`` actor (one Serve call per
     batch, parsing in place), and energy scoring of every accepted sample by the run's warm scorer
     pool (:class:`actors.scoring.ScorerPool`, started once, as a run starts it; a fresh, untrained
     student checkpoint: same cost as a trained one).
@@ -281,7 +281,7 @@ def pipeline_runner(cfg: Any, task: Any, workdir: Path, score: bool, ray_cpus: i
     import ray
     from ray import serve
 
-    from actors.pipeline import generate_iteration
+    from actors.pipeline import generate_iteration, start_caller
     from actors.teacher import start_teacher
     from gold_ray.teacher.parsing import Deduplicator
 
@@ -299,13 +299,14 @@ def pipeline_runner(cfg: Any, task: Any, workdir: Path, score: bool, ray_cpus: i
         build_student(task, cfg.student, resolve_model(cfg.student.model), device="cpu").save(ckpt)
         # A run keeps its scorers for its whole length (the untimed warm-up call starts them).
         pool = ScorerPool(cfg, task)
+    caller = start_caller(app, task)  # a run keeps one for its whole length
     calls = {"n": 0}
 
     def run(prompts: list[Any]) -> dict[str, Any]:
         calls["n"] += 1
         before = len(handle.batch_size_history.remote().result())
         stats = generate_iteration(prompts, cfg, task, app, ckpt, workdir / f"it{calls['n']}.parquet",
-                                   iteration=calls["n"], dedup=Deduplicator(), scorer_pool=pool)
+                                   iteration=calls["n"], dedup=Deduplicator(), scorer_pool=pool, caller=caller)
         sizes = handle.batch_size_history.remote().result()[before:]
         extra = {"scored": stats["scored"], "scorer_actors": stats["scorer_actors"], "streamed": stats["streamed"],
                  "retried": stats["retried"], "engine_batches": len(sizes),
@@ -317,6 +318,7 @@ def pipeline_runner(cfg: Any, task: Any, workdir: Path, score: bool, ray_cpus: i
     def close() -> None:
         if pool is not None:
             pool.close()
+        ray.kill(caller)
         serve.delete(app)
         serve.shutdown()
         ray.shutdown()

@@ -7,7 +7,7 @@
 
 The teacher is :class:`gold_ray.testing.LatencyBoundEngine`: every engine call sleeps
 ``--latency-s`` whatever its batch size, and computes nothing. With N Serve replicas (min = max =
-N) the pipeline (:func:`actors.pipeline.generate_iteration`: ``teacher_records`` tasks
+N) the pipeline (:func:`actors.pipeline.generate_iteration`: the run's ``TeacherCaller`` actor
 keeping two batches per replica in flight, Serve batching, parsing; no scoring unless
 ``--score``) gets ``N x batch x rounds`` prompts, so each replica has ``rounds`` full batches to do. An ideal pipeline reaches
 ``N x batch / latency`` samples/s; scaling efficiency is ``throughput(N) / (N x throughput(1))``.
@@ -68,9 +68,10 @@ def efficiencies(throughputs: dict[int, float | None]) -> dict[int, float | None
 
 def main(argv: list[str] | None = None) -> int:
     """Measure throughput per replica count; write ``scaling.json`` and ``scaling.md``."""
+    import ray
     from ray import serve
 
-    from actors.pipeline import generate_iteration
+    from actors.pipeline import generate_iteration, start_caller
     from actors.teacher import start_teacher
     from gold_ray.models import resolve_model
     from gold_ray.run.tasks import load_task
@@ -128,24 +129,24 @@ def main(argv: list[str] | None = None) -> int:
             start_teacher(cfg, factory, name=app)
             wait_for_serve_app(app, replicas=n)
             prompts = gold_iteration_prompts(cfg, n * batch * rounds, seed=cfg.seed)
+            caller = start_caller(app, task)  # one per run, as a run keeps it
             generate_iteration(prompts[:batch], cfg, task, app, ckpt, Path(tmp) / f"warm-{n}.parquet",
-                               dedup=Deduplicator())
+                               dedup=Deduplicator(), caller=caller)
             runs = []
             for r in range(repeats):
                 with stopwatch() as t:
                     stats = generate_iteration(prompts, cfg, task, app, ckpt, Path(tmp) / f"r{n}-{r}.parquet",
-                                               iteration=r, dedup=Deduplicator())
+                                               iteration=r, dedup=Deduplicator(), caller=caller)
                 runs.append({"seconds": t["seconds"], "samples": len(prompts), "accepted": stats["accepted"],
                              "errors": stats["rejected_by_reason"].get("error", 0)})
                 log(f"  repeat {r}: {len(prompts)} samples in {t['seconds']:.2f}s")
+            ray.kill(caller)
             serve.delete(app)
             ideal = n * batch / (latency + args.per_prompt_s * batch)
             sps = summarize([ratio(x["samples"], x["seconds"]) for x in runs])
             per_count[n] = {"samples_per_s": sps, "ideal_samples_per_s": ideal,
                             "fraction_of_ideal": ratio(median_of(sps), ideal), "runs": runs}
     serve.shutdown()
-    import ray
-
     ray.shutdown()
     eff = efficiencies({n: median_of(m["samples_per_s"]) for n, m in per_count.items()})
     for n, e in eff.items():

@@ -4,8 +4,9 @@ import functools
 import math
 
 import pytest
+import ray
 
-from actors.pipeline import generate_iteration, generation_dataset, parse_row, prompt_rows
+from actors.pipeline import generate_iteration, generation_dataset, parse_row, prompt_rows, start_caller
 from actors.teacher import build_teacher_app, default_sampling
 from gold_ray.run.store import read_parts
 from gold_ray.teacher.parsing import Deduplicator, normalized_hash
@@ -71,20 +72,24 @@ def test_scoring_streams_alongside_generation(serve_apps, student_ckpt, sst2, tm
     cfg = make_cfg(teacher={"batch_size": 2})
     gate = tmp_path / "gate"
     serve_apps(build_teacher_app(cfg, functools.partial(GatedEngine, gate=str(gate), hold_after=8)), "gated")
+    caller = start_caller("gated", sst2)
     ds = generation_dataset(
         prompt_rows(chat_prompts(16)),
         cfg,
         sst2,
-        "gated",
+        caller,
         student_ckpt,
         default_sampling(cfg.teacher),
         request_batch_size=2,
     )
     rows = []
-    for row in ds.iter_rows():
-        rows.append(row)
-        # The engine holds every prompt after the 8th until the first scored row reaches us.
-        gate.touch()
+    try:
+        for row in ds.iter_rows():
+            rows.append(row)
+            # The engine holds every prompt after the 8th until the first scored row reaches us.
+            gate.touch()
+    finally:
+        ray.kill(caller)
     assert len(rows) == 16
     first_scored = min(r["scored_at"] for r in rows if math.isfinite(r["score"]))
     last_generated = max(r["generated_at"] for r in rows)
