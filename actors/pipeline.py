@@ -102,8 +102,9 @@ class TeacherCaller:
     rows (:func:`parse_row`). A Ray actor kept for the whole run (:func:`start_caller`).
 
     One process with one Serve router for every call of a run: the router knows all the calls it
-    has in flight, so they spread over the replicas by load (routers of separate processes, one
-    call each, sent most calls to one replica of two: 8 batches of 0.5 s took 4.1 s, not 2), and
+    has in flight, so they spread over the replicas by load (with a router in every forwarding
+    task instead, each with one call, 8 batches of 0.5 s on 2 replicas took 4.1 s, as if on one;
+    through this actor 3.1 s, where 2.0 is ideal: ``benchmarks/perf/results/scaling.md``), and
     the process starts once per run, not per generate stage (an actor started per stage cost 2.1 s
     and 2.2 CPU-seconds a stage on 2 cores). Ray Data's tasks only forward batches to it
     (:func:`teacher_records`). A failed or timed-out call becomes an ``error`` row for every

@@ -64,7 +64,8 @@ class RayRuntime(Runtime):
         self._caller = None
 
     def start(self) -> None:
-        """Start the teacher deployment (replicas build their engines) for the whole run."""
+        """Start the run's training workers, the teacher deployment (replicas build their engines)
+        and its caller, kept for the whole run."""
         from actors.teacher import ConfigEngineFactory, start_teacher
 
         cfg = self.run.cfg

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import os
 
 import pytest
 import ray
@@ -120,6 +121,23 @@ def test_iteration_writes_every_row_with_scores_and_errors(serve_apps, student_c
     assert isinstance(stats["streamed"], bool) and stats["scorer_actors"] == 1
     assert stats["output_tokens"] == sum(r["output_tokens"] for r in records) > 0
     assert not [p for p in out.parent.iterdir() if p != out]  # no temp file left behind
+
+
+@pytest.mark.ray
+def test_a_runs_caller_serves_every_generate_stage_and_outlives_them(serve_apps, sst2, tmp_path):
+    # A run starts one caller and passes it to every stage; a stage must not stop it.
+    cfg = make_cfg()
+    serve_apps(build_teacher_app(cfg, functools.partial(FakeTeacherEngine)), "kept-caller")
+    caller = start_caller("kept-caller", sst2)
+    try:
+        pid = ray.get(caller.__ray_call__.remote(lambda self: os.getpid()))
+        for i in range(2):
+            stats = generate_iteration(chat_prompts(6), cfg, sst2, "kept-caller", None, tmp_path / f"it{i}.parquet",
+                                       iteration=i, caller=caller)
+            assert stats["requested"] == 6 and stats["accepted"] == 6
+        assert ray.get(caller.__ray_call__.remote(lambda self: os.getpid())) == pid  # the same process, alive
+    finally:
+        ray.kill(caller)
 
 
 @pytest.mark.ray
