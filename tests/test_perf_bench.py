@@ -191,6 +191,16 @@ def test_e2e_runtimes_are_checked_and_run_in_a_fixed_order():
                                                             "ray": Path("runs/x/ray")}
 
 
+def test_e2e_stops_before_running_when_the_evaluation_set_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("GOLD_RAY_DATA", raising=False)
+    ran = []
+    monkeypatch.setattr(e2e, "run_all", lambda *a, **k: ran.append(a))
+    with pytest.raises(SystemExit):
+        e2e.main(["--run-demo", "--run-dir", str(tmp_path / "runs")])
+    assert not ran
+    assert "the demo's evaluation set" in capsys.readouterr().err
+
+
 def test_e2e_compares_runtimes_side_by_side():
     runs = {
         "authors": {"start_s": 0.0, "total_s": 600.0,
