@@ -77,24 +77,32 @@ class FakeTeacherEngine(TeacherEngine):
         return rows
 
 
+def buffer_faults(times: int = 20) -> int:
+    """Minor page faults of this process while it allocates, fills and frees a 64 MB tensor
+    ``times`` times, as a model step does with its buffers (after one such tensor, which faults in
+    whatever the allocator does)."""
+    import resource
+
+    import torch
+
+    torch.ones(16 * 2**20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(times):
+        torch.ones(16 * 2**20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 class ProcessFactsEngine(FakeTeacherEngine):
     """A fake engine whose every answer is JSON about the process (and thread) that answers:
-    ``threads`` (torch's) and ``faults``, the minor page faults of allocating and freeing a 64 MB
-    tensor 20 times, as a model step does with its buffers. A test sees what a Serve replica
-    computes with."""
+    ``threads`` (torch's) and ``faults`` (:func:`buffer_faults`). A test sees what a Serve
+    replica computes with."""
 
     def _answer(self, prompt: Prompt) -> str:
         import json
-        import resource
 
         import torch
 
-        torch.ones(16 * 2**20)  # the first one faults in any case
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(20):
-            torch.ones(16 * 2**20)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        return json.dumps({"threads": torch.get_num_threads(), "faults": faults})
+        return json.dumps({"threads": torch.get_num_threads(), "faults": buffer_faults()})
 
 
 class RecordingEngine(FakeTeacherEngine):

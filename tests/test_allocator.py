@@ -14,24 +14,28 @@ pytestmark = pytest.mark.slow  # fresh processes importing torch
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="the settings are glibc's")
 
-# Allocate, fill and free a 64 MB tensor 20 times, as a training step does with its gradients;
-# print the minor page faults of the loop.
+# Print whether the settings took (None: not asked) and gold_ray.testing.buffer_faults(): a 64 MB
+# tensor allocated, filled and freed 20 times, as a training step does with its gradients.
+# Modes: "keep" (keep_freed_memory() first), "engine" (load an HFEngine from argv[2] first),
+# anything else (glibc's default).
 LOOP = """
-import resource, sys
-import torch
-from gold_ray.allocator import keep_freed_memory
-took = keep_freed_memory() if sys.argv[1] == "keep" else None
-torch.ones(16 * 2**20)  # the first one faults in any case
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    torch.ones(16 * 2**20)
-print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+import sys
+from gold_ray.testing import buffer_faults
+took = None
+if sys.argv[1] == "keep":
+    from gold_ray.allocator import keep_freed_memory
+    took = keep_freed_memory()
+elif sys.argv[1] == "engine":
+    from gold_ray.teacher.hf_engine import HFEngine
+    HFEngine(sys.argv[2], device="cpu")
+print(took, buffer_faults())
 """
 PAGES = 64 * 2**20 // 4096
 
 
-def _faults(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", LOOP, mode], capture_output=True, text=True, check=True, env=env)
+def _faults(mode: str, env: dict[str, str] | None = None, *args: str) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", LOOP, mode, *args], capture_output=True, text=True, check=True,
+                         env=env)
     took, faults = out.stdout.split()
     return took, int(faults)
 
@@ -53,32 +57,12 @@ def test_the_environment_variables_do_what_the_call_does():
     assert kept <= default // 2
 
 
-# The in-process teacher: the engine keeps the memory when it loads.
-ENGINE_LOOP = """
-import resource, sys
-import torch
-if sys.argv[1] == "engine":
-    from gold_ray.teacher.hf_engine import HFEngine
-    HFEngine(sys.argv[2], device="cpu")
-torch.ones(16 * 2**20)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    torch.ones(16 * 2**20)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
 @glibc_only
 def test_a_loaded_teacher_engine_keeps_freed_memory(tmp_path):
+    # The in-process teacher: the engine keeps the memory when it loads.
     from gold_ray.testing import save_tiny_chat_lm
 
     model = save_tiny_chat_lm(tmp_path / "lm")
-
-    def faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", ENGINE_LOOP, mode, model], capture_output=True, text=True,
-                             check=True)
-        return int(out.stdout.split()[-1])
-
-    default = faults("plain")
+    _, default = _faults("plain", None, model)
     assert default >= 15 * PAGES, "glibc's default returns the buffer every time"
-    assert faults("engine") <= default // 2, "the engine's process reuses the buffer"
+    assert _faults("engine", None, model)[1] <= default // 2, "the engine's process reuses the buffer"

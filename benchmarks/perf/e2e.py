@@ -481,9 +481,9 @@ def final_numbers(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Tabulate a finished run, or run the config once per runtime first; write ``e2e.json`` and ``e2e.md``."""
-    from gold_ray.config import load_config
-    from gold_ray.errors import MissingFileError
-    from gold_ray.run.tasks import load_task, resolve_data_path
+    from gold_ray.config import ConfigError, load_config
+    from gold_ray.run.tasks import load_task
+    from gold_ray.student.evaluation import task_eval_file
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p, repeats=1)
@@ -513,12 +513,13 @@ def main(argv: list[str] | None = None) -> int:
             # Before 20 minutes of runs: without the evaluation file they would skip every
             # evaluation (a different workload) and the re-timing would fail at the end.
             cfg = load_run_config(args)
-            path = cfg.task.eval_path
             try:
-                resolve_data_path(path, cfg.task.data_dir) if path else load_task(cfg.task.name).eval_path(
-                    cfg.task.data_dir)
-            except MissingFileError as err:
+                found = task_eval_file(load_task(cfg.task.name), cfg.task)
+            except ConfigError as err:
                 p.error(f"the demo's evaluation set: {err}")
+            if found is None:
+                p.error(f"the demo's evaluation set: no local file for {cfg.task.name!r} "
+                        "(set $GOLD_RAY_DATA or task.eval_path)")
         runs = run_all(args, runtimes)
         primary = "ray" if "ray" in runs else runtimes[-1]
         run_dir, mode = runs[primary]["run_dir"], "ran"
