@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.perf import common, e2e, generation, memory, scaling, scoring, summary, training
+from benchmarks.perf import (
+    common,
+    cpu_by_process,
+    e2e,
+    generation,
+    memory,
+    scaling,
+    scoring,
+    summary,
+    training,
+)
 from gold_ray.testing import LatencyBoundEngine
 from gold_ray.types import Prompt, SamplingParams
 
@@ -347,3 +357,52 @@ def test_precision_records_its_run_folders_without_machine_paths():
 
     assert portable_runs("/home/me/runs/quality/sst2-gold-s0-n1000,rel/rte-gold-s0-n1000") == (
         "<RUNS>/sst2-gold-s0-n1000,<RUNS>/rte-gold-s0-n1000")
+
+
+def test_cpu_by_process_names_a_process_by_its_ray_title_or_its_program():
+    kind = cpu_by_process.process_kind
+    assert kind("ray::ServeReplica:teacher-1a2b:TeacherDeployment.handle_request") == "ray::ServeReplica"
+    assert kind("ray::TrainController.run") == "ray::TrainController"
+    assert kind("ray::IDLE") == "ray::IDLE"
+    assert kind("/venv/bin/python -u /venv/lib/ray/_private/log_monitor.py --session-dir=x") == "log_monitor.py"
+    assert kind("/venv/bin/python -m benchmarks.perf.e2e --run-demo") == "benchmarks.perf.e2e"
+    assert kind("python3 -c print(1)") == "python -c"
+    assert kind("/venv/lib/ray/core/src/ray/raylet/raylet --raylet_socket_name=x") == "raylet"
+    assert kind("anything at all", is_root=True) == "command"
+    assert kind("") == "(no title)"
+
+
+def test_cpu_by_process_splits_start_up_from_steady_state_and_windows_the_cores():
+    Proc = cpu_by_process.Proc
+    # A worker that burns 3 CPU-s in its first 10 s, then idles at 0.1 core for 20 s; a second of its kind idles.
+    busy = Proc(1, "ray::WarmScorer", 0.0, [(0.0, 0.5), (10.0, 3.0), (20.0, 4.0), (30.0, 5.0)])
+    idle = Proc(2, "ray::WarmScorer.score", 10.0, [(10.0, 0.0), (40.0, 0.3)])
+    root = Proc(3, "gold-ray distill demo", 0.0, [(0.0, 0.0), (40.0, 1.0)])
+    rows = {r["kind"]: r for r in cpu_by_process.kinds_table({1: busy, 2: idle, 3: root}, root=3, startup_s=10.0)}
+    scorers = rows["ray::WarmScorer"]
+    assert scorers["processes"] == 2
+    assert scorers["startup_cpu_s"] == pytest.approx(3.0 + 0.0)
+    assert scorers["steady_cpu_s"] == pytest.approx(2.0 + 0.3)
+    assert scorers["steady_cores_per_process"] == pytest.approx(2.3 / (20.0 + 20.0))
+    assert rows["command"]["cpu_s"] == pytest.approx(1.0)
+    machine = [(0.0, 100.0), (10.0, 110.0), (20.0, 130.0), (30.0, 150.0), (40.0, 160.0)]
+    line = cpu_by_process.timeline({1: busy}, machine, window_s=10.0)
+    assert [w["command_cores"] for w in line] == pytest.approx([0.25, 0.1, 0.1, 0.0])  # it was gone after 30 s
+    assert [w["machine_cores"] for w in line] == pytest.approx([1.0, 2.0, 2.0, 1.0])
+
+
+def test_cpu_by_process_counts_a_real_child_and_writes_its_result(tmp_path):
+    import json
+    import sys
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}], check=True)"
+    rc = cpu_by_process.main(["--name", "test", "--out", str(tmp_path), "--interval", "0.05", "--startup-s", "0.2",
+                              "--", sys.executable, "-c", parent])
+    assert rc == 0
+    result = json.loads((tmp_path / "cpu-test.json").read_text())
+    kinds = {r["kind"]: r for r in result["metrics"]["kinds"]}
+    assert set(kinds) == {"command", "python -c"}
+    assert 0.3 <= kinds["python -c"]["cpu_s"] <= 1.5  # the child's 0.6 s, less what fell after its last sample
+    assert result["headline"]["cpu_s"] >= kinds["python -c"]["cpu_s"]
+    assert "ray::" not in (tmp_path / "cpu-test.md").read_text()  # nothing outside the command's tree

@@ -498,6 +498,26 @@ def stopwatch() -> Iterator[dict[str, float]]:
         box["seconds"] = time.perf_counter() - t0
 
 
+def run_sampled(cmd: Sequence[str], interval_s: float, on_sample: Callable[[int, float], None]) -> tuple[int, float]:
+    """Run ``cmd`` (in the repository root) and call ``on_sample(pid, seconds_since_start)`` every
+    ``interval_s`` seconds until it exits; the benchmarks that watch a whole command's process tree
+    (memory, CPU by process) read the tree in ``on_sample``.
+
+    Returns:
+        The command's exit status and its wall seconds.
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), cwd=REPO_ROOT)
+    try:
+        while proc.poll() is None:
+            on_sample(proc.pid, time.perf_counter() - t0)
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        proc.terminate()
+        raise
+    return proc.wait(), time.perf_counter() - t0
+
+
 def run_repeats(fn: Callable[[int], dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
     """Call ``fn(repeat_index)`` ``repeats`` times; each call returns one measurement dict."""
     return [fn(r) for r in range(repeats)]

@@ -17,20 +17,18 @@ of them. Processes that connect to a Ray started elsewhere (``RAY_ADDRESS``) are
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 from benchmarks.perf.common import (
-    REPO_ROOT,
     add_common_args,
     command_line,
     log,
     markdown_table,
     new_result,
     read_result,
+    run_sampled,
     write_result,
 )
 
@@ -97,18 +95,14 @@ def sample_command(cmd: list[str], interval: float, pss: bool) -> tuple[int, flo
         Exit status, wall seconds and the tracker.
     """
     tracker = PeakTracker()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT)
-    try:
-        while proc.poll() is None:
-            sample = tree_memory(proc.pid, pss=pss)
-            if sample is not None:
-                tracker.add(sample)
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        proc.terminate()
-        raise
-    return proc.wait(), time.perf_counter() - t0, tracker
+
+    def on_sample(pid: int, _seconds: float) -> None:
+        sample = tree_memory(pid, pss=pss)
+        if sample is not None:
+            tracker.add(sample)
+
+    rc, wall = run_sampled(cmd, interval, on_sample)
+    return rc, wall, tracker
 
 
 def main(argv: list[str] | None = None) -> int:
