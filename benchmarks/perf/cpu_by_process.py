@@ -89,19 +89,21 @@ def machine_busy_s() -> float:
     return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
 
 
-def sample(command: list[str], interval_s: float) -> tuple[int, float, dict[int, Proc], list[tuple[float, float]]]:
+def sample(command: list[str], interval_s: float) -> tuple[int, float, int, dict[int, Proc], list[tuple[float, float]]]:
     """Run ``command`` and sample its process tree until it exits.
 
     Returns:
-        The command's exit status, its wall time, the processes seen (by pid) and the machine's busy
-        CPU-seconds at each sample.
+        The command's exit status, its wall time, its pid, the processes seen (by pid, its own
+        included) and the machine's busy CPU-seconds at each sample.
     """
     import psutil
 
     procs: dict[int, Proc] = {}
     machine: list[tuple[float, float]] = []
+    roots: list[int] = []
 
     def on_sample(root: int, now: float) -> None:
+        roots[:] = [root]
         machine.append((now, machine_busy_s()))
         try:
             tree = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
@@ -123,7 +125,7 @@ def sample(command: list[str], interval_s: float) -> tuple[int, float, dict[int,
             proc.samples.append((now, times.user + times.system))
 
     rc, wall = run_sampled(command, interval_s, on_sample)
-    return rc, wall, procs, machine
+    return rc, wall, roots[0] if roots else -1, procs, machine
 
 
 def kinds_table(procs: dict[int, Proc], root: int, startup_s: float) -> list[dict[str, Any]]:
@@ -158,7 +160,7 @@ def timeline(procs: dict[int, Proc], machine: list[tuple[float, float]], window_
     busy: dict[int, float] = defaultdict(float)
     for (t_a, a), (_, b) in zip(machine, machine[1:], strict=False):
         busy[int(t_a // window_s)] += b - a
-    last = int(machine[-1][0] // window_s) if machine else -1
+    last = int(machine[-1][0] // window_s) if machine else -1  # a last, partial window would read low
     return [{"from_s": w * window_s, "command_cores": ours[w] / window_s, "machine_cores": busy[w] / window_s}
             for w in range(last)]
 
@@ -183,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     result = new_result(f"cpu-{args.name}", "python -m benchmarks.perf.cpu_by_process " + " ".join(argv), {
         "command": cmd_text, "interval_s": args.interval, "startup_s": args.startup_s, "window_s": args.window_s})
     log(f"cpu_by_process: running {cmd_text}")
-    rc, wall, procs, machine = sample(command, args.interval)
-    root = min(procs, key=lambda pid: procs[pid].first_s) if procs else -1
+    rc, wall, root, procs, machine = sample(command, args.interval)
     kinds = kinds_table(procs, root, args.startup_s)
     line = timeline(procs, machine, args.window_s)
     total = sum(r["cpu_s"] for r in kinds)
