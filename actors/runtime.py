@@ -64,8 +64,8 @@ class RayRuntime(Runtime):
         self._caller = None
 
     def start(self) -> None:
-        """Start the run's training workers, the teacher deployment (replicas build their engines)
-        and its caller, kept for the whole run."""
+        """Start the run's training workers, the teacher deployment (replicas build their engines;
+        no HTTP proxy: the run calls it through Ray) and its caller, kept for the whole run."""
         from actors.teacher import ConfigEngineFactory, start_teacher
 
         cfg = self.run.cfg
@@ -73,7 +73,7 @@ class RayRuntime(Runtime):
         # The training workers start beside the teacher, so their start-up overlaps the first
         # generate stage instead of delaying the first training.
         self._train_step().start()
-        start_teacher(cfg, factory, name=self.app_name)
+        start_teacher(cfg, factory, name=self.app_name, http=False)
         self._teacher_caller()
 
     def _teacher_caller(self) -> Any:

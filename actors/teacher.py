@@ -792,18 +792,29 @@ def start_teacher(
     cfg: RunConfig,
     engine_factory: EngineFactory | None = None,
     name: str = DEFAULT_APP_NAME,
+    *,
+    http: bool = True,
     **app_kwargs: Any,
 ) -> DeploymentHandle:
-    """Start Serve's HTTP proxy on ``cfg.teacher.serve.host:port`` and deploy the teacher.
+    """Deploy the teacher, with Serve's HTTP proxy on ``cfg.teacher.serve.host:port`` when ``http``.
 
     Args:
         cfg: The run config.
         engine_factory: See :func:`build_teacher_app`.
         name: Serve application name (pipelines address the deployment by it).
+        http: Start the HTTP proxy (the OpenAI-compatible routes of ``gold-ray serve``). A
+            distillation calls the teacher through Ray handles only, so it starts Serve without
+            the proxy: no port is opened, and the proxy's process is not started (8 of a Ray
+            demo's 1,292 CPU-seconds on 2 cores, ``benchmarks/perf/results/cpu-demo-ray.md``).
+            Serve keeps the first options it was started with: on a Serve already running with
+            its proxy, the proxy stays.
         **app_kwargs: Passed to :func:`build_teacher_app`.
 
     Returns:
         A handle to the running deployment (``handle.app_name`` is ``name``).
     """
-    start_http(cfg)
+    if http:
+        start_http(cfg)
+    else:
+        serve.start(proxy_location="Disabled")
     return serve.run(build_teacher_app(cfg, engine_factory, **app_kwargs), name=name, blocking=False)

@@ -89,8 +89,9 @@ class ServeConfig(_Section):
             core), but the teacher computes while the scorers and the trainers wait.
         resources: Custom Ray resources per replica (``{"teacher": 1}`` keeps replicas on the
             nodes that advertise ``teacher``, e.g. ``ray start --resources='{"teacher": 4}'``).
-        host: HTTP bind address; loopback unless the user exposes it on purpose.
-        port: HTTP port.
+        host: HTTP bind address of ``gold-ray serve``; loopback unless the user exposes it on
+            purpose. A distillation opens no HTTP port.
+        port: HTTP port of ``gold-ray serve``.
         health_check_period_s: How often Serve runs a replica's health check
             (``TeacherDeployment.check_health``).
         health_check_timeout_s: How long one health check may take, its tiny real generation

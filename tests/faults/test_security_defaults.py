@@ -61,6 +61,31 @@ def test_serve_binds_elsewhere_only_when_configured(monkeypatch):
     assert started["http_options"] == {"host": "0.0.0.0", "port": 8123}
 
 
+def test_a_distillation_on_ray_opens_no_http_port(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    import actors.teacher as teacher
+    from actors.runtime import RayRuntime
+
+    started: list[dict] = []
+    monkeypatch.setattr(serve, "start", lambda **kw: started.append(kw))
+    monkeypatch.setattr(serve, "run", lambda app, **kw: None)
+    cfg = load_config(None, ["teacher.serve.host=0.0.0.0"])
+    teacher.start_teacher(cfg, http=False)
+    assert started == [{"proxy_location": "Disabled"}]  # not even the configured host is bound
+
+    # The Ray runtime starts its teacher that way (its training workers and caller are not the point here).
+    started.clear()
+    runtime = RayRuntime("app")
+    runtime.bind(SimpleNamespace(cfg=cfg, teacher_path=None))
+    monkeypatch.setattr(runtime, "_train_step", lambda: SimpleNamespace(start=lambda: None))
+    monkeypatch.setattr(runtime, "_teacher_caller", lambda: None)
+    runtime.start()
+    assert started == [{"proxy_location": "Disabled"}]
+
+
 # --- model code runs only when the config says so --------------------------------------------
 
 EVIL_CODE = """
