@@ -100,4 +100,7 @@ def test_compare_on_ray_nests_driver_runs_under_one_parent_and_llkd_chooses_as_i
         assert scores == pytest.approx(ref_scores) and len(scores) == 2
     assert read_parts(sorted((ray_run / "data").glob("pool-*.parquet")))
     keys = [k for k in ref["iterations"][1]["train"] if k.startswith("llkd_")]
-    assert keys and [got["iterations"][1]["train"][k] for k in keys] == [ref["iterations"][1]["train"][k] for k in keys]
+    # Counts exactly; means of the student's scores to float noise (a scorer on Ray and the loop in
+    # process reduce in different thread splits: 0.9999801543434259 against ...406053 on one machine).
+    assert keys and [got["iterations"][1]["train"][k] for k in keys] == pytest.approx(
+        [ref["iterations"][1]["train"][k] for k in keys], rel=1e-9)
