@@ -518,6 +518,17 @@ def run_sampled(cmd: Sequence[str], interval_s: float, on_sample: Callable[[int,
     return proc.wait(), time.perf_counter() - t0
 
 
+def process_tree(root_pid: int) -> list[Any] | None:
+    """``root_pid`` and all its descendants as psutil processes, or None when it has exited."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+
+
 def run_repeats(fn: Callable[[int], dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
     """Call ``fn(repeat_index)`` ``repeats`` times; each call returns one measurement dict."""
     return [fn(r) for r in range(repeats)]

@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.perf.common import fmt, log, markdown_table, new_result, run_sampled, write_result
+from benchmarks.perf.common import (
+    fmt,
+    log,
+    markdown_table,
+    new_result,
+    process_tree,
+    run_sampled,
+    write_result,
+)
 
 
 @dataclass
@@ -105,11 +113,7 @@ def sample(command: list[str], interval_s: float) -> tuple[int, float, int, dict
     def on_sample(root: int, now: float) -> None:
         roots[:] = [root]
         machine.append((now, machine_busy_s()))
-        try:
-            tree = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        for ps in tree:
+        for ps in process_tree(root) or []:
             try:
                 with ps.oneshot():
                     times = ps.cpu_times()

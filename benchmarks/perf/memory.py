@@ -27,6 +27,7 @@ from benchmarks.perf.common import (
     log,
     markdown_table,
     new_result,
+    process_tree,
     read_result,
     run_sampled,
     write_result,
@@ -48,10 +49,8 @@ def tree_memory(root_pid: int, pss: bool = True) -> dict[str, Any] | None:
     """
     import psutil
 
-    try:
-        root = psutil.Process(root_pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
+    procs = process_tree(root_pid)
+    if procs is None:
         return None
     rss_total, pss_total, sizes = 0, 0 if pss else None, []
     for proc in procs:
