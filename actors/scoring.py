@@ -16,6 +16,7 @@ Only accepted samples are scored: a row with a reject reason, or without its inp
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import random
@@ -281,6 +282,23 @@ def _folder_key(folder: Path) -> tuple:
                                      for f in sorted(folder.rglob("*")) if f.is_file() and (st := f.stat())))
 
 
+# Written into a model's config by saving or by where it was loaded from; they change no weight
+# and no forward pass, so two students that differ only in them share a skeleton.
+_CONFIG_BOOKKEEPING = ("architectures", "_name_or_path", "transformers_version")
+
+
+def architecture_key(student: Student) -> str:
+    """What must match for ``student``'s weights to load into a skeleton an actor already holds:
+    the student's class, its model config less bookkeeping, and its weights' names and shapes.
+
+    A student never saved and the same student saved and loaded again have one key
+    (``save_pretrained`` writes ``architectures`` into the config in memory too).
+    """
+    config = {k: v for k, v in student.model.config.to_dict().items() if k not in _CONFIG_BOOKKEEPING}
+    shapes = [(name, tuple(t.shape)) for name, t in student.model.state_dict().items()]
+    return json.dumps([type(student).__name__, config, shapes], sort_keys=True, default=str)
+
+
 class ScorerPool:
     """The energy scorers of a whole run: ``resources.scorer_max_actors`` long-lived Ray actors.
 
@@ -341,7 +359,7 @@ class ScorerPool:
         self._version += 1
         self._weights = ray.put({k: v.detach().cpu() for k, v in student.model.state_dict().items()})
         self._key = key
-        architecture = f"{type(student).__name__}:{student.model.config.to_json_string()}"
+        architecture = architecture_key(student)
         if architecture != self._architecture:
             self._publish_skeleton(student, folder)
             self._architecture = architecture

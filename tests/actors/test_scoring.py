@@ -189,3 +189,20 @@ def test_a_pool_without_a_student_refuses_to_score(sst2):
 
     with pytest.raises(RuntimeError, match="before set_student"):
         ScorerPool(make_cfg(), sst2).score_dataset(None)
+
+
+def test_a_student_keeps_its_architecture_key_through_save_and_load(tmp_path, sst2, tiny_student):
+    from actors.scoring import architecture_key
+    from gold_ray.run.tasks import load_task
+    from gold_ray.student.model import ClassifierStudent, load_student
+
+    fresh = ClassifierStudent(sst2, tiny_student, device="cpu", seed=3)
+    key = architecture_key(fresh)
+    # A never-saved student's config names its base model's class; saving rewrites that in memory.
+    before = fresh.model.config.architectures
+    fresh.save(tmp_path / "s")
+    assert fresh.model.config.architectures != before, "saving no longer rewrites the config: test moot"
+    assert architecture_key(fresh) == key
+    assert architecture_key(load_student(tmp_path / "s", sst2, device="cpu")) == key
+    # Another label set is another head: its weights cannot load into this skeleton.
+    assert architecture_key(ClassifierStudent(load_task("ag_news"), tiny_student, device="cpu", seed=3)) != key
