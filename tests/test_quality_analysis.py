@@ -145,5 +145,14 @@ def test_diagnostics_report_each_iteration_from_the_run_files(diagnose, finished
     assert first["train_chars"] == pytest.approx(sum(len(r["text"]) for r in train) / len(train), abs=0.05)
     assert first["feedback_size"] == len(it0["feedback"]["ids"]) and first["feedback_chars"] is not None
     assert "| sst2-gold-s0-n24 | 0 |" in (tmp_path / "results" / "sst2-diagnostics-n24.md").read_text()
+    # The finished run's final student, from its metrics and accepted samples.
+    [final], done = report["finals"], metrics["final"]
+    assert (final["run"], final["accuracy"], final["recall"]) == ("sst2-gold-s0-n24", done["accuracy"],
+                                                                   done["per_label_accuracy"])
+    assert final["majority"] == done["baselines"]["majority"]["accuracy"]
+    accepted = read_parts(sorted((run_dir / "data").glob("train-*.parquet")) + sorted((run_dir / "data").glob("probe-*.parquet")))
+    positive = sum(r["label"] == "positive" for r in accepted) / len(accepted)
+    assert final["train_label_shares"]["positive"] == pytest.approx(positive, abs=1e-3)
+    assert "## The final students" in (tmp_path / "results" / "sst2-diagnostics-n24.md").read_text()
     with pytest.raises(SystemExit):  # nothing to diagnose is an error, not an empty report
         diagnose.main(["--task", "ag_news", "--samples", "24", "--runs-dir", str(tmp_path / "runs")])

@@ -16,6 +16,13 @@ and ``.md``, one row per run and iteration:
   and the feedback shown in the next prompts, against the evaluation set's mean length
   (drift in length is drift away from the task's distribution).
 
+For every finished run it adds one row on its final student: its accuracy on the synthetic
+validation split it was chosen on against the same on the real evaluation set, the real set's
+majority class and the teacher row, its recall per label, and the label shares of the accepted
+samples it trained on. A student that fits the teacher's samples but not the real set learned
+the teacher's version of the task; one whose recall leans to a label the real set rarely holds
+loses to the majority class on a skewed set.
+
 It reads files only; nothing is trained or generated.
 """
 
@@ -67,6 +74,35 @@ def run_rows(run_dir: Path, text_key: str) -> list[dict]:
     return rows
 
 
+def final_row(run_dir: Path) -> dict | None:
+    """The final student's row of the run in ``run_dir`` (see the module docstring); None until it finished."""
+    from collections import Counter
+
+    from gold_ray.run.store import read_parts
+
+    metrics_file = run_dir / "metrics.json"
+    final = json.loads(metrics_file.read_text()).get("final") if metrics_file.is_file() else None
+    if not final or "accuracy" not in final:
+        return None
+    chosen = next((r for r in final.get("recipes") or [] if r.get("recipe") == final.get("recipe")), {})
+    baselines = final.get("baselines") or {}
+    parts = sorted(p for p in (run_dir / "data").glob("*.parquet") if p.name.startswith(("train-", "probe-")))
+    labels = Counter(str(r.get("label")) for r in read_parts(parts))
+    total = sum(labels.values())
+    return {
+        "run": run_dir.name, "recipe": final.get("recipe"), "records": final.get("records"),
+        "synthetic_val_accuracy": chosen.get("val_accuracy"), "synthetic_val_majority": final.get("val_majority"),
+        "accuracy": final["accuracy"], "majority": (baselines.get("majority") or {}).get("accuracy"),
+        "teacher_fewshot": (baselines.get("teacher_fewshot") or {}).get("accuracy"),
+        "recall": final.get("per_label_accuracy") or {},
+        "train_label_shares": {k: round(n / total, 3) for k, n in sorted(labels.items())} if total else {},
+    }
+
+
+def _shares(values: dict) -> str:
+    return ", ".join(f"{k} {_fmt(v, 2)}" for k, v in values.items())
+
+
 def _fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -86,9 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     task = load_task(args.task)
     text_key = task.input_fields[0].name
-    rows, eval_chars = [], None
+    rows, finals, eval_chars = [], [], None
     for run_dir in sorted(Path(args.runs_dir).glob(f"{args.task}-*-s*-n{args.samples}*")):
         rows += run_rows(run_dir, text_key)
+        final = final_row(run_dir)
+        if final:
+            finals.append(final)
         if eval_chars is None and (run_dir / "config.yaml").is_file():
             # The evaluation set the runs were scored on, as their config names it.
             eval_chars = _mean_chars(eval_records(load_config(run_dir / "config.yaml"), task), text_key)
@@ -98,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"{args.task}-diagnostics-n{args.samples}"
     out.with_suffix(".json").write_text(json.dumps(
         {"task": args.task, "samples": args.samples, "eval_mean_chars": eval_chars, "chance_loss": chance_loss,
-         "rows": rows}, indent=2))
+         "rows": rows, "finals": finals}, indent=2))
     header = ["run", "it", "in-loop loss", "in-loop acc", "probe energy p10", "p90", "spread", "feedback",
               "train chars", "probe chars", "feedback chars"]
     table = [[r["run"], r["iteration"], _fmt(r["train_loss"]), _fmt(r["in_loop_accuracy"]),
@@ -110,6 +149,17 @@ def main(argv: list[str] | None = None) -> int:
             f"Chance-level training loss: {_fmt(chance_loss)} (ln of the label count); "
             f"mean length of the evaluation set's texts: {_fmt(eval_chars, 0)} characters.", "",
             markdown_table(header, table)]
+    if finals:
+        text += ["", "## The final students", "",
+                 "Accuracy on the synthetic validation split the final recipe was chosen on, against the real "
+                 "evaluation set; recall per label on the real set; label shares of the accepted samples.", "",
+                 markdown_table(
+                     ["run", "recipe", "records", "synthetic val acc", "its majority", "real acc", "majority class",
+                      "teacher row", "recall per label", "training label shares"],
+                     [[f["run"], f["recipe"], _fmt(f["records"]), _fmt(f["synthetic_val_accuracy"]),
+                       _fmt(f["synthetic_val_majority"]), _fmt(f["accuracy"]), _fmt(f["majority"]),
+                       _fmt(f["teacher_fewshot"]), _shares(f["recall"]), _shares(f["train_label_shares"])]
+                      for f in finals])]
     out.with_suffix(".md").write_text("\n".join(text) + "\n")
     print(out.with_suffix(".md").read_text())
     return 0
