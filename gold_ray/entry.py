@@ -163,7 +163,7 @@ def summary_text(metrics: dict[str, Any], out: Path, *, prog: str = "gold-ray", 
 def reference_lines(final: dict[str, Any]) -> list[str]:
     """The final student beside the teacher as a few-shot classifier and the majority class, on the same
     examples (:func:`gold_ray.run.baselines.reference_rows`); empty when the run recorded none."""
-    from gold_ray.run.baselines import reference_rows, student_metric
+    from gold_ray.run.baselines import reference_rows, reference_verdict, student_metric
 
     rows = reference_rows(final)
     if not rows:
@@ -177,7 +177,8 @@ def reference_lines(final: dict[str, Any]) -> list[str]:
     for name, value, note in rows:
         shown = f"{value:.4f}" if isinstance(value, int | float) else "–"
         lines.append(f"    {name:<{width}}  {shown}  ({note})")
-    return lines
+    verdict = reference_verdict(final)
+    return [*lines, f"  {verdict}"] if verdict else lines
 
 
 def _cause(err: BaseException) -> BaseException:

@@ -415,7 +415,7 @@ def _final_rows(run: RunData) -> list[list[Any]]:
 
 def _references_html(run: RunData) -> list[str]:
     """The final student beside the teacher as a few-shot classifier and the majority class."""
-    from gold_ray.run.baselines import reference_rows, student_metric
+    from gold_ray.run.baselines import reference_rows, reference_verdict, student_metric
 
     final = run.metrics.get("final") or {}
     rows = reference_rows(final)
@@ -433,7 +433,8 @@ def _references_html(run: RunData) -> list[str]:
             "subset its note counts, where <code>baselines.teacher_fewshot_limit</code> bounds it). The teacher row "
             "scores each label's word with the teacher, prompted with the task's seed demos; a student worth "
             "distilling beats it at a fraction of the cost, and a student below the majority class has learned "
-            "nothing usable.</p>"]
+            "nothing usable.</p>",
+            f"<p><strong>{esc(reference_verdict(final) or '')}</strong></p>"]
 
 
 def _learning_rows(run: RunData) -> list[list[Any]]:

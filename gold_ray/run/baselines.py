@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -201,3 +202,62 @@ def reference_rows(final: dict[str, Any]) -> list[tuple[str, float | None, str]]
     if majority:
         rows.append((f"majority class ({majority['label']})", majority["accuracy"], f"{majority['n']} examples"))
     return rows
+
+
+def _standard_error(value: float, n: Any) -> float | None:
+    """The standard error of an accuracy-like share ``value`` measured on ``n`` examples."""
+    return math.sqrt(value * (1 - value) / n) if isinstance(n, int) and n > 0 and 0 <= value <= 1 else None
+
+
+def reference_verdict(final: dict[str, Any]) -> str | None:
+    """One plain sentence on the final student against its references, for the run's last lines and report.
+
+    A student not above the majority class has learned nothing usable, and one not above the teacher
+    as a few-shot classifier is not worth deploying in its place: both are said as failures, with
+    what the run's own numbers tell about why (the student fitting the teacher's samples but not the
+    real set means the samples do not carry the task as the real data does). A lead within two
+    standard errors of the evaluation set is said to be one.
+
+    Args:
+        final: A finished run's ``metrics["final"]`` (with ``baselines``).
+
+    Returns:
+        The sentence, starting with ``FAILED:`` for a student below a reference; None when the run
+        recorded no references.
+    """
+    base = final.get("baselines") or {}
+    student = student_metric(final)
+    if not base or student is None:
+        return None
+    metric, value = student
+    refs = []
+    if (teacher := base.get("teacher_fewshot")) and isinstance(teacher.get(metric), int | float):
+        refs.append(("the teacher as a few-shot classifier", float(teacher[metric])))
+    if (majority := base.get("majority")) and isinstance(majority.get("accuracy"), int | float):
+        refs.append((f"the majority class ({majority['label']})", float(majority["accuracy"])))
+    if not refs:
+        return None
+    below = [(name, ref) for name, ref in refs if value <= ref]
+    if below:
+        shown = " and ".join(f"{name} ({ref:.4f})" for name, ref in below)
+        text = f"FAILED: the final student's {metric} {value:.4f} is not above {shown}."
+        chosen = next((r for r in final.get("recipes") or [] if r.get("recipe") == final.get("recipe")), {})
+        fitted, its_majority = chosen.get("val_accuracy"), final.get("val_majority")
+        if base.get("on") == "eval set" and isinstance(fitted, int | float) and isinstance(its_majority, int | float):
+            if fitted >= its_majority + 0.1:
+                text += (f" It fits the teacher's samples ({fitted:.4f} on their held-out split, majority "
+                         f"{its_majority:.4f}) but not the real set: the teacher's samples do not carry the "
+                         "task's labels as the real data does (a stronger teacher.model, clearer label "
+                         "descriptions and seed demos in the task file).")
+            else:
+                text += (f" It did not learn even the teacher's samples ({fitted:.4f} on their held-out split, "
+                         f"majority {its_majority:.4f}): more samples (budget.samples) or a stronger teacher.model.")
+        return text
+    margin_name, margin_ref = max(refs, key=lambda r: r[1])
+    lead = value - margin_ref
+    text = f"The final student's {metric} {value:.4f} is above {' and '.join(name for name, _ in refs)}"
+    text += f", {100 * lead:+.1f} points over {margin_name}"
+    se = _standard_error(value, base.get("n"))
+    if se is not None and lead < 2 * se:
+        text += f", within two standard errors ({100 * se:.1f} points each) of this set: not a sure lead"
+    return text + "."

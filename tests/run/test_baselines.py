@@ -157,6 +157,36 @@ def test_the_limit_draws_a_seeded_subset():
     assert baselines.fewshot_records(records, None) == records
 
 
+def _final(accuracy, teacher=0.6, majority=0.5, n=1000, val_accuracy=None, val_majority=None):
+    final = {"accuracy": accuracy, "recipe": "ce", "val_majority": val_majority,
+             "recipes": [{"recipe": "ce", "val_accuracy": val_accuracy}],
+             "baselines": {"on": "eval set", "n": n, "majority": {"label": "no", "accuracy": majority, "n": n},
+                           "teacher_fewshot": {"accuracy": teacher, "n": n}}}
+    return final
+
+
+def test_the_verdict_says_a_sure_lead_a_lead_within_noise_and_a_failure():
+    assert baselines.reference_verdict({"accuracy": 0.8}) is None, "no references, no verdict"
+    sure = baselines.reference_verdict(_final(0.70))
+    assert sure.startswith("The final student's accuracy 0.7000 is above") and "+10.0 points over the teacher" in sure
+    assert "standard error" not in sure
+    # 0.62 on 1,000 examples: a standard error of 1.5 points, so 2 points over the teacher is not sure.
+    close = baselines.reference_verdict(_final(0.62))
+    assert "+2.0 points over the teacher" in close and "within two standard errors (1.5 points each)" in close
+    # The majority class is the higher reference on a skewed set: the margin is taken over it.
+    assert "over the majority class (no)" in baselines.reference_verdict(_final(0.80, teacher=0.4, majority=0.7))
+
+
+def test_a_failed_student_is_told_whether_it_fit_the_teachers_samples():
+    fitted = baselines.reference_verdict(_final(0.49, teacher=0.47, majority=0.53, val_accuracy=0.79, val_majority=0.5))
+    assert fitted.startswith("FAILED:") and "the majority class (no) (0.5300)" in fitted
+    assert "the teacher as a few-shot classifier" not in fitted, "the teacher row was beaten: not named"
+    assert "fits the teacher's samples (0.7900" in fitted and "teacher.model" in fitted
+    unfit = baselines.reference_verdict(_final(0.45, val_accuracy=0.52, val_majority=0.5))
+    assert "not above the teacher as a few-shot classifier (0.6000) and the majority class" in unfit
+    assert "did not learn even the teacher's samples" in unfit and "budget.samples" in unfit
+
+
 # ---- a finished run ------------------------------------------------------------------------
 
 
@@ -193,6 +223,8 @@ def test_last_lines_put_the_student_beside_teacher_and_majority(tiny_run):
     # The fake teacher picks the label its prompt names: right on all 15 examples it was asked.
     assert "teacher as few-shot classifier" in teacher and "1.0000" in teacher and "(15 examples, chat" in teacher
     assert "majority class (negative)" in majority and "0.7000" in majority
+    # A teacher right on every example cannot be beaten: the last line says the student failed.
+    assert lines[head + 4].strip().startswith("FAILED:") and "the teacher as a few-shot classifier (1.0000)" in lines[head + 4]
 
 
 def test_metrics_report_and_mlflow_record_the_references(tiny_run):
@@ -210,6 +242,7 @@ def test_metrics_report_and_mlflow_record_the_references(tiny_run):
     report = (tiny_run["root"] / "run" / "report.html").read_text()
     assert "Student beside its teacher" in report and "majority class (negative)" in report
     assert "teacher as few-shot classifier" in report and "the real evaluation set" in report
+    assert "<strong>FAILED: the final student" in report
 
     from mlflow.tracking import MlflowClient
 
