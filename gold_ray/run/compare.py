@@ -611,6 +611,15 @@ def render_markdown(table: dict[str, Any]) -> str:
                          "so no verdict: run more seeds (--seeds 3).")
         else:
             lines.append(f"- `{strategy}` against `{reference}`: no seed both finished.")
+    floors = [(f"the majority class ({majority['label']})", majority["accuracy"])] if majority else []
+    if fewshot and isinstance(fewshot.get(metric), int | float):
+        floors.append(("the teacher as a few-shot classifier", fewshot[metric]))
+    for strategy, s in table["strategies"].items():
+        below = [f"{name} ({value:.4f})" for name, value in floors if s.get("mean") is not None and s["mean"] <= value]
+        if below:
+            lines.append(f"- FAILED: `{strategy}`'s mean {s['mean']:.4f} is not above {' and '.join(below)}: "
+                         "its student is not worth deploying on this task, whatever it does against the other "
+                         "strategies (the run's report says what to look at first).")
     spent = [s["teacher_tokens_mean"] for s in table["strategies"].values() if s["teacher_tokens_mean"]]
     if not budget.get("teacher_tokens") and len(spent) > 1 and max(spent) > 1.1 * min(spent):
         lines.append(f"- The strategies spent different teacher output tokens at the same samples "

@@ -93,6 +93,12 @@ def test_compare_table_rows_show_spread_pairs_tokens_and_both_references():
     assert "| teacher few-shot (chat, 8 demos) | – | 0.6930 |" in md
     assert "`gold` is ahead of `zerogen`" in md
     assert "budget.teacher_tokens" in md  # 30.3 k against 40.6 k output tokens: the way to hold them equal
+    assert "FAILED" not in md
+    table["majority"]["accuracy"] = 0.73  # above zerogen's mean, below gold's
+    md = render_markdown(table)
+    assert "- FAILED: `zerogen`'s mean 0.7200 is not above the majority class (positive) (0.7300)" in md
+    assert "FAILED: `gold`" not in md
+    table["majority"]["accuracy"] = 0.5092
 
     strategies["gold"]["per_seed"] = {"0": 0.74}
     strategies["gold"].update(seeds=1, std=0.0, mean=0.74)
