@@ -55,6 +55,8 @@ def test_summary_takes_the_largest_budget_and_never_mixes_budgets(bench):
     # Rows written before the teacher and the final loss were recorded: the loss was then always CE.
     assert "| sst2 | gold | 1000 | 2 | 0.8200 |" in md and "| 3000, 3100 | not recorded | ce |" in md
     assert "Linux-test, 2 CPUs" in md and "`python benchmarks/quality/run.py --samples 1000`" in md
+    assert "| sst2 | 0.8200 | 2 | +21.0 (met) |" in md  # 0.82 against the teacher row's 0.61
+    assert bench._target_cell(-0.03, False, 0.05) == "-3.0 (8.0 short)"
     superseded = md.split("## Smaller budgets")[1]
     assert "| sst2 | gold | 512 | 1 | 0.7000 |" in superseded and "zerogen" not in superseded
 
@@ -173,3 +175,14 @@ def test_summary_has_the_majority_class_and_pooled_paired_differences(bench, tmp
     assert f"| sst2 | {expected['label']} | 4 | {expected['accuracy']:.4f} |" in md
     assert "| gold | zerogen | 4 | +3.50 |" in md and "| ahead |" in md
     assert "| gold | gold@randband | 2 | +0.50 |" in md and "| within seed noise |" in md
+
+    # Against the targets: SST-2's GOLD mean 0.82 over a majority of 0.75 or 0.5 (the seeded 4 of 10).
+    goals = summary["targets"]
+    sst2_goal = goals["tasks"]["sst2"]
+    assert sst2_goal["over_majority"] == pytest.approx(0.82 - expected["accuracy"])
+    assert sst2_goal["majority_met"] == (0.82 - expected["accuracy"] >= 0.10)
+    assert sst2_goal["over_teacher"] is None and sst2_goal["teacher_met"] is None  # no teacher row written
+    assert goals["tasks"]["rte"]["over_majority"] is None  # its majority could not be computed
+    assert goals["gold_over_zerogen"]["met"] is True  # +3.5 points, interval above 0
+    assert goals["energy_over_random_band"]["met"] is False  # its interval contains 0
+    assert "## Against the targets" in md and "| energy band over random band (interval above 0) | +0.50 |" in md

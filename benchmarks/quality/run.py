@@ -192,6 +192,55 @@ def _examples(row: dict) -> str:
 
 
 PAIRED = (("gold", "zerogen"), ("gold", "gold@randband"))
+
+TARGET_OVER_TEACHER = 0.05
+"""The default ``gold`` student's mean over seeds must beat the teacher row by this much on every task."""
+TARGET_OVER_MAJORITY = 0.10
+"""... and the majority class by this much."""
+TARGET_OVER_ZEROGEN = 0.02
+"""GOLD's pooled paired lead over ZeroGen, with its 95 % interval above 0."""
+
+
+def targets(summary: dict) -> dict:
+    """How the benchmark's results stand against its targets (points are fractions here).
+
+    Per task with a ``gold`` row: its mean minus the teacher row and minus the majority class, each
+    with whether it clears :data:`TARGET_OVER_TEACHER` and :data:`TARGET_OVER_MAJORITY` (None where a
+    reference is missing). Pooled: GOLD against ZeroGen (lead of at least :data:`TARGET_OVER_ZEROGEN`
+    with the interval above 0) and the energy band against the random band (a lead with the interval
+    above 0); None until a pair exists.
+    """
+    per_task = {}
+    for task, strategies in sorted(summary["tasks"].items()):
+        gold = (strategies.get("gold") or {}).get("mean")
+        if gold is None:
+            continue
+        teacher = summary["teacher_fewshot"].get(task)
+        majority = (summary["majority"].get(task) or {}).get("accuracy")
+        over_teacher = None if teacher is None else gold - teacher
+        over_majority = None if majority is None else gold - majority
+        per_task[task] = {
+            "gold": gold, "seeds": strategies["gold"]["seeds"],
+            "over_teacher": over_teacher, "over_majority": over_majority,
+            "teacher_met": None if over_teacher is None else over_teacher >= TARGET_OVER_TEACHER,
+            "majority_met": None if over_majority is None else over_majority >= TARGET_OVER_MAJORITY,
+        }
+
+    def pooled(key: str, floor: float) -> dict | None:
+        d = summary["paired"].get(key) or {}
+        if not d.get("n") or d.get("mean") is None:
+            return None
+        return {"mean": d["mean"], "low": d.get("low"), "n": d["n"],
+                "met": d["mean"] >= floor and d.get("low") is not None and d["low"] > 0}
+
+    return {"tasks": per_task, "gold_over_zerogen": pooled("gold-zerogen", TARGET_OVER_ZEROGEN),
+            "energy_over_random_band": pooled("gold-gold@randband", 0.0)}
+
+
+def _target_cell(value: float | None, met: bool | None, floor: float) -> str | None:
+    if value is None:
+        return None
+    return f"{value * 100:+.1f} ({'met' if met else f'{(floor - value) * 100:.1f} short'})"
 """The pooled paired differences of the summary: GOLD against ZeroGen, the energy band against a random one."""
 
 
@@ -366,6 +415,23 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
                                None if d["mean"] is None else f"{d['mean'] * 100:+.2f}",
                                None if d["low"] is None else f"[{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}]",
                                d["verdict"]] for d in summary["paired"].values()])]
+    summary["targets"] = goals = targets(summary)
+    pooled_rows = [[name, f"{d['mean'] * 100:+.2f}", None if d["low"] is None else f"{d['low'] * 100:+.2f}", d["n"],
+                    "met" if d["met"] else "not met"]
+                   for name, d in (("GOLD over ZeroGen (at least +2 points, interval above 0)", goals["gold_over_zerogen"]),
+                                   ("energy band over random band (interval above 0)", goals["energy_over_random_band"]))
+                   if d]
+    lines += ["## Against the targets", "",
+              f"The default `gold` student's mean over its seeds against the teacher row (target: at least "
+              f"{TARGET_OVER_TEACHER * 100:+.0f} points) and the majority class (at least {TARGET_OVER_MAJORITY * 100:+.0f}), "
+              "in points; where one is short, by how much.", "",
+              markdown_table(["task", "gold mean", "seeds", "over the teacher row", "over the majority class"],
+                             [[t, g["gold"], g["seeds"], _target_cell(g["over_teacher"], g["teacher_met"], TARGET_OVER_TEACHER),
+                               _target_cell(g["over_majority"], g["majority_met"], TARGET_OVER_MAJORITY)]
+                              for t, g in goals["tasks"].items()])]
+    if pooled_rows:
+        lines += [markdown_table(["pooled over task and seed pairs", "mean (points)", "interval low (points)", "pairs",
+                                  "target"], pooled_rows)]
     if fewshot or fewshot_variants:
         teacher_rows = [*sorted(fewshot.values(), key=lambda r: r["task"]),
                         *sorted(fewshot_variants, key=lambda r: (r["task"], r["tag"]))]
