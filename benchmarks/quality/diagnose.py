@@ -78,20 +78,21 @@ def final_row(run_dir: Path) -> dict | None:
     """The final student's row of the run in ``run_dir`` (see the module docstring); None until it finished."""
     from collections import Counter
 
+    from gold_ray.run.baselines import synthetic_fit
     from gold_ray.run.store import read_parts
 
     metrics_file = run_dir / "metrics.json"
     final = json.loads(metrics_file.read_text()).get("final") if metrics_file.is_file() else None
     if not final or "accuracy" not in final:
         return None
-    chosen = next((r for r in final.get("recipes") or [] if r.get("recipe") == final.get("recipe")), {})
+    fitted, fitted_majority = synthetic_fit(final)
     baselines = final.get("baselines") or {}
     parts = sorted(p for p in (run_dir / "data").glob("*.parquet") if p.name.startswith(("train-", "probe-")))
     labels = Counter(str(r.get("label")) for r in read_parts(parts))
     total = sum(labels.values())
     return {
         "run": run_dir.name, "recipe": final.get("recipe"), "records": final.get("records"),
-        "synthetic_val_accuracy": chosen.get("val_accuracy"), "synthetic_val_majority": final.get("val_majority"),
+        "synthetic_val_accuracy": fitted, "synthetic_val_majority": fitted_majority,
         "accuracy": final["accuracy"], "majority": (baselines.get("majority") or {}).get("accuracy"),
         "teacher_fewshot": (baselines.get("teacher_fewshot") or {}).get("accuracy"),
         "recall": final.get("per_label_accuracy") or {},

@@ -434,7 +434,7 @@ def _references_html(run: RunData) -> list[str]:
             "scores each label's word with the teacher, prompted with the task's seed demos; a student worth "
             "distilling beats it at a fraction of the cost, and a student below the majority class has learned "
             "nothing usable.</p>",
-            f"<p><strong>{esc(reference_verdict(final) or '')}</strong></p>"]
+            *([f"<p><strong>{esc(verdict)}</strong></p>"] if (verdict := reference_verdict(final)) else [])]
 
 
 def _learning_rows(run: RunData) -> list[list[Any]]:

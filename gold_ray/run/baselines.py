@@ -209,6 +209,19 @@ def _standard_error(value: float, n: Any) -> float | None:
     return math.sqrt(value * (1 - value) / n) if isinstance(n, int) and n > 0 and 0 <= value <= 1 else None
 
 
+FITS_TEACHER_MARGIN = 0.10
+"""A final student this far above its synthetic split's majority share has learned the teacher's samples."""
+
+
+def synthetic_fit(final: dict[str, Any]) -> tuple[float | None, float | None]:
+    """The final student's accuracy on the synthetic validation split its recipe was chosen on, and
+    that split's majority share: ``(val_accuracy, val_majority)``, None where the run has none."""
+    chosen = next((r for r in final.get("recipes") or [] if r.get("recipe") == final.get("recipe")), {})
+    fitted, majority = chosen.get("val_accuracy"), final.get("val_majority")
+    return (fitted if isinstance(fitted, int | float) else None,
+            majority if isinstance(majority, int | float) else None)
+
+
 def reference_verdict(final: dict[str, Any]) -> str | None:
     """One plain sentence on the final student against its references, for the run's last lines and report.
 
@@ -241,10 +254,9 @@ def reference_verdict(final: dict[str, Any]) -> str | None:
     if below:
         shown = " and ".join(f"{name} ({ref:.4f})" for name, ref in below)
         text = f"FAILED: the final student's {metric} {value:.4f} is not above {shown}."
-        chosen = next((r for r in final.get("recipes") or [] if r.get("recipe") == final.get("recipe")), {})
-        fitted, its_majority = chosen.get("val_accuracy"), final.get("val_majority")
-        if base.get("on") == "eval set" and isinstance(fitted, int | float) and isinstance(its_majority, int | float):
-            if fitted >= its_majority + 0.1:
+        fitted, its_majority = synthetic_fit(final)
+        if base.get("on") == "eval set" and fitted is not None and its_majority is not None:
+            if fitted >= its_majority + FITS_TEACHER_MARGIN:
                 text += (f" It fits the teacher's samples ({fitted:.4f} on their held-out split, majority "
                          f"{its_majority:.4f}) but not the real set: the teacher's samples do not carry the "
                          "task's labels as the real data does (a stronger teacher.model, clearer label "
