@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             f"mean length of the evaluation set's texts: {_fmt(eval_chars, 0)} characters.", "",
             markdown_table(header, table)]
     if finals:
-        text += ["", "## The final students", "",
+        text += ["## The final students", "",
                  "Accuracy on the synthetic validation split the final recipe was chosen on, against the real "
                  "evaluation set; recall per label on the real set; label shares of the accepted samples.", "",
                  markdown_table(
