@@ -121,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--runs-dir", default="runs/quality")
     args = p.parse_args(argv)
-    task = load_task(args.task)
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from own_tasks import benchmark_tasks
+
+    own = benchmark_tasks()  # the benchmark's own tasks load from their files, named as run.py names them
+    task = load_task(str(own[args.task]) if args.task in own else args.task)
     text_key = task.input_fields[0].name
     rows, finals, eval_chars = [], [], None
     for run_dir in sorted(Path(args.runs_dir).glob(f"{args.task}-*-s*-n{args.samples}*")):
