@@ -140,21 +140,31 @@ def test_summary_has_the_majority_class_and_pooled_paired_differences(bench, tmp
                                  for i in range(10)))
     sets = [f"task.eval_path={eval_file}", "task.eval_limit=4", "strategy.score=random"]
 
-    def result(task, strategy, seed, accuracy, tag="", overrides=()):
+    def result(task, strategy, seed, accuracy, tag="", overrides=(), **extra):
         row = {"task": task, "strategy": strategy, "seed": seed, "budget": 1000, "accuracy": accuracy, "tag": tag,
-               "wall_s": 1.0, "machine": MACHINE, "command": "c", "overrides": list(overrides)}
+               "wall_s": 1.0, "machine": MACHINE, "command": "c", "overrides": list(overrides), **extra}
         name = f"{task}-{strategy}-s{seed}-n1000" + (f"-{tag}" if tag else "")
         (bench.RESULTS / f"{name}.json").write_text(json.dumps(row))
 
     for seed, (gold, zerogen) in enumerate([(0.80, 0.78), (0.82, 0.79), (0.84, 0.80)]):
-        result("sst2", "gold", seed, gold, overrides=sets)
+        # The first band's student, recorded by two of the three runs.
+        first = {"first_band_student": {"accuracy": 0.70 + 0.05 * seed, "majority": 0.5, "records": 20}} if seed < 2 else {}
+        result("sst2", "gold", seed, gold, overrides=sets, **first)
         result("sst2", "zerogen", seed, zerogen, overrides=sets)
     for seed, acc in enumerate([0.81, 0.80]):
         result("sst2", "gold", seed, acc, tag="randband", overrides=sets)
     result("rte", "gold", 0, 0.60)  # a second task pools in; its evaluation file is not here
     result("rte", "zerogen", 0, 0.55)
     result("rte", "zerogen", 1, 0.50)  # no GOLD run of seed 1: not a pair
-    summary = bench.write_summary()
+    # RTE's GOLD result predates the field: its run folder still has the metrics it is read from.
+    rte_run = tmp_path / "runs" / "rte-gold-s0-n1000"
+    rte_run.mkdir(parents=True)
+    (rte_run / "metrics.json").write_text(json.dumps(
+        {"iterations": [{"train": {"val_accuracy": 0.55, "val_majority": 0.5, "val_records": 12}}, {"train": {}}]}))
+    summary = bench.write_summary(str(tmp_path / "runs"))
+    assert json.loads((bench.RESULTS / "rte-gold-s0-n1000.json").read_text())["first_band_student"] == {
+        "accuracy": 0.55, "majority": 0.5, "records": 12}
+    assert "first_band_student" not in json.loads((bench.RESULTS / "rte-zerogen-s0-n1000.json").read_text())
 
     # The majority of the same seeded 4 of the 10 examples the runs were scored on.
     sst2 = load_task("sst2")
@@ -184,5 +194,11 @@ def test_summary_has_the_majority_class_and_pooled_paired_differences(bench, tmp
     assert sst2_goal["over_teacher"] is None and sst2_goal["teacher_met"] is None  # no teacher row written
     assert goals["tasks"]["rte"]["over_majority"] is None  # its majority could not be computed
     assert goals["gold_over_zerogen"]["met"] is True  # +3.5 points, interval above 0
+    # Before the first band: SST-2's students 0.70 and 0.75 over a synthetic majority of 0.5; RTE's 0.55.
+    assert summary["first_band"]["sst2"]["runs"] == 2
+    assert sst2_goal["first_band_over_majority"] == pytest.approx(0.225) and sst2_goal["first_band_met"] is True
+    assert goals["tasks"]["rte"]["first_band_over_majority"] == pytest.approx(0.05)
+    assert goals["tasks"]["rte"]["first_band_met"] is False
+    assert "| +22.5 (met) (2, 40) |" in md and "| +5.0 (10.0 short) (1, 12) |" in md
     assert goals["energy_over_random_band"]["met"] is False  # its interval contains 0
     assert "## Against the targets" in md and "| energy band over random band (interval above 0) | +0.50 |" in md

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 "final_loss": final.get("loss"), "final_recipe": final.get("recipe"), "sce": [cfg.student.sce_alpha, cfg.student.sce_beta],
                 "final_records": final.get("records"),
                 "per_iteration_accuracy": [m.get("train", {}).get("accuracy") for m in metrics["iterations"]],
+                "first_band_student": first_band_student(metrics),
                 "totals": metrics["totals"], "teacher_tokens": metrics["teacher_tokens"],
                 "wall_s": round(time.time() - t0, 1), "resumed": status != "new", "runtime": args.runtime,
                 "machine": machine(), "command": command, "overrides": args.set,
@@ -178,6 +180,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['task']:<8} {r['strategy']:<8} seed {r['seed']} n={r['budget']}: acc {r['accuracy']}")
     write_summary(args.runs_dir)
     return 0
+
+
+def first_band_student(metrics: dict) -> dict | None:
+    """Iteration 0's student on its held-out synthetic split: the student that scores the probes the
+    first feedback band is chosen from. ``{"accuracy", "majority", "records"}``, or None where the
+    run's metrics do not record it."""
+    iterations = metrics.get("iterations") or []
+    train = (iterations[0].get("train") or {}) if iterations else {}
+    if train.get("val_accuracy") is None or train.get("val_majority") is None:
+        return None
+    return {"accuracy": train["val_accuracy"], "majority": train["val_majority"], "records": train.get("val_records")}
+
+
+def backfill_first_band(runs_dir: str) -> list[Path]:
+    """Add ``first_band_student`` to result files written before the field existed, from their run
+    folders under ``runs_dir`` where those still exist; returns the files changed."""
+    changed = []
+    for path in sorted(RESULTS.glob(RESULT_GLOB)):
+        row = json.loads(path.read_text())
+        if "strategy" not in row or "first_band_student" in row:
+            continue
+        metrics_file = Path(runs_dir) / path.stem / "metrics.json"
+        if not metrics_file.is_file():
+            continue
+        row["first_band_student"] = first_band_student(json.loads(metrics_file.read_text()))
+        path.write_text(json.dumps(row, indent=2))
+        changed.append(path)
+    return changed
 
 
 def _machine_text(m: dict) -> str:
@@ -199,6 +229,9 @@ TARGET_OVER_MAJORITY = 0.10
 """... and the majority class by this much."""
 TARGET_OVER_ZEROGEN = 0.02
 """GOLD's pooled paired lead over ZeroGen, with its 95 % interval above 0."""
+TARGET_FIRST_BAND = 0.15
+"""Before the first feedback band is chosen, the in-loop student's accuracy on its held-out synthetic
+split must beat that split's majority class by this much (mean over the ``gold`` seeds)."""
 
 
 def targets(summary: dict) -> dict:
@@ -206,7 +239,8 @@ def targets(summary: dict) -> dict:
 
     Per task with a ``gold`` row: its mean minus the teacher row and minus the majority class, each
     with whether it clears :data:`TARGET_OVER_TEACHER` and :data:`TARGET_OVER_MAJORITY` (None where a
-    reference is missing). Pooled: GOLD against ZeroGen (lead of at least :data:`TARGET_OVER_ZEROGEN`
+    reference is missing), and the first band's student over its synthetic majority against
+    :data:`TARGET_FIRST_BAND` (None where no run records it). Pooled: GOLD against ZeroGen (lead of at least :data:`TARGET_OVER_ZEROGEN`
     with the interval above 0) and the energy band against the random band (a lead with the interval
     above 0); None until a pair exists.
     """
@@ -225,6 +259,11 @@ def targets(summary: dict) -> dict:
             "teacher_met": None if over_teacher is None else over_teacher >= TARGET_OVER_TEACHER,
             "majority_met": None if over_majority is None else over_majority >= TARGET_OVER_MAJORITY,
         }
+        first = (summary.get("first_band") or {}).get(task)
+        per_task[task]["first_band_over_majority"] = first and first["over_majority"]
+        per_task[task]["first_band_runs"] = first["runs"] if first else 0
+        per_task[task]["first_band_records"] = sum(r or 0 for r in first["records"]) if first else 0
+        per_task[task]["first_band_met"] = first and first["over_majority"] >= TARGET_FIRST_BAND
 
     def pooled(key: str, floor: float) -> dict | None:
         d = summary["paired"].get(key) or {}
@@ -313,7 +352,9 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
     Per task, ``majority[TASK]`` is the majority-class accuracy of the task's evaluation examples
     (:func:`task_majority`, the runs' ``task.eval_limit`` subset). ``paired`` holds, for GOLD against
     ZeroGen and GOLD against ``gold@randband``, the difference pooled over every (task, seed) pair
-    both finished (:func:`pooled_pairs`): mean, 95 % interval, n pairs and verdict.
+    both finished (:func:`pooled_pairs`): mean, 95 % interval, n pairs and verdict. Per task,
+    ``first_band[TASK]`` averages the ``gold`` runs' ``first_band_student`` (result files written
+    before it existed get it from their run folder under ``runs_dir`` first, :func:`backfill_first_band`).
 
     Args:
         runs_dir: The benchmark's run folder (where its own tasks' evaluation files are prepared).
@@ -327,6 +368,7 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
     """
     from gold_ray.run.compare import markdown_table, metric_stats
 
+    backfill_first_band(runs_dir)
     groups: dict[tuple[str, str], dict[int, list[dict]]] = {}
     for path in sorted(RESULTS.glob(RESULT_GLOB)):
         if path.name.endswith(FEWSHOT_SUFFIX):
@@ -353,6 +395,14 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
         summary.setdefault(section, {}).setdefault(task, {})[strategy] = {
             "mean": stats["mean"], "std": stats["std"], "seeds": stats["seeds"], "budget": budget}
         used += rows
+        if strategy == "gold":
+            firsts = [r["first_band_student"] for r in rows if r.get("first_band_student")]
+            if firsts:
+                summary.setdefault("first_band", {})[task] = {
+                    "accuracy": statistics.mean(f["accuracy"] for f in firsts),
+                    "majority": statistics.mean(f["majority"] for f in firsts),
+                    "over_majority": statistics.mean(f["accuracy"] - f["majority"] for f in firsts),
+                    "runs": len(firsts), "records": [f.get("records") for f in firsts]}
         main_rows.append([task, strategy, budget, stats["seeds"], stats["mean"], stats["std"],
                           ", ".join(f"s{r['seed']}: {r['accuracy']:.4f}" for r in rows),
                           ", ".join(f"{r['wall_s']:.0f}" + (" (resumed)" if r.get("resumed") else "") for r in rows),
@@ -425,9 +475,17 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
               f"The default `gold` student's mean over its seeds against the teacher row (target: at least "
               f"{TARGET_OVER_TEACHER * 100:+.0f} points) and the majority class (at least {TARGET_OVER_MAJORITY * 100:+.0f}), "
               "in points; where one is short, by how much.", "",
-              markdown_table(["task", "gold mean", "seeds", "over the teacher row", "over the majority class"],
+              f"The last column: before the first feedback band is chosen, iteration 0's student on its held-out "
+              f"synthetic split over that split's majority class (target: at least {TARGET_FIRST_BAND * 100:+.0f}), "
+              "mean over the runs that record it; the split holds a few dozen records per run, so one run's "
+              "figure is good to about 10 points.", "",
+              markdown_table(["task", "gold mean", "seeds", "over the teacher row", "over the majority class",
+                              "first band's student over its synthetic majority (runs, held-out records)"],
                              [[t, g["gold"], g["seeds"], _target_cell(g["over_teacher"], g["teacher_met"], TARGET_OVER_TEACHER),
-                               _target_cell(g["over_majority"], g["majority_met"], TARGET_OVER_MAJORITY)]
+                               _target_cell(g["over_majority"], g["majority_met"], TARGET_OVER_MAJORITY),
+                               None if g["first_band_over_majority"] is None else
+                               f"{_target_cell(g['first_band_over_majority'], g['first_band_met'], TARGET_FIRST_BAND)} "
+                               f"({g['first_band_runs']}, {g['first_band_records']})"]
                               for t, g in goals["tasks"].items()])]
     if pooled_rows:
         lines += [markdown_table(["pooled over task and seed pairs", "mean (points)", "interval low (points)", "pairs",
