@@ -214,7 +214,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, dict[str, Any] 
     # A process killed mid-write leaves its hidden temporary file; it was never data.
     store.remove_temp_files(run_dir)
     if state is None:
-        (run_dir / store.CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        store.atomic_write_bytes(run_dir / store.CONFIG_FILE, cfg.to_yaml().encode("utf-8"))
     return run_dir, state
 
 
@@ -332,6 +332,18 @@ class Distiller:
         self.state["dedup"] = self.dedup.state()
         store.commit_state(self.run_dir, self.state)
         store.atomic_write_json(self.run_dir / "metrics.json", self.metrics())
+        if stage == "train":
+            self._drop_stale_checkpoints()
+
+    def _drop_stale_checkpoints(self) -> None:
+        """Delete every checkpoint but the one the committed state names."""
+        keep = self._checkpoint()
+        folder = self.run_dir / "checkpoints"
+        if keep is None or not folder.is_dir():
+            return
+        for old in folder.iterdir():
+            if old.is_dir() and old != keep:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _iter_metrics(self, iteration: int) -> dict[str, Any]:
         its = self.state["iterations"]
@@ -724,10 +736,9 @@ class Distiller:
         fit = self.runtime.train(self.student, train, in_loop_recipe(self.cfg.student), val)
         ckpt = self.run_dir / "checkpoints" / f"it{iteration:03d}"
         self.student.save(ckpt)
-        old = self.state.get("checkpoint")
+        # The previous checkpoint goes once this stage's commit names the new one (_commit): a run
+        # that dies before that commit resumes from the previous one.
         self.state["checkpoint"] = str(ckpt.relative_to(self.run_dir))
-        if old and old != self.state["checkpoint"]:
-            shutil.rmtree(self.run_dir / old, ignore_errors=True)
         ev = self._evaluate(self.student, self.iteration_eval_records)
         # ``seconds`` is the whole stage (fit, checkpoint, evaluation); the fit's own time
         # is kept as ``fit_seconds`` so stage timings add up.
@@ -808,8 +819,14 @@ class Distiller:
 
     def _restore_student(self) -> None:
         ckpt = self._checkpoint()
-        if ckpt and self.student is None and ckpt.exists():
-            self.student = load_student(ckpt, self.task)
+        if ckpt is None or self.student is not None:
+            return
+        if not ckpt.exists():
+            # A fresh student in its place would quietly give another run than the one resumed.
+            raise store.StateFileError(
+                f"{self.run_dir / store.STATE_FILE}: checkpoint {self.state['checkpoint']!r} is missing, so the "
+                "run's student cannot continue; start the run again with --overwrite")
+        self.student = load_student(ckpt, self.task)
 
     # ---- the whole run --------------------------------------------------------------------
 
@@ -824,8 +841,9 @@ class Distiller:
             The run metrics, with ``mlflow`` (tracking URI and run id) when tracking is on.
         """
         if self.state.get("finished"):
-            if not (self.run_dir / "report.html").exists():
-                self._write_report()
+            # A run that died after committing its end may lack what follows the commit; all of it
+            # is safe to write again.
+            self._finished_files(report=not (self.run_dir / "report.html").exists())
             return self.metrics()
         self.tracker = build_tracker(self.cfg, self.run_dir) if self.cfg.tracking.enabled else NullTracker()
         try:
@@ -867,12 +885,19 @@ class Distiller:
             self.runtime.progress = no_progress
         self.state["finished"] = True
         self._commit(self.cfg.strategy.iterations - 1, STAGES[-1])
+        self._finished_files(report=True)
+        return self.metrics()
+
+    def _finished_files(self, report: bool) -> None:
+        """What a finished run holds beside its committed state: its metrics, no checkpoints, the
+        dataset card and (when ``report``) the report."""
+        store.atomic_write_json(self.run_dir / "metrics.json", self.metrics())
         # Checkpoints only serve a resume; the finished run's student is in student/.
         shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
         card = store.dataset_card(self.task, self.metrics(), self.state["parts"])
         store.atomic_write_bytes(self.run_dir / "dataset_card.md", card.encode("utf-8"))
-        self._write_report()
-        return self.metrics()
+        if report:
+            self._write_report()
 
     def _write_report(self) -> None:
         # A report that fails to render must not fail a finished run: `gold-ray report` rebuilds it.

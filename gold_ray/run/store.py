@@ -157,6 +157,10 @@ def write_part(path: Path, task: TaskSpec, records: Iterable[dict[str, Any]], wr
     os.close(fd)
     try:
         writer(table, tmp)
+        # On disk before the rename, as state.json is: a state committed after a power loss must
+        # not list a part that comes back empty.
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

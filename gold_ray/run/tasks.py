@@ -101,9 +101,11 @@ class EvalSource(_Strict):
     """Where the real evaluation set of a task lives; see :func:`gold_ray.student.evaluation.load_task_eval`.
 
     Attributes:
-        path: A JSONL file with the task's input fields and target. A relative path names a file
-            of the local data mirror (``$GOLD_RAY_DATA`` or ``task.data_dir``), used when the mirror
-            is set and holds it; an absolute path is the user's own file and must be readable.
+        path: A JSONL file with the task's input fields and target. An absolute path is the user's
+            own file and must be readable. A relative path is first looked for beside the task
+            file (a task loaded by path, not a shipped one; :func:`load_task` makes it absolute
+            when it is there), else it names a file of the local data mirror (``$GOLD_RAY_DATA`` or
+            ``task.data_dir``), used when the mirror is set and holds it.
         hf: A ``datasets`` dataset with the same examples, used when no mirror file is found.
     """
 
@@ -267,6 +269,8 @@ def shipped_tasks() -> dict[str, Path]:
 def load_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
     """Load a shipped task by name (``sst2``) or any task YAML file by path.
 
+    A task file's relative ``eval.path`` that exists beside the file comes back as an absolute path.
+
     Raises:
         TaskFileError: the file is missing, is not YAML, or does not validate; the message lists
             every error with its field.
@@ -282,9 +286,23 @@ def load_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
     if not isinstance(data, dict):
         raise TaskFileError(f"{path}: expected a mapping of task fields, got {type(data).__name__}")
     try:
-        return TaskSpec.model_validate(data)
+        spec = TaskSpec.model_validate(data)
     except ValidationError as err:
         raise TaskFileError(f"{path}:\n{format_validation_error(err)}") from err
+    return spec if text in shipped_tasks() else _eval_beside(spec, path)
+
+
+def _eval_beside(spec: TaskSpec, path: Path) -> TaskSpec:
+    # A user's task names its evaluation file as they see it, often beside the task file: that file
+    # wins over a data mirror's, and is kept as an absolute path so the run's copy of the task and
+    # a resume from another directory find it too.
+    raw = spec.eval.path if spec.eval else None
+    if raw is None or Path(os.path.expanduser(raw)).is_absolute():
+        return spec
+    beside = (path.parent / raw).absolute()
+    if not beside.is_file():
+        return spec
+    return spec.model_copy(update={"eval": spec.eval.model_copy(update={"path": str(beside)})})
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -1,12 +1,13 @@
 """The in-process loop end to end on tiny random models and the deterministic fake engine."""
 
 import json
+import shutil
 import zlib
 
 import pytest
 
 from gold_ray.run.loop import LABEL_CHECK_MIN_READ, STAGES, Distiller, RunDirError, label_check_skip_reason
-from gold_ray.run.store import read_parts
+from gold_ray.run.store import StateFileError, read_parts
 from gold_ray.testing import FakeTeacherEngine, RecordingEngine, tiny_run_config
 from tests.faults.faultkit import write_eval_file
 
@@ -120,6 +121,64 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_studen
     assert [m["feedback"]["ids"] for m in resumed["iterations"]] == [m["feedback"]["ids"] for m in ref["iterations"]]
     ids = [r["id"] for r in read_parts(sorted((tmp_path / "crash" / "run" / "data").glob("*.parquet")))]
     assert len(ids) == len(set(ids)), "no committed sample is repeated"
+
+
+def test_a_crash_between_checkpoint_and_commit_resumes_the_committed_student(tmp_path, tiny_student, eval_file,
+                                                                               monkeypatch):
+    """Iteration 1's train stage saves its checkpoint, then dies evaluating, before its commit: the
+    committed state still names iteration 0's checkpoint, which must still be there to continue from."""
+    ref = Distiller(make_cfg(tmp_path / "ref", tiny_student, eval_file), engine=FakeTeacherEngine()).run()
+
+    cfg = make_cfg(tmp_path / "crash", tiny_student, eval_file)
+    real, calls = Distiller._evaluate, []
+
+    def dies_in_the_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise CrashAfter
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Distiller, "_evaluate", dies_in_the_second)
+    with pytest.raises(CrashAfter):
+        Distiller(cfg, engine=FakeTeacherEngine()).run()
+    monkeypatch.setattr(Distiller, "_evaluate", real)
+    run = tmp_path / "crash" / "run"
+    committed = json.loads((run / "state.json").read_text())
+    assert (committed["iteration"], committed["stage"]) == (1, "generate")
+    assert (run / committed["checkpoint"]).is_dir()
+
+    resumed = Distiller(cfg, engine=FakeTeacherEngine(), resume=True).run()
+    assert [m["train"]["loss"] for m in resumed["iterations"]] == [m["train"]["loss"] for m in ref["iterations"]]
+    assert [m["feedback"]["ids"] for m in resumed["iterations"]] == [m["feedback"]["ids"] for m in ref["iterations"]]
+
+
+def test_a_missing_committed_checkpoint_is_an_error_naming_it(tmp_path, tiny_student, eval_file):
+    cfg = make_cfg(tmp_path, tiny_student, eval_file)
+
+    def crash_after_iteration_0(stage, info):
+        if (info.get("iteration"), stage) == (0, "feedback"):
+            raise CrashAfter
+
+    with pytest.raises(CrashAfter):
+        Distiller(cfg, engine=FakeTeacherEngine(), on_event=crash_after_iteration_0).run()
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    shutil.rmtree(tmp_path / "run" / state["checkpoint"])
+    with pytest.raises(StateFileError, match=f"checkpoint '{state['checkpoint']}'"):
+        Distiller(cfg, engine=FakeTeacherEngine(), resume=True).run()
+
+
+def test_resuming_a_finished_run_writes_again_what_follows_its_last_commit(tmp_path, tiny_student, eval_file):
+    cfg = make_cfg(tmp_path, tiny_student, eval_file, "strategy.iterations=1", "budget.samples=8")
+    metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()
+    run = tmp_path / "run"
+    card = (run / "dataset_card.md").read_text()
+    # As if the run died right after committing its end: metrics stale, checkpoint kept, no card.
+    (run / "metrics.json").write_text("{}")
+    (run / "checkpoints" / "it000").mkdir(parents=True)
+    (run / "dataset_card.md").unlink()
+    assert Distiller(cfg, engine=FakeTeacherEngine(), resume=True).run() == metrics
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert not (run / "checkpoints").exists() and (run / "dataset_card.md").read_text() == card
 
 
 def test_fresh_student_head_follows_the_run_seed(tmp_path, tiny_student, eval_file):

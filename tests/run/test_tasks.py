@@ -97,3 +97,27 @@ def test_bad_eval_dataset_spec_names_the_field(tmp_path, eval_yaml, field):
     path.write_text(SST2 + eval_yaml)
     with pytest.raises(TaskFileError, match=field):
         load_task(path)
+
+
+def test_relative_eval_file_beside_the_task_file_wins_over_the_mirror(monkeypatch, tmp_path):
+    from gold_ray.config import TaskConfig
+    from gold_ray.student.evaluation import load_task_eval
+
+    project, mirror = tmp_path / "project", tmp_path / "mirror"
+    project.mkdir()
+    (mirror / "sub").mkdir(parents=True)
+    (project / "mine.yaml").write_text(SST2 + "eval: {path: my_eval.jsonl}\n")
+    (project / "my_eval.jsonl").write_text('{"text": "lovely", "label": "good"}\n{"text": "awful", "label": "bad"}\n')
+    (mirror / "my_eval.jsonl").write_text('{"text": "mirror", "label": "good"}\n')
+    monkeypatch.setenv("GOLD_RAY_DATA", str(mirror))
+    monkeypatch.chdir(tmp_path)  # the task is named from elsewhere, as `--set task.name=project/mine.yaml`
+
+    task = load_task("project/mine.yaml")
+    assert task.eval.path == str((project / "my_eval.jsonl").absolute())
+    evaluation = load_task_eval(task, TaskConfig(name="project/mine.yaml"))
+    assert [r["text"] for r in evaluation.records] == ["lovely", "awful"] and evaluation.source.startswith("file:")
+
+    # Not beside the file: the path still names the mirror's file, as a shipped task's does.
+    (project / "mine.yaml").write_text(SST2 + "eval: {path: sub/other.jsonl}\n")
+    assert load_task("project/mine.yaml").eval.path == "sub/other.jsonl"
+    assert load_task("sst2").eval.path == "sst2/test.jsonl"
