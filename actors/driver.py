@@ -32,7 +32,6 @@ from actors.connect import ensure_ray, on_this_node
 from gold_ray.config import RunConfig
 from gold_ray.reporting.logs import library_output
 from gold_ray.run.loop import Distiller, EventFn
-from gold_ray.run.store import STATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ def run_on_ray(
     """
     ensure_ray(cfg)
     on_event = on_event or (lambda stage, info: None)
-    attempt = 0
+    attempt, prepared = 0, False
     while True:
         driver = DistillationDriver.options(name=driver_name(cfg), scheduling_strategy=on_this_node()).remote(
             cfg.model_dump(mode="json"), resume, engine_factory
@@ -143,6 +142,8 @@ def run_on_ray(
                 ready, _ = ray.wait([result], timeout=poll_s)
                 events = ray.get(driver.events_since.remote(seen))
                 seen += len(events)
+                # The plan comes after the run directory is prepared (an old run replaced there).
+                prepared = prepared or any(stage == "plan" for stage, _ in events)
                 for stage, info in newest_progress(events):
                     on_event(stage, info)
                 if ready:
@@ -150,16 +151,36 @@ def run_on_ray(
                     break
         except ray.exceptions.RayActorError:
             attempt += 1
-            committed = (Path(cfg.output.dir) / STATE_FILE).is_file()
             if attempt > max_driver_restarts:
                 raise
             logger.warning("driver actor died; resuming the run (restart %d of %d)", attempt, max_driver_restarts)
-            resume = resume or committed or Path(cfg.output.dir).exists()
+            resume = resume_after_restart(cfg, resume, prepared)
             time.sleep(poll_s)
             continue
         finally:
             ray.kill(driver, no_restart=True) if _alive(driver) else None
         return metrics
+
+
+def resume_after_restart(cfg: RunConfig, resume: bool, prepared: bool) -> bool:
+    """Whether the driver that replaces a dead one continues the run in ``cfg.output.dir``.
+
+    Args:
+        cfg: The run's config.
+        resume: Whether the run was asked to resume.
+        prepared: Whether the dead driver got as far as preparing the run directory (its ``plan``
+            event came).
+
+    Returns:
+        True when asked to; with ``output.overwrite``, only once this run's own driver has
+        replaced the old run there (before that, the next driver must replace it, not continue
+        it); otherwise whenever the directory exists (the dead driver may have written it).
+    """
+    if resume:
+        return True
+    if cfg.output.overwrite:
+        return prepared
+    return Path(cfg.output.dir).exists()
 
 
 def newest_progress(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:

@@ -1,6 +1,7 @@
-"""The driver's event batches: what the poll loop passes on to the display."""
+"""The driver's event batches: what the poll loop passes on to the display; what a restarted driver resumes."""
 
-from actors.driver import newest_progress
+from actors.driver import newest_progress, resume_after_restart
+from gold_ray.config import RunConfig
 
 
 def _count(stage: str, done: int, iteration: int = 0, unit: str = "steps") -> tuple[str, dict]:
@@ -20,3 +21,17 @@ def test_counts_of_another_iteration_and_other_events_are_never_dropped():
              ("log", {"message": "m"}), _count("train", 2, iteration=1)]
     assert newest_progress(batch) == batch
     assert newest_progress([]) == []
+
+
+def test_a_restarted_driver_replaces_an_old_run_until_its_own_run_was_prepared(tmp_path):
+    old_run = tmp_path / "run"
+    old_run.mkdir()  # an earlier run lives there
+    overwrite = RunConfig(output={"dir": str(old_run), "overwrite": True})
+    # The dead driver never reached its plan: the old run is still there and must still be replaced.
+    assert resume_after_restart(overwrite, resume=False, prepared=False) is False
+    assert resume_after_restart(overwrite, resume=False, prepared=True) is True
+    # Without --overwrite, whatever the dead driver wrote is this run's own.
+    plain = RunConfig(output={"dir": str(old_run)})
+    assert resume_after_restart(plain, resume=False, prepared=False) is True
+    assert resume_after_restart(RunConfig(output={"dir": str(tmp_path / "none")}), resume=False, prepared=False) is False
+    assert resume_after_restart(overwrite, resume=True, prepared=False) is True
