@@ -194,6 +194,9 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, dict[str, Any] 
     """
     run_dir = Path(cfg.output.dir)
     state = store.load_state(run_dir)
+    if state is not None and state["stage"] is not None and state["stage"] not in STAGES:
+        raise store.StateFileError(f"{run_dir / store.STATE_FILE}: stage must be one of {', '.join(STAGES)} "
+                                   f"or null, got {state['stage']!r}")
     occupied = state is not None or (run_dir / store.CONFIG_FILE).exists()
     if occupied and not resume:
         if not cfg.output.overwrite:

@@ -230,11 +230,25 @@ def path_inside(run_dir: Path, rel: str, what: str) -> Path:
     return run_dir / rel
 
 
+STATE_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
+    ("iteration", (int,), "an iteration number"),
+    ("stage", (str, type(None)), "a stage name or null"),
+    ("finished", (bool,), "true or false"),
+    ("feedback", (list,), "a list of records"),
+    ("dedup", (list,), "a list"),
+    ("parts", (list,), "a list of part paths"),
+    ("iterations", (list,), "a list of per-iteration metrics"),
+    ("pending_probes", (dict, type(None)), "an object or null"),
+)
+"""The state's fields the loop reads, with the types it reads them as (``pending_probes`` may be absent)."""
+
+
 def load_state(run_dir: Path) -> dict[str, Any] | None:
     """The committed state of a run, or None for a fresh directory.
 
     Raises:
-        StateFileError: The file is not JSON, or a part or checkpoint path leaves the run directory.
+        StateFileError: The file is not JSON, a field of :data:`STATE_FIELDS` has another type (the
+            message names it), or a part or checkpoint path leaves the run directory.
     """
     path = run_dir / STATE_FILE
     if not path.is_file():
@@ -242,6 +256,9 @@ def load_state(run_dir: Path) -> dict[str, Any] | None:
     state = parse_file(path, "json", lambda err: StateFileError(f"{path}: not a gold-ray state file ({err})"))
     if not isinstance(state, dict):
         raise StateFileError(f"{path}: not a gold-ray state file (a JSON object is expected)")
+    for key, kinds, what in STATE_FIELDS:
+        if not isinstance(state.get(key), kinds) or isinstance(state.get(key), bool) and bool not in kinds:
+            raise StateFileError(f"{path}: {key} must be {what}, got {state.get(key)!r:.80}")
     for i, part in enumerate(state.get("parts") or []):
         path_inside(run_dir, str(part), f"parts[{i}]")
     if state.get("checkpoint"):

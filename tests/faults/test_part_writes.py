@@ -60,10 +60,11 @@ def test_a_failing_writer_leaves_no_part_and_keeps_the_old_one(tmp_path):
 
 def test_the_state_never_lists_a_missing_part(tmp_path):
     store.write_part(store.part_path(tmp_path, "train", 0), SST2, [_record(0)])
-    good = {"stage": "generate", "parts": ["data/train-it000.parquet"]}
+    good = {"iteration": 0, "stage": "generate", "finished": False, "feedback": [], "dedup": [], "iterations": [],
+            "parts": ["data/train-it000.parquet"]}
     store.commit_state(tmp_path, good)
     with pytest.raises(RuntimeError, match="train-it001"):
-        store.commit_state(tmp_path, {"stage": "train", "parts": [*good["parts"], "data/train-it001.parquet"]})
+        store.commit_state(tmp_path, {**good, "stage": "train", "parts": [*good["parts"], "data/train-it001.parquet"]})
     assert store.load_state(tmp_path) == good
 
 

@@ -135,7 +135,8 @@ def test_bad_input_on_ray_is_one_clear_line_and_loses_nothing(ray_cluster, serve
     run_dir = tmp_path / "run"
     (run_dir / "data").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("seed: 0\n")
-    (run_dir / "state.json").write_text('{"parts": [], "stage": "generate", "iteration": 0}')
+    (run_dir / "state.json").write_text('{"parts": [], "stage": "generate", "iteration": 0, "finished": false, '
+                                        '"feedback": [], "dedup": [], "iterations": []}')
     before = tree_digest(run_dir)
     bad = tmp_path / "eval.jsonl"
     bad.write_text('{"text": "a fine film", "label": "positive"}\n{"text": oops}\n')

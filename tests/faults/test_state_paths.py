@@ -29,7 +29,7 @@ def _tampered_copy(tmp_path, finished_run, **changes):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     state = json.loads((run / store.STATE_FILE).read_text())
-    state.update(finished=False, iteration=0, stage="generate", **changes)
+    state.update({"finished": False, "iteration": 0, "stage": "generate", **changes})
     (run / store.STATE_FILE).write_text(json.dumps(state))
     return run
 
@@ -58,3 +58,17 @@ def test_a_state_file_that_is_not_json_names_the_file(tmp_path):
     (tmp_path / store.STATE_FILE).write_text("{not json")
     with pytest.raises(store.StateFileError, match=store.STATE_FILE):
         store.load_state(tmp_path)
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"stage": "polish"}, "stage"),
+    ({"iteration": "one"}, "iteration"),
+    ({"iteration": True}, "iteration"),
+    ({"feedback": None}, "feedback"),
+    ({"pending_probes": [1]}, "pending_probes"),
+])
+def test_a_state_field_of_the_wrong_kind_is_refused_naming_it(tmp_path, finished_run, tiny_student, eval_file,
+                                                             changes, field):
+    run = _tampered_copy(tmp_path, finished_run, **changes)
+    with pytest.raises(store.StateFileError, match=rf"state.json: {field} must be"):
+        Distiller(run_config(run, tiny_student, eval_file), engine=SometimesGarbageEngine(), resume=True)

@@ -55,7 +55,8 @@ def committed_run(tmp_path: Path, **overrides):
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir()
     (run_dir / store.CONFIG_FILE).write_text(cfg.to_yaml())
-    state = {"strategy": cfg.strategy.name, "seed": cfg.seed, "iteration": 0, "stage": "generate", "parts": []}
+    state = {"strategy": cfg.strategy.name, "seed": cfg.seed, "iteration": 0, "stage": "generate", "finished": False,
+             "feedback": [], "dedup": [], "parts": [], "iterations": []}
     state.update(overrides)
     store.commit_state(run_dir, state)
     return cfg
