@@ -98,9 +98,14 @@ def test_scoring_streams_alongside_generation(serve_apps, student_ckpt, sst2, tm
     assert all(math.isfinite(r["score"]) for r in rows if not r["reject_reason"])
 
 
+NO_HEALTH_PROBE = {"serve": {"health_check_period_s": 3600.0}}
+"""For tests that count the fake engine's calls (every n-th fails): a replica idle for a health check
+period answers a one-token probe, which would take a call number (seen on a loaded 2-core CI box)."""
+
+
 @pytest.mark.ray
 def test_iteration_writes_every_row_with_scores_and_errors(serve_apps, student_ckpt, sst2, tmp_path):
-    cfg = make_cfg(teacher={"max_retries": 0})
+    cfg = make_cfg(teacher={"max_retries": 0, **NO_HEALTH_PROBE})
     handle = serve_apps(build_teacher_app(cfg, functools.partial(FakeTeacherEngine, fail_every=4)), "failing")
     out = tmp_path / "data" / "train-it003.parquet"
     stats = generate_iteration(chat_prompts(12), cfg, sst2, handle, student_ckpt, out, iteration=3)
@@ -155,7 +160,8 @@ def test_progress_counts_whole_teacher_batches(serve_apps, sst2, tmp_path):
 
 @pytest.mark.ray
 def test_failed_requests_are_retried(serve_apps, sst2, tmp_path):
-    cfg = make_cfg(teacher={"max_retries": 1, "retry_backoff_s": 0.1})  # the retry delay comes from the config
+    # The retry delay comes from the config.
+    cfg = make_cfg(teacher={"max_retries": 1, "retry_backoff_s": 0.1, **NO_HEALTH_PROBE})
     serve_apps(build_teacher_app(cfg, functools.partial(FakeTeacherEngine, fail_every=4)), "flaky")
     stats = generate_iteration(chat_prompts(12), cfg, sst2, "flaky", None, tmp_path / "out.parquet")
     # Calls 4, 8 and 12 fail; their retries are calls 13 to 15, which succeed.
