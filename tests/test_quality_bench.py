@@ -151,8 +151,8 @@ def test_summary_has_the_majority_class_and_pooled_paired_differences(bench, tmp
         first = {"first_band_student": {"accuracy": 0.70 + 0.05 * seed, "majority": 0.5, "records": 20}} if seed < 2 else {}
         result("sst2", "gold", seed, gold, overrides=sets, **first)
         result("sst2", "zerogen", seed, zerogen, overrides=sets)
-    for seed, acc in enumerate([0.81, 0.80]):
-        result("sst2", "gold", seed, acc, tag="randband", overrides=sets)
+    for seed, acc in enumerate([0.81, 0.80]):  # run on another machine than their GOLD pairs
+        result("sst2", "gold", seed, acc, tag="randband", overrides=sets, machine={**MACHINE, "platform": "other"})
     result("rte", "gold", 0, 0.60)  # a second task pools in; its evaluation file is not here
     result("rte", "zerogen", 0, 0.55)
     result("rte", "zerogen", 1, 0.50)  # no GOLD run of seed 1: not a pair
@@ -180,11 +180,12 @@ def test_summary_has_the_majority_class_and_pooled_paired_differences(bench, tmp
     assert vs_zerogen["verdict"] == "ahead"
     band = summary["paired"]["gold-gold@randband"]
     assert band["n"] == 2 and band["mean"] == pytest.approx(0.005) and band["verdict"] == "within seed noise"
+    assert band["across_machines"] == ["sst2/s0", "sst2/s1"] and vs_zerogen["across_machines"] == []
 
     md = (bench.RESULTS / "summary.md").read_text()
     assert f"| sst2 | {expected['label']} | 4 | {expected['accuracy']:.4f} |" in md
     assert "| gold | zerogen | 4 | +3.50 |" in md and "| ahead |" in md
-    assert "| gold | gold@randband | 2 | +0.50 |" in md and "| within seed noise |" in md
+    assert "| gold | gold@randband | 2 | +0.50 |" in md and "| within seed noise | 2 of 2 |" in md
 
     # Against the targets: SST-2's GOLD mean 0.82 over a majority of 0.75 or 0.5 (the seeded 4 of 10).
     goals = summary["targets"]

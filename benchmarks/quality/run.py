@@ -324,6 +324,7 @@ def pooled_pairs(groups: dict[tuple[str, str], dict[int, list[dict]]], strategy:
 
     values: dict[str, float | None] = {}
     ref: dict[str, float | None] = {}
+    hosts: dict[str, set] = {}
     tasks = sorted({t for t, _ in groups})
     for task in tasks:
         mine, theirs = groups.get((task, strategy), {}), groups.get((task, reference), {})
@@ -333,7 +334,18 @@ def pooled_pairs(groups: dict[tuple[str, str], dict[int, list[dict]]], strategy:
         budget = max(common)
         values.update({f"{task}/s{r['seed']}": r["accuracy"] for r in mine[budget]})
         ref.update({f"{task}/s{r['seed']}": r["accuracy"] for r in theirs[budget]})
-    return {"strategy": strategy, "reference": reference, **paired_difference(values, ref)}
+        for r in [*mine[budget], *theirs[budget]]:
+            hosts.setdefault(f"{task}/s{r['seed']}", set()).add(_host(r))
+    result = {"strategy": strategy, "reference": reference, **paired_difference(values, ref)}
+    # The same seed is not the same data on another machine (the teacher samples on other
+    # floating-point paths): such a pair measures the machines too.
+    result["across_machines"] = sorted(k for k in result.get("pairs") or [] if len(hosts.get(k, ())) > 1)
+    return result
+
+
+def _host(row: dict) -> tuple:
+    m = row.get("machine") or {}
+    return m.get("platform"), m.get("commit")
 
 
 def write_summary(runs_dir: str = "runs/quality") -> dict:
@@ -459,12 +471,15 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
               "Each row: the first strategy's accuracy minus the second's on the same task and seed, over every "
               "(task, seed) pair both finished (per task at the largest budget both ran), with a 95 % interval "
               "(t over the paired differences). Ahead or behind: the interval excludes 0.", "",
+              "A pair whose two runs ran on different machines or commits (\"across machines\") differs by "
+              "more than the strategy: the same seed gives other teacher samples there.", "",
               markdown_table(["strategy", "against", "pairs", "mean difference (points)", "95 % interval (points)",
-                              "verdict"],
+                              "verdict", "pairs across machines"],
                              [[d["strategy"], d["reference"], d["n"],
                                None if d["mean"] is None else f"{d['mean'] * 100:+.2f}",
                                None if d["low"] is None else f"[{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}]",
-                               d["verdict"]] for d in summary["paired"].values()])]
+                               d["verdict"], f"{len(d['across_machines'])} of {d['n']}"]
+                              for d in summary["paired"].values()])]
     summary["targets"] = goals = targets(summary)
     pooled_rows = [[name, f"{d['mean'] * 100:+.2f}", None if d["low"] is None else f"{d['low'] * 100:+.2f}", d["n"],
                     "met" if d["met"] else "not met"]
