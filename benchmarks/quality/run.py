@@ -492,7 +492,7 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
               "in points; where one is short, by how much.", "",
               f"The last column: before the first feedback band is chosen, iteration 0's student on its held-out "
               f"synthetic split over that split's majority class (target: at least {TARGET_FIRST_BAND * 100:+.0f}), "
-              "mean over the runs that record it; the split holds a few dozen records per run, so one run's "
+              "mean over the runs that record it; the split holds about 20 records per run, so one run's "
               "figure is good to about 10 points.", "",
               markdown_table(["task", "gold mean", "seeds", "over the teacher row", "over the majority class",
                               "first band's student over its synthetic majority (runs, held-out records)"],
