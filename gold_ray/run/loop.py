@@ -846,6 +846,7 @@ class Distiller:
         if self.state.get("finished"):
             # A run that died after committing its end may lack what follows the commit; all of it
             # is safe to write again.
+            store.atomic_write_json(self.run_dir / "metrics.json", self.metrics())
             self._finished_files(report=not (self.run_dir / "report.html").exists())
             return self.metrics()
         self.tracker = build_tracker(self.cfg, self.run_dir) if self.cfg.tracking.enabled else NullTracker()
@@ -892,9 +893,8 @@ class Distiller:
         return self.metrics()
 
     def _finished_files(self, report: bool) -> None:
-        """What a finished run holds beside its committed state: its metrics, no checkpoints, the
+        """What a finished run holds beside its committed state and metrics: no checkpoints, the
         dataset card and (when ``report``) the report."""
-        store.atomic_write_json(self.run_dir / "metrics.json", self.metrics())
         # Checkpoints only serve a resume; the finished run's student is in student/.
         shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
         card = store.dataset_card(self.task, self.metrics(), self.state["parts"])

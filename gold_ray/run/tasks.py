@@ -276,11 +276,12 @@ def load_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
             every error with its field.
     """
     text = str(name_or_path)
-    path = shipped_tasks().get(text) or Path(text)
+    shipped = shipped_tasks()
+    path = shipped.get(text) or Path(text)
     if not path.is_file():
         raise TaskFileError(
             f"task {text!r}: no such file and no shipped task of that name "
-            f"(shipped: {', '.join(shipped_tasks())})"
+            f"(shipped: {', '.join(shipped)})"
         )
     data = parse_file(path, "yaml", lambda err: TaskFileError(f"{path}: not valid YAML: {err}"))
     if not isinstance(data, dict):
@@ -289,7 +290,7 @@ def load_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
         spec = TaskSpec.model_validate(data)
     except ValidationError as err:
         raise TaskFileError(f"{path}:\n{format_validation_error(err)}") from err
-    return spec if text in shipped_tasks() else _eval_beside(spec, path)
+    return spec if text in shipped else _eval_beside(spec, path)
 
 
 def _eval_beside(spec: TaskSpec, path: Path) -> TaskSpec:
