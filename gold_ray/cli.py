@@ -2,7 +2,8 @@
 
 Commands::
 
-    gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite] [--local] [--quiet|--json-logs] [--verbose]
+    gold-ray distill CONFIG [--set key=value ...] [--resume] [--overwrite] [--fork-from RUN_DIR] [--local]
+                     [--quiet|--json-logs] [--verbose]
     gold-ray compare CONFIG --strategies gold,zerogen --seeds N [--reference NAME] [--output DIR] [--local]
                      [--quiet|--json-logs]
     gold-ray report RUN_DIR [RUN_B] [--out FILE]
@@ -47,7 +48,7 @@ __all__ = ["SHIPPED_CONFIG_DIR", "build_parser", "config_path", "main"]
 
 def _load(args: argparse.Namespace) -> RunConfig:
     return load_run_config(config_path(args.config), args.set, overwrite=getattr(args, "overwrite", False),
-                           output_dir=getattr(args, "output", None))
+                           output_dir=getattr(args, "output", None), fork_from=getattr(args, "fork_from", None))
 
 
 def _note_run_dir(args: argparse.Namespace, run_dir: str | Path) -> None:
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir")
     p.add_argument("--overwrite", action="store_true", help="replace a different run in output.dir")
     p.add_argument("--output", help="output directory (output.dir)")
+    p.add_argument("--fork-from", metavar="RUN_DIR",
+                   help="start from that run's first teacher pass instead of asking the teacher again "
+                        "(output.fork_from; the configs may differ only after that pass, e.g. strategy.score)")
     p.add_argument("--local", action="store_true",
                    help="run the reference loop in this process instead of on Ray (no Serve, Data or Train)")
     add_output_mode_args(p)

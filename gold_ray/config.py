@@ -484,10 +484,17 @@ class OutputConfig(_Section):
     Attributes:
         dir: Run directory.
         overwrite: Replace a different run already in ``dir``.
+        fork_from: A run directory whose first teacher pass (iteration 0's training samples and
+            probes, as it committed them) a new run in ``dir`` starts from, instead of asking the
+            teacher for them again: two runs that differ only in what comes after that pass (the
+            score that picks the band, the student and its training) then share it exactly. The
+            configs must agree on everything the pass depends on (:data:`gold_ray.run.fork.FREE_KEYS`
+            lists what may differ). Used when ``dir`` holds no run yet; a resume ignores it.
     """
 
     dir: str = "runs/latest"
     overwrite: bool = False
+    fork_from: str | None = None
 
 
 class RunConfig(_Section):

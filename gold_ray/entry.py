@@ -101,6 +101,7 @@ def load_run_config(
     *,
     overwrite: bool = False,
     output_dir: str | Path | None = None,
+    fork_from: str | Path | None = None,
 ) -> RunConfig:
     """Load a run config with the command line's overrides applied.
 
@@ -109,6 +110,8 @@ def load_run_config(
         overrides: ``section.key=value`` items (``--set``), in order.
         overwrite: ``--overwrite``: replace a different run in ``output.dir``.
         output_dir: ``--output``: the run directory, applied after ``overrides``.
+        fork_from: ``--fork-from``: the run whose first teacher pass a new run starts from
+            (``output.fork_from``), made absolute so the run's saved config finds it from anywhere.
 
     Raises:
         ConfigError: the file or an override is bad; the message names the key.
@@ -118,6 +121,8 @@ def load_run_config(
         items.append("output.overwrite=true")
     if output_dir:
         items.append(f"output.dir={output_dir}")
+    if fork_from:
+        items.append(f"output.fork_from={Path(fork_from).expanduser().absolute()}")
     return load_config(path, items)
 
 

@@ -153,6 +153,8 @@ def test_summary_has_the_majority_class_and_pooled_paired_differences(bench, tmp
         result("sst2", "zerogen", seed, zerogen, overrides=sets)
     for seed, acc in enumerate([0.81, 0.80]):  # run on another machine than their GOLD pairs
         result("sst2", "gold", seed, acc, tag="randband", overrides=sets, machine={**MACHINE, "platform": "other"})
+    # Seed 2's random band started from its GOLD pair's first teacher pass (run.py --fork).
+    result("sst2", "gold", 2, 0.84, tag="randband", overrides=sets, forked_from="sst2-gold-s2-n1000")
     result("rte", "gold", 0, 0.60)  # a second task pools in; its evaluation file is not here
     result("rte", "zerogen", 0, 0.55)
     result("rte", "zerogen", 1, 0.50)  # no GOLD run of seed 1: not a pair
@@ -179,13 +181,14 @@ def test_summary_has_the_majority_class_and_pooled_paired_differences(bench, tmp
     assert vs_zerogen["mean"] == pytest.approx(0.035) and vs_zerogen["low"] == pytest.approx(0.035 - half)
     assert vs_zerogen["verdict"] == "ahead"
     band = summary["paired"]["gold-gold@randband"]
-    assert band["n"] == 2 and band["mean"] == pytest.approx(0.005) and band["verdict"] == "within seed noise"
+    assert band["n"] == 3 and band["mean"] == pytest.approx(0.005 * 2 / 3) and band["verdict"] == "within seed noise"
     assert band["across_machines"] == ["sst2/s0", "sst2/s1"] and vs_zerogen["across_machines"] == []
+    assert band["shared_first_pass"] == ["sst2/s2"] and vs_zerogen["shared_first_pass"] == []
 
     md = (bench.RESULTS / "summary.md").read_text()
     assert f"| sst2 | {expected['label']} | 4 | {expected['accuracy']:.4f} |" in md
     assert "| gold | zerogen | 4 | +3.50 |" in md and "| ahead |" in md
-    assert "| gold | gold@randband | 2 | +0.50 |" in md and "| within seed noise | 2 of 2 |" in md
+    assert "| gold | gold@randband | 3 | +0.33 |" in md and "| within seed noise | 2 of 3 | 1 of 3 |" in md
 
     # Against the targets: SST-2's GOLD mean 0.82 over a majority of 0.75 or 0.5 (the seeded 4 of 10).
     goals = summary["targets"]
@@ -202,4 +205,4 @@ def test_summary_has_the_majority_class_and_pooled_paired_differences(bench, tmp
     assert goals["tasks"]["rte"]["first_band_met"] is False
     assert "| +22.5 (met) (2, 40) |" in md and "| +5.0 (10.0 short) (1, 12) |" in md
     assert goals["energy_over_random_band"]["met"] is False  # its interval contains 0
-    assert "## Against the targets" in md and "| energy band over random band (interval above 0) | +0.50 |" in md
+    assert "## Against the targets" in md and "| energy band over random band (interval above 0) | +0.33 |" in md

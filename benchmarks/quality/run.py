@@ -8,8 +8,11 @@ Usage::
 Each finished run writes ``results/<task>-<strategy>-s<seed>-n<samples>[-<tag>].json`` (accuracy,
 counts, teacher, wall time, machine, the exact command). ``--tag`` names a variant of the default
 setup (``--tag gemma3 --set teacher.model=embedded:gemma3-270m``): its runs and run folders are
-kept apart, and the summary lists them as ``strategy@tag`` under ``variants``. A run already finished is skipped; an interrupted one
-resumes from its last committed stage, so the script can be stopped and restarted at will.
+kept apart, and the summary lists them as ``strategy@tag`` under ``variants``. With ``--fork`` a tagged
+run starts from the first teacher pass of its untagged twin (same task, strategy and seed), which must
+have run first: the two then differ only in what the tag changes after that pass (the random band).
+A run already finished is skipped; an interrupted one resumes from its last committed stage, so the
+script can be stopped and restarted at will.
 
 ``--teacher-fewshot`` first evaluates the teacher itself as a few-shot classifier on the task's
 evaluation set (``results/<task>[-<tag>]-teacher-fewshot.json``, skipped when present; with a tag
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", default="runs/quality")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--tag", default="", help="variant name added to result and run names (e.g. gemma3)")
+    p.add_argument("--fork", action="store_true",
+                   help="start each run from the first teacher pass of the untagged run of the same task, strategy "
+                        "and seed in --runs-dir (output.fork_from), so that a variant shares its iteration 0")
     p.add_argument("--teacher-fewshot", action="store_true",
                    help=f"evaluate the teacher as a few-shot classifier first (results/<task>{FEWSHOT_SUFFIX})")
     args = p.parse_args(argv)
@@ -154,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(json.loads(out.read_text()))
                 continue
             run_dir = Path(args.runs_dir) / name
+            base = Path(args.runs_dir) / f"{args.task}-{strategy}-s{seed}-n{args.samples}"
+            fork = [f"output.fork_from={base.absolute()}"] if args.fork else []
             cfg = load_config(None, [*task_overrides(args.task, args.runs_dir), f"strategy.name={strategy}", f"seed={seed}",
                                      f"budget.samples={args.samples}", f"output.dir={run_dir}",
-                                     "tracking.enabled=false", *args.set])
+                                     "tracking.enabled=false", *fork, *args.set])
             t0 = time.time()
             # A run folder from before a default changed must still resume, as it always did here.
             metrics, status = execute_run(cfg, runner, check_config=False)
@@ -170,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 "per_iteration_accuracy": [m.get("train", {}).get("accuracy") for m in metrics["iterations"]],
                 "first_band_student": first_band_student(metrics),
                 "totals": metrics["totals"], "teacher_tokens": metrics["teacher_tokens"],
+                "forked_from": metrics.get("forked_from") and Path(metrics["forked_from"]).name,
                 "wall_s": round(time.time() - t0, 1), "resumed": status != "new", "runtime": args.runtime,
                 "machine": machine(), "command": command, "overrides": args.set,
             }
@@ -325,6 +334,7 @@ def pooled_pairs(groups: dict[tuple[str, str], dict[int, list[dict]]], strategy:
     values: dict[str, float | None] = {}
     ref: dict[str, float | None] = {}
     hosts: dict[str, set] = {}
+    forked: set[str] = set()
     tasks = sorted({t for t, _ in groups})
     for task in tasks:
         mine, theirs = groups.get((task, strategy), {}), groups.get((task, reference), {})
@@ -336,10 +346,15 @@ def pooled_pairs(groups: dict[tuple[str, str], dict[int, list[dict]]], strategy:
         ref.update({f"{task}/s{r['seed']}": r["accuracy"] for r in theirs[budget]})
         for r in [*mine[budget], *theirs[budget]]:
             hosts.setdefault(f"{task}/s{r['seed']}", set()).add(_host(r))
+            if r.get("forked_from"):
+                forked.add(f"{task}/s{r['seed']}")
     result = {"strategy": strategy, "reference": reference, **paired_difference(values, ref)}
     # The same seed is not the same data on another machine (the teacher samples on other
     # floating-point paths): such a pair measures the machines too.
     result["across_machines"] = sorted(k for k in result.get("pairs") or [] if len(hosts.get(k, ())) > 1)
+    # A run made with --fork starts from its pair's first teacher pass: the two share iteration 0's
+    # samples and probes wherever they ran.
+    result["shared_first_pass"] = sorted(k for k in result.get("pairs") or [] if k in forked)
     return result
 
 
@@ -472,13 +487,15 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
               "(task, seed) pair both finished (per task at the largest budget both ran), with a 95 % interval "
               "(t over the paired differences). Ahead or behind: the interval excludes 0.", "",
               "A pair whose two runs ran on different machines or commits (\"across machines\") differs by "
-              "more than the strategy: the same seed gives other teacher samples there.", "",
+              "more than the strategy: the same seed gives other teacher samples there, unless one run was "
+              "forked from the other's first teacher pass (`--fork`: \"sharing the first pass\").", "",
               markdown_table(["strategy", "against", "pairs", "mean difference (points)", "95 % interval (points)",
-                              "verdict", "pairs across machines"],
+                              "verdict", "pairs across machines", "pairs sharing the first pass"],
                              [[d["strategy"], d["reference"], d["n"],
                                None if d["mean"] is None else f"{d['mean'] * 100:+.2f}",
                                None if d["low"] is None else f"[{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}]",
-                               d["verdict"], f"{len(d['across_machines'])} of {d['n']}"]
+                               d["verdict"], f"{len(d['across_machines'])} of {d['n']}",
+                               f"{len(d.get('shared_first_pass') or [])} of {d['n']}"]
                               for d in summary["paired"].values()])]
     summary["targets"] = goals = targets(summary)
     pooled_rows = [[name, f"{d['mean'] * 100:+.2f}", None if d["low"] is None else f"{d['low'] * 100:+.2f}", d["n"],

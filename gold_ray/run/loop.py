@@ -40,6 +40,7 @@ from gold_ray.models import allow_remote_code, is_chat_model, resolve_model
 from gold_ray.reporting.tracking import NullTracker, Tracker, build_tracker
 from gold_ray.run import store
 from gold_ray.run.faults import fault_point
+from gold_ray.run.fork import fork_state
 from gold_ray.run.runtime import InProcessRuntime, Produced, RunContext, Runtime, StageProgress, no_progress
 from gold_ray.run.tasks import TaskSpec, load_task
 from gold_ray.strategies import Strategy, StrategyContext, build_strategy
@@ -61,10 +62,6 @@ STAGES = ("generate", "train", "probe", "feedback")
 
 TRAINING_PARTS = ("train-", "probe-")
 """Name prefixes of the Parquet parts that hold training data."""
-
-PENDING_PROBES = "pending-probe"
-"""Part of the probes written in the generate stage's teacher pass and not yet scored: not
-training data (not in :data:`TRAINING_PARTS`) until the probe stage writes them as ``probe``."""
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +183,12 @@ def identity_changes(run_dir: Path, cfg: RunConfig) -> list[str]:
     return changes
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, dict[str, Any] | None]:
+def prepare_run_dir(cfg: RunConfig, resume: bool, task: TaskSpec | None = None) -> tuple[Path, dict[str, Any] | None]:
     """Create or reopen the run directory; refuse to clobber a different run.
+
+    A new run with ``output.fork_from`` starts committed after iteration 0's generate stage, with the
+    first teacher pass of the run named there (:func:`gold_ray.run.fork.fork_state`; ``task`` is
+    this run's task, loaded from the config when not given).
 
     Returns:
         The directory and its committed state (None for a fresh run).
@@ -216,7 +217,12 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, dict[str, Any] 
     run_dir.mkdir(parents=True, exist_ok=True)
     # A process killed mid-write leaves its hidden temporary file; it was never data.
     store.remove_temp_files(run_dir)
-    if state is None:
+    if state is None and cfg.output.fork_from:
+        # Committed last: a fork that dies while copying leaves no run, and is made again.
+        state = fork_state(cfg, task or load_task(cfg.task.name), run_dir)
+        store.atomic_write_bytes(run_dir / store.CONFIG_FILE, cfg.to_yaml().encode("utf-8"))
+        store.commit_state(run_dir, state)
+    elif state is None:
         store.atomic_write_bytes(run_dir / store.CONFIG_FILE, cfg.to_yaml().encode("utf-8"))
     return run_dir, state
 
@@ -289,7 +295,7 @@ class Distiller:
         evalset = load_task_eval(self.task, cfg.task)
         self.eval_records, self.eval_source, self.eval_note = evalset.records, evalset.source, evalset.note
         self.iteration_eval_records = self._iteration_eval()
-        self.run_dir, state = prepare_run_dir(cfg, resume)
+        self.run_dir, state = prepare_run_dir(cfg, resume, self.task)
         write_task_copy(self.run_dir, self.task)
         self.state = state or _fresh_state(cfg)
         self.runtime: Runtime = runtime or InProcessRuntime(engine)
@@ -333,6 +339,10 @@ class Distiller:
         self.state["iteration"] = iteration
         self.state["stage"] = stage
         self.state["dedup"] = self.dedup.state()
+        if (iteration, stage) == (0, "generate"):
+            # What a run forked from this one starts from (gold_ray.run.fork). Before the commit: a
+            # run that dies between the two writes both again when it resumes.
+            store.atomic_write_json(self.run_dir / store.FIRST_PASS_FILE, self.state)
         store.commit_state(self.run_dir, self.state)
         store.atomic_write_json(self.run_dir / "metrics.json", self.metrics())
         if stage == "train":
@@ -372,6 +382,7 @@ class Distiller:
             "teacher_tokens": self.state["teacher_tokens"],
             "teacher_prompt_tokens": int(self.state.get("teacher_prompt_tokens") or 0),
             "eval_source": self.eval_source,
+            "forked_from": self.state.get("forked_from"),
             "iterations": its,
             "totals": dict(totals),
             "final": self.state.get("final", {}),
@@ -687,10 +698,10 @@ class Distiller:
         """Keep the probes written in the generate stage's pass until the probe stage scores them.
 
         They are committed with the generate stage (a resumed run never asks the teacher for them
-        again) but under a name that is not training data (:data:`PENDING_PROBES`): the training
-        stage between must not see them, they are its fresh hold-out (:meth:`_holdout`).
+        again) but under a name that is not training data (:data:`~gold_ray.run.store.PENDING_PROBES`):
+        the training stage between must not see them, they are its fresh hold-out (:meth:`_holdout`).
         """
-        path = store.part_path(self.run_dir, PENDING_PROBES, iteration)
+        path = store.part_path(self.run_dir, store.PENDING_PROBES, iteration)
         store.write_part(path, self.task, accepted + rejected)
         # The path is derived from the iteration, never read from the state file.
         self.state["pending_probes"] = {"iteration": iteration, "stats": stats}
@@ -702,7 +713,7 @@ class Distiller:
             return None
         # Committed with the probe stage: from then on the probes are the ``probe`` part.
         self.state["pending_probes"] = None
-        records = store.read_parts([store.part_path(self.run_dir, PENDING_PROBES, iteration)])
+        records = store.read_parts([store.part_path(self.run_dir, store.PENDING_PROBES, iteration)])
         accepted = [r for r in records if r["reject_reason"] is None]
         rejected = [r for r in records if r["reject_reason"] is not None]
         return accepted, rejected, copy.deepcopy(pending["stats"])
@@ -775,7 +786,7 @@ class Distiller:
     def feedback_stage(self, iteration: int, n_probe: int, ctx: StrategyContext) -> dict[str, Any]:
         """The strategy picks the feedback pool of the next prompts."""
         # The probe stage's commit holds the probes; their pending copy has served.
-        store.part_path(self.run_dir, PENDING_PROBES, iteration).unlink(missing_ok=True)
+        store.part_path(self.run_dir, store.PENDING_PROBES, iteration).unlink(missing_ok=True)
         probes = store.read_parts([store.part_path(self.run_dir, "probe", iteration)])
         fb = self.strategy.update_feedback(ctx, probes)
         self.state["feedback"] = fb

@@ -9,6 +9,8 @@ Layout of a run directory::
     data/probe-it000.parquet accepted probe samples
     data/rejects-it000.parquet rejected samples with their reason
     data/pool-it000.parquet  texts the teacher wrote to label itself (LLKD); not training data
+    data/pending-probe-it000.parquet probes written in the generate stage's pass, not yet scored
+    first-pass.json          the state after iteration 0's teacher pass, for runs forked from this one
     checkpoints/it000/       student after iteration 0
     student/                 final student, HF format
     metrics.json, dataset_card.md, report.html, mlflow.db
@@ -35,6 +37,13 @@ from gold_ray.run.tasks import TaskSpec
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 TASK_FILE = "task.yaml"
+FIRST_PASS_FILE = "first-pass.json"
+"""The state as committed with iteration 0's generate stage, kept for runs that start from this
+one's first teacher pass (``output.fork_from``, :mod:`gold_ray.run.fork`)."""
+
+PENDING_PROBES = "pending-probe"
+"""Part of the probes written in the generate stage's teacher pass and not yet scored: not
+training data until the probe stage writes them as ``probe``."""
 
 
 def record_schema(task: TaskSpec) -> pa.Schema:
@@ -243,14 +252,15 @@ STATE_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
 """The state's fields the loop reads, with the types it reads them as (``pending_probes`` may be absent)."""
 
 
-def load_state(run_dir: Path) -> dict[str, Any] | None:
-    """The committed state of a run, or None for a fresh directory.
+def load_state(run_dir: Path, name: str = STATE_FILE) -> dict[str, Any] | None:
+    """The committed state of a run (or the one it kept as ``name``, e.g. :data:`FIRST_PASS_FILE`),
+    or None for a fresh directory.
 
     Raises:
         StateFileError: The file is not JSON, a field of :data:`STATE_FIELDS` has another type (the
             message names it), or a part or checkpoint path leaves the run directory.
     """
-    path = run_dir / STATE_FILE
+    path = run_dir / name
     if not path.is_file():
         return None
     state = parse_file(path, "json", lambda err: StateFileError(f"{path}: not a gold-ray state file ({err})"))

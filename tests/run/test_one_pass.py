@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from gold_ray.run.loop import PENDING_PROBES, Distiller, split_pass_stats
-from gold_ray.run.store import part_path, read_parts
+from gold_ray.run.loop import Distiller, split_pass_stats
+from gold_ray.run.store import PENDING_PROBES, part_path, read_parts
 from gold_ray.strategies.gold import GoldStrategy
 from gold_ray.testing import FakeTeacherEngine, tiny_run_config
 
