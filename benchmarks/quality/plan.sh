@@ -12,8 +12,7 @@ limit() { case $1 in ag_news|cola) echo "--set task.eval_limit=1000" ;; esac; }
 for t in $TASKS; do
     $PY benchmarks/quality/run.py --task "$t" --strategies '' --teacher-fewshot $(limit "$t")
 done
-# Seed-major, so that every finished seed adds a paired difference on every task; the random band
-# (two tasks) runs for seeds 0 and 1 before seed 2, so both comparisons have pairs early.
+# Seed-major, so that every finished seed adds a paired difference on every task.
 gold_zerogen() {
     for t in $TASKS; do
         $RUN --task "$t" --strategies gold,zerogen --seeds "$1" $(limit "$t")
@@ -27,12 +26,14 @@ random_band() {
     done
 }
 gold_zerogen 0; gold_zerogen 1
-random_band 0; random_band 1
+random_band 0
 # Seed 2 runs GOLD on the random band's tasks first, so that the random band can start from GOLD's
-# first teacher pass (--fork): the pair then differs in the band alone, wherever each ran. (Seeds 0
-# and 1 predate forks: their pairs share no teacher pass, and some ran on different machines.)
+# first teacher pass (--fork): the pair then differs in the band alone, wherever each ran. Seeds 0
+# and 1 predate forks (their GOLD runs' folders are gone): their random bands share no teacher pass
+# with GOLD, and ran on other machines than GOLD did, so seed 1's comes last.
 for t in $BAND_TASKS; do
     $RUN --task "$t" --strategies gold --seeds 2 $(limit "$t")
 done
 random_band 2 --fork
 gold_zerogen 2
+random_band 1
