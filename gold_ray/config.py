@@ -489,7 +489,9 @@ class OutputConfig(_Section):
             teacher for them again: two runs that differ only in what comes after that pass (the
             score that picks the band, the student and its training) then share it exactly. The
             configs must agree on everything the pass depends on (:data:`gold_ray.run.fork.FREE_KEYS`
-            lists what may differ). Used when ``dir`` holds no run yet; a resume ignores it.
+            lists what may differ). Used when the run starts anew in ``dir`` (also after
+            ``overwrite`` replaced one, which happens only once the fork is checked); a resume of
+            a run already there ignores it.
     """
 
     dir: str = "runs/latest"

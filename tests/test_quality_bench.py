@@ -108,6 +108,28 @@ def test_unknown_strategy_is_refused_before_any_run(bench):
         bench.main(["--task", "sst2", "--strategies", "gold,bogus"])
 
 
+def test_fork_starts_a_tagged_run_from_its_untagged_twin(bench, tmp_path, monkeypatch):
+    import gold_ray.run.compare as compare
+
+    with pytest.raises(SystemExit):
+        bench.main(["--task", "sst2", "--strategies", "gold", "--fork"])  # no --tag: it would fork itself
+    seen = []
+
+    def fake_run(cfg, runner, **kwargs):
+        seen.append(cfg)
+        return {"final": {"accuracy": 0.5}, "iterations": [], "totals": {}, "teacher_tokens": 1,
+                "forked_from": cfg.output.fork_from}, "new"
+
+    monkeypatch.setattr(compare, "execute_run", fake_run)
+    runs = tmp_path / "runs"
+    bench.main(["--task", "sst2", "--strategies", "gold", "--seeds", "2", "--samples", "1000", "--tag", "randband",
+                "--fork", "--runs-dir", str(runs), "--set", "strategy.score=random"])
+    assert seen[0].output.fork_from == str(runs / "sst2-gold-s2-n1000")
+    assert seen[0].output.dir == str(runs / "sst2-gold-s2-n1000-randband")
+    row = json.loads((bench.RESULTS / "sst2-gold-s2-n1000-randband.json").read_text())
+    assert row["forked_from"] == "sst2-gold-s2-n1000"
+
+
 def test_a_chosen_recipe_is_summarised_per_strategy_beside_the_runs_own_rows(bench):
     _result(bench, "sst2", "gold", 0, 1000, 0.73)
     rows = [{"run": f"{s}-s{seed}", "strategy": s, "seed": seed, "recipe": recipe, "val_accuracy": 0.8,

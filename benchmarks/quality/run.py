@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tag and not args.tag.replace("_", "").isalnum():
         p.error(f"--tag must be letters, digits and underscores, got {args.tag!r}")
+    if args.fork and not args.tag:
+        p.error("--fork starts a tagged variant from its untagged twin's first teacher pass: give --tag")
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/quality/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.teacher_fewshot:

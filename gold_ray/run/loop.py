@@ -40,7 +40,7 @@ from gold_ray.models import allow_remote_code, is_chat_model, resolve_model
 from gold_ray.reporting.tracking import NullTracker, Tracker, build_tracker
 from gold_ray.run import store
 from gold_ray.run.faults import fault_point
-from gold_ray.run.fork import fork_state
+from gold_ray.run.fork import check_fork, copy_fork
 from gold_ray.run.runtime import InProcessRuntime, Produced, RunContext, Runtime, StageProgress, no_progress
 from gold_ray.run.tasks import TaskSpec, load_task
 from gold_ray.strategies import Strategy, StrategyContext, build_strategy
@@ -186,9 +186,10 @@ def identity_changes(run_dir: Path, cfg: RunConfig) -> list[str]:
 def prepare_run_dir(cfg: RunConfig, resume: bool, task: TaskSpec | None = None) -> tuple[Path, dict[str, Any] | None]:
     """Create or reopen the run directory; refuse to clobber a different run.
 
-    A new run with ``output.fork_from`` starts committed after iteration 0's generate stage, with the
-    first teacher pass of the run named there (:func:`gold_ray.run.fork.fork_state`; ``task`` is
-    this run's task, loaded from the config when not given).
+    A run that starts anew here with ``output.fork_from`` starts committed after iteration 0's
+    generate stage, with the first teacher pass of the run named there (:mod:`gold_ray.run.fork`;
+    ``task`` is this run's task, loaded from the config when not given). The fork is checked before
+    ``--overwrite`` removes anything.
 
     Returns:
         The directory and its committed state (None for a fresh run).
@@ -199,12 +200,14 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, task: TaskSpec | None = None) 
         raise store.StateFileError(f"{run_dir / store.STATE_FILE}: stage must be one of {', '.join(STAGES)} "
                                    f"or null, got {state['stage']!r}")
     occupied = state is not None or (run_dir / store.CONFIG_FILE).exists()
+    if occupied and not resume and not cfg.output.overwrite:
+        raise RunDirError(
+            f"output.dir {run_dir} already holds a run; pass --resume to continue it "
+            "or --overwrite (output.overwrite=true) to replace it"
+        )
+    fresh = state is None or not resume
+    source = check_fork(cfg, task or load_task(cfg.task.name), run_dir) if cfg.output.fork_from and fresh else None
     if occupied and not resume:
-        if not cfg.output.overwrite:
-            raise RunDirError(
-                f"output.dir {run_dir} already holds a run; pass --resume to continue it "
-                "or --overwrite (output.overwrite=true) to replace it"
-            )
         shutil.rmtree(run_dir)
         state = None
     if occupied and resume:
@@ -217,13 +220,12 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, task: TaskSpec | None = None) 
     run_dir.mkdir(parents=True, exist_ok=True)
     # A process killed mid-write leaves its hidden temporary file; it was never data.
     store.remove_temp_files(run_dir)
-    if state is None and cfg.output.fork_from:
-        # Committed last: a fork that dies while copying leaves no run, and is made again.
-        state = fork_state(cfg, task or load_task(cfg.task.name), run_dir)
+    if state is None:
+        # With a fork the state is committed last: a fork that dies while copying leaves no run.
+        state = copy_fork(source, run_dir) if source else None
         store.atomic_write_bytes(run_dir / store.CONFIG_FILE, cfg.to_yaml().encode("utf-8"))
-        store.commit_state(run_dir, state)
-    elif state is None:
-        store.atomic_write_bytes(run_dir / store.CONFIG_FILE, cfg.to_yaml().encode("utf-8"))
+        if state is not None:
+            store.commit_state(run_dir, state)
     return run_dir, state
 
 
