@@ -869,6 +869,13 @@ class Distiller:
                                         resume_run_id=known)
             if run_id and run_id != known:
                 self.tracker.log_params(self.cfg)
+                # A fork starts with iteration 0's teacher pass committed: its new MLflow run gets
+                # what that stage (and any other committed before this MLflow run) would have logged.
+                for m in self.state["iterations"]:
+                    for stage in STAGES:
+                        if stage in m:
+                            self.tracker.log_metrics({f"{stage}.{k}": v for k, v in m[stage].items()},
+                                                     step=m["iteration"])
                 self.state["mlflow_run_id"] = run_id
                 # Kept now, not at the first stage's commit: a driver that dies before that commit
                 # must come back to this MLflow run, not open a second one without params. The

@@ -113,11 +113,18 @@ def test_a_random_band_fork_shares_the_first_pass_and_then_goes_its_own_way(tmp_
 
     src, _ = source
     fork = tmp_path / "fork"
-    metrics, engine = fork_run(fork, tiny_student, eval_file, src, "strategy.score=random")
+    metrics, engine = fork_run(fork, tiny_student, eval_file, src, "strategy.score=random", "tracking.enabled=true")
     assert not asked_in_iteration(engine, 0) and metrics["forked_from"] == str(src.resolve())
     assert rows(fork, "train", 0) == rows(src, "train", 0)
     probes = [r for r in read_parts([part_path(fork, "probe", 0)]) if not r["reject_reason"]]
     assert [r["score"] for r in probes] == list(hashed_uniform_scores([{"text": r["text"]} for r in probes]))
+    # Its MLflow run has the shared pass's metrics too, as if it had run that stage itself.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=metrics["mlflow"]["tracking_uri"])
+    history = client.get_metric_history(metrics["mlflow"]["run_id"], "generate.accepted")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert {m.step: m.value for m in history}[0] == metrics["iterations"][0]["generate"]["accepted"]
 
 
 def test_a_fork_of_a_run_stopped_after_its_first_pass_uses_its_pending_probes(tmp_path, tiny_student, eval_file,
