@@ -64,6 +64,18 @@ def asked_in_iteration(engine, iteration):
     return [p for p in engine.prompts if p.meta.get("uid", "").startswith(f"it{iteration}-")]
 
 
+class Stop(Exception):
+    pass
+
+
+def stop_after(iteration):
+    """An ``on_event`` that stops the run once the generate stage of ``iteration`` has committed."""
+    def on_event(stage, info):
+        if stage in STAGES and (info["iteration"], stage) == (iteration, "generate"):
+            raise Stop
+    return on_event
+
+
 def fork_run(run_dir, tiny_student, eval_file, source, *extra):
     engine = _UnevenTeacher()
     metrics = Distiller(make_cfg(run_dir, tiny_student, eval_file, f"output.fork_from={source}", *extra),
@@ -130,18 +142,9 @@ def test_a_random_band_fork_shares_the_first_pass_and_then_goes_its_own_way(tmp_
 def test_a_fork_of_a_run_stopped_after_its_first_pass_uses_its_pending_probes(tmp_path, tiny_student, eval_file,
                                                                               source):
     _, ref = source
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_the_first_pass(stage, info):
-        if stage in STAGES and (info["iteration"], stage) == (0, "generate"):
-            raise Stop
-
     src = tmp_path / "stopped"
     with pytest.raises(Stop):
-        Distiller(make_cfg(src, tiny_student, eval_file), engine=_UnevenTeacher(),
-                  on_event=stop_after_the_first_pass).run()
+        Distiller(make_cfg(src, tiny_student, eval_file), engine=_UnevenTeacher(), on_event=stop_after(0)).run()
     assert part_path(src, PENDING_PROBES, 0).is_file()
     metrics, engine = fork_run(tmp_path / "fork", tiny_student, eval_file, src)
     assert not asked_in_iteration(engine, 0)
@@ -150,18 +153,9 @@ def test_a_fork_of_a_run_stopped_after_its_first_pass_uses_its_pending_probes(tm
 
 def test_a_fork_stopped_midway_resumes_to_the_same_run(tmp_path, tiny_student, eval_file, source):
     src, ref = source
-
-    class Stop(Exception):
-        pass
-
-    def stop_in_iteration_1(stage, info):
-        if stage in STAGES and (info["iteration"], stage) == (1, "generate"):
-            raise Stop
-
-    fork = tmp_path / "fork"
-    cfg = make_cfg(fork, tiny_student, eval_file, f"output.fork_from={src}")
+    cfg = make_cfg(tmp_path / "fork", tiny_student, eval_file, f"output.fork_from={src}")
     with pytest.raises(Stop):
-        Distiller(cfg, engine=_UnevenTeacher(), on_event=stop_in_iteration_1).run()
+        Distiller(cfg, engine=_UnevenTeacher(), on_event=stop_after(1)).run()
     engine = _UnevenTeacher()
     metrics = Distiller(cfg, engine=engine, resume=True).run()
     assert not asked_in_iteration(engine, 0) and metrics["forked_from"] == str(src.resolve())
