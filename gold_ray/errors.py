@@ -15,6 +15,7 @@ use it; :func:`parse_file` reads a JSON or YAML file the user named into one of 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,22 @@ class MissingFileError(UserError, FileNotFoundError):
     """
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only ``true`` and ``false`` (any case).
+
+    PyYAML follows YAML 1.1, where ``yes``, ``no``, ``on`` and ``off`` are booleans too: a task
+    whose labels are ``yes`` and ``no`` would get two booleans for label names.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
 def parse_file(path: Path, fmt: Literal["json", "yaml"], invalid: Callable[[Exception], UserError]) -> Any:
     """The JSON or YAML document in the UTF-8 file ``path``.
 
@@ -54,6 +71,6 @@ def parse_file(path: Path, fmt: Literal["json", "yaml"], invalid: Callable[[Exce
     """
     try:
         text = path.read_text(encoding="utf-8")
-        return json.loads(text) if fmt == "json" else yaml.safe_load(text)
+        return json.loads(text) if fmt == "json" else yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
         raise invalid(err) from err

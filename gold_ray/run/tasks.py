@@ -62,6 +62,12 @@ class LabelSpec(_Strict):
     description: str
     verbalizer: str | None = None
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _number_as_text(cls, value: Any) -> Any:
+        # Star ratings and the like: ``name: 1`` is the label "1", as the evaluation file spells it.
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
     @property
     def word(self) -> str:
         """The label as the teacher reads it."""
@@ -163,6 +169,15 @@ class TaskSpec(_Strict):
         if dupes:
             raise ValueError(f"duplicate label names: {dupes}")
         return labels
+
+    @field_validator("seed_demos", mode="before")
+    @classmethod
+    def _demo_numbers_as_text(cls, demos: Any) -> Any:
+        # ``answer: 42`` or ``label: 1`` in YAML is a number; every field of a sample is text.
+        if not isinstance(demos, list):
+            return demos
+        return [{k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for k, v in d.items()}
+                if isinstance(d, dict) else d for d in demos]
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskSpec:

@@ -855,9 +855,16 @@ def check_student_model(task: TaskSpec, cfg: StudentConfig, model_path: str | Pa
                   "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING}
         what = "a seq2seq or causal LM"
     remote = getattr(config, "auto_map", None) or {}
-    if any(type(config) in mapping or (trust and auto in remote) for auto, mapping in needed.items()):
+    # transformers gives BERT-like encoders a causal-LM class too, but one never trained to write:
+    # an encoder (a masked LM not configured as a decoder) is no text-to-text student.
+    encoder = (kind == "text_to_text" and type(config) in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING
+               and type(config) not in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+               and not getattr(config, "is_decoder", False))
+    if not encoder and any(type(config) in mapping or (trust and auto in remote) for auto, mapping in needed.items()):
         return
-    hint = "; pick a text encoder such as embedded:all-minilm-l6-v2" if kind == "classifier" else ""
+    hint = ("; pick a text encoder such as embedded:all-minilm-l6-v2" if kind == "classifier" else
+            "; set student.model to one, e.g. embedded:smollm2-135m-instruct or a Hub id such as "
+            "google/flan-t5-small" + (f" ({config.model_type!r} is an encoder)" if encoder else ""))
     raise InputError(
         f"student.model {cfg.model!r}: a {config.model_type!r} model cannot be {what}, which the "
         f"{task.type} task {task.name!r} needs (student.kind={cfg.kind}){hint}"

@@ -241,7 +241,8 @@ def _label_leak_pattern(task: TaskSpec) -> re.Pattern[str] | None:
     for label in task.labels:
         words |= {label.name, label.word, label.name.replace("_", " ")}
     alt = "|".join(_words_pattern(w) for w in sorted(words, key=len, reverse=True) if w.strip())
-    noun_words = ["label", "category", "sample"]
+    # Not "label" ("the shipping label" of a ticket about shipping is no leak); "(label: x)" is part one.
+    noun_words = ["category", "sample"]
     # "business sentiment" is news, "positive sentiment" a leak: only opinion tasks count it.
     if re.search(r"\b(?:sentiment|opinion)", task.description, _I):
         noun_words.append("sentiment")
@@ -366,11 +367,11 @@ def label_leak(task: TaskSpec, value: str) -> str | None:
     - a label tag anywhere: ``label:``, ``labels:``, ``sentiment:``, ``class:``, ``category:``,
       ``classification:`` (or with ``=``);
     - a label word alone in brackets: ``(entailment)``, ``[positive]``, ``(label: positive)``;
-    - a label word followed, directly or after one word, by ``label``, ``category``, ``sample``,
-      the last word of the task's ``sample_noun`` (``review`` for SST-2) or, when the task's
-      description mentions "sentiment" or "opinion", ``sentiment``: "a positive review",
-      "negative movie review", "entailment sample", "positive sentiment". Plurals do not count
-      ("despite positive reviews" is fine);
+    - a label word followed, directly or after one word, by ``category``, ``sample``, the last
+      word of the task's ``sample_noun`` (``review`` for SST-2) or, when the task's description
+      mentions "sentiment" or "opinion", ``sentiment``: "a positive review", "negative movie
+      review", "entailment sample", "positive sentiment". Plurals do not count ("despite positive
+      reviews" is fine), nor ``label`` ("the shipping label" of a parcel);
     - the value starts with a label word and a colon or a spaced dash: "Negative: ...";
     - "this/the <noun> is [clearly|very|definitely|overall] <label word>": "the sentiment is negative".
 
@@ -485,7 +486,8 @@ def _parse(task: TaskSpec, prompt: Prompt, text: str) -> ParseResult:
 
     for name, value in values.items():
         share = _letter_share(value)
-        if share < MIN_LETTER_SHARE and not (name == task.target_key and task.answer_type == "number"):
+        # A text-to-text answer may well be all digits ("7", "1969") whatever its answer_type.
+        if share < MIN_LETTER_SHARE and name != task.target_key:
             return _reject("refusal", f"{name}: almost no letters ({share:.0%})")
 
     prompt_norm: str | None = None

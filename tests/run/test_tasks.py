@@ -39,6 +39,21 @@ def test_user_task_file_loads(tmp_path):
     assert task.target_key == "label"
 
 
+def test_yes_no_and_number_labels_are_text_as_written(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads yes and no as booleans; a newcomer's labels must stay labels.
+    path = tmp_path / "mine.yaml"
+    path.write_text(SST2.replace("name: good", "name: yes").replace("name: bad", "name: no")
+                    .replace("label: good}", "label: yes}\n  - {text: \"dull stuff\", label: no}"))
+    task = load_task(path)
+    assert task.label_names == ["yes", "no"] and [d["label"] for d in task.seed_demos] == ["yes", "no"]
+    path.write_text(SST2.replace("name: good", "name: 5").replace("name: bad", "name: 1").replace("label: good}", "label: 5}"))
+    task = load_task(path)
+    assert task.label_names == ["5", "1"] and task.seed_demos[0]["label"] == "5"
+    path.write_text(SST2.replace("description: Is it good?", "description: true"))
+    with pytest.raises(TaskFileError, match="description"):  # true and false are still booleans
+        load_task(path)
+
+
 @pytest.mark.parametrize(
     ("edit", "field"),
     [

@@ -25,6 +25,7 @@ from gold_ray.student.model import (
     ClassifierStudent,
     TextToTextStudent,
     build_student,
+    check_student_model,
     load_student,
 )
 
@@ -287,6 +288,14 @@ def test_build_student_picks_kind_and_names_bad_models(models):
         build_student(SST2, StudentConfig(), models["vit"])
     with pytest.raises(ValueError, match="student.model"):
         build_student(SST2, StudentConfig(), models["bert"].parent / "missing")
+
+
+def test_an_encoder_is_refused_as_a_text_to_text_student(models):
+    # transformers would build BertLMHeadModel for it: a causal LM in name, never trained to write.
+    with pytest.raises(ValueError, match=r"student\.model 'bert'.*seq2seq or causal LM.*'bert' is an encoder"):
+        check_student_model(SVAMP, StudentConfig(model="bert"), models["bert"])
+    for name in ("t5", "gpt2"):
+        check_student_model(SVAMP, StudentConfig(model=name), models[name])
 
 
 @pytest.mark.slow

@@ -6,12 +6,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gold_ray.run.tasks import load_task
+from gold_ray.run.tasks import LabelSpec, load_task
 from gold_ray.teacher.parsing import (
     CHATTER_PATTERNS,
     MAX_RAW_CHARS,
     Deduplicator,
     ParseResult,
+    label_leak,
     normalized_hash,
     parse_batch,
     parse_generation,
@@ -185,6 +186,21 @@ def test_svamp_answer_is_the_normalised_number(answer, expected):
 def test_svamp_answer_without_a_number_is_a_missing_field():
     text = "Problem: A baker made 48 muffins and sold 29 of them. How many are left?\nAnswer: nineteen"
     assert_reject(parse(SVAMP, text), "missing_field", "answer")
+
+
+def test_a_label_word_before_the_word_label_is_no_leak():
+    tickets = SST2.model_copy(update={"name": "tickets", "sample_noun": "support ticket", "labels": [
+        LabelSpec(name="shipping", description="deliveries"), LabelSpec(name="billing", description="payments")]})
+    assert label_leak(tickets, "The shipping label on my parcel has the wrong address.") is None
+    assert label_leak(tickets, "This billing ticket is about my invoice.")  # the sample noun still counts
+
+
+def test_a_text_answer_of_digits_is_kept():
+    # A question-answering task's answer may be a year or a count, however its answer_type reads.
+    qa = SVAMP.model_copy(update={"answer_type": "text", "name": "qa"})
+    result = parse(qa, "Problem: In which year did the first person walk on the Moon?\nAnswer: 1969")
+    assert result.reason is None and result.fields["answer"] == "1969"
+    assert_reject(parse(qa, "Problem: 12 34 56 78 90 12 34 56 78 90 12\nAnswer: 7"), "refusal", "question")
 
 
 # --- one test per reject reason -------------------------------------------------------------
