@@ -284,7 +284,8 @@ def shipped_tasks() -> dict[str, Path]:
 def load_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
     """Load a shipped task by name (``sst2``) or any task YAML file by path.
 
-    A task file's relative ``eval.path`` that exists beside the file comes back as an absolute path.
+    A task file's relative ``eval.path`` or ``seed_path`` that exists beside the file comes back as
+    an absolute path.
 
     Raises:
         TaskFileError: the file is missing, is not YAML, or does not validate; the message lists
@@ -305,20 +306,25 @@ def load_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
         spec = TaskSpec.model_validate(data)
     except ValidationError as err:
         raise TaskFileError(f"{path}:\n{format_validation_error(err)}") from err
-    return spec if text in shipped else _eval_beside(spec, path)
+    return spec if text in shipped else _files_beside(spec, path)
 
 
-def _eval_beside(spec: TaskSpec, path: Path) -> TaskSpec:
-    # A user's task names its evaluation file as they see it, often beside the task file: that file
-    # wins over a data mirror's, and is kept as an absolute path so the run's copy of the task and
-    # a resume from another directory find it too.
-    raw = spec.eval.path if spec.eval else None
-    if raw is None or Path(os.path.expanduser(raw)).is_absolute():
-        return spec
-    beside = (path.parent / raw).absolute()
-    if not beside.is_file():
-        return spec
-    return spec.model_copy(update={"eval": spec.eval.model_copy(update={"path": str(beside)})})
+def _files_beside(spec: TaskSpec, path: Path) -> TaskSpec:
+    # A user's task names its evaluation and seed files as they see them, often beside the task
+    # file: such a file wins over a data mirror's, and is kept as an absolute path so the run's
+    # copy of the task and a resume from another directory find it too.
+    def beside(raw: str | None) -> str | None:
+        if raw is None or Path(os.path.expanduser(raw)).is_absolute():
+            return None
+        there = (path.parent / raw).absolute()
+        return str(there) if there.is_file() else None
+
+    update: dict[str, Any] = {}
+    if spec.eval is not None and (found := beside(spec.eval.path)):
+        update["eval"] = spec.eval.model_copy(update={"path": found})
+    if found := beside(spec.seed_path):
+        update["seed_path"] = found
+    return spec.model_copy(update=update) if update else spec
 
 
 def format_validation_error(err: ValidationError) -> str:

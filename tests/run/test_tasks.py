@@ -136,3 +136,20 @@ def test_relative_eval_file_beside_the_task_file_wins_over_the_mirror(monkeypatc
     (project / "mine.yaml").write_text(SST2 + "eval: {path: sub/other.jsonl}\n")
     assert load_task("project/mine.yaml").eval.path == "sub/other.jsonl"
     assert load_task("sst2").eval.path == "sst2/test.jsonl"
+
+
+def test_relative_seed_file_beside_the_task_file_is_found_from_anywhere(monkeypatch, tmp_path):
+    # S3's validation set and LLKD's pool default to seed_path: a newcomer keeps it beside the task.
+    from gold_ray.config import load_config
+    from gold_ray.strategies.base import resolve_strategy_input
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mine.yaml").write_text(SST2 + "seed_path: seed.jsonl\n")
+    (project / "seed.jsonl").write_text('{"text": "lovely", "label": "good"}\n')
+    monkeypatch.delenv("GOLD_RAY_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    task = load_task("project/mine.yaml")
+    assert task.seed_path == str((project / "seed.jsonl").absolute())
+    cfg = load_config(None, ["task.name=project/mine.yaml", "strategy.name=s3"])
+    assert resolve_strategy_input(cfg, task, "val_path", None, "S3's validation set") == project / "seed.jsonl"
