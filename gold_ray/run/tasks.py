@@ -12,6 +12,7 @@ Three task types cover the GOLD paper's tasks:
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -328,9 +329,33 @@ def _files_beside(spec: TaskSpec, path: Path) -> TaskSpec:
 
 
 def format_validation_error(err: ValidationError) -> str:
-    """One line per error, each starting with the dotted field path."""
+    """One line per error, each starting with the dotted field path.
+
+    A check of the whole file names its field in its own message, which then stands alone; an
+    unknown key gets the closest known one of its section as a suggestion.
+    """
     lines = []
     for e in err.errors():
-        loc = ".".join(str(part) for part in e["loc"]) or "(root)"
-        lines.append(f"  {loc}: {e['msg']}")
+        loc = ".".join(str(part) for part in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            known = _known_keys(err.title, e["loc"][:-1])
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1, cutoff=0.5)
+            msg += f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})" if known else ""
+        lines.append(f"  {msg}" if not loc else f"  {loc}: {msg}")
     return "\n".join(lines)
+
+
+def _known_keys(model_name: str, loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the model that holds ``loc`` inside the model named ``model_name``."""
+    from gold_ray.config import RunConfig
+
+    model: Any = {"TaskSpec": TaskSpec, "RunConfig": RunConfig}.get(model_name)
+    for part in loc:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        ann = field.annotation if field else None
+        model = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
+                     None)
+    return sorted(model.model_fields) if model is not None else []

@@ -73,6 +73,20 @@ def test_broken_task_names_the_field(tmp_path, edit, field):
         load_task(path)
 
 
+def test_a_misspelt_key_gets_the_known_one_and_a_file_check_its_own_field(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(SST2.replace("{name: text, display: Text}", "{name: text, display: Text, max_char: 90}")
+                    + "evaluation: {path: x.jsonl}\n")
+    with pytest.raises(TaskFileError) as err:
+        load_task(path)
+    assert "evaluation: Extra inputs are not permitted (did you mean 'eval'?)" in str(err.value)
+    assert "input_fields.0.max_char: Extra inputs are not permitted (did you mean 'max_chars'?)" in str(err.value)
+    path.write_text(SST2.replace("label: good}", "label: great}"))
+    with pytest.raises(TaskFileError) as err:
+        load_task(path)
+    assert str(err.value).endswith("\n  seed_demos[0].label: 'great' is not in the label set ['bad', 'good']")
+
+
 def test_missing_task_lists_shipped_ones():
     with pytest.raises(TaskFileError, match="sst2"):
         load_task("no-such-task")
