@@ -48,6 +48,13 @@ class InputField(_Strict):
     min_chars: int = Field(default=10, ge=0)
     max_chars: int = Field(default=400, gt=0)
 
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> InputField:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars {self.min_chars} is above max_chars {self.max_chars}: every sample "
+                             "would be rejected")
+        return self
+
 
 class LabelSpec(_Strict):
     """One class of a classification task.
@@ -149,7 +156,7 @@ class TaskSpec(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     type: TaskType
-    description: str = Field(min_length=1)
+    description: str = Field(min_length=1, pattern=r"\S")
     sample_noun: str = "text"
     input_fields: list[InputField] = Field(min_length=1)
     labels: list[LabelSpec] = Field(default_factory=list)
@@ -169,6 +176,11 @@ class TaskSpec(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate label names: {dupes}")
+        # The teacher's answers and the leak check compare labels without case.
+        folded = [n.casefold() for n in names]
+        clash = sorted({n for n in names if folded.count(n.casefold()) > 1})
+        if clash:
+            raise ValueError(f"label names that differ only in case: {clash}")
         return labels
 
     @field_validator("seed_demos", mode="before")
@@ -195,6 +207,9 @@ class TaskSpec(_Strict):
         else:
             if not self.target_field:
                 raise ValueError("target_field: a text_to_text task must name its target field")
+            if self.target_field in names:
+                raise ValueError(f"target_field: {self.target_field!r} is an input field too; name the answer "
+                                 "field apart from what the student reads")
             if self.labels:
                 raise ValueError("labels: a text_to_text task has no label set")
         wanted = set(names) | {self.target_key}

@@ -64,6 +64,10 @@ def test_yes_no_and_number_labels_are_text_as_written(tmp_path):
         (lambda s: s.replace("label: good}", "label: great}"), r"seed_demos\[0\]\.label"),
         (lambda s: s.replace("type: classification", "type: regression"), "type"),
         (lambda s: s + "colour: blue\n", "colour"),
+        (lambda s: s.replace("display: Text}", "display: Text, min_chars: 500, max_chars: 100}"),
+         r"input_fields\.0: .*min_chars 500 is above max_chars 100"),
+        (lambda s: s.replace("name: bad", "name: Good"), r"labels: label names that differ only in case"),
+        (lambda s: s.replace("description: Is it good?", "description: '  '"), "description"),
     ],
 )
 def test_broken_task_names_the_field(tmp_path, edit, field):
@@ -167,3 +171,12 @@ def test_relative_seed_file_beside_the_task_file_is_found_from_anywhere(monkeypa
     assert task.seed_path == str((project / "seed.jsonl").absolute())
     cfg = load_config(None, ["task.name=project/mine.yaml", "strategy.name=s3"])
     assert resolve_strategy_input(cfg, task, "val_path", None, "S3's validation set") == project / "seed.jsonl"
+
+
+def test_a_text_to_text_target_must_not_be_an_input_field(tmp_path):
+    path = tmp_path / "qa.yaml"
+    path.write_text("name: qa\ntype: text_to_text\ndescription: Answer it.\n"
+                    "input_fields: [{name: question, display: Question}]\ntarget_field: question\n"
+                    "seed_demos: [{question: what is two plus two}]\n")
+    with pytest.raises(TaskFileError, match="target_field: 'question' is an input field too"):
+        load_task(path)
