@@ -163,7 +163,8 @@ _TRANSLATE = str.maketrans(
 _SPECIAL_TOKEN = re.compile(
     r"<\|[^>\n]{0,40}\|>|</?s>|\[/?INST\]|<(?:end_of_turn|start_of_turn|eos|bos)>", _I
 )
-_LEADING_MARKUP = re.compile(r"\A(?:[*_>\u2022]+|#+\s|-\s)[\s*_>\u2022]*")  # not "#1 film", not "-5"
+# Bullets, headings and list numbers ("1. ", "2) "); not "#1 film", "-5" or "2.5 stars".
+_LEADING_MARKUP = re.compile(r"\A(?:[*_>\u2022]+|#+\s|-\s|\d{1,2}[.)]\s)[\s*_>\u2022]*")
 _TAG_LIKE_LINE = re.compile(r"\A[\W_]{0,4}[A-Za-z][A-Za-z0-9 /&'()-]{0,30}[:=](?:\s|\Z)")
 _WS = re.compile(r"\s+")
 _NON_ALNUM = re.compile(r"[\W_]+")

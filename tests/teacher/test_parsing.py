@@ -69,6 +69,8 @@ def assert_reject(result, reason, *detail_words):
         "  The film was a delight from start to finish.\n\nI hope this helps!",
         "The film was a delight from start to finish.\nSentiment: positive",
         "The film was a delight from start to finish.<|im_end|>",
+        "1. The film was a delight from start to finish.",
+        "2) The film was a delight from start to finish.",
     ],
 )
 def test_single_field_cleaning_yields_the_review(text):
