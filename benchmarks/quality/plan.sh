@@ -18,22 +18,23 @@ gold_zerogen() {
         $RUN --task "$t" --strategies gold,zerogen --seeds "$1" $(limit "$t")
     done
 }
-# The energy band against a random band of the same size, on two tasks (further arguments: run.py's).
+# The energy band against a random band of the same size, on two tasks: random_band SEED TASKS
+# [run.py arguments].
 BAND_TASKS="sst2 ag_news"
 random_band() {
-    for t in $BAND_TASKS; do
-        $RUN --task "$t" --strategies gold --seeds "$1" --tag randband --set strategy.score=random $(limit "$t") "${@:2}"
+    for t in $2; do
+        $RUN --task "$t" --strategies gold --seeds "$1" --tag randband --set strategy.score=random $(limit "$t") "${@:3}"
     done
 }
 gold_zerogen 0; gold_zerogen 1
-random_band 0
-# Seed 2 runs GOLD on the random band's tasks first, so that the random band can start from GOLD's
-# first teacher pass (--fork): the pair then differs in the band alone, wherever each ran. Seeds 0
-# and 1 predate forks (their GOLD runs' folders are gone): their random bands share no teacher pass
-# with GOLD, and ran on other machines than GOLD did, so seed 1's comes last.
+random_band 0 "$BAND_TASKS"
+# Seed 2 runs GOLD on each of the random band's tasks, then at once that task's random band started
+# from GOLD's first teacher pass (--fork): the pair then differs in the band alone, wherever each
+# ran. Seeds 0 and 1 predate forks (their GOLD runs' folders are gone): their random bands share no
+# teacher pass with GOLD and ran on other machines than GOLD did, so seed 1's comes last.
 for t in $BAND_TASKS; do
     $RUN --task "$t" --strategies gold --seeds 2 $(limit "$t")
+    random_band 2 "$t" --fork
 done
-random_band 2 --fork
 gold_zerogen 2
-random_band 1
+random_band 1 "$BAND_TASKS"
