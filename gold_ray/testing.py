@@ -92,9 +92,41 @@ def buffer_faults(times: int = 20) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+def mapped_bytes_holding(nbytes: int = 64 * 2**20) -> int | None:
+    """Bytes glibc serves by ``mmap`` while this process holds a tensor of ``nbytes``.
+
+    glibc's default maps a block this large fresh and unmaps it on free (so a step faults it in
+    again every time); with :mod:`gold_ray.allocator`'s settings the heap serves it and the
+    answer is 0 (whatever else maps). Unlike a page-fault count, this does not depend on what the
+    process's other threads allocate meanwhile. ``None`` where the C library is not glibc 2.33+.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    import torch
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        return None
+
+    class _Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = _Mallinfo2
+    held = torch.ones(nbytes // 4)
+    mapped = int(libc.mallinfo2().hblkhd)
+    del held
+    return mapped
+
+
 class ProcessFactsEngine(FakeTeacherEngine):
     """A fake engine whose every answer is JSON about the process (and thread) that answers:
-    ``threads`` (torch's) and ``faults`` (:func:`buffer_faults`). A test sees what a Serve
+    ``threads`` (torch's) and ``mapped`` (:func:`mapped_bytes_holding`). A test sees what a Serve
     replica computes with."""
 
     def _answer(self, prompt: Prompt) -> str:
@@ -102,7 +134,7 @@ class ProcessFactsEngine(FakeTeacherEngine):
 
         import torch
 
-        return json.dumps({"threads": torch.get_num_threads(), "faults": buffer_faults()})
+        return json.dumps({"threads": torch.get_num_threads(), "mapped": mapped_bytes_holding()})
 
 
 class RecordingEngine(FakeTeacherEngine):
