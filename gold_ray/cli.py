@@ -38,7 +38,7 @@ from pathlib import Path
 
 from gold_ray.config import RunConfig
 from gold_ray.entry import SHIPPED_CONFIG_DIR, config_path, load_run_config, report_failure, summary_text
-from gold_ray.errors import InputError
+from gold_ray.errors import InputError, UserError
 from gold_ray.run.tasks import TaskFileError, load_task, shipped_tasks
 
 # SHIPPED_CONFIG_DIR and config_path live in gold_ray.entry; callers that import them from the CLI
@@ -205,15 +205,24 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             labels = ", ".join(task.label_names) if task.is_classification else f"-> {task.target_field}"
             print(f"{name:<10} {task.type:<20} {labels}")
         return 0
+    from gold_ray.config import TaskConfig
+    from gold_ray.student.evaluation import check_task_data
+
     status = 0
     for file in args.files:
         try:
             task = load_task(file)
-        except TaskFileError as err:
-            print(f"INVALID {err}", file=sys.stderr)
+            data = check_task_data(task, TaskConfig())
+        except UserError as err:
+            # A task file's own errors name it; a data file's name that file and line.
+            print(f"INVALID {err}" if isinstance(err, TaskFileError) else f"INVALID {file}: {err}", file=sys.stderr)
             status = 1
             continue
         print(f"ok {file}: task {task.name} ({task.type}, {len(task.seed_demos)} seed demos)")
+        for line in data.found:
+            print(f"   {line}")
+        for line in data.warnings:
+            print(f"   warning: {line}", file=sys.stderr)
     return status
 
 

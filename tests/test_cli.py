@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,55 @@ def test_a_bad_task_field_exits_2_naming_the_field_without_a_traceback(tmp_path,
     assert "Traceback" not in err and "internal error" not in err
     assert not (run / "logs").exists()
 
+
+
+def _own_task(tmp_path: Path) -> Path:
+    # SST-2's task as a user's own, with its evaluation and seed files beside it.
+    data = yaml.safe_load((SHIPPED_TASK_DIR / "sst2.yaml").read_text())
+    data.update(eval={"path": "test.jsonl"}, seed_path="seed.jsonl")
+    task = tmp_path / "my_task.yaml"
+    task.write_text(yaml.safe_dump(data))
+    (tmp_path / "test.jsonl").write_text('{"text": "a fine film", "label": "positive"}\n\n'
+                                         '{"text": "dull", "label": "negative"}\n')
+    (tmp_path / "seed.jsonl").write_text('{"text": "great", "label": "positive"}\n')
+    return task
+
+
+def test_tasks_validate_reads_the_files_the_task_names(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GOLD_RAY_DATA", raising=False)
+    task = _own_task(tmp_path)
+    assert main(["tasks", "validate", str(task)]) == 0
+    out = capsys.readouterr().out
+    assert f"eval: 2 records of {tmp_path / 'test.jsonl'}" in out
+    assert f"seed_path: 1 labelled records of {tmp_path / 'seed.jsonl'}" in out
+
+    (tmp_path / "seed.jsonl").write_text('{"text": "great"}\n')  # LLKD's pool needs no labels
+    assert main(["tasks", "validate", str(task)]) == 0
+    assert "seed_path: 1 records without 'label'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("file", "text", "expected"), [
+    ("test.jsonl", '{"text": "ok", "label": "positive"}\n\n{"text": "meh", "label": "neutral"}\n',
+     r"test\.jsonl:3: label 'neutral' is not one of"),
+    ("test.jsonl", '{"text": "ok", "label": "positive"}\nnot json\n', r"test\.jsonl:2: not valid JSON"),
+    ("seed.jsonl", '{"text": "ok"}\n{"sentence": "no text"}\n', r"seed\.jsonl:2: missing field 'text'"),
+    ("seed.jsonl", '{"text": "ok", "label": "great"}\n', r"seed\.jsonl:1: label 'great' is not one of"),
+])
+def test_tasks_validate_names_the_line_of_a_bad_data_file(tmp_path, capsys, file, text, expected):
+    task = _own_task(tmp_path)
+    (tmp_path / file).write_text(text)
+    assert main(["tasks", "validate", str(task)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"INVALID {task}: ") and re.search(expected, err), err
+
+
+def test_tasks_validate_warns_about_files_it_cannot_find(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GOLD_RAY_DATA", raising=False)
+    task = _own_task(tmp_path)
+    (tmp_path / "test.jsonl").unlink()
+    (tmp_path / "seed.jsonl").unlink()
+    assert main(["tasks", "validate", str(task)]) == 0  # a run still goes: on a synthetic hold-out
+    captured = capsys.readouterr()
+    assert "ok " in captured.out
+    assert "warning: eval: " in captured.err and "a run evaluates on a synthetic hold-out" in captured.err
+    assert "warning: seed_path: 'seed.jsonl' is relative" in captured.err

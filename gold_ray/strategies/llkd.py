@@ -67,7 +67,7 @@ import numpy as np
 from gold_ray.config import ConfigError, RunConfig
 from gold_ray.run.tasks import TaskSpec
 from gold_ray.strategies.base import Strategy, StrategyContext, resolve_strategy_input
-from gold_ray.student.evaluation import read_jsonl
+from gold_ray.student.evaluation import read_jsonl_numbered
 from gold_ray.student.influence import softmax
 from gold_ray.teacher.labelling import OPTIONS_KEY, RECORD_KEY, softmax_confidence
 from gold_ray.teacher.prompts import render_classify_prompt
@@ -87,14 +87,14 @@ def load_unlabelled(task: TaskSpec, path: Path) -> list[dict[str, Any]]:
         ConfigError: the file is malformed or a record misses an input field (names the line).
     """
     try:
-        raw = read_jsonl(path)
+        raw = read_jsonl_numbered(path)
     except ValueError as err:
         raise ConfigError(f"task.unlabeled_path: {err}") from None
     pool = []
-    for lineno, rec in enumerate(raw, start=1):
+    for lineno, rec in raw:
         missing = [f for f in task.field_names if rec.get(f) in (None, "")]
         if missing:
-            raise ConfigError(f"task.unlabeled_path: {path}: record {lineno} has no {missing} (task {task.name!r})")
+            raise ConfigError(f"task.unlabeled_path: {path}:{lineno}: missing field {missing[0]!r} (task {task.name!r})")
         pool.append({"id": f"pool-{lineno:05d}", **{f: str(rec[f]) for f in task.field_names}})
     return pool
 

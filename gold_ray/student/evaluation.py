@@ -294,6 +294,76 @@ def load_task_eval(task: TaskSpec, task_cfg: TaskConfig, *, seed: int = 0) -> Ev
     return EvalSet(records, hf.source, f"evaluating on {len(records)} records of {hf.source[3:]}{because}")
 
 
+@dataclass(frozen=True)
+class TaskDataCheck:
+    """What :func:`check_task_data` found: lines for people, and which of them are warnings.
+
+    Attributes:
+        found: One line per file that was found and checks (records counted).
+        warnings: One line per file a run would look for and not find, or would not use as hoped.
+    """
+
+    found: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_task_data(task: TaskSpec, task_cfg: TaskConfig) -> TaskDataCheck:
+    """Read and check the local files ``task`` names, as a run would find them, without running.
+
+    The evaluation file is found as :func:`load_task_eval` finds it and checked record by record
+    (input fields, target, known labels); a dataset named by ``eval.hf`` is reported, not loaded
+    (that may reach the network). The seed file (``seed_path``: S3's validation set, LLKD's
+    unlabelled pool unless the config names others) must hold the input fields; its labels are
+    checked where it has them.
+
+    Args:
+        task: The task, as :func:`~gold_ray.run.tasks.load_task` read it (relative files beside
+            the task file already made absolute).
+        task_cfg: The ``task`` config section (``data_dir``; ``eval_path`` when set).
+
+    Returns:
+        The :class:`TaskDataCheck`.
+
+    Raises:
+        InputError: a file that is there does not check (the message names the file and line).
+        ConfigError: ``task.eval_path`` is relative and no data folder is set.
+    """
+    out = TaskDataCheck()
+    path, kind, why = _local_eval_file(task, task_cfg)
+    if kind:
+        records = load_eval_records(task, path)
+        out.found.append(f"eval: {len(records)} records of {path}")
+    elif task.eval is not None and task.eval.hf is not None:
+        where = f" ({why})" if task.eval.path else ""
+        out.found.append(f"eval: {task.eval.hf.source[3:]}, loaded when a run starts{where}")
+    else:
+        beside = " (a relative path is looked up beside the task file first)" if task.eval and task.eval.path else ""
+        out.warnings.append(f"eval: {why}{beside}; a run evaluates on a synthetic hold-out")
+    if not task.seed_path:
+        return out
+    try:
+        seed_file = resolve_data_path(task.seed_path, task_cfg.data_dir)
+    except FileNotFoundError as err:
+        out.warnings.append(f"seed_path: {err}; S3 and LLKD need it unless the config names their files")
+        return out
+    if not seed_file.is_file():
+        out.warnings.append(f"seed_path: {str(seed_file)!r} does not exist (nor beside the task file); S3 and LLKD "
+                            "need it unless the config names their files")
+        return out
+    numbered = read_jsonl_numbered(seed_file)
+    for lineno, raw in numbered:
+        missing = [f for f in task.field_names if raw.get(f) in (None, "")]
+        if missing:
+            raise InputError(f"{seed_file}:{lineno}: missing field {missing[0]!r} (task {task.name!r} seed_path)")
+    if all(raw.get(task.target_key) is None for _, raw in numbered):
+        out.found.append(f"seed_path: {len(numbered)} records without {task.target_key!r} of {seed_file} "
+                         "(LLKD's pool; S3 needs them labelled)")
+    else:
+        load_eval_records(task, seed_file)
+        out.found.append(f"seed_path: {len(numbered)} labelled records of {seed_file}")
+    return out
+
+
 def _no_eval_set(task: TaskSpec, why: str) -> EvalSet:
     note = f"task {task.name!r} has no real evaluation set here: {why}; the run evaluates on a synthetic hold-out"
     logger.warning(note)
