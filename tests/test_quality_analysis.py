@@ -43,6 +43,19 @@ def diagnose(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def bands(tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir(exist_ok=True)
+    return _script("bands", tmp_path / "results", monkeypatch)
+
+
+def _run_config(run_dir, eval_file, student_dir, *extra):
+    return load_config(None, [
+        "task.name=sst2", f"task.eval_path={eval_file}", f"student.model={student_dir}", "teacher.model=fake",
+        "budget.samples=24", "strategy.iterations=2", "strategy.probe_fraction=0.5", "student.final_epochs=1",
+        "student.batch_size=8", f"output.dir={run_dir}", "tracking.enabled=false", *extra])
+
+
+@pytest.fixture
 def finished_run(tmp_path):
     """A finished GOLD run on the fake engine and a tiny student: (run folder, eval file, validation file)."""
     rows = [{"text": f"a sample {i} that reads as {'positive' if i % 2 else 'negative'}",
@@ -52,11 +65,7 @@ def finished_run(tmp_path):
     val_file.write_text("".join(json.dumps(r) + "\n" for r in rows[16:]))
     student_dir = save_tiny_classifier(tmp_path / "student")
     run_dir = tmp_path / "runs" / "sst2-gold-s0-n24"
-    cfg = load_config(None, [
-        "task.name=sst2", f"task.eval_path={eval_file}", f"student.model={student_dir}", "teacher.model=fake",
-        "budget.samples=24", "strategy.iterations=2", "strategy.probe_fraction=0.5", "student.final_epochs=1",
-        "student.batch_size=8", f"output.dir={run_dir}", "tracking.enabled=false"])
-    Distiller(cfg, engine=FakeTeacherEngine()).run()
+    Distiller(_run_config(run_dir, eval_file, student_dir), engine=FakeTeacherEngine()).run()
     return run_dir, eval_file, val_file
 
 
@@ -159,3 +168,34 @@ def test_diagnostics_report_each_iteration_from_the_run_files(diagnose, finished
     # The benchmark's own tasks are named as run.py names them, not by their file's path.
     with pytest.raises(SystemExit, match="2"):
         diagnose.main(["--task", "math_ops", "--samples", "24", "--runs-dir", str(tmp_path / "runs")])
+
+
+@pytest.mark.slow
+def test_bands_judges_both_runs_with_one_student_and_splits_probes_as_the_band_does(bands, finished_run, tmp_path):
+    run_dir, eval_file, _ = finished_run
+    twin = run_dir.with_name("sst2-gold-s0-n24-randband")
+    Distiller(_run_config(twin, eval_file, tmp_path / "student", "strategy.score=random",
+                          f"output.fork_from={run_dir}"), engine=FakeTeacherEngine()).run()
+    assert bands.main([str(run_dir), str(twin), "--judge", str(run_dir), "--out", "pair"]) == 0
+    result = json.loads((tmp_path / "results" / "bands-pair.json").read_text())
+    energy, random = result["rows"]["energy"], result["rows"]["random"]
+    assert [r["iteration"] for r in energy] == [r["iteration"] for r in random] == [0, 1]
+
+    # The judge's disagreement is its prediction against each sample's label.
+    task = load_task("sst2")
+    judge = load_student(run_dir / "student", task)
+    train = read_parts([run_dir / "data" / "train-it001.parquet"])
+    wrong = [p != r["label"] for p, r in zip(judge.predict(train), train, strict=True)]
+    assert energy[1]["train_disagree"] == round(sum(wrong) / len(wrong), 3)
+    assert energy[0]["train_disagree"] == random[0]["train_disagree"]  # the fork shares iteration 0
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for row, it in zip(energy, metrics["iterations"], strict=True):
+        # The energy band's share is the strategy's own pick of that iteration, and the three
+        # rank ranges hold every scored probe once.
+        assert row["probes_band"] == row["picked"] == it["feedback"]["new"] > 0
+        assert row["disagree_band"] == row["picked_disagree"]
+        assert row["probes_below"] + row["probes_band"] + row["probes_above"] == it["probe"]["scored"]
+    assert "disagree_band" not in random[0]
+    assert result["summary"]["picked_disagree"]["random"] is not None
+    assert "| iteration | accuracy |" in (tmp_path / "results" / "bands-pair.md").read_text()
