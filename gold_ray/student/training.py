@@ -224,10 +224,15 @@ def lr_lambda(schedule: str, total_steps: int, warmup: float) -> Callable[[int],
 # ---- the synthetic validation split -----------------------------------------------------------
 
 
-def in_share(key: str, seed: int, share: float, salt: str = "val") -> bool:
-    """Whether ``key`` falls in a seeded ``share`` of all keys (a hash, so the same in every process)."""
+def share_point(key: str, seed: int, salt: str = "val") -> float:
+    """``key``'s seeded point in [0, 1): a hash, so the same in every process and on every resume."""
     digest = hashlib.sha256(f"{salt}:{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < share
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def in_share(key: str, seed: int, share: float, salt: str = "val") -> bool:
+    """Whether ``key`` falls in a seeded ``share`` of all keys (see :func:`share_point`)."""
+    return share_point(key, seed, salt) < share
 
 
 def synthetic_split(
@@ -236,19 +241,30 @@ def synthetic_split(
     """Split generated records into training and synthetic validation records.
 
     A record is held out when its ``id`` hashes into ``share`` (see :func:`in_share`), so it stays
-    held out as the data grows. Fewer than ``minimum`` held-out records are too few to judge by:
-    then nothing is held out.
+    held out as the data grows. When there are records enough for ``minimum`` at ``share``
+    (``len(records) * share >= minimum``) but the hashes gave fewer, the records whose hashes
+    come next are held out too, up to ``minimum``: a split under ``minimum`` is dropped (too few to
+    judge by), and at ~200 records and a share of 0.1 that happened to about one run in six by
+    the hash's chance alone, leaving that run's first student without early stopping. The
+    records held out this way are those with the smallest hashes above ``share``, so a later,
+    larger split never holds out a record an earlier top-up left to training; they go to training
+    once the hashes alone give ``minimum``. With fewer records than that, a split under
+    ``minimum`` holds out nothing.
 
     Returns:
         ``(train, val)``; ``val`` is empty when under ``minimum``.
     """
     if share <= 0:
         return list(records), []
-    val = [r for r in records if in_share(str(r.get("id", "")), seed, share)]
-    if len(val) < minimum:
+    points = [share_point(str(r.get("id", "")), seed) for r in records]
+    held = {i for i, x in enumerate(points) if x < share}
+    if len(held) < minimum and len(records) * share >= minimum:
+        rest = sorted((x, i) for i, x in enumerate(points) if i not in held)
+        held |= {i for _, i in rest[: minimum - len(held)]}
+    if len(held) < minimum:
         return list(records), []
-    train = [r for r in records if not in_share(str(r.get("id", "")), seed, share)]
-    return train, val
+    return ([r for i, r in enumerate(records) if i not in held],
+            [r for i, r in enumerate(records) if i in held])
 
 
 # ---- validation score ---------------------------------------------------------------------------
