@@ -620,8 +620,9 @@ class Distiller:
     def _is_test(self, record: dict[str, Any]) -> bool:
         return in_share(str(record.get("id", "")), self.cfg.seed, self.cfg.student.val_share, salt="test")
 
-    def _split(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return synthetic_split(records, self.cfg.student.val_share, self.cfg.seed)
+    def _split(self, records: list[dict[str, Any]], fresh: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        # Only a fresh student may have its split topped up: a continued one trained on the next hashes up.
+        return synthetic_split(records, self.cfg.student.val_share, self.cfg.seed, top_up=fresh)
 
     def _new_student(self) -> Student:
         # The run seed, as the Ray train stage passes it, so a run's students match on both runtimes.
@@ -742,13 +743,14 @@ class Distiller:
         the next probes.
         """
         t0 = time.perf_counter()
-        if self.student is None or not self.strategy.continue_student:
+        fresh = self.student is None or not self.strategy.continue_student
+        if fresh:
             self.student = self._new_student()
         ctx.student = self.student
         available = self.training_records()
         mask = self.strategy.train_mask(ctx, available)
         records = [r for r, keep in zip(available, mask, strict=True) if keep]
-        train, val = self._split(records)
+        train, val = self._split(records, fresh)
         fit = self.runtime.train(self.student, train, in_loop_recipe(self.cfg.student), val)
         ckpt = self.run_dir / "checkpoints" / f"it{iteration:03d}"
         self.student.save(ckpt)
@@ -950,11 +952,11 @@ class Distiller:
         keep = self.strategy.keep_for_training(ctx, records)
         kept = [r for r, k in zip(records, keep, strict=True) if k]
         own = self.strategy.final_loss(ctx)
-        train, val = self._split(kept)
+        fresh = self.cfg.student.final_fresh or self.student is None
+        train, val = self._split(kept, fresh)
         candidates = final_recipes(self.cfg.student, own, selectable=bool(val))
         trials = []
         for recipe in candidates:
-            fresh = self.cfg.student.final_fresh or self.student is None
             student = self._new_student() if fresh else load_student(self._checkpoint(), self.task)
             fit = self.runtime.train(student, train, recipe, val)
             trials.append((recipe, student, fit))

@@ -236,20 +236,22 @@ def in_share(key: str, seed: int, share: float, salt: str = "val") -> bool:
 
 
 def synthetic_split(
-    records: Sequence[dict[str, Any]], share: float, seed: int, minimum: int = MIN_VAL_RECORDS
+    records: Sequence[dict[str, Any]], share: float, seed: int, minimum: int = MIN_VAL_RECORDS,
+    *, top_up: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split generated records into training and synthetic validation records.
 
-    A record is held out when its ``id`` hashes into ``share`` (see :func:`in_share`), so it stays
-    held out as the data grows. When there are records enough for ``minimum`` at ``share``
-    (``len(records) * share >= minimum``) but the hashes gave fewer, the records whose hashes
-    come next are held out too, up to ``minimum``: a split under ``minimum`` is dropped (too few to
-    judge by), and at ~200 records and a share of 0.1 that happened to about one run in six by
-    the hash's chance alone, leaving that run's first student without early stopping. The
-    records held out this way are those with the smallest hashes above ``share``, so a later,
-    larger split never holds out a record an earlier top-up left to training; they go to training
-    once the hashes alone give ``minimum``. With fewer records than that, a split under
-    ``minimum`` holds out nothing.
+    A record is held out when its ``id`` hashes into ``share`` (see :func:`in_share`), so as the
+    data grows a held-out record stays held out. Fewer than ``minimum`` held-out records are too
+    few to judge by: then nothing is held out (and a student trained then has seen records that
+    a later, larger split holds out).
+
+    ``top_up`` is for a student that has seen none of ``records`` (a fresh one): when there are
+    records enough for ``minimum`` at ``share`` (``len(records) * share >= minimum``) but the
+    hashes gave fewer, the records whose hashes come next are held out too, up to ``minimum``. At
+    ~200 records and a share of 0.1 the hashes alone fall short in about one run in six, which
+    left that run's first student without early stopping. A continued student must not top up:
+    the next hashes up may be records it trained on.
 
     Returns:
         ``(train, val)``; ``val`` is empty when under ``minimum``.
@@ -258,7 +260,7 @@ def synthetic_split(
         return list(records), []
     points = [share_point(str(r.get("id", "")), seed) for r in records]
     held = {i for i, x in enumerate(points) if x < share}
-    if len(held) < minimum and len(records) * share >= minimum:
+    if top_up and len(held) < minimum and len(records) * share >= minimum:
         rest = sorted((x, i) for i, x in enumerate(points) if i not in held)
         held |= {i for _, i in rest[: minimum - len(held)]}
     if len(held) < minimum:

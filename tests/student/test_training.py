@@ -83,27 +83,24 @@ def test_the_synthetic_split_is_stable_as_data_grows_and_needs_enough_records():
     assert synthetic_split(records, 0.1, seed=1)[1] != val
 
 
-def test_a_split_the_hashes_leave_short_is_topped_up_when_there_are_records_enough():
+def test_a_fresh_students_split_the_hashes_leave_short_is_topped_up_when_there_are_records_enough():
     # Seeds whose hashes hold out fewer than MIN_VAL_RECORDS of 200 records at a share of 0.1
-    # (about one in six): the next hashes up are held out too, so the split is never dropped.
+    # (about one in six): for a fresh student the next hashes up are held out too.
     from gold_ray.student.training import share_point
 
     records = [{"id": f"it000-train-{i:05d}"} for i in range(200)]
     short = [s for s in range(40) if sum(share_point(r["id"], s) < 0.1 for r in records) < MIN_VAL_RECORDS]
     assert short, "no seed in 0..39 leaves the split short"
     for seed in short:
+        assert synthetic_split(records, 0.1, seed) == (records, [])  # a continued student: dropped
         hashed = {r["id"] for r in records if share_point(r["id"], seed) < 0.1}
-        train, val = synthetic_split(records, 0.1, seed)
+        train, val = synthetic_split(records, 0.1, seed, top_up=True)
         assert len(val) == MIN_VAL_RECORDS and len(train) == 200 - MIN_VAL_RECORDS
         assert hashed < {r["id"] for r in val}
         lowest_left = min(share_point(r["id"], seed) for r in train)
         assert all(share_point(r["id"], seed) < lowest_left for r in val)
-        # As the data grows, the split holds what the hashes hold, and no record trained on before.
-        more = records + [{"id": f"it001-train-{i:05d}"} for i in range(200)]
-        more_train, more_val = synthetic_split(more, 0.1, seed)
-        assert not {r["id"] for r in train} & {r["id"] for r in more_val}
     # Too few records for MIN_VAL_RECORDS at this share: nothing held out, as before.
-    assert synthetic_split(records[:150], 0.1, short[0]) == (records[:150], [])
+    assert synthetic_split(records[:150], 0.1, short[0], top_up=True) == (records[:150], [])
 
 
 def test_pinned_epochs_give_exactly_those_epochs_and_the_default_fits_with_a_floor():
