@@ -104,17 +104,14 @@ def test_tasks_validate_reads_the_files_the_task_names(tmp_path, capsys, monkeyp
     assert f"eval: 2 records of {tmp_path / 'test.jsonl'}" in out
     assert f"seed_path: 1 labelled records of {tmp_path / 'seed.jsonl'}" in out
 
-    (tmp_path / "seed.jsonl").write_text('{"text": "great"}\n')  # LLKD's pool needs no labels
-    assert main(["tasks", "validate", str(task)]) == 0
-    assert "seed_path: 1 records without 'label'" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("file", "text", "expected"), [
     ("test.jsonl", '{"text": "ok", "label": "positive"}\n\n{"text": "meh", "label": "neutral"}\n',
-     r"test\.jsonl:3: label 'neutral' is not one of"),
-    ("test.jsonl", '{"text": "ok", "label": "positive"}\nnot json\n', r"test\.jsonl:2: not valid JSON"),
-    ("seed.jsonl", '{"text": "ok"}\n{"sentence": "no text"}\n', r"seed\.jsonl:2: missing field 'text'"),
-    ("seed.jsonl", '{"text": "ok", "label": "great"}\n', r"seed\.jsonl:1: label 'great' is not one of"),
+     r"eval\.path: .*test\.jsonl:3: label 'neutral' is not one of"),
+    ("test.jsonl", '{"text": "ok", "label": "positive"}\nnot json\n', r"eval\.path: .*test\.jsonl:2: not valid JSON"),
+    ("seed.jsonl", '{"text": "ok"}\n{"sentence": "no text"}\n', r"seed_path: .*seed\.jsonl:2: missing or empty field 'text'"),
+    ("seed.jsonl", '{"text": ""}\n', r"seed_path: .*seed\.jsonl:1: missing or empty field 'text'"),
 ])
 def test_tasks_validate_names_the_line_of_a_bad_data_file(tmp_path, capsys, file, text, expected):
     task = _own_task(tmp_path)
@@ -122,6 +119,35 @@ def test_tasks_validate_names_the_line_of_a_bad_data_file(tmp_path, capsys, file
     assert main(["tasks", "validate", str(task)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"INVALID {task}: ") and re.search(expected, err), err
+
+
+def test_tasks_validate_says_what_s3_would_refuse_in_a_seed_file_llkd_can_read(tmp_path, capsys):
+    task = _own_task(tmp_path)
+    (tmp_path / "seed.jsonl").write_text('{"text": "ok", "label": "positive"}\n{"text": "no label"}\n')
+    assert main(["tasks", "validate", str(task)]) == 0
+    captured = capsys.readouterr()
+    assert "seed_path: 2 records of" in captured.out
+    assert re.search(r"warning: seed_path: LLKD can read it as its pool; S3 would refuse it: .*seed\.jsonl:2: "
+                     r"missing field 'label'", captured.err), captured.err
+
+
+def test_tasks_validate_refuses_an_unreadable_file_as_bad_input(tmp_path, capsys):
+    task = _own_task(tmp_path)
+    data = yaml.safe_load(task.read_text())
+    (tmp_path / "tests").mkdir()  # a folder where the file should be
+    task.write_text(yaml.safe_dump({**data, "eval": {"path": str(tmp_path / "tests")}}))
+    assert main(["tasks", "validate", str(task)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"INVALID .*: eval\.path: .*tests: cannot read it", err), err
+    assert "internal error" not in err
+
+
+def test_tasks_validate_warns_when_the_seed_file_is_the_evaluation_file(tmp_path, capsys):
+    task = _own_task(tmp_path)
+    data = yaml.safe_load(task.read_text())
+    task.write_text(yaml.safe_dump({**data, "seed_path": "test.jsonl"}))
+    assert main(["tasks", "validate", str(task)]) == 0
+    assert "is the evaluation file; S3 and LLKD refuse it" in capsys.readouterr().err
 
 
 def test_tasks_validate_warns_about_files_it_cannot_find(tmp_path, capsys, monkeypatch):
@@ -132,5 +158,7 @@ def test_tasks_validate_warns_about_files_it_cannot_find(tmp_path, capsys, monke
     assert main(["tasks", "validate", str(task)]) == 0  # a run still goes: on a synthetic hold-out
     captured = capsys.readouterr()
     assert "ok " in captured.out
-    assert "warning: eval: " in captured.err and "a run evaluates on a synthetic hold-out" in captured.err
-    assert "warning: seed_path: 'seed.jsonl' is relative" in captured.err
+    assert f"warning: eval: {str(tmp_path / 'test.jsonl')!r} does not exist, and " in captured.err
+    assert "a run evaluates on a synthetic hold-out" in captured.err
+    assert f"warning: seed_path: {str(tmp_path / 'seed.jsonl')!r} does not exist, and 'seed.jsonl' is relative" \
+        in captured.err

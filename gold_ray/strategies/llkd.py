@@ -94,7 +94,7 @@ def load_unlabelled(task: TaskSpec, path: Path) -> list[dict[str, Any]]:
     for lineno, rec in raw:
         missing = [f for f in task.field_names if rec.get(f) in (None, "")]
         if missing:
-            raise ConfigError(f"task.unlabeled_path: {path}:{lineno}: missing field {missing[0]!r} (task {task.name!r})")
+            raise ConfigError(f"task.unlabeled_path: {path}:{lineno}: missing or empty field {missing[0]!r} (task {task.name!r})")
         pool.append({"id": f"pool-{lineno:05d}", **{f: str(rec[f]) for f in task.field_names}})
     return pool
 

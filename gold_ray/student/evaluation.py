@@ -59,6 +59,8 @@ def _iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
                 yield lineno, record
     except FileNotFoundError:
         raise MissingFileError(f"{p}: no such file") from None
+    except OSError as err:  # a folder, no permission
+        raise InputError(f"{p}: cannot read it ({err.strerror or err})") from None
     except UnicodeDecodeError as err:
         raise InputError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not seen:
@@ -307,59 +309,82 @@ class TaskDataCheck:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_task_data(task: TaskSpec, task_cfg: TaskConfig) -> TaskDataCheck:
+def check_task_data(task: TaskSpec, task_cfg: TaskConfig, task_file: str | os.PathLike[str] | None = None
+                    ) -> TaskDataCheck:
     """Read and check the local files ``task`` names, as a run would find them, without running.
 
     The evaluation file is found as :func:`load_task_eval` finds it and checked record by record
     (input fields, target, known labels); a dataset named by ``eval.hf`` is reported, not loaded
     (that may reach the network). The seed file (``seed_path``: S3's validation set, LLKD's
-    unlabelled pool unless the config names others) must hold the input fields; its labels are
-    checked where it has them.
+    unlabelled pool unless the config names others) must hold the input fields in every record;
+    what S3 would refuse in it (missing or unknown labels) is a warning, since LLKD reads only
+    the input fields.
 
     Args:
         task: The task, as :func:`~gold_ray.run.tasks.load_task` read it (relative files beside
             the task file already made absolute).
         task_cfg: The ``task`` config section (``data_dir``; ``eval_path`` when set).
+        task_file: The task file, to name where a relative file was looked for.
 
     Returns:
         The :class:`TaskDataCheck`.
 
     Raises:
-        InputError: a file that is there does not check (the message names the file and line).
+        InputError: a file that is there does not check; the message names the task field, the
+            file and the line.
         ConfigError: ``task.eval_path`` is relative and no data folder is set.
     """
     out = TaskDataCheck()
+
+    def looked_for(raw: str) -> str:
+        if task_file is None or Path(os.path.expanduser(raw)).is_absolute():
+            return ""
+        return f"{str(Path(task_file).parent / raw)!r} does not exist, and "
+
     path, kind, why = _local_eval_file(task, task_cfg)
     if kind:
-        records = load_eval_records(task, path)
+        try:
+            records = load_eval_records(task, path)
+        except (InputError, MissingFileError) as err:
+            raise InputError(f"eval.path: {err}") from None
         out.found.append(f"eval: {len(records)} records of {path}")
     elif task.eval is not None and task.eval.hf is not None:
         where = f" ({why})" if task.eval.path else ""
-        out.found.append(f"eval: {task.eval.hf.source[3:]}, loaded when a run starts{where}")
+        out.found.append(f"eval: the dataset {task.eval.hf.source[3:]}{where}, not read here; a run loads it "
+                         "when it is reachable or cached, else evaluates on a synthetic hold-out")
     else:
-        beside = " (a relative path is looked up beside the task file first)" if task.eval and task.eval.path else ""
-        out.warnings.append(f"eval: {why}{beside}; a run evaluates on a synthetic hold-out")
+        tried = looked_for(task.eval.path) if task.eval and task.eval.path else ""
+        out.warnings.append(f"eval: {tried}{why}; a run evaluates on a synthetic hold-out")
     if not task.seed_path:
         return out
+    needed = "S3 and LLKD need it unless a run's config names their files (task.val_path, task.unlabeled_path)"
     try:
         seed_file = resolve_data_path(task.seed_path, task_cfg.data_dir)
     except FileNotFoundError as err:
-        out.warnings.append(f"seed_path: {err}; S3 and LLKD need it unless the config names their files")
+        out.warnings.append(f"seed_path: {looked_for(task.seed_path)}{err}; {needed}")
         return out
     if not seed_file.is_file():
-        out.warnings.append(f"seed_path: {str(seed_file)!r} does not exist (nor beside the task file); S3 and LLKD "
-                            "need it unless the config names their files")
+        out.warnings.append(f"seed_path: {looked_for(task.seed_path)}{str(seed_file)!r} does not exist; {needed}")
         return out
-    numbered = read_jsonl_numbered(seed_file)
+    if path is not None and seed_file.resolve() == Path(path).resolve():
+        out.warnings.append(f"seed_path: {seed_file} is the evaluation file; S3 and LLKD refuse it "
+                            "(a strategy never learns from the test set)")
+    try:
+        numbered = read_jsonl_numbered(seed_file)
+    except InputError as err:
+        raise InputError(f"seed_path: {err}") from None
     for lineno, raw in numbered:
         missing = [f for f in task.field_names if raw.get(f) in (None, "")]
         if missing:
-            raise InputError(f"{seed_file}:{lineno}: missing field {missing[0]!r} (task {task.name!r} seed_path)")
-    if all(raw.get(task.target_key) is None for _, raw in numbered):
-        out.found.append(f"seed_path: {len(numbered)} records without {task.target_key!r} of {seed_file} "
-                         "(LLKD's pool; S3 needs them labelled)")
-    else:
+            raise InputError(f"seed_path: {seed_file}:{lineno}: missing or empty field {missing[0]!r} "
+                             f"(task {task.name!r})")
+    try:
         load_eval_records(task, seed_file)
+    except InputError as err:
+        users = "LLKD can read it as its pool; " if task.is_classification else ""
+        out.found.append(f"seed_path: {len(numbered)} records of {seed_file}")
+        out.warnings.append(f"seed_path: {users}S3 would refuse it: {err}")
+    else:
         out.found.append(f"seed_path: {len(numbered)} labelled records of {seed_file}")
     return out
 

@@ -188,7 +188,7 @@ def test_llkd_pool_records_need_the_input_fields(tmp_path, tiny_student, data_di
     bad = tmp_path / "pool.jsonl"
     bad.write_text('{"text": "fine text here"}\n\n{"title": "no text"}\n')  # blank lines count as lines
     cfg = cfg_for(tmp_path / "run", tiny_student, data_dir, f"task.unlabeled_path={bad}")
-    with pytest.raises(ConfigError, match=r"task\.unlabeled_path: .*pool\.jsonl:3: missing field 'text'"):
+    with pytest.raises(ConfigError, match=r"task\.unlabeled_path: .*pool\.jsonl:3: missing or empty field 'text'"):
         Distiller(cfg, engine=FakeTeacherEngine())
 
 
