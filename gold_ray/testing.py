@@ -92,13 +92,16 @@ def buffer_faults(times: int = 20) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def mapped_bytes_holding(nbytes: int = 64 * 2**20) -> int | None:
-    """Bytes glibc serves by ``mmap`` while this process holds a tensor of ``nbytes``.
+def heap_facts(nbytes: int = 64 * 2**20) -> dict[str, int] | None:
+    """What glibc does with a tensor of ``nbytes`` in this process: ``mapped``, the bytes it serves
+    by ``mmap`` while the tensor is held, and ``kept``, the bytes free in its heap once it is freed.
 
-    glibc's default maps a block this large fresh and unmaps it on free (so a step faults it in
-    again every time); with :mod:`gold_ray.allocator`'s settings the heap serves it and the
-    answer is 0 (whatever else maps). Unlike a page-fault count, this does not depend on what the
-    process's other threads allocate meanwhile. ``None`` where the C library is not glibc 2.33+.
+    glibc's default maps a block this large fresh and unmaps it on free (``mapped`` >= ``nbytes``,
+    ``kept`` small), so a step faults it in again every time; with :mod:`gold_ray.allocator`'s
+    settings the heap serves it (``mapped`` 0, as the settings forbid mapping for every block) and
+    keeps it once freed (``kept`` >= ``nbytes``). Unlike a page-fault count, neither depends on
+    what the process's other threads allocate meanwhile. ``None`` where the C library is not
+    glibc 2.33+ (``mallinfo2``).
     """
     import ctypes
     import ctypes.util
@@ -121,12 +124,12 @@ def mapped_bytes_holding(nbytes: int = 64 * 2**20) -> int | None:
     held = torch.ones(nbytes // 4)
     mapped = int(libc.mallinfo2().hblkhd)
     del held
-    return mapped
+    return {"mapped": mapped, "kept": int(libc.mallinfo2().fordblks)}
 
 
 class ProcessFactsEngine(FakeTeacherEngine):
     """A fake engine whose every answer is JSON about the process (and thread) that answers:
-    ``threads`` (torch's) and ``mapped`` (:func:`mapped_bytes_holding`). A test sees what a Serve
+    ``threads`` (torch's) and ``heap`` (:func:`heap_facts`). A test sees what a Serve
     replica computes with."""
 
     def _answer(self, prompt: Prompt) -> str:
@@ -134,7 +137,7 @@ class ProcessFactsEngine(FakeTeacherEngine):
 
         import torch
 
-        return json.dumps({"threads": torch.get_num_threads(), "mapped": mapped_bytes_holding()})
+        return json.dumps({"threads": torch.get_num_threads(), "heap": heap_facts()})
 
 
 class RecordingEngine(FakeTeacherEngine):

@@ -176,14 +176,18 @@ def test_bands_judges_both_runs_with_one_student_and_splits_probes_as_the_band_d
     twin = run_dir.with_name("sst2-gold-s0-n24-randband")
     Distiller(_run_config(twin, eval_file, tmp_path / "student", "strategy.score=random",
                           f"output.fork_from={run_dir}"), engine=FakeTeacherEngine()).run()
-    assert bands.main([str(run_dir), str(twin), "--judge", str(run_dir), "--out", "pair"]) == 0
+    # The judge should have other samples; for the mechanics a copy of the energy run will do.
+    judge_dir = shutil.copytree(run_dir, tmp_path / "runs" / "judge")
+    assert bands.main([str(run_dir), str(twin), "--judge", str(run_dir)]) == 2  # a judge must be a third run
+    assert bands.main([str(twin), str(run_dir), "--judge", str(judge_dir)]) == 2  # energy first, random second
+    assert bands.main([str(run_dir), str(twin), "--judge", str(judge_dir), "--out", "pair"]) == 0
     result = json.loads((tmp_path / "results" / "bands-pair.json").read_text())
     energy, random = result["rows"]["energy"], result["rows"]["random"]
     assert [r["iteration"] for r in energy] == [r["iteration"] for r in random] == [0, 1]
 
     # The judge's disagreement is its prediction against each sample's label.
     task = load_task("sst2")
-    judge = load_student(run_dir / "student", task)
+    judge = load_student(judge_dir / "student", task)
     train = read_parts([run_dir / "data" / "train-it001.parquet"])
     wrong = [p != r["label"] for p, r in zip(judge.predict(train), train, strict=True)]
     assert energy[1]["train_disagree"] == round(sum(wrong) / len(wrong), 3)

@@ -37,7 +37,11 @@ def _share(flags: list[bool]) -> float | None:
     return round(float(np.mean(flags)), 3) if flags else None
 
 
-def run_rows(run_dir: Path, disagrees, band: tuple[float, float] | None) -> list[dict]:
+def _chars(record: dict, fields: list[str]) -> int:
+    return sum(len(str(record.get(f) or "")) for f in fields)
+
+
+def run_rows(run_dir: Path, disagrees, band: tuple[float, float] | None, fields: list[str]) -> list[dict]:
     """One row per committed iteration of ``run_dir``; ``band`` splits the probes by energy rank."""
     from gold_ray.run.store import part_path, read_parts
     from gold_ray.student.ood import band_indices
@@ -57,16 +61,17 @@ def run_rows(run_dir: Path, disagrees, band: tuple[float, float] | None) -> list
             "accuracy": (it.get("train") or {}).get("accuracy"),
             "train_records": len(train),
             "train_disagree": _share(train_dis),
-            "train_chars": round(float(np.mean([len(r["text"]) for r in train])), 1) if train else None,
+            "train_chars": round(float(np.mean([_chars(r, fields) for r in train])), 1) if train else None,
             "picked": len(feedback),
             "picked_disagree": _share([d for _, d in feedback]),
-            "picked_chars": round(float(np.mean([len(r["text"]) for r, _ in feedback])), 1) if feedback else None,
+            "picked_chars": round(float(np.mean([_chars(r, fields) for r, _ in feedback])), 1) if feedback else None,
         }
         if band is not None and probes:
             scores = [r.get("score", np.nan) for r in probes]
             lo, hi = band
             for name, (a, b) in (("below", (0.0, lo)), ("band", (lo, hi)), ("above", (hi, 1.0))):
-                picked = band_indices(scores, a, b)  # the rank cut the strategy itself makes
+                # The rank cut the strategy itself makes; a band reaching 0 or 1 leaves a range empty.
+                picked = band_indices(scores, a, b) if a < b else np.array([], dtype=np.int64)
                 row[f"probes_{name}"] = len(picked)
                 row[f"disagree_{name}"] = _share([probe_dis[int(j)] for j in picked])
         rows.append(row)
@@ -126,11 +131,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="result name (default: the energy run's folder name)")
     args = ap.parse_args(argv)
 
+    import yaml
+
     judge, task = load_run_student(args.judge)
+    strategies = {}
     for run in (args.energy_run, args.random_run):
+        if run.resolve() == args.judge.resolve():
+            print(f"{run}: the judge must be a run with other samples, not one of the two", file=sys.stderr)
+            return 2
         if load_task(run / "task.yaml").name != task.name:
             print(f"{run}: not a run of task {task.name!r} (the judge's)", file=sys.stderr)
             return 2
+        strategies[run] = yaml.safe_load((run / "config.yaml").read_text())["strategy"]
+    if (strategies[args.energy_run].get("score"), strategies[args.random_run].get("score")) != ("energy", "random"):
+        print("the first run must score probes by energy and the second at random (strategy.score)", file=sys.stderr)
+        return 2
 
     def disagrees(records: list[dict]) -> list[bool]:
         if not records:
@@ -138,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         predicted = judge.predict([{f: str(r[f]) for f in task.field_names} for r in records])
         return [p != r["label"] for p, r in zip(predicted, records, strict=True)]
 
-    import yaml
-
-    strategy = yaml.safe_load((args.energy_run / "config.yaml").read_text())["strategy"]
+    strategy = strategies[args.energy_run]
     band = (float(strategy["band_lo"]), float(strategy["band_hi"]))
-    rows = {"energy": run_rows(args.energy_run, disagrees, band), "random": run_rows(args.random_run, disagrees, None)}
+    fields = task.field_names
+    rows = {"energy": run_rows(args.energy_run, disagrees, band, fields),
+            "random": run_rows(args.random_run, disagrees, None, fields)}
     summary = summarise(rows["energy"], rows["random"])
     name = args.out or args.energy_run.name
     runs = {"energy": args.energy_run.name, "random": args.random_run.name, "judge": args.judge.name}
