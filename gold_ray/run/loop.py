@@ -620,9 +620,12 @@ class Distiller:
     def _is_test(self, record: dict[str, Any]) -> bool:
         return in_share(str(record.get("id", "")), self.cfg.seed, self.cfg.student.val_share, salt="test")
 
-    def _split(self, records: list[dict[str, Any]], fresh: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        # Only a fresh student may have its split topped up: a continued one trained on the next hashes up.
-        return synthetic_split(records, self.cfg.student.val_share, self.cfg.seed, top_up=fresh)
+    def _split(self, records: list[dict[str, Any]], fresh: bool, continued: bool
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        # Only a fresh student may have its split topped up (a continued one trained on the next
+        # hashes up), and a student that goes on training never trains on the hashed records, on
+        # which it validates once there are enough of them.
+        return synthetic_split(records, self.cfg.student.val_share, self.cfg.seed, top_up=fresh, keep_out=continued)
 
     def _new_student(self) -> Student:
         # The run seed, as the Ray train stage passes it, so a run's students match on both runtimes.
@@ -750,7 +753,7 @@ class Distiller:
         available = self.training_records()
         mask = self.strategy.train_mask(ctx, available)
         records = [r for r, keep in zip(available, mask, strict=True) if keep]
-        train, val = self._split(records, fresh)
+        train, val = self._split(records, fresh, continued=self.strategy.continue_student)
         fit = self.runtime.train(self.student, train, in_loop_recipe(self.cfg.student), val)
         ckpt = self.run_dir / "checkpoints" / f"it{iteration:03d}"
         self.student.save(ckpt)
@@ -953,7 +956,7 @@ class Distiller:
         kept = [r for r, k in zip(records, keep, strict=True) if k]
         own = self.strategy.final_loss(ctx)
         fresh = self.cfg.student.final_fresh or self.student is None
-        train, val = self._split(kept, fresh)
+        train, val = self._split(kept, fresh, continued=False)
         candidates = final_recipes(self.cfg.student, own, selectable=bool(val))
         trials = []
         for recipe in candidates:

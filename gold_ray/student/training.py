@@ -237,14 +237,15 @@ def in_share(key: str, seed: int, share: float, salt: str = "val") -> bool:
 
 def synthetic_split(
     records: Sequence[dict[str, Any]], share: float, seed: int, minimum: int = MIN_VAL_RECORDS,
-    *, top_up: bool = False,
+    *, top_up: bool = False, keep_out: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split generated records into training and synthetic validation records.
 
     A record is held out when its ``id`` hashes into ``share`` (see :func:`in_share`), so as the
     data grows a held-out record stays held out. Fewer than ``minimum`` held-out records are too
-    few to judge by: then nothing is held out (and a student trained then has seen records that
-    a later, larger split holds out).
+    few to judge by: then the split is empty, and the hashed records are trained on unless
+    ``keep_out``. A student that goes on training over the iterations needs ``keep_out``: it
+    validates on those records once there are enough of them, and must not have trained on them.
 
     ``top_up`` is for a student that has seen none of ``records`` (a fresh one): when there are
     records enough for ``minimum`` at ``share`` (``len(records) * share >= minimum``) but the
@@ -254,7 +255,8 @@ def synthetic_split(
     the next hashes up may be records it trained on.
 
     Returns:
-        ``(train, val)``; ``val`` is empty when under ``minimum``.
+        ``(train, val)``; ``val`` is empty when under ``minimum``, and then ``train`` holds every
+        record unless ``keep_out``.
     """
     if share <= 0:
         return list(records), []
@@ -263,10 +265,11 @@ def synthetic_split(
     if top_up and len(held) < minimum and len(records) * share >= minimum:
         rest = sorted((x, i) for i, x in enumerate(points) if i not in held)
         held |= {i for _, i in rest[: minimum - len(held)]}
+    train = [r for i, r in enumerate(records) if i not in held]
     if len(held) < minimum:
-        return list(records), []
-    return ([r for i, r in enumerate(records) if i not in held],
-            [r for i, r in enumerate(records) if i in held])
+        # A handful of records all hashed out would leave nothing to train on: train on them.
+        return (train, []) if keep_out and train else (list(records), [])
+    return train, [r for i, r in enumerate(records) if i in held]
 
 
 # ---- validation score ---------------------------------------------------------------------------

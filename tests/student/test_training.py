@@ -103,6 +103,29 @@ def test_a_fresh_students_split_the_hashes_leave_short_is_topped_up_when_there_a
     assert synthetic_split(records[:150], 0.1, short[0], top_up=True) == (records[:150], [])
 
 
+def test_a_continued_student_never_validates_on_a_record_it_trained_on():
+    # The data grows by 50 records an iteration: the first splits are too small to use, and a
+    # student that goes on training keeps their records out of training all the same, so the
+    # split it validates on later holds none of what it trained on.
+    trained: set[str] = set()
+    records: list[dict] = []
+    used = 0
+    for it in range(8):
+        records += [{"id": f"it{it:03d}-train-{i:05d}"} for i in range(50)]
+        train, val = synthetic_split(records, 0.1, seed=3, top_up=(it == 0), keep_out=True)
+        assert not trained & {r["id"] for r in val}
+        assert len(train) + len(val) <= len(records) and train
+        trained |= {r["id"] for r in train}
+        used += bool(val)
+    assert used >= 4  # the split is in use once there are enough records
+    # Without keep_out (a fresh student each time) a short split trains on everything.
+    assert synthetic_split(records[:50], 0.1, seed=3) == (records[:50], [])
+    assert len(synthetic_split(records[:50], 0.1, seed=3, keep_out=True)[0]) < 50
+    # A handful of records that all hash out still leave something to train on.
+    few = [{"id": f"r{i}"} for i in range(3)]
+    assert synthetic_split(few, 0.99, seed=0, keep_out=True) == (few, [])
+
+
 def test_pinned_epochs_give_exactly_those_epochs_and_the_default_fits_with_a_floor():
     pinned = in_loop_recipe(StudentConfig(epochs_per_iteration=2))
     assert (pinned.epochs, pinned.max_epochs, pinned.min_steps, pinned.patience) == (2, 2, 0, 0)
