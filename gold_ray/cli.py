@@ -228,8 +228,10 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    """Print the resolved config with every default."""
-    print(_load(args).to_yaml(), end="")
+    """Print the resolved config with every default (after checking the task it names)."""
+    cfg = _load(args)
+    load_task(cfg.task.name)  # a bad task file is named here, not only when a run starts
+    print(cfg.to_yaml(), end="")
     return 0
 
 

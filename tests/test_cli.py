@@ -162,3 +162,15 @@ def test_tasks_validate_warns_about_files_it_cannot_find(tmp_path, capsys, monke
     assert "a run evaluates on a synthetic hold-out" in captured.err
     assert f"warning: seed_path: {str(tmp_path / 'seed.jsonl')!r} does not exist, and 'seed.jsonl' is relative" \
         in captured.err
+
+
+def test_config_show_checks_the_task_it_names(tmp_path, capsys):
+    data = yaml.safe_load((SHIPPED_TASK_DIR / "sst2.yaml").read_text())
+    data["labels"][0]["nmae"] = "typo"
+    task = tmp_path / "my_task.yaml"
+    task.write_text(yaml.safe_dump(data))
+    assert main(["config", "show", "demo", "--set", f"task.name={task}"]) == 2
+    err = capsys.readouterr().err
+    assert str(task) in err and "labels.0.nmae" in err and "Traceback" not in err
+    assert main(["config", "show", "demo", "--set", "task.name=sst2"]) == 0
+    assert "name: sst2" in capsys.readouterr().out
