@@ -648,8 +648,7 @@ class Distiller:
 
     def _emit(self, stage: str, iteration: int, info: dict[str, Any]) -> None:
         self.on_event(stage, {"iteration": iteration, "iterations": self.cfg.strategy.iterations, **info})
-        flat = {f"{stage}.{k}": v for k, v in info.items() if isinstance(v, int | float) and v is not None}
-        self.tracker.log_metrics(flat, step=iteration)
+        self.tracker.log_metrics(stage_metrics(stage, info), step=iteration)
 
     def _requested(self, iteration: int) -> int:
         per = self.cfg.per_iteration_samples()
@@ -879,8 +878,7 @@ class Distiller:
                 for m in self.state["iterations"]:
                     for stage in STAGES:
                         if stage in m:
-                            self.tracker.log_metrics({f"{stage}.{k}": v for k, v in m[stage].items()},
-                                                     step=m["iteration"])
+                            self.tracker.log_metrics(stage_metrics(stage, m[stage]), step=m["iteration"])
                 self.state["mlflow_run_id"] = run_id
                 # Kept now, not at the first stage's commit: a driver that dies before that commit
                 # must come back to this MLflow run, not open a second one without params. The
@@ -1049,6 +1047,11 @@ def baseline_metrics(baselines: dict[str, Any]) -> dict[str, float]:
 
 PASS_SHARED = ("seconds", "output_tokens", "prompt_tokens", "tokens_per_s", "samples_per_s")
 """Produce statistics of a whole teacher pass that :func:`split_pass_stats` divides between its kinds."""
+
+
+def stage_metrics(stage: str, info: dict[str, Any]) -> dict[str, Any]:
+    """A stage's numbers as MLflow metric names (``train.loss``); the tracker keeps the numeric ones."""
+    return {f"{stage}.{k}": v for k, v in info.items()}
 
 
 def split_pass_stats(stats: dict[str, Any], counts: list[int], tokens: list[int]) -> list[dict[str, Any]]:
