@@ -67,7 +67,7 @@ import numpy as np
 from gold_ray.config import ConfigError, RunConfig
 from gold_ray.run.tasks import TaskSpec
 from gold_ray.strategies.base import Strategy, StrategyContext, resolve_strategy_input
-from gold_ray.student.evaluation import read_jsonl_numbered
+from gold_ray.student.evaluation import missing_input_field, read_jsonl_numbered
 from gold_ray.student.influence import softmax
 from gold_ray.teacher.labelling import OPTIONS_KEY, RECORD_KEY, softmax_confidence
 from gold_ray.teacher.prompts import render_classify_prompt
@@ -92,9 +92,8 @@ def load_unlabelled(task: TaskSpec, path: Path) -> list[dict[str, Any]]:
         raise ConfigError(f"task.unlabeled_path: {err}") from None
     pool = []
     for lineno, rec in raw:
-        missing = [f for f in task.field_names if rec.get(f) in (None, "")]
-        if missing:
-            raise ConfigError(f"task.unlabeled_path: {path}:{lineno}: missing or empty field {missing[0]!r} (task {task.name!r})")
+        if missing := missing_input_field(task, rec):
+            raise ConfigError(f"task.unlabeled_path: {path}:{lineno}: missing or empty field {missing!r} (task {task.name!r})")
         pool.append({"id": f"pool-{lineno:05d}", **{f: str(rec[f]) for f in task.field_names}})
     return pool
 

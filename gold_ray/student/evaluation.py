@@ -296,6 +296,11 @@ def load_task_eval(task: TaskSpec, task_cfg: TaskConfig, *, seed: int = 0) -> Ev
     return EvalSet(records, hf.source, f"evaluating on {len(records)} records of {hf.source[3:]}{because}")
 
 
+def missing_input_field(task: TaskSpec, record: dict[str, Any]) -> str | None:
+    """The first input field of ``task`` that ``record`` lacks or leaves empty, else None."""
+    return next((f for f in task.field_names if record.get(f) in (None, "")), None)
+
+
 @dataclass(frozen=True)
 class TaskDataCheck:
     """What :func:`check_task_data` found: lines for people, and which of them are warnings.
@@ -374,9 +379,8 @@ def check_task_data(task: TaskSpec, task_cfg: TaskConfig, task_file: str | os.Pa
     except InputError as err:
         raise InputError(f"seed_path: {err}") from None
     for lineno, raw in numbered:
-        missing = [f for f in task.field_names if raw.get(f) in (None, "")]
-        if missing:
-            raise InputError(f"seed_path: {seed_file}:{lineno}: missing or empty field {missing[0]!r} "
+        if missing := missing_input_field(task, raw):
+            raise InputError(f"seed_path: {seed_file}:{lineno}: missing or empty field {missing!r} "
                              f"(task {task.name!r})")
     try:
         load_eval_records(task, seed_file)
