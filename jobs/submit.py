@@ -315,35 +315,78 @@ def submit(
     return job_id, follow_job(address, job_id, out=out, client=client)
 
 
-async def _tail(client: Any, job_id: str, out: TextIO) -> None:
-    async for chunk in client.tail_job_logs(job_id):
-        out.write(chunk)
-        out.flush()
+async def _tail(client: Any, job_id: str, out: TextIO, written: list[int]) -> None:
+    """Write a job's log stream to ``out``, from character ``written[0]`` on.
 
-
-def follow_job(address: str | None, job_id: str, *, out: TextIO | None = None, client: Any = None,
-               settle_s: float = 30.0) -> str:
-    """Stream a job's logs until it ends.
-
-    Args:
-        address: Dashboard URL.
-        job_id: The submission id.
-        out: Where the logs go (default stdout).
-        client: A ready ``JobSubmissionClient`` (made from ``address`` when None).
-        settle_s: How long to wait for a terminal status after the log stream closes.
-
-    Returns:
-        The job's final status.
+    Each connection streams the log from its start, so a reconnection skips what an earlier one
+    wrote; ``written[0]`` is kept up to date as chunks arrive, even when the stream then fails.
     """
-    client = client or _client(address)
-    asyncio.run(_tail(client, job_id, out or sys.stdout))
-    # The log stream can close a moment before the status turns terminal.
+    received = 0
+    async for chunk in client.tail_job_logs(job_id):
+        fresh = chunk[max(0, written[0] - received):]
+        received += len(chunk)
+        if fresh:
+            out.write(fresh)
+            out.flush()
+            written[0] = received
+
+
+def _settled_status(client: Any, job_id: str, settle_s: float) -> str:
+    """The job's status, waiting up to ``settle_s`` for a terminal one (the log stream can close a
+    moment before the status turns terminal)."""
     deadline = time.monotonic() + settle_s
     status = str(client.get_job_status(job_id).value)
     while status not in TERMINAL_STATUSES and time.monotonic() < deadline:
         time.sleep(0.5)
         status = str(client.get_job_status(job_id).value)
     return status
+
+
+def follow_job(address: str | None, job_id: str, *, out: TextIO | None = None, client: Any = None,
+               settle_s: float = 30.0, retry_s: float = 1.0, max_drops: int = 5) -> str:
+    """Stream a job's logs until it ends, reconnecting when the stream drops while it runs.
+
+    Ray's log stream can close while the job still runs: abnormally (the SDK raises, WebSocket close
+    code 1006) or as if the job had ended. Either way the job goes on, so following it does too: the
+    stream is opened again and the part already written is skipped.
+
+    Args:
+        address: Dashboard URL.
+        job_id: The submission id.
+        out: Where the logs go (default stdout).
+        client: A ready ``JobSubmissionClient`` (made from ``address`` when None).
+        settle_s: How long to wait for a terminal status after the log stream closes normally.
+        retry_s: The pause before reconnecting after a drop.
+        max_drops: Drops in a row without new log output before giving up.
+
+    Returns:
+        The job's final status.
+
+    Raises:
+        SubmitError: The stream dropped ``max_drops`` times in a row while the job ran on.
+    """
+    client = client or _client(address)
+    out = out or sys.stdout
+    written, drops = [0], 0
+    while True:
+        before = written[0]
+        try:
+            asyncio.run(_tail(client, job_id, out, written))
+            error = None
+        except Exception as err:  # noqa: BLE001 - the SDK raises RuntimeError, aiohttp its own errors
+            error = err
+        status = _settled_status(client, job_id, settle_s if error is None else retry_s)
+        if status in TERMINAL_STATUSES:
+            return status
+        drops = 0 if written[0] > before else drops + 1
+        why = f"{type(error).__name__}: {error}" if error else "closed while the job runs"
+        if drops >= max_drops:
+            raise SubmitError(f"the log stream of job {job_id} dropped {drops} times in a row ({why}); "
+                              f"the job is still {status}: follow it again with "
+                              f"`gold-ray jobs logs {job_id} --follow`")
+        print(f"gold-ray: the log stream of job {job_id} dropped ({why}); reconnecting", file=sys.stderr,
+              flush=True)
+        time.sleep(retry_s)
 
 
 def job_status(address: str | None, job_id: str) -> tuple[str, str | None]:
@@ -405,10 +448,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"\ngold-ray: stopped following; job {job_id} keeps running "
                   f"(stop it: gold-ray jobs stop {job_id} --address {args.address})", file=sys.stderr)
             return 130
-    except SubmitError as err:
+        message = None if status == "SUCCEEDED" else job_status(args.address, job_id)[1]
+    except (SubmitError, RuntimeError, OSError) as err:  # the SDK's: HTTP errors, a lost dashboard
         print(f"gold-ray: error: {err}", file=sys.stderr)
         return 2
     print(f"gold-ray: job {job_id} finished: {status}", flush=True)
+    if message:
+        # Where a job fails before its driver writes a line (its runtime env, say), this is the
+        # only account of why.
+        print(f"  Ray says: {message}", flush=True)
     return 0 if status == "SUCCEEDED" else 1
 
 

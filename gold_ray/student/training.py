@@ -24,6 +24,7 @@ Nothing here imports Ray.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -235,13 +236,21 @@ def in_share(key: str, seed: int, share: float, salt: str = "val") -> bool:
     return share_point(key, seed, salt) < share
 
 
+def _split_key(record: dict[str, Any]) -> str:
+    """What a record's place in the split hashes: its ``id``, else (a user's own records) its
+    content, so records without ids do not all land on one side."""
+    if "id" in record:
+        return str(record["id"])
+    return json.dumps(record, sort_keys=True, default=str)
+
+
 def synthetic_split(
     records: Sequence[dict[str, Any]], share: float, seed: int, minimum: int = MIN_VAL_RECORDS,
     *, top_up: bool = False, keep_out: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split generated records into training and synthetic validation records.
 
-    A record is held out when its ``id`` hashes into ``share`` (see :func:`in_share`), so as the
+    A record is held out when its ``id`` (else its content) hashes into ``share`` (see :func:`in_share`), so as the
     data grows a held-out record stays held out. Fewer than ``minimum`` held-out records are too
     few to judge by: then the split is empty, and the hashed records are trained on unless
     ``keep_out``. A student that goes on training over the iterations needs ``keep_out``: it
@@ -260,7 +269,7 @@ def synthetic_split(
     """
     if share <= 0:
         return list(records), []
-    points = [share_point(str(r.get("id", "")), seed) for r in records]
+    points = [share_point(_split_key(r), seed) for r in records]
     held = {i for i, x in enumerate(points) if x < share}
     if top_up and len(held) < minimum and len(records) * share >= minimum:
         rest = sorted((x, i) for i, x in enumerate(points) if i not in held)

@@ -83,6 +83,13 @@ def test_the_synthetic_split_is_stable_as_data_grows_and_needs_enough_records():
     assert synthetic_split(records, 0.1, seed=1)[1] != val
 
 
+def test_records_without_ids_are_split_by_their_content():
+    records = [{"text": f"review {i}", "label": "positive"} for i in range(400)]
+    train, val = synthetic_split(records, 0.1, seed=0)
+    assert 20 <= len(val) <= 60 and len(train) + len(val) == 400
+    assert synthetic_split(list(reversed(records)), 0.1, seed=0)[1] == list(reversed(val))
+
+
 def test_a_fresh_students_split_the_hashes_leave_short_is_topped_up_when_there_are_records_enough():
     # Seeds whose hashes hold out fewer than MIN_VAL_RECORDS of 200 records at a share of 0.1
     # (about one in six): for a fresh student the next hashes up are held out too.
