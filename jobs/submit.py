@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -315,20 +316,38 @@ def submit(
     return job_id, follow_job(address, job_id, out=out, client=client)
 
 
-async def _tail(client: Any, job_id: str, out: TextIO, written: list[int]) -> None:
-    """Write a job's log stream to ``out``, from character ``written[0]`` on.
+class _LogCursor:
+    """How much of a job's log has been written out, across reconnections."""
 
-    Each connection streams the log from its start, so a reconnection skips what an earlier one
-    wrote; ``written[0]`` is kept up to date as chunks arrive, even when the stream then fails.
-    """
-    received = 0
-    async for chunk in client.tail_job_logs(job_id):
-        fresh = chunk[max(0, written[0] - received):]
-        received += len(chunk)
+    def __init__(self, out: TextIO):
+        self.out, self.written = out, 0
+
+    def write(self, start: int, chunk: str) -> None:
+        """Write the part of ``chunk`` (the log's characters from ``start`` on) not yet written."""
+        fresh = chunk[max(0, self.written - start):]
         if fresh:
-            out.write(fresh)
-            out.flush()
-            written[0] = received
+            self.out.write(fresh)
+            self.out.flush()
+            self.written = start + len(chunk)
+
+
+async def _tail(client: Any, job_id: str, cursor: _LogCursor) -> Exception | None:
+    """Stream a job's log into ``cursor``; the stream's error when it fails, None when it closes.
+
+    Each connection streams the log from its start, so what an earlier one wrote is skipped. Only
+    the stream's errors are returned: one writing the output (a closed pipe) propagates.
+    """
+    stream = client.tail_job_logs(job_id).__aiter__()
+    start = 0
+    while True:
+        try:
+            chunk = await stream.__anext__()
+        except StopAsyncIteration:
+            return None
+        except Exception as err:  # noqa: BLE001 - the SDK raises RuntimeError (close code 1006), aiohttp its own
+            return err
+        cursor.write(start, chunk)
+        start += len(chunk)
 
 
 def _settled_status(client: Any, job_id: str, settle_s: float) -> str:
@@ -343,12 +362,14 @@ def _settled_status(client: Any, job_id: str, settle_s: float) -> str:
 
 
 def follow_job(address: str | None, job_id: str, *, out: TextIO | None = None, client: Any = None,
-               settle_s: float = 30.0, retry_s: float = 1.0, max_drops: int = 5) -> str:
+               settle_s: float = 30.0, retry_s: float = 1.0, max_drops: int = 5, steady_s: float = 30.0
+               ) -> str:
     """Stream a job's logs until it ends, reconnecting when the stream drops while it runs.
 
     Ray's log stream can close while the job still runs: abnormally (the SDK raises, WebSocket close
-    code 1006) or as if the job had ended. Either way the job goes on, so following it does too: the
-    stream is opened again and the part already written is skipped.
+    code 1006) or as if the job had ended (the head lost its agent). Either way the job goes on, so
+    following it does too: the stream is opened again and the part already written is skipped.
+    Once the job has ended, what the stream did not deliver is read from its whole log.
 
     Args:
         address: Dashboard URL.
@@ -357,32 +378,38 @@ def follow_job(address: str | None, job_id: str, *, out: TextIO | None = None, c
         client: A ready ``JobSubmissionClient`` (made from ``address`` when None).
         settle_s: How long to wait for a terminal status after the log stream closes normally.
         retry_s: The pause before reconnecting after a drop.
-        max_drops: Drops in a row without new log output before giving up.
+        max_drops: Drops in a row before giving up; a connection that brought new output or
+            lasted ``steady_s`` ends a row.
+        steady_s: How long a connection must last to count as working though the job was quiet.
 
     Returns:
         The job's final status.
 
     Raises:
-        SubmitError: The stream dropped ``max_drops`` times in a row while the job ran on.
+        SubmitError: The stream, or the dashboard's status answer, failed ``max_drops`` times in a
+            row while the job ran on.
     """
     client = client or _client(address)
-    out = out or sys.stdout
-    written, drops = [0], 0
+    cursor = _LogCursor(out or sys.stdout)
+    drops = 0
     while True:
-        before = written[0]
+        before, opened = cursor.written, time.monotonic()
+        error = asyncio.run(_tail(client, job_id, cursor))
         try:
-            asyncio.run(_tail(client, job_id, out, written))
-            error = None
-        except Exception as err:  # noqa: BLE001 - the SDK raises RuntimeError, aiohttp its own errors
-            error = err
-        status = _settled_status(client, job_id, settle_s if error is None else retry_s)
+            status = _settled_status(client, job_id, settle_s if error is None else retry_s)
+        except (RuntimeError, OSError) as err:  # the SDK's HTTP errors; requests' lost connection
+            error, status = err, "unknown"
         if status in TERMINAL_STATUSES:
+            if error is not None or cursor.written == before:
+                with contextlib.suppress(RuntimeError, OSError):  # the status stands without it
+                    cursor.write(0, client.get_job_logs(job_id))  # the end the stream may have missed
             return status
-        drops = 0 if written[0] > before else drops + 1
+        steady = cursor.written > before or time.monotonic() - opened >= steady_s
+        drops = 1 if steady else drops + 1
         why = f"{type(error).__name__}: {error}" if error else "closed while the job runs"
         if drops >= max_drops:
             raise SubmitError(f"the log stream of job {job_id} dropped {drops} times in a row ({why}); "
-                              f"the job is still {status}: follow it again with "
+                              f"the job is {status}: follow it again with "
                               f"`gold-ray jobs logs {job_id} --follow`")
         print(f"gold-ray: the log stream of job {job_id} dropped ({why}); reconnecting", file=sys.stderr,
               flush=True)
@@ -448,11 +475,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"\ngold-ray: stopped following; job {job_id} keeps running "
                   f"(stop it: gold-ray jobs stop {job_id} --address {args.address})", file=sys.stderr)
             return 130
-        message = None if status == "SUCCEEDED" else job_status(args.address, job_id)[1]
     except (SubmitError, RuntimeError, OSError) as err:  # the SDK's: HTTP errors, a lost dashboard
         print(f"gold-ray: error: {err}", file=sys.stderr)
         return 2
     print(f"gold-ray: job {job_id} finished: {status}", flush=True)
+    message = None
+    if status != "SUCCEEDED":
+        with contextlib.suppress(RuntimeError, OSError):  # the status stands without Ray's account
+            message = job_status(args.address, job_id)[1]
     if message:
         # Where a job fails before its driver writes a line (its runtime env, say), this is the
         # only account of why.
@@ -477,7 +507,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         stopped = stop_job(args.address, args.job_id)
         print(f"{args.job_id}: " + ("stop requested" if stopped else "already finished"))
         return 0
-    except (SubmitError, RuntimeError) as err:  # RuntimeError: the SDK's "no such job" and HTTP errors
+    except (SubmitError, RuntimeError, OSError) as err:  # the SDK's "no such job", HTTP errors, lost connection
         print(f"gold-ray: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,8 +3,8 @@
 Checked in fresh processes from glibc's own account of its heap (``gold_ray.testing.heap_facts``:
 a 64 MB tensor is served from the heap, not mapped, and stays there once freed), which no other
 thread's allocations change. The page faults of glibc's default, the cost the settings avoid, are
-counted beside it: a fault count with the settings on depends on what else allocates meanwhile
-(7 to 8 of 20 buffers faulted in again, on 2 cores), so it is reported, not bounded.
+asserted beside it. With the settings on, the fault count depends on what else allocates meanwhile
+(7 to 8 of 20 buffers faulted in again in a fresh process, on 2 cores), so it is not bounded.
 """
 
 import json

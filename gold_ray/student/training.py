@@ -239,7 +239,7 @@ def in_share(key: str, seed: int, share: float, salt: str = "val") -> bool:
 def _split_key(record: dict[str, Any]) -> str:
     """What a record's place in the split hashes: its ``id``, else (a user's own records) its
     content, so records without ids do not all land on one side."""
-    if "id" in record:
+    if record.get("id") is not None:
         return str(record["id"])
     return json.dumps(record, sort_keys=True, default=str)
 
@@ -250,11 +250,12 @@ def synthetic_split(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split generated records into training and synthetic validation records.
 
-    A record is held out when its ``id`` (else its content) hashes into ``share`` (see :func:`in_share`), so as the
-    data grows a held-out record stays held out. Fewer than ``minimum`` held-out records are too
-    few to judge by: then the split is empty, and the hashed records are trained on unless
-    ``keep_out``. A student that goes on training over the iterations needs ``keep_out``: it
-    validates on those records once there are enough of them, and must not have trained on them.
+    A record is held out when its ``id`` (else its content) hashes into ``share`` (see
+    :func:`in_share`), so as the data grows a held-out record stays held out. Fewer than
+    ``minimum`` held-out records are too few to judge by: then the split is empty, and the hashed
+    records are trained on unless ``keep_out``. A student that goes on training over the
+    iterations needs ``keep_out``: it validates on those records once there are enough of them,
+    and must not have trained on them.
 
     ``top_up`` is for a student that has seen none of ``records`` (a fresh one): when there are
     records enough for ``minimum`` at ``share`` (``len(records) * share >= minimum``) but the

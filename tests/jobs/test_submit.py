@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import re
@@ -210,56 +211,75 @@ def test_unreachable_cluster_is_one_clear_error(capsys):
 
 
 class FakeJobClient:
-    """A fake of the SDK's ``JobSubmissionClient`` for ``follow_job`` (unit tests only): each log
-    connection streams the log so far from its start, then ends as ``endings`` says in turn
-    ("drop": the SDK's abnormal close; "close": a normal close while the job still runs; "end": the
-    job has ended)."""
+    """A fake of the SDK's ``JobSubmissionClient`` for ``follow_job`` (unit tests only).
 
-    def __init__(self, log: list[str], endings: list[str]):
-        self.log, self.endings, self.connections = log, endings, 0
+    Connection ``k`` streams ``connections[k]`` (chunks of the log from its start, cut anywhere) and
+    then, as ``endings[k]`` says, fails as the SDK does on close code 1006 ("drop"), closes while the
+    job runs ("close"), or closes because the job ended ("end"). Status queries answer from
+    ``statuses`` in turn (an exception there is raised), then the last one for good.
+    """
+
+    def __init__(self, log: str, connections: list[list[str]], endings: list[str], statuses: list):
+        self.log, self.chunks, self.endings, self.statuses = log, connections, endings, statuses
+        self.opened = 0
 
     async def tail_job_logs(self, job_id):
-        shown = len(self.log) if self.endings[self.connections] == "end" else self.connections + 2
-        self.connections += 1
-        for chunk in self.log[:shown]:
+        k = self.opened
+        self.opened += 1
+        for chunk in self.chunks[k]:
             yield chunk
-        if self.endings[self.connections - 1] == "drop":
+        if self.endings[k] == "drop":
             raise RuntimeError("WebSocket connection closed unexpectedly with close code 1006")
 
     def get_job_status(self, job_id):
-        ended = self.endings[self.connections - 1] == "end"
-        return argparse.Namespace(value="SUCCEEDED" if ended else "RUNNING")
+        answer = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return argparse.Namespace(value=answer)
+
+    def get_job_logs(self, job_id):
+        return self.log
+
+
+def follow(client: FakeJobClient, **options) -> tuple[str, str]:
+    """``follow_job`` on ``client`` without waits: its status and what it wrote."""
+    out = io.StringIO()
+    return sub.follow_job(None, "raysubmit_1", out=out, client=client, settle_s=0, retry_s=0, **options), out.getvalue()
 
 
 @pytest.mark.parametrize("ending", ["drop", "close"])
 def test_following_a_job_reconnects_when_its_log_stream_drops_and_writes_each_line_once(ending, capsys):
-    import io
-
-    client = FakeJobClient(["a\n", "b\n", "c\n", "d\n"], [ending, ending, "end"])
-    out = io.StringIO()
-    assert sub.follow_job(None, "raysubmit_1", out=out, client=client, settle_s=0, retry_s=0) == "SUCCEEDED"
-    assert out.getvalue() == "a\nb\nc\nd\n"
-    assert client.connections == 3
+    # Each connection replays the log from its start, cut into different chunks.
+    client = FakeJobClient("a\nb\nc\nd\n", [["a\nb"], ["a\n", "b\nc\n"], ["a\nb\nc\nd\n"]],
+                           [ending, ending, "end"], ["RUNNING", "RUNNING", "SUCCEEDED"])
+    assert follow(client) == ("SUCCEEDED", "a\nb\nc\nd\n")
+    assert client.opened == 3
     assert capsys.readouterr().err.count("reconnecting") == 2
 
 
+def test_following_writes_the_end_the_stream_missed_when_the_job_ends_after_a_drop():
+    client = FakeJobClient("a\nb\nTraceback: boom\n", [["a\n"]], ["drop"], ["FAILED"])
+    assert follow(client) == ("FAILED", "a\nb\nTraceback: boom\n")
+
+
+def test_following_survives_a_dashboard_that_does_not_answer_for_a_moment():
+    client = FakeJobClient("a\nb\n", [["a\n"], ["a\nb\n"]], ["drop", "end"],
+                           [ConnectionError("dashboard restarting"), "SUCCEEDED"])
+    assert follow(client) == ("SUCCEEDED", "a\nb\n")
+
+
 def test_following_gives_up_when_the_stream_keeps_dropping_without_news():
-    import io
+    client = FakeJobClient("same line\n", [["same line\n"]] * 5, ["drop"] * 5, ["RUNNING"])
+    with pytest.raises(sub.SubmitError, match=r"raysubmit_1 dropped 3 times.*RUNNING.*jobs logs raysubmit_1"):
+        follow(client, max_drops=3)
+    assert client.opened == 3
 
-    class Stuck(FakeJobClient):
-        async def tail_job_logs(self, job_id):
-            self.connections += 1
-            yield "same line\n"
-            raise RuntimeError("WebSocket connection closed unexpectedly with close code 1006")
 
-        def get_job_status(self, job_id):
-            return argparse.Namespace(value="RUNNING")
-
-    client = Stuck([], [])
-    out = io.StringIO()
-    with pytest.raises(sub.SubmitError, match=r"raysubmit_1 dropped 3 times.*still RUNNING.*jobs logs raysubmit_1"):
-        sub.follow_job(None, "raysubmit_1", out=out, client=client, settle_s=0, retry_s=0, max_drops=3)
-    assert out.getvalue() == "same line\n"
+def test_a_quiet_job_whose_stream_held_for_a_while_is_not_given_up_on():
+    # Every connection lasted "long" (steady_s=0): a job that prints nothing for minutes is not a
+    # broken stream.
+    client = FakeJobClient("x\n", [["x\n"]] * 6, ["close"] * 5 + ["end"], ["RUNNING"] * 5 + ["SUCCEEDED"])
+    assert follow(client, max_drops=2, steady_s=0) == ("SUCCEEDED", "x\n")
 
 
 # ---- a real local Ray head ---------------------------------------------------------------------
@@ -504,7 +524,8 @@ def test_a_job_whose_driver_is_killed_resumes_when_resubmitted_and_succeeds_with
                 # on; only the job ending is a failure here.
                 job_id = job_of(ray_head, config)
                 status = sub.job_status(ray_head, job_id)[0] if job_id else None
-                assert status not in sub.TERMINAL_STATUSES, first.stdout.read()[-4000:] + job_account(ray_head, job_id)
+                assert job_id is not None and status not in sub.TERMINAL_STATUSES, (
+                    first.stdout.read()[-4000:] + job_account(ray_head, job_id))
             assert time.monotonic() < deadline, "the run never reached iteration 0's train stage"
             time.sleep(1)
         # The entrypoint runs in the job's working dir, as the driver actor it started does.
