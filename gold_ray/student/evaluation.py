@@ -130,23 +130,47 @@ def load_eval_records(
         if path is None:
             raise InputError(f"task {task.name!r} names no evaluation file (task eval.path)")
     label_names = set(task.label_names)
-    records = []
+    records, problems = [], []
     for lineno, raw in _iter_jsonl(path):
-        for name in (*task.field_names, task.target_key):
-            if raw.get(name) is None:
-                raise InputError(f"{path}:{lineno}: missing field {name!r} (task {task.name!r})")
+        missing = next((n for n in (*task.field_names, task.target_key) if raw.get(n) is None), None)
+        if missing is not None:
+            problems.append((lineno, f"missing field {missing!r}"))
+            continue
         record = dict(raw)
         for name in task.field_names:
             record[name] = str(raw[name])
         record[task.target_key] = _target_text(raw[task.target_key])
         if task.is_classification and record["label"] not in label_names:
-            raise InputError(
-                f"{path}:{lineno}: label {record['label']!r} is not one of {task.label_names} (task {task.name!r})"
-            )
+            problems.append((lineno, f"label {record['label']!r} is not one of {task.label_names}"))
+            continue
         records.append(record)
+    if problems:
+        raise InputError(lines_with_problems(path, problems, f"task {task.name!r}"))
     if limit is not None and limit < len(records):
         return records[:limit] if seed is None else seeded_subset(records, limit, seed)
     return records
+
+
+def lines_with_problems(path: str | os.PathLike[str], problems: Sequence[tuple[int, str]], context: str,
+                        shown: int = 10) -> str:
+    """One message for every bad line of a file: the first in full, then where the others are.
+
+    A file written by a script is usually wrong on many lines in the same way; naming them all at
+    once saves a user fixing it line by line.
+
+    Args:
+        path: The file.
+        problems: ``(line number, what is wrong)`` in file order; at least one.
+        context: What the file is for (``task 'x'``), in parentheses after the first problem.
+        shown: How many more line numbers to list.
+    """
+    lineno, what = problems[0]
+    message = f"{path}:{lineno}: {what} ({context})"
+    rest = problems[1:]
+    if rest:
+        listed = ", ".join(str(n) for n, _ in rest[:shown]) + (", ..." if len(rest) > shown else "")
+        message += f"; {len(rest)} more line{'s' if len(rest) > 1 else ''} with problems: {listed}"
+    return message
 
 
 def seeded_subset(records: Sequence[dict], limit: int, seed: int = 0) -> list[dict]:
@@ -378,10 +402,10 @@ def check_task_data(task: TaskSpec, task_cfg: TaskConfig, task_file: str | os.Pa
         numbered = read_jsonl_numbered(seed_file)
     except InputError as err:
         raise InputError(f"seed_path: {err}") from None
-    for lineno, raw in numbered:
-        if missing := missing_input_field(task, raw):
-            raise InputError(f"seed_path: {seed_file}:{lineno}: missing or empty field {missing!r} "
-                             f"(task {task.name!r})")
+    problems = [(lineno, f"missing or empty field {missing!r}") for lineno, raw in numbered
+                if (missing := missing_input_field(task, raw))]
+    if problems:
+        raise InputError("seed_path: " + lines_with_problems(seed_file, problems, f"task {task.name!r}"))
     try:
         load_eval_records(task, seed_file)
     except InputError as err:

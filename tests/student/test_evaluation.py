@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,16 @@ def test_load_eval_records_checks_fields_and_labels(tmp_path):
     path = _write(tmp_path / "q.jsonl", '{"question": "1 plus 2?", "answer": 3}\n{"question": "half of 5?", "answer": 2.5}\n')
     records = load_eval_records(SVAMP, path)
     assert [r["answer"] for r in records] == ["3", "2.5"]
+
+
+def test_a_file_bad_on_many_lines_names_them_all_at_once(tmp_path):
+    good, no_label, odd = ('{"text": "fine", "label": "positive"}', '{"text": "meh"}',
+                           '{"text": "meh", "label": "neutral"}')
+    path = _write(tmp_path / "s.jsonl", "\n".join([good, no_label, good, odd, *[no_label] * 12]) + "\n")
+    with pytest.raises(ValueError) as err:
+        load_eval_records(SST2, path)
+    assert re.search(r"s\.jsonl:2: missing field 'label' \(task 'sst2'\); 13 more lines with problems: "
+                     r"4, 5, 6, 7, 8, 9, 10, 11, 12, 13, \.\.\.$", str(err.value)), str(err.value)
 
 
 def test_load_eval_records_limit_draws_a_seeded_subset(tmp_path):
