@@ -67,7 +67,7 @@ import numpy as np
 from gold_ray.config import ConfigError, RunConfig
 from gold_ray.run.tasks import TaskSpec
 from gold_ray.strategies.base import Strategy, StrategyContext, resolve_strategy_input
-from gold_ray.student.evaluation import missing_input_field, read_jsonl_numbered
+from gold_ray.student.evaluation import input_field_problems, lines_with_problems, read_jsonl_numbered
 from gold_ray.student.influence import softmax
 from gold_ray.teacher.labelling import OPTIONS_KEY, RECORD_KEY, softmax_confidence
 from gold_ray.teacher.prompts import render_classify_prompt
@@ -84,18 +84,15 @@ def load_unlabelled(task: TaskSpec, path: Path) -> list[dict[str, Any]]:
     """The input fields of each record of a JSONL file (labels and other keys are dropped).
 
     Raises:
-        ConfigError: the file is malformed or a record misses an input field (names the line).
+        ConfigError: the file is malformed or records miss an input field (names the lines).
     """
     try:
         raw = read_jsonl_numbered(path)
     except ValueError as err:
         raise ConfigError(f"task.unlabeled_path: {err}") from None
-    pool = []
-    for lineno, rec in raw:
-        if missing := missing_input_field(task, rec):
-            raise ConfigError(f"task.unlabeled_path: {path}:{lineno}: missing or empty field {missing!r} (task {task.name!r})")
-        pool.append({"id": f"pool-{lineno:05d}", **{f: str(rec[f]) for f in task.field_names}})
-    return pool
+    if problems := input_field_problems(task, raw):
+        raise ConfigError("task.unlabeled_path: " + lines_with_problems(path, problems, f"task {task.name!r}"))
+    return [{"id": f"pool-{lineno:05d}", **{f: str(rec[f]) for f in task.field_names}} for lineno, rec in raw]
 
 
 def update_thresholds(

@@ -320,9 +320,20 @@ def load_task_eval(task: TaskSpec, task_cfg: TaskConfig, *, seed: int = 0) -> Ev
     return EvalSet(records, hf.source, f"evaluating on {len(records)} records of {hf.source[3:]}{because}")
 
 
-def missing_input_field(task: TaskSpec, record: dict[str, Any]) -> str | None:
-    """The first input field of ``task`` that ``record`` lacks or leaves empty, else None."""
-    return next((f for f in task.field_names if record.get(f) in (None, "")), None)
+def input_field_problems(task: TaskSpec, numbered: Sequence[tuple[int, dict[str, Any]]]) -> list[tuple[int, str]]:
+    """``(line number, what is wrong)`` for each record that lacks an input field of ``task`` or
+    leaves it empty (the first such field), for :func:`lines_with_problems`.
+
+    Args:
+        task: The task; its input fields must be in every record, not empty.
+        numbered: ``(line number, record)`` pairs, as :func:`read_jsonl_numbered` gives them.
+    """
+    problems = []
+    for lineno, record in numbered:
+        missing = next((f for f in task.field_names if record.get(f) in (None, "")), None)
+        if missing is not None:
+            problems.append((lineno, f"missing or empty field {missing!r}"))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -402,9 +413,7 @@ def check_task_data(task: TaskSpec, task_cfg: TaskConfig, task_file: str | os.Pa
         numbered = read_jsonl_numbered(seed_file)
     except InputError as err:
         raise InputError(f"seed_path: {err}") from None
-    problems = [(lineno, f"missing or empty field {missing!r}") for lineno, raw in numbered
-                if (missing := missing_input_field(task, raw))]
-    if problems:
+    if problems := input_field_problems(task, numbered):
         raise InputError("seed_path: " + lines_with_problems(seed_file, problems, f"task {task.name!r}"))
     try:
         load_eval_records(task, seed_file)
