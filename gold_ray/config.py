@@ -299,6 +299,10 @@ class StrategyConfig(_Section):
         energy_mode: ``masked`` (real target tokens only, the clean reading) or ``code_faithful``
             (pads included, as the GOLD code does); text-to-text students only.
         noise_filter_top: Drop this top share of each iteration's training data by energy (0 = off).
+        band_length_quantile: GOLD: only probes no longer than this quantile of iteration 0's
+            accepted training samples (characters of the input fields) enter the band, which is
+            then taken over them (0 = off). Feedback otherwise drifts to long samples on tasks of
+            short texts (CoLA: 57 to 102 characters over four iterations, real sentences 42).
         max_demo_chars: Length cap of one demonstration inside a prompt.
         progen_val_fraction: ProGen: share of the synthetic data held out of in-loop training as
             the synthetic validation set that influence is measured on.
@@ -330,6 +334,7 @@ class StrategyConfig(_Section):
     energy_temperature: float = Field(default=1.0, gt=0)
     energy_mode: Literal["masked", "code_faithful"] = "masked"
     noise_filter_top: float = Field(default=0.0, ge=0, lt=1)
+    band_length_quantile: float = Field(default=0.0, ge=0, le=1)
     max_demo_chars: int = Field(default=300, ge=20)
     progen_val_fraction: float = Field(default=0.2, gt=0, le=0.5)
     progen_feedback_ratio: float = Field(default=0.5, ge=0, le=1)

@@ -31,6 +31,11 @@ from gold_ray.strategies.base import Strategy, StrategyContext
 from gold_ray.student.ood import band_indices, noise_filter_mask
 
 
+def text_chars(ctx: StrategyContext, record: dict[str, Any]) -> int:
+    """Characters in ``record``'s input fields (what the teacher is shown of a demonstration)."""
+    return sum(len(str(record.get(f, ""))) for f in ctx.task.field_names)
+
+
 class GoldStrategy(Strategy):
     """GOLD: probes scored by energy, the percentile band fed back as demonstrations."""
 
@@ -42,13 +47,32 @@ class GoldStrategy(Strategy):
     default_final_loss = "sce"
 
     def update_feedback(self, ctx: StrategyContext, probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Probes in the energy band [band_lo, band_hi), appended to the pool (newest kept)."""
+        """Probes in the energy band [band_lo, band_hi), appended to the pool (newest kept).
+
+        With ``band_length_quantile`` the band is taken over the probes no longer than that
+        quantile of iteration 0's training samples (fixed at iteration 0 and kept in the
+        strategy's memory, so a resumed run uses the same cap).
+        """
         cfg = ctx.config.strategy
         if not probes:
             return ctx.feedback
-        scores = np.array([r.get("score", np.nan) for r in probes], dtype=float)
-        chosen = [probes[int(i)] for i in band_indices(scores, cfg.band_lo, cfg.band_hi)]
+        eligible = probes
+        cap = self._length_cap(ctx, cfg.band_length_quantile) if cfg.band_length_quantile > 0 else None
+        if cap is not None:
+            eligible = [r for r in probes if text_chars(ctx, r) <= cap]
+            ctx.stats["band_length_cap"] = cap
+            ctx.stats["band_probes_within_cap"] = len(eligible)
+        scores = np.array([r.get("score", np.nan) for r in eligible], dtype=float)
+        chosen = [eligible[int(i)] for i in band_indices(scores, cfg.band_lo, cfg.band_hi)]
         return (ctx.feedback + chosen)[-cfg.feedback_pool_size:]
+
+    @staticmethod
+    def _length_cap(ctx: StrategyContext, quantile: float) -> float | None:
+        if "band_length_cap" not in ctx.memory:
+            first = [text_chars(ctx, r) for r in ctx.records() if r.get("iteration", 0) == 0]
+            # Without accepted samples nothing anchors the length: no cap (None).
+            ctx.memory["band_length_cap"] = float(np.quantile(first, quantile)) if first else None
+        return ctx.memory["band_length_cap"]
 
     def keep_for_training(self, ctx: StrategyContext, records: list[dict[str, Any]]) -> list[bool]:
         """All records, or all but the top ``noise_filter_top`` share by score when it is set."""
