@@ -390,6 +390,7 @@ def follow_job(address: str | None, job_id: str, *, out: TextIO | None = None, c
             row while the job ran on.
     """
     client = client or _client(address)
+    client.get_job_status(job_id)  # an unknown job or an unreachable head is an error at once, not a drop
     cursor = _LogCursor(out or sys.stdout)
     drops = 0
     while True:

@@ -215,8 +215,9 @@ class FakeJobClient:
 
     Connection ``k`` streams ``connections[k]`` (chunks of the log from its start, cut anywhere) and
     then, as ``endings[k]`` says, fails as the SDK does on close code 1006 ("drop"), closes while the
-    job runs ("close"), or closes because the job ended ("end"). Status queries answer from
-    ``statuses`` in turn (an exception there is raised), then the last one for good.
+    job runs ("close"), or closes because the job ended ("end"). Status queries (``follow_job``
+    asks once before it connects) answer from ``statuses`` in turn (an exception there is
+    raised), then the last one for good.
     """
 
     def __init__(self, log: str, connections: list[list[str]], endings: list[str], statuses: list):
@@ -251,20 +252,20 @@ def follow(client: FakeJobClient, **options) -> tuple[str, str]:
 def test_following_a_job_reconnects_when_its_log_stream_drops_and_writes_each_line_once(ending, capsys):
     # Each connection replays the log from its start, cut into different chunks.
     client = FakeJobClient("a\nb\nc\nd\n", [["a\nb"], ["a\n", "b\nc\n"], ["a\nb\nc\nd\n"]],
-                           [ending, ending, "end"], ["RUNNING", "RUNNING", "SUCCEEDED"])
+                           [ending, ending, "end"], ["RUNNING", "RUNNING", "RUNNING", "SUCCEEDED"])
     assert follow(client) == ("SUCCEEDED", "a\nb\nc\nd\n")
     assert client.opened == 3
     assert capsys.readouterr().err.count("reconnecting") == 2
 
 
 def test_following_writes_the_end_the_stream_missed_when_the_job_ends_after_a_drop():
-    client = FakeJobClient("a\nb\nTraceback: boom\n", [["a\n"]], ["drop"], ["FAILED"])
+    client = FakeJobClient("a\nb\nTraceback: boom\n", [["a\n"]], ["drop"], ["RUNNING", "FAILED"])
     assert follow(client) == ("FAILED", "a\nb\nTraceback: boom\n")
 
 
 def test_following_survives_a_dashboard_that_does_not_answer_for_a_moment():
     client = FakeJobClient("a\nb\n", [["a\n"], ["a\nb\n"]], ["drop", "end"],
-                           [ConnectionError("dashboard restarting"), "SUCCEEDED"])
+                           ["RUNNING", ConnectionError("dashboard restarting"), "SUCCEEDED"])
     assert follow(client) == ("SUCCEEDED", "a\nb\n")
 
 
@@ -275,10 +276,17 @@ def test_following_gives_up_when_the_stream_keeps_dropping_without_news():
     assert client.opened == 3
 
 
+def test_following_an_unknown_job_is_an_error_at_once():
+    client = FakeJobClient("", [], [], [RuntimeError("Job raysubmit_1 does not exist")])
+    with pytest.raises(RuntimeError, match="does not exist"):
+        follow(client)
+    assert client.opened == 0
+
+
 def test_a_quiet_job_whose_stream_held_for_a_while_is_not_given_up_on():
     # Every connection lasted "long" (steady_s=0): a job that prints nothing for minutes is not a
     # broken stream.
-    client = FakeJobClient("x\n", [["x\n"]] * 6, ["close"] * 5 + ["end"], ["RUNNING"] * 5 + ["SUCCEEDED"])
+    client = FakeJobClient("x\n", [["x\n"]] * 6, ["close"] * 5 + ["end"], ["RUNNING"] * 6 + ["SUCCEEDED"])
     assert follow(client, max_drops=2, steady_s=0) == ("SUCCEEDED", "x\n")
 
 
