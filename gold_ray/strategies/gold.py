@@ -14,6 +14,9 @@ Clean reading versus the authors' code (methods.md 2.10), default first:
   most recent examples (the code keeps only the last band).
 - The optional noise filter ``strategy.noise_filter_top`` drops the highest-energy share of
   training data; off by default, as in the code (its ``--bot50`` filter did something else).
+- ``strategy.band_length_quantile`` (off by default; neither the paper nor the code has it) takes
+  the band over probes no longer than a quantile of iteration 0's samples, against the feedback's
+  drift to long samples on short-text tasks (``benchmarks/quality/results/findings.md``).
 - Text-to-text energy averages over real target tokens (``energy_mode=masked``);
   ``code_faithful`` includes padding as the code does.
 - The final student trains with SCE (``student.final_loss=auto``), alpha 0.1 and beta 1 by default:
