@@ -37,13 +37,10 @@ def _share(flags: list[bool]) -> float | None:
     return round(float(np.mean(flags)), 3) if flags else None
 
 
-def _chars(record: dict, fields: list[str]) -> int:
-    return sum(len(str(record.get(f) or "")) for f in fields)
-
-
 def run_rows(run_dir: Path, disagrees, band: tuple[float, float] | None, fields: list[str]) -> list[dict]:
     """One row per committed iteration of ``run_dir``; ``band`` splits the probes by energy rank."""
     from gold_ray.run.store import part_path, read_parts
+    from gold_ray.strategies.gold import text_chars
     from gold_ray.student.ood import band_indices
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -61,10 +58,10 @@ def run_rows(run_dir: Path, disagrees, band: tuple[float, float] | None, fields:
             "accuracy": (it.get("train") or {}).get("accuracy"),
             "train_records": len(train),
             "train_disagree": _share(train_dis),
-            "train_chars": round(float(np.mean([_chars(r, fields) for r in train])), 1) if train else None,
+            "train_chars": round(float(np.mean([text_chars(r, fields) for r in train])), 1) if train else None,
             "picked": len(feedback),
             "picked_disagree": _share([d for _, d in feedback]),
-            "picked_chars": round(float(np.mean([_chars(r, fields) for r, _ in feedback])), 1) if feedback else None,
+            "picked_chars": round(float(np.mean([text_chars(r, fields) for r, _ in feedback])), 1) if feedback else None,
         }
         if band is not None and probes:
             scores = [r.get("score", np.nan) for r in probes]

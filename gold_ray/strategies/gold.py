@@ -34,9 +34,10 @@ from gold_ray.strategies.base import Strategy, StrategyContext
 from gold_ray.student.ood import band_indices, noise_filter_mask
 
 
-def text_chars(ctx: StrategyContext, record: dict[str, Any]) -> int:
-    """Characters in ``record``'s input fields (what the teacher is shown of a demonstration)."""
-    return sum(len(str(record.get(f, ""))) for f in ctx.task.field_names)
+def text_chars(record: dict[str, Any], fields: list[str]) -> int:
+    """Characters in ``record``'s input ``fields`` (what the teacher is shown of a demonstration);
+    a missing or null field counts as empty."""
+    return sum(len(str(record.get(f) or "")) for f in fields)
 
 
 class GoldStrategy(Strategy):
@@ -62,7 +63,7 @@ class GoldStrategy(Strategy):
         eligible = probes
         cap = self._length_cap(ctx, cfg.band_length_quantile) if cfg.band_length_quantile > 0 else None
         if cap is not None:
-            eligible = [r for r in probes if text_chars(ctx, r) <= cap]
+            eligible = [r for r in probes if text_chars(r, ctx.task.field_names) <= cap]
             ctx.stats["band_length_cap"] = cap
             ctx.stats["band_probes_within_cap"] = len(eligible)
         scores = np.array([r.get("score", np.nan) for r in eligible], dtype=float)
@@ -72,7 +73,7 @@ class GoldStrategy(Strategy):
     @staticmethod
     def _length_cap(ctx: StrategyContext, quantile: float) -> float | None:
         if "band_length_cap" not in ctx.memory:
-            first = [text_chars(ctx, r) for r in ctx.records() if r.get("iteration", 0) == 0]
+            first = [text_chars(r, ctx.task.field_names) for r in ctx.records() if r.get("iteration", 0) == 0]
             # Without accepted samples nothing anchors the length: no cap (None).
             ctx.memory["band_length_cap"] = float(np.quantile(first, quantile)) if first else None
         return ctx.memory["band_length_cap"]
