@@ -96,7 +96,8 @@ def run_inputs(run_dir: Path) -> dict[str, Any]:
     final = json.loads(metrics_path.read_text(encoding="utf-8"))["final"]
     parts = [run_dir / q for q in state["parts"] if Path(q).name.startswith(TRAINING_PARTS)]
     records = read_parts(parts)
-    train, val = synthetic_split(records, cfg.student.val_share, cfg.seed)
+    # A fresh student, as the run's final stage trains: its split is topped up the same way.
+    train, val = synthetic_split(records, cfg.student.val_share, cfg.seed, top_up=True)
     own = build_strategy(cfg.strategy.name).final_loss_for(cfg.student)
     candidates = final_recipes(cfg.student, own, selectable=True)
     recipe = next((r for r in candidates if r.name == final.get("recipe")), None)

@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                 if run not in readings:
                     readings[run] = label_readings(cfg, task, records)
                 records = [r for r, read in zip(records, readings[run], strict=True) if read in ("", r["label"])]
-            train, val = synthetic_split(records, cfg.student.val_share, cfg.seed)
+            # A fresh student, as the run's final stage trains: its split is topped up the same way.
+            train, val = synthetic_split(records, cfg.student.val_share, cfg.seed, top_up=True)
             seed_set = load_eval_records(task, resolve_data_path(task.seed_path))
             test = eval_records(cfg, task)
             for recipe in final_recipes(cfg.student.model_copy(update={"final_loss": "auto"}), own, selectable=True):
