@@ -303,6 +303,11 @@ class StrategyConfig(_Section):
             accepted training samples (characters of the input fields) enter the band, which is
             then taken over them (0 = off). Feedback otherwise drifts to long samples on tasks of
             short texts (CoLA: 57 to 102 characters over four iterations, real sentences 42).
+        hold_band_near_chance: GOLD: when the student that scored an iteration's probes is near
+            chance (the learning check of its training stage: synthetic validation accuracy
+            within 5 points of that split's majority share, or a CE loss near ln K), no band is
+            added that iteration and the feedback pool stays as it was, since that student's
+            energy ranks the probes at random (off: the band is added whatever the student).
         max_demo_chars: Length cap of one demonstration inside a prompt.
         progen_val_fraction: ProGen: share of the synthetic data held out of in-loop training as
             the synthetic validation set that influence is measured on.
@@ -335,6 +340,7 @@ class StrategyConfig(_Section):
     energy_mode: Literal["masked", "code_faithful"] = "masked"
     noise_filter_top: float = Field(default=0.0, ge=0, lt=1)
     band_length_quantile: float = Field(default=0.0, ge=0, le=1)
+    hold_band_near_chance: bool = False
     max_demo_chars: int = Field(default=300, ge=20)
     progen_val_fraction: float = Field(default=0.2, gt=0, le=0.5)
     progen_feedback_ratio: float = Field(default=0.5, ge=0, le=1)

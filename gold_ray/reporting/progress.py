@@ -270,6 +270,8 @@ def format_line(stage: str, info: dict[str, Any], tracker: ProgressTracker | Non
         parts.append(f"reasons={info['rejected_by_reason']}")
     if info.get("near_chance"):
         parts.append("WARNING: the student is near chance, so its feedback band is a random pick")
+    if info.get("band_held"):
+        parts.append("the student is near chance: no band added, the feedback pool kept as it was")
     if tracker is not None and not tracker.done:
         parts.append(f"eta_iteration={format_seconds(tracker.eta_iteration())} eta_run={format_seconds(tracker.eta_run())}")
     return f"{head} {' '.join(parts)}"
@@ -516,10 +518,15 @@ class LiveReporter(Reporter):
         reasons = self._reasons()
         if reasons:
             notes.append("rejected by reason: " + ", ".join(f"{k} {v}" for k, v in reasons))
-        near = [it + 1 for it, r in sorted(t.rows.items()) if r.get("train", {}).get("near_chance")]
+        held = [it + 1 for it, r in sorted(t.rows.items()) if r.get("feedback", {}).get("band_held")]
+        near = [it + 1 for it, r in sorted(t.rows.items())
+                if r.get("train", {}).get("near_chance") and it + 1 not in held]
         if near:
             lines.append(Text(f"WARNING: the student was near chance after iteration(s) {near}: its feedback band is "
                               "a random pick", style="bold yellow"))
+        if held:
+            lines.append(Text(f"the student was near chance after iteration(s) {held}: no band was added there "
+                              "(strategy.hold_band_near_chance)", style="yellow"))
         if any(quality(r.get("probe", {})) and not quality(r.get("train", {})) for r in t.rows.values()):
             notes.append("* acc: accuracy on a synthetic hold-out (fresh probes; no real evaluation set)")
         lines.append(Text("\n".join(notes), style="dim"))

@@ -29,7 +29,7 @@ FREE_KEYS: tuple[str, ...] = (
     "student", "baselines", "resources", "tracking", "output",
     "strategy.score", "strategy.band_lo", "strategy.band_hi", "strategy.energy_temperature",
     "strategy.energy_mode", "strategy.noise_filter_top", "strategy.band_length_quantile",
-    "strategy.feedback_pool_size",
+    "strategy.hold_band_near_chance", "strategy.feedback_pool_size",
     "strategy.feedback_per_prompt", "strategy.s3_error_share", "strategy.progen_feedback_ratio",
     "strategy.progen_damping", "strategy.progen_max_candidates",
     "teacher.serve", "teacher.request_timeout_s", "teacher.max_retries", "teacher.retry_backoff_s",

@@ -332,10 +332,16 @@ class Distiller:
             iteration=iteration,
             feedback=list(self.state["feedback"]),
             student=self.student,
+            student_near_chance=self._near_chance(iteration),
             extra=self.strategy_inputs,
             memory=copy.deepcopy(self.state.get("strategy_state") or {}),
             records=self.training_records,
         )
+
+    def _near_chance(self, iteration: int) -> bool:
+        # Read, not created: _iter_metrics would add an empty entry for an iteration not yet run.
+        its = self.state["iterations"]
+        return iteration < len(its) and bool((its[iteration].get("train") or {}).get("near_chance"))
 
     def _commit(self, iteration: int, stage: str) -> None:
         self.state["iteration"] = iteration
@@ -799,8 +805,9 @@ class Distiller:
         probe_ids = {r["id"] for r in probes}
         new = sum(r["id"] in probe_ids for r in fb)
         m = self._iter_metrics(iteration)
-        # A band chosen by a student still near chance is a random pick: say so where it is used.
-        near_chance = bool(m.get("train", {}).get("near_chance")) and bool(probes)
+        # A band chosen by a student still near chance is a random pick: say so where it is used
+        # (unless the strategy held the band back for that reason).
+        near_chance = ctx.student_near_chance and bool(probes) and not ctx.stats.get("band_held")
         m["feedback"] = {"size": len(fb), "ids": [r["id"] for r in fb], "new": new, "near_chance": near_chance,
                          **ctx.stats}
         return {"size": len(fb), "near_chance": near_chance, **ctx.stats}

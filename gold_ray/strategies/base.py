@@ -60,6 +60,8 @@ class StrategyContext:
         iteration: 0-based iteration index.
         feedback: The current feedback pool (records), oldest first.
         student: The current student, or None before the first training stage.
+        student_near_chance: Whether this iteration's training stage found its student near
+            chance (:func:`gold_ray.student.training.learning_check`); False before it trained.
         extra: Strategy-specific inputs from :meth:`Strategy.prepare` (S3's validation records,
             LLKD's unlabelled pool); read-only.
         memory: Strategy state that the loop commits with the stage (JSON-serialisable); a
@@ -75,6 +77,7 @@ class StrategyContext:
     iteration: int
     feedback: list[dict[str, Any]] = field(default_factory=list)
     student: Any = None
+    student_near_chance: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     records: Callable[[], list[dict[str, Any]]] = list

@@ -17,6 +17,9 @@ Clean reading versus the authors' code (methods.md 2.10), default first:
 - ``strategy.band_length_quantile`` (off by default; neither the paper nor the code has it) takes
   the band over probes no longer than a quantile of iteration 0's samples, against the feedback's
   drift to long samples on short-text tasks (``benchmarks/quality/results/findings.md``).
+- ``strategy.hold_band_near_chance`` (off by default; not in the paper or the code) adds no band
+  in an iteration whose student is near chance on its synthetic validation split: its energy
+  ranks at random, and feedback it picks still moves what the teacher writes.
 - Text-to-text energy averages over real target tokens (``energy_mode=masked``);
   ``code_faithful`` includes padding as the code does.
 - The final student trains with SCE (``student.final_loss=auto``), alpha 0.1 and beta 1 by default:
@@ -55,10 +58,14 @@ class GoldStrategy(Strategy):
 
         With ``band_length_quantile`` the band is taken over the probes no longer than that
         quantile of iteration 0's training samples (fixed at iteration 0 and kept in the
-        strategy's memory, so a resumed run uses the same cap).
+        strategy's memory, so a resumed run uses the same cap). With ``hold_band_near_chance`` an
+        iteration whose student is near chance adds nothing (stats ``band_held``).
         """
         cfg = ctx.config.strategy
         if not probes:
+            return ctx.feedback
+        if cfg.hold_band_near_chance and ctx.student_near_chance:
+            ctx.stats["band_held"] = True
             return ctx.feedback
         eligible = probes
         cap = self._length_cap(ctx, cfg.band_length_quantile) if cfg.band_length_quantile > 0 else None

@@ -178,6 +178,25 @@ def test_live_view_shows_rows_running_stage_and_etas():
     assert "0.500*" in row2 and "accuracy on a synthetic hold-out" in text
 
 
+def test_both_views_say_whether_a_band_near_chance_was_picked_at_random_or_held():
+    from rich.console import Console
+
+    picked = format_line("feedback", {"iteration": 0, "iterations": 2, "size": 2, "near_chance": True})
+    held = format_line("feedback", {"iteration": 0, "iterations": 2, "size": 0, "band_held": True})
+    assert "random pick" in picked and "no band added" not in picked
+    assert "no band added" in held and "random pick" not in held
+    clock, buf = Clock(), io.StringIO()
+    reporter = LiveReporter(buf, ProgressTracker(iterations=2, clock=clock))
+    reporter.console = Console(file=buf, width=120, force_terminal=False, color_system=None)
+    for it, feedback in ((0, {"size": 2}), (1, {"size": 2, "band_held": True})):
+        for stage, info in zip(ITERATION_STAGES, (GEN, {**TRAIN, "near_chance": True}, PROBE, feedback), strict=True):
+            reporter(stage, {"iteration": it, "iterations": 2, **info})
+    reporter.console.print(reporter.render())
+    text = buf.getvalue()
+    assert "near chance after iteration(s) [1]: its feedback band is a random pick" in text
+    assert "near chance after iteration(s) [2]: no band was added" in text
+
+
 def test_live_view_opens_and_closes_on_a_terminal_stream():
     buf = io.StringIO()
     with progress("live", stream=buf, iterations=1) as reporter:

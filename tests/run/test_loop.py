@@ -215,6 +215,23 @@ def test_random_score_control_feeds_back_a_band_ranked_by_text_hash(tmp_path, ti
     assert band and set(metrics["iterations"][0]["feedback"]["ids"]) == band
 
 
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_student_near_chance_adds_no_band_when_the_band_is_held(tmp_path, tiny_student, eval_file, monkeypatch,
+                                                                   hold):
+    import gold_ray.run.loop as loop_module
+
+    checked = loop_module.learning_check
+    # Every student near chance, whatever the tiny model learns from the fake teacher.
+    monkeypatch.setattr(loop_module, "learning_check", lambda *a: {**checked(*a), "near_chance": True})
+    cfg = make_cfg(tmp_path, tiny_student, eval_file, f"strategy.hold_band_near_chance={str(hold).lower()}")
+    feedback = [m["feedback"] for m in Distiller(cfg, engine=FakeTeacherEngine()).run()["iterations"]]
+    if hold:
+        # The pool stays empty, and no band is reported as picked at random.
+        assert all(f["band_held"] and f["size"] == 0 and not f["near_chance"] for f in feedback)
+    else:
+        assert all(f["size"] > 0 and f["near_chance"] and "band_held" not in f for f in feedback)
+
+
 def test_iteration_eval_limit_bounds_only_the_per_iteration_evaluation(tmp_path, tiny_student, eval_file):
     cfg = make_cfg(tmp_path, tiny_student, eval_file, "task.iteration_eval_limit=6", "strategy.name=zerogen")
     metrics = Distiller(cfg, engine=FakeTeacherEngine()).run()

@@ -48,3 +48,20 @@ def test_without_accepted_samples_there_is_no_cap():
     chosen = build_strategy("gold").update_feedback(_ctx([], memory, "strategy.band_length_quantile=0.9"), PROBES)
     assert memory["band_length_cap"] is None
     assert [r["id"] for r in chosen] == ["p5", "p6", "p7"]
+
+
+def test_a_student_near_chance_adds_no_band_when_held():
+    pool = [_probe(200, 30, 0.0)]
+    held = _ctx(FIRST_PASS, None, "strategy.hold_band_near_chance=true")
+    held.feedback, held.student_near_chance = list(pool), True
+    assert build_strategy("gold").update_feedback(held, PROBES) == pool
+    assert held.stats == {"band_held": True}
+    # A student that learned adds its band as usual, and without the setting a student near
+    # chance does too.
+    learned = _ctx(FIRST_PASS, None, "strategy.hold_band_near_chance=true")
+    learned.feedback = list(pool)
+    assert [r["id"] for r in build_strategy("gold").update_feedback(learned, PROBES)] == ["p200", "p5", "p6", "p7"]
+    default = _ctx(FIRST_PASS)
+    default.feedback, default.student_near_chance = list(pool), True
+    assert [r["id"] for r in build_strategy("gold").update_feedback(default, PROBES)] == ["p200", "p5", "p6", "p7"]
+    assert "band_held" not in default.stats
