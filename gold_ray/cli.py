@@ -217,7 +217,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         except UserError as err:
             # A task file's own errors name it; a data file's name that file and line.
             print(f"INVALID {err}" if isinstance(err, TaskFileError) else f"INVALID {file}: {err}", file=sys.stderr)
-            status = 1
+            status = 2  # bad input, as every command exits
             continue
         print(f"ok {file}: task {task.name} ({task.type}, {len(task.seed_demos)} seed demos)")
         for line in data.found:

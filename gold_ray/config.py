@@ -600,4 +600,18 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}:\n{format_validation_error(err)}") from err
+        raise ConfigError(f"{_blamed(source, err, overrides or [])}:\n{format_validation_error(err)}") from err
+
+
+def _blamed(source: str, err: ValidationError, overrides: list[str]) -> str:
+    # A bad key typed on the command line is named as the override's, not as the config file's.
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+
+    def overridden(loc: tuple[Any, ...]) -> bool:
+        dotted = ".".join(str(x) for x in loc)
+        return any(k == dotted or k.startswith(dotted + ".") or dotted.startswith(k + ".") for k in keys)
+
+    marks = [overridden(e["loc"]) for e in err.errors()]
+    if marks and all(marks):
+        return "--set overrides"
+    return f"{source} with its --set overrides" if any(marks) else source

@@ -116,7 +116,7 @@ def test_tasks_validate_reads_the_files_the_task_names(tmp_path, capsys, monkeyp
 def test_tasks_validate_names_the_line_of_a_bad_data_file(tmp_path, capsys, file, text, expected):
     task = _own_task(tmp_path)
     (tmp_path / file).write_text(text)
-    assert main(["tasks", "validate", str(task)]) == 1
+    assert main(["tasks", "validate", str(task)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"INVALID {task}: ") and re.search(expected, err), err
 
@@ -136,7 +136,7 @@ def test_tasks_validate_refuses_an_unreadable_file_as_bad_input(tmp_path, capsys
     data = yaml.safe_load(task.read_text())
     (tmp_path / "tests").mkdir()  # a folder where the file should be
     task.write_text(yaml.safe_dump({**data, "eval": {"path": str(tmp_path / "tests")}}))
-    assert main(["tasks", "validate", str(task)]) == 1
+    assert main(["tasks", "validate", str(task)]) == 2
     err = capsys.readouterr().err
     assert re.search(r"INVALID .*: eval\.path: .*tests: cannot read it", err), err
     assert "internal error" not in err
@@ -150,18 +150,45 @@ def test_tasks_validate_warns_when_the_seed_file_is_the_evaluation_file(tmp_path
     assert "is the evaluation file; S3 and LLKD refuse it" in capsys.readouterr().err
 
 
-def test_tasks_validate_warns_about_files_it_cannot_find(tmp_path, capsys, monkeypatch):
+def test_tasks_validate_warns_about_a_label_without_a_seed_demo(tmp_path, capsys):
+    task = _own_task(tmp_path)
+    data = yaml.safe_load(task.read_text())
+    task.write_text(yaml.safe_dump({**data, "seed_demos": [d for d in data["seed_demos"] if d["label"] == "positive"]}))
+    assert main(["tasks", "validate", str(task)]) == 0
+    assert "warning: seed_demos: none of label 'negative'" in capsys.readouterr().err
+    _own_task(tmp_path)
+    assert main(["tasks", "validate", str(task)]) == 0
+    assert "seed_demos" not in capsys.readouterr().err
+
+
+def test_tasks_validate_warns_about_a_seed_file_it_cannot_find(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("GOLD_RAY_DATA", raising=False)
     task = _own_task(tmp_path)
-    (tmp_path / "test.jsonl").unlink()
     (tmp_path / "seed.jsonl").unlink()
-    assert main(["tasks", "validate", str(task)]) == 0  # a run still goes: on a synthetic hold-out
+    assert main(["tasks", "validate", str(task)]) == 0  # only S3 and LLKD need it
     captured = capsys.readouterr()
     assert "ok " in captured.out
-    assert f"warning: eval: {str(tmp_path / 'test.jsonl')!r} does not exist, and " in captured.err
-    assert "a run evaluates on a synthetic hold-out" in captured.err
     assert f"warning: seed_path: {str(tmp_path / 'seed.jsonl')!r} does not exist, and 'seed.jsonl' is relative" \
         in captured.err
+
+
+@pytest.mark.parametrize("data_folder", [False, True])
+def test_an_own_task_whose_evaluation_file_is_nowhere_is_refused(tmp_path, capsys, monkeypatch, data_folder):
+    # A typo in the file's name must not become a run scored on synthetic data.
+    if data_folder:
+        monkeypatch.setenv("GOLD_RAY_DATA", str(tmp_path / "mirror"))
+    else:
+        monkeypatch.delenv("GOLD_RAY_DATA", raising=False)
+    task = _own_task(tmp_path)
+    (tmp_path / "test.jsonl").unlink()
+    assert main(["tasks", "validate", str(task)]) == 2
+    err = capsys.readouterr().err
+    assert f"INVALID {task}: eval.path: 'test.jsonl' is not beside the task file ({str(tmp_path / 'test.jsonl')!r} " \
+           "does not exist), and " in err
+    assert ("holds no 'test.jsonl'" if data_folder else "no data folder is set") in err
+    assert main(["distill", "demo", "--local", "--set", f"task.name={task}", "--output", str(tmp_path / "run")]) == 2
+    assert "eval.path: 'test.jsonl' is not beside the task file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_show_checks_the_task_it_names(tmp_path, capsys):

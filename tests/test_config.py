@@ -44,6 +44,18 @@ def test_unknown_strategy_is_named():
         load_config(None, ["strategy.name=magic"])
 
 
+def test_a_bad_override_is_named_as_the_override_not_as_the_file(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "budget: {samples: 100}\n"), ["budget.sample=96"])
+    path = write(tmp_path, "budget: {samples: 100}\nstrategy: {bandd_lo: 0.1}\n")
+    assert str(err.value).startswith("--set overrides:\n  budget.sample: ") and "did you mean 'samples'" in str(err.value)
+    # Errors of both: the file is named, with its overrides; the file's own error alone names the file.
+    with pytest.raises(ConfigError, match=rf"^{path} with its --set overrides:"):
+        load_config(path, ["budget.samples=abc"])
+    with pytest.raises(ConfigError, match=rf"^{path}:"):
+        load_config(path, ["budget.samples=96"])
+
+
 def test_overrides_apply_and_parse_yaml_values(tmp_path):
     cfg = load_config(write(tmp_path, "strategy: {name: gold}\n"), ["strategy.name=zerogen", "budget.samples=64",
                                                                     "teacher.temperature=0.7"])

@@ -258,9 +258,11 @@ def format_line(stage: str, info: dict[str, Any], tracker: ProgressTracker | Non
             "chance_loss", "val_accuracy", "accuracy", "macro_f1", "exact_match", "numeric_match", "holdout_accuracy",
             "holdout_exact_match", "synthetic_accuracy", "score_iqr", "recipe", "size", "seconds")
     parts = []
+    # ln K is the chance level of a CE loss only: beside an SCE loss it reads as a failure.
+    not_ce = isinstance(info.get("loss"), str) and info["loss"] != "ce"
     for k in keys:
         v = info.get(k)
-        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        if v is None or (isinstance(v, float) and not math.isfinite(v)) or (k == "chance_loss" and not_ce):
             continue
         parts.append(f"{k}={round(v, 4) if isinstance(v, float) else v}")
     rate = scoring_rate(info) if stage == "probe" else None

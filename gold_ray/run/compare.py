@@ -607,8 +607,8 @@ def render_markdown(table: dict[str, Any]) -> str:
             lines.append(f"- `{strategy}` against `{reference}`: {format_difference(d)} (the interval contains 0: "
                          "no difference shown at these seeds).")
         elif d["verdict"] == "one pair: no interval":
-            lines.append(f"- `{strategy}` against `{reference}`: {format_difference(d)}; one seed gives no interval, "
-                         "so no verdict: run more seeds (--seeds 3).")
+            lines.append(f"- `{strategy}` against `{reference}`: {d['mean'] * 100:+.1f} points from one seed, "
+                         "which gives no interval, so no verdict: run more seeds (--seeds 3).")
         else:
             lines.append(f"- `{strategy}` against `{reference}`: no seed both finished.")
     floors = [(f"the majority class ({majority['label']})", majority["accuracy"])] if majority else []
@@ -734,7 +734,9 @@ def compare(
             fewshot = teacher_fewshot(base, engine=teacher_engine)
             store.atomic_write_json(out / FEWSHOT_JSON, fewshot)
             how = "from the cache" if fewshot.get("cached") else f"computed in {fewshot.get('seconds')} s"
-            say(f"{TEACHER_ROW}: {metric}={fewshot.get(metric)} (n={fewshot.get('n')}, {how})")
+            value = fewshot.get(metric)
+            shown = f"{value:.4f}" if isinstance(value, float) else value
+            say(f"{TEACHER_ROW}: {metric}={shown} (n={fewshot.get('n')}, {how})")
         rows, scores = [], {}
         for run in planned:
             def forward(stage: str, info: dict[str, Any], name: str = run.name) -> None:

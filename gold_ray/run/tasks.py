@@ -17,7 +17,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gold_ray.errors import MissingFileError, UserError, parse_file
 
@@ -119,7 +127,9 @@ class EvalSource(_Strict):
             own file and must be readable. A relative path is first looked for beside the task
             file (a task loaded by path, not a shipped one; :func:`load_task` makes it absolute
             when it is there), else it names a file of the local data mirror (``$GOLD_RAY_DATA`` or
-            ``task.data_dir``), used when the mirror is set and holds it.
+            ``task.data_dir``), used when the mirror is set and holds it. A user's task whose file
+            is in neither place, with no ``hf`` dataset to stand in, is an error; a shipped task
+            then evaluates on a synthetic hold-out.
         hf: A ``datasets`` dataset with the same examples, used when no mirror file is found.
     """
 
@@ -168,6 +178,13 @@ class TaskSpec(_Strict):
     style_hints: list[str] = Field(default_factory=list)
     eval: EvalSource | None = None
     seed_path: str | None = None
+    _file: str | None = PrivateAttr(default=None)
+
+    @property
+    def file(self) -> str | None:
+        """The file a user's task was loaded from (:func:`load_task` by path); None for a shipped
+        task, whose relative files belong to the data mirror, or a task built in code."""
+        return self._file
 
     @field_validator("labels")
     @classmethod
@@ -322,7 +339,11 @@ def load_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
         spec = TaskSpec.model_validate(data)
     except ValidationError as err:
         raise TaskFileError(f"{path}:\n{format_validation_error(err)}") from err
-    return spec if text in shipped else _files_beside(spec, path)
+    if text in shipped:
+        return spec
+    spec = _files_beside(spec, path)
+    spec._file = str(path.absolute())
+    return spec
 
 
 def _files_beside(spec: TaskSpec, path: Path) -> TaskSpec:

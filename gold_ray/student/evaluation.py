@@ -225,12 +225,20 @@ def _local_eval_file(task: TaskSpec, task_cfg: TaskConfig) -> tuple[Path | None,
         return Path(os.path.expanduser(raw)), "file", ""
     base = task_cfg.data_dir or os.environ.get(DATA_DIR_ENV)
     if not base:
-        return None, "", f"no data folder is set (${DATA_DIR_ENV} or task.data_dir) for its mirror file {raw!r}"
-    candidate = (Path(os.path.expanduser(base)) / raw).absolute()
-    if candidate.is_file():
-        return candidate, "mirror", ""
+        why = f"no data folder is set (${DATA_DIR_ENV} or task.data_dir) to hold {raw!r}"
+    else:
+        candidate = (Path(os.path.expanduser(base)) / raw).absolute()
+        if candidate.is_file():
+            return candidate, "mirror", ""
+        why = f"the data folder {str(base)!r} holds no {raw!r}"
+    if task.file is not None and task.eval is not None and task.eval.hf is None:
+        # A user's own task named this file and nothing can stand in for it: a typo in the name
+        # must not become a run scored on synthetic data.
+        there = Path(task.file).parent / raw
+        raise TaskFileError(f"{task.file}: eval.path: {raw!r} is not beside the task file "
+                            f"({str(there)!r} does not exist), and {why}")
     # A mirror may hold only some tasks: the task's dataset can still stand in for the missing file.
-    return None, "", f"the data folder {str(base)!r} holds no {raw!r}"
+    return None, "", why
 
 
 def task_eval_file(task: TaskSpec, task_cfg: TaskConfig) -> Path | None:
@@ -279,7 +287,9 @@ def load_task_eval(task: TaskSpec, task_cfg: TaskConfig, *, seed: int = 0) -> Ev
             message names the field).
         InputError: the mirror file does not check (the message names the file and line).
         TaskFileError: ``eval.hf`` is malformed: files it names on this machine cannot be read, the
-            split or configuration does not exist, or the dataset does not fit the task.
+            split or configuration does not exist, or the dataset does not fit the task; or a
+            user's task (loaded from its file) names a relative ``eval.path`` that is neither beside
+            the task file nor in the data folder, with no ``eval.hf`` to stand in.
     """
     limit = task_cfg.eval_limit
     path, kind, why = _local_eval_file(task, task_cfg)
@@ -373,8 +383,15 @@ def check_task_data(task: TaskSpec, task_cfg: TaskConfig, task_file: str | os.Pa
         InputError: a file that is there does not check; the message names the task field, the
             file and the line.
         ConfigError: ``task.eval_path`` is relative and no data folder is set.
+        TaskFileError: a user's task names a relative ``eval.path`` found nowhere, with no
+            ``eval.hf`` to stand in (as :func:`load_task_eval`).
     """
     out = TaskDataCheck()
+    if task.is_classification:
+        shown = {d.get("label") for d in task.seed_demos}
+        if missing := [x for x in task.label_names if x not in shown]:
+            out.warnings.append(f"seed_demos: none of label {', '.join(map(repr, missing))}; the teacher then "
+                                "sees only its description (one demo per label or more helps it)")
 
     def looked_for(raw: str) -> str:
         if task_file is None or Path(os.path.expanduser(raw)).is_absolute():

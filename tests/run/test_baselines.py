@@ -104,7 +104,10 @@ def test_compare_table_rows_show_spread_pairs_tokens_and_both_references():
     strategies["gold"].update(seeds=1, std=0.0, mean=0.74)
     table["paired"] = paired_to_reference(strategies, "zerogen")
     md = render_markdown(table)
-    assert "| 0.7400 (one seed) |" in md and "one seed gives no interval, so no verdict" in md
+    assert "| 0.7400 (one seed) |" in md
+    line = next(x for x in md.splitlines() if x.startswith("- `gold` against `zerogen`"))
+    assert line.endswith("from one seed, which gives no interval, so no verdict: run more seeds (--seeds 3).")
+    assert line.count("pair") == 0, line  # said once, not "1 pair: one pair: no interval; one seed ..."
 
 
 def test_majority_class_is_the_most_frequent_label():
