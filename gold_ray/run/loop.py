@@ -511,7 +511,9 @@ class Distiller:
         out: dict[str, Any] = {"checked": len(todo), "rejected": 0, "agreement": agreement}
         skip = label_check_skip_reason(run_total, len(self.task.label_names))
         if skip:
-            logger.warning("label check skipped: %s", skip)
+            # Numbered as the progress lines number iterations (from 1).
+            logger.warning("iteration %d/%d, %s samples: label check skipped: %s", todo[0].get("iteration", 0) + 1,
+                           self.cfg.strategy.iterations, todo[0].get("kind", "train"), skip)
             out["skipped"] = skip
         else:
             for rec, label in zip(todo, read, strict=True):
@@ -773,7 +775,7 @@ class Distiller:
         stats = {"records": len(train), "val_records": len(val), "available": len(available), **fit,
                  **learning, **ev, **ctx.stats, "seconds": round(time.perf_counter() - t0, 3)}
         if learning.get("near_chance"):
-            logger.warning("iteration %d: %s", iteration, learning["warning"])
+            logger.warning("iteration %d/%d: %s", iteration + 1, self.cfg.strategy.iterations, learning["warning"])
         self._iter_metrics(iteration)["train"] = stats
         return {k: v for k, v in stats.items() if k != "curve"}
 
