@@ -390,8 +390,9 @@ def check_task_data(task: TaskSpec, task_cfg: TaskConfig, task_file: str | os.Pa
     if task.is_classification:
         shown = {d.get("label") for d in task.seed_demos}
         if missing := [x for x in task.label_names if x not in shown]:
-            out.warnings.append(f"seed_demos: none of label {', '.join(map(repr, missing))}; the teacher then "
-                                "sees only its description (one demo per label or more helps it)")
+            names = f"label{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
+            out.warnings.append(f"seed_demos: none of {names}; the teacher then sees only the label's description "
+                                "(one demo per label or more helps it)")
 
     def looked_for(raw: str) -> str:
         if task_file is None or Path(os.path.expanduser(raw)).is_absolute():
