@@ -161,7 +161,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if bool(args.texts) == bool(args.file):
         raise InputError("gold-ray predict: give either texts or --file FILE.jsonl (not both)")
-    student, task = load_run_student(args.run_dir)
+    from gold_ray.reporting.logs import library_output
+
+    # Loading the student is quiet, as a run is: its predictions are what stdout is for.
+    with library_output(None, verbose=bool(getattr(args, "verbose", False))):
+        student, task = load_run_student(args.run_dir)
     _note_run_dir(args, args.run_dir)
     records = read_inputs(args.file, task) if args.file else [text_record(task, t) for t in args.texts]
     if args.output:

@@ -49,6 +49,18 @@ def test_predict_texts(run_dir, capsys):
         assert r["prediction"] == max(r["probabilities"], key=r["probabilities"].get)
 
 
+@pytest.mark.slow  # a process of its own, importing torch and transformers
+def test_predict_as_a_command_prints_predictions_and_no_library_progress_bars(run_dir):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "gold_ray.cli", "predict", str(run_dir), "a lovely film"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["text"] for r in jsonl(proc.stdout)] == ["a lovely film"]
+    assert "Loading weights" not in proc.stderr, proc.stderr[-500:]
+
+
 def test_predict_file_keeps_the_input_and_writes_the_output_file(run_dir, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": 7, "text": "a lovely film"}\n\n{"id": 8, "text": "boring"}\n')
