@@ -216,8 +216,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     for file in args.files:
         try:
             task = load_task(file)
-            # A shipped task named by name is not looked up beside its file (load_task).
-            data = check_task_data(task, TaskConfig(), task_file=file if Path(file).is_file() else None)
+            # A shipped task named by name is not looked up beside its file (load_task, TaskSpec.file).
+            data = check_task_data(task, TaskConfig())
         except UserError as err:
             # A task file's own errors name it; a data file's name that file and line.
             print(f"INVALID {err}" if isinstance(err, TaskFileError) else f"INVALID {file}: {err}", file=sys.stderr)

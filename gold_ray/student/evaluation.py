@@ -359,8 +359,7 @@ class TaskDataCheck:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_task_data(task: TaskSpec, task_cfg: TaskConfig, task_file: str | os.PathLike[str] | None = None
-                    ) -> TaskDataCheck:
+def check_task_data(task: TaskSpec, task_cfg: TaskConfig) -> TaskDataCheck:
     """Read and check the local files ``task`` names, as a run would find them, without running.
 
     The evaluation file is found as :func:`load_task_eval` finds it and checked record by record
@@ -374,7 +373,6 @@ def check_task_data(task: TaskSpec, task_cfg: TaskConfig, task_file: str | os.Pa
         task: The task, as :func:`~gold_ray.run.tasks.load_task` read it (relative files beside
             the task file already made absolute).
         task_cfg: The ``task`` config section (``data_dir``; ``eval_path`` when set).
-        task_file: The task file, to name where a relative file was looked for.
 
     Returns:
         The :class:`TaskDataCheck`.
@@ -395,9 +393,10 @@ def check_task_data(task: TaskSpec, task_cfg: TaskConfig, task_file: str | os.Pa
                                 "(one demo per label or more helps it)")
 
     def looked_for(raw: str) -> str:
-        if task_file is None or Path(os.path.expanduser(raw)).is_absolute():
+        # The task's own file (TaskSpec.file; None for a shipped task) is where a relative file was looked for.
+        if task.file is None or Path(os.path.expanduser(raw)).is_absolute():
             return ""
-        return f"{str(Path(task_file).parent / raw)!r} does not exist, and "
+        return f"{str(Path(task.file).parent / raw)!r} does not exist, and "
 
     path, kind, why = _local_eval_file(task, task_cfg)
     if kind:
