@@ -103,9 +103,13 @@ def ensure_ray(cfg: RunConfig | None = None) -> None:
         # holds 4x its "maximum startup concurrency" worker processes; Ray takes that as min(cores,
         # CPUs), 2 on a 2-core machine, where a run keeps 10 to 12 workers (its fractional-CPU actors
         # and Ray's own) by design. Counted in the logical CPUs it books, the run is within bounds.
+        # No idle workers prestarted for this process: Ray starts one per logical CPU, each importing
+        # Ray while the run's own actors start on the same cores, and a run's actors start their own
+        # workers anyway. Off, iteration 0 of a small demo on 2 cores ended 5 s sooner on average
+        # (0.5 to 8 s, 3 interleaved pairs, benchmarks/perf/README.md).
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env}, log_to_driver=is_verbose(),
-                 _system_config={"worker_maximum_startup_concurrency": cpus})
+                 _system_config={"worker_maximum_startup_concurrency": cpus, "prestart_worker_first_driver": False})
         # Its agents and some workers would outlive a `kill -9` of this process (actors.reaper).
         from actors.reaper import watch
 

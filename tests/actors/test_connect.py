@@ -58,13 +58,18 @@ def test_a_local_run_starts_its_own_ray_beside_one_already_running(ray_cluster, 
     import sys
 
     # The checkout is on PYTHONPATH (tests/conftest.py), so `actors` imports from any folder.
-    code = "from actors.connect import connect_ray; print('GCS', connect_ray())"
+    # And it prestarts no idle workers (Ray's default starts one per logical CPU at once).
+    code = ("import time, psutil; from actors.connect import connect_ray; print('GCS', connect_ray()); time.sleep(5); "
+            "print('IDLE', sum(' '.join(p.cmdline()).startswith('ray::IDLE') "
+            "for p in psutil.Process().children(recursive=True)))")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [own] = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("GCS ")]
     assert own != ray_cluster.get_runtime_context().gcs_address
+    [idle] = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("IDLE ")]
+    assert idle == 0
 
 
 def test_a_local_ray_has_cpus_for_everything_a_run_keeps_at_once():
