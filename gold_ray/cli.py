@@ -56,6 +56,12 @@ def _note_run_dir(args: argparse.Namespace, run_dir: str | Path) -> None:
     args.known_run_dir = Path(run_dir)
 
 
+def _task_words(cfg: RunConfig) -> str:
+    """The task as the start line names it: its own name, and the file it was read from when one was."""
+    task = load_task(cfg.task.name)
+    return task.name if task.name == cfg.task.name else f"{task.name} ({cfg.task.name})"
+
+
 def _verbose(args: argparse.Namespace) -> bool:
     # The Ray side (connecting, the driver actor, the workers) reads it from the environment.
     if args.verbose:
@@ -77,13 +83,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     mode = "json" if args.json_logs else "quiet" if args.quiet else "auto"
     s = cfg.student
     final_ratio = final_work_ratio(s)
-    title = f"gold-ray · {cfg.task.name} · {cfg.strategy.name} · {where} · {cfg.output.dir}"
+    task_words = _task_words(cfg)
+    title = f"gold-ray · {task_words} · {cfg.strategy.name} · {where} · {cfg.output.dir}"
     if not args.local:
         # Importing Ray gives its logger a stderr handler: import it before library_output routes that logger.
         from actors.driver import run_on_ray
     with library_output(cfg.output.dir, verbose=_verbose(args)), \
             progress(mode, iterations=cfg.strategy.iterations, final_ratio=final_ratio, title=title) as reporter:
-        reporter.message("start", f"gold-ray: distilling task {cfg.task.name} with strategy {cfg.strategy.name} "
+        reporter.message("start", f"gold-ray: distilling task {task_words} with strategy {cfg.strategy.name} "
                                   f"{where} into {cfg.output.dir}",
                          task=cfg.task.name, strategy=cfg.strategy.name, local=args.local, run_dir=cfg.output.dir)
         if args.local:
@@ -125,7 +132,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         runner = run_on_ray
     with library_output(out, verbose=_verbose(args)), progress(mode, eta=False) as reporter:
-        reporter.message("start", f"gold-ray: comparing {', '.join(strategies)} on task {cfg.task.name} with seeds "
+        reporter.message("start", f"gold-ray: comparing {', '.join(strategies)} on task {_task_words(cfg)} with seeds "
                                   f"{', '.join(map(str, seeds))} ({cfg.budget.samples} teacher samples per run) "
                                   f"{where} into {out}", strategies=strategies, seeds=seeds, out=str(out))
         table = compare(cfg, strategies, seeds, out, runner=runner, with_teacher=not args.no_teacher_fewshot,

@@ -201,3 +201,12 @@ def test_config_show_checks_the_task_it_names(tmp_path, capsys):
     assert str(task) in err and "labels.0.nmae" in err and "Traceback" not in err
     assert main(["config", "show", "demo", "--set", "task.name=sst2"]) == 0
     assert "name: sst2" in capsys.readouterr().out
+
+
+def test_the_start_line_names_a_task_read_from_a_file_by_its_own_name_and_the_file(tmp_path):
+    from gold_ray.cli import _task_words
+    from gold_ray.config import load_config
+
+    task = _own_task(tmp_path)  # SST-2's spec: its name is sst2
+    assert _task_words(load_config(None, [f"task.name={task}"])) == f"sst2 ({task})"
+    assert _task_words(load_config(None, ["task.name=sst2"])) == "sst2"

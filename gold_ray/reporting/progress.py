@@ -275,7 +275,11 @@ def format_line(stage: str, info: dict[str, Any], tracker: ProgressTracker | Non
     if info.get("band_held"):
         parts.append("the student is near chance: no band added, the feedback pool kept as it was")
     if tracker is not None and not tracker.done:
-        parts.append(f"eta_iteration={format_seconds(tracker.eta_iteration())} eta_run={format_seconds(tracker.eta_run())}")
+        # After an iteration's last stage the tracker already counts the next iteration: its ETA
+        # on this iteration's line read as this one's.
+        if stage != ITERATION_STAGES[-1]:
+            parts.append(f"eta_iteration={format_seconds(tracker.eta_iteration())}")
+        parts.append(f"eta_run={format_seconds(tracker.eta_run())}")
     return f"{head} {' '.join(parts)}"
 
 

@@ -63,14 +63,23 @@ def majority_class(task: TaskSpec, records: Sequence[dict[str, Any]]) -> dict[st
         records: Labelled evaluation records.
 
     Returns:
-        ``{"label", "accuracy", "n"}`` (ties go to the label first in the task's order), or None
-        for a text-to-text task or no records.
+        ``{"label", "accuracy", "n"}`` (ties go to the label first in the task's order, and the
+        labels it is tied with are listed under ``tied``), or None for a text-to-text task or no
+        records.
     """
     if not task.is_classification or not records:
         return None
     counts = Counter(str(r.get("label")) for r in records)
     label = max(task.label_names, key=lambda name: counts.get(name, 0))
-    return {"label": label, "accuracy": counts.get(label, 0) / len(records), "n": len(records)}
+    row = {"label": label, "accuracy": counts.get(label, 0) / len(records), "n": len(records)}
+    tied = [name for name in task.label_names if name != label and counts.get(name, 0) == counts.get(label, 0)]
+    return {**row, "tied": tied} if tied else row
+
+
+def majority_name(majority: dict[str, Any]) -> str:
+    """The majority-class row's name: ``majority class (positive)``, or with the labels it is tied with."""
+    tied = majority.get("tied")
+    return f"majority class ({majority['label']}" + (f", tied with {', '.join(tied)})" if tied else ")")
 
 
 def fewshot_records(records: Sequence[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
@@ -200,7 +209,7 @@ def reference_rows(final: dict[str, Any]) -> list[tuple[str, float | None, str]]
         rows.append(("teacher as few-shot classifier", teacher.get(metric), note))
     majority = base.get("majority")
     if majority:
-        rows.append((f"majority class ({majority['label']})", majority["accuracy"], f"{majority['n']} examples"))
+        rows.append((majority_name(majority), majority["accuracy"], f"{majority['n']} examples"))
     return rows
 
 

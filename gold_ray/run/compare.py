@@ -590,7 +590,7 @@ def render_markdown(table: dict[str, Any]) -> str:
                      _count(s.get("teacher_prompt_tokens_mean")), _count(s["final_records_mean"])])
     majority = table.get("majority")
     if majority:
-        rows.append([f"majority class ({majority['label']})", "–", majority["accuracy"], "–", "–", "–", "–", "–"])
+        rows.append([baselines.majority_name(majority), "–", majority["accuracy"], "–", "–", "–", "–", "–"])
     fewshot = table.get("teacher_fewshot")
     if fewshot:
         n = f", n={fewshot['n']}" if fewshot.get("n") != table["eval_n"] else ""
@@ -611,7 +611,7 @@ def render_markdown(table: dict[str, Any]) -> str:
                          "which gives no interval, so no verdict: run more seeds (--seeds 3).")
         else:
             lines.append(f"- `{strategy}` against `{reference}`: no seed both finished.")
-    floors = [(f"the majority class ({majority['label']})", majority["accuracy"])] if majority else []
+    floors = [(f"the {baselines.majority_name(majority)}", majority["accuracy"])] if majority else []
     if fewshot and isinstance(fewshot.get(metric), int | float):
         floors.append(("the teacher as a few-shot classifier", fewshot[metric]))
     for strategy, s in table["strategies"].items():

@@ -107,6 +107,8 @@ def test_plain_view_one_line_per_stage_with_reasons_and_eta():
     assert "loss=0.69" in lines[1] and "accuracy=0.55" in lines[1]
     assert "holdout_accuracy=0.5" in lines[2] and "scored_per_s=8.0" in lines[2]
     assert "eta_run=" in lines[3] and "eta_run=?" not in lines[3]
+    # The feedback line ends iteration 1: no ETA of iteration 2 on it.
+    assert "eta_iteration=" in lines[0] and "eta_iteration=" not in lines[3]
     assert "run gold-s1" in format_line("train", {"run": "run gold-s1", "iteration": 0, "iterations": 2})
     # ln K beside a CE loss, not beside an SCE one (a different scale).
     assert "chance_loss=1.0986" in format_line("final", {"loss": "ce", "train_loss": 0.9, "chance_loss": 1.0986})

@@ -114,6 +114,10 @@ def test_majority_class_is_the_most_frequent_label():
     records = [{"text": "x", "label": "negative"}] * 3 + [{"text": "y", "label": "positive"}] * 5
     assert baselines.majority_class(SST2, records) == {"label": "positive", "accuracy": 5 / 8, "n": 8}
     assert baselines.majority_class(SST2, []) is None
+    # A tie goes to the label first in the task's order, and the row says it is one.
+    tie = baselines.majority_class(SST2, records[:6])  # 3 and 3
+    assert tie == {"label": SST2.label_names[0], "accuracy": 0.5, "n": 6, "tied": [SST2.label_names[1]]}
+    assert baselines.majority_name(tie) == f"majority class ({SST2.label_names[0]}, tied with {SST2.label_names[1]})"
     assert baselines.majority_class(load_task("svamp"), [{"question": "q", "answer": "1"}]) is None
 
 

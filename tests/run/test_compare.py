@@ -118,7 +118,7 @@ def test_gold_is_paired_with_zerogen_beside_both_reference_rows(done):
     # Half the eval examples name each label: a majority class of 0.5 on the same 20 examples.
     assert table["majority"]["accuracy"] == 0.5 and table["majority"]["n"] == table["eval_n"] == 20
     md = (out / "compare.md").read_text()
-    assert "| vs zerogen (paired) |" in md and "| majority class (negative) | – | 0.5000 |" in md
+    assert "| vs zerogen (paired) |" in md and "| majority class (negative, tied with positive) | – | 0.5000 |" in md
     # The teacher row was computed first; every run found it in the cache and reports it beside its student.
     for row in table["runs"]:
         final = json.loads((out / "runs" / f"{row['strategy']}-s{row['seed']}" / "metrics.json").read_text())["final"]
