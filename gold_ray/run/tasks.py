@@ -186,6 +186,13 @@ class TaskSpec(_Strict):
         task, whose relative files belong to the data mirror, or a task built in code."""
         return self._file
 
+    def beside_file(self, raw: str) -> Path | None:
+        """Where a relative path the task names lies beside the task's file (absolute, whether or not it
+        exists); None for an absolute path or a task without a file (:attr:`file`)."""
+        if self._file is None or Path(os.path.expanduser(raw)).is_absolute():
+            return None
+        return (Path(self._file).parent / raw).absolute()
+
     @field_validator("labels")
     @classmethod
     def _labels_unique(cls, labels: list[LabelSpec]) -> list[LabelSpec]:
@@ -341,20 +348,17 @@ def load_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
         raise TaskFileError(f"{path}:\n{format_validation_error(err)}") from err
     if text in shipped:
         return spec
-    spec = _files_beside(spec, path)
     spec._file = str(path.absolute())
-    return spec
+    return _files_beside(spec)
 
 
-def _files_beside(spec: TaskSpec, path: Path) -> TaskSpec:
+def _files_beside(spec: TaskSpec) -> TaskSpec:
     # A user's task names its evaluation and seed files as they see them, often beside the task
     # file: such a file wins over a data mirror's, and is kept as an absolute path so the run's
     # copy of the task and a resume from another directory find it too.
     def beside(raw: str | None) -> str | None:
-        if raw is None or Path(os.path.expanduser(raw)).is_absolute():
-            return None
-        there = (path.parent / raw).absolute()
-        return str(there) if there.is_file() else None
+        there = spec.beside_file(raw) if raw is not None else None
+        return str(there) if there is not None and there.is_file() else None
 
     update: dict[str, Any] = {}
     if spec.eval is not None and (found := beside(spec.eval.path)):

@@ -231,10 +231,10 @@ def _local_eval_file(task: TaskSpec, task_cfg: TaskConfig) -> tuple[Path | None,
         if candidate.is_file():
             return candidate, "mirror", ""
         why = f"the data folder {str(base)!r} holds no {raw!r}"
-    if task.file is not None and task.eval is not None and task.eval.hf is None:
+    there = task.beside_file(raw)
+    if there is not None and task.eval is not None and task.eval.hf is None:
         # A user's own task named this file and nothing can stand in for it: a typo in the name
         # must not become a run scored on synthetic data.
-        there = Path(task.file).parent / raw
         raise TaskFileError(f"{task.file}: eval.path: {raw!r} is not beside the task file "
                             f"({str(there)!r} does not exist), and {why}")
     # A mirror may hold only some tasks: the task's dataset can still stand in for the missing file.
