@@ -18,6 +18,7 @@ from benchmarks.perf import (
     memory,
     scaling,
     scoring,
+    startup,
     summary,
     training,
 )
@@ -406,3 +407,57 @@ def test_cpu_by_process_counts_a_real_child_and_writes_its_result(tmp_path):
     assert 0.3 <= kinds["python -c"]["cpu_s"] <= 1.5  # the child's 0.6 s, less what fell after its last sample
     assert result["metrics"]["cpu_s"] >= kinds["python -c"]["cpu_s"]  # the headline is rounded: not that one
     assert "ray::" not in (tmp_path / "cpu-test.md").read_text()  # nothing outside the command's tree
+
+
+def _event(name: str, launched: float, after_s: float, **fields) -> str:
+    import json
+    from datetime import UTC, datetime
+
+    when = datetime.fromtimestamp(launched + after_s, UTC).isoformat(timespec="milliseconds")
+    return json.dumps({"event": name, "time": when, **fields})
+
+
+def test_startup_marks_the_first_of_each_event_from_launch():
+    lines = [_event("start", 100.0, 2.0), "Ray's banner, not an event", _event("plan", 100.0, 30.0),
+             _event("progress", 100.0, 31.0, stage="generate", iteration=0), _event("generate", 100.0, 50.0, iteration=0),
+             _event("train", 100.0, 80.0, iteration=0), _event("generate", 100.0, 99.0, iteration=1)]
+    assert startup.event_marks(lines, 100.0) == pytest.approx({"start": 2.0, "plan": 30.0, "generate0": 50.0,
+                                                               "train0": 80.0})
+
+
+def test_startup_stops_a_real_run_after_its_first_training_and_reads_its_marks(tmp_path):
+    import sys
+    import time
+
+    # A stand-in for `gold-ray distill --json-logs`: its events, then more work until Ctrl-C.
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "from datetime import UTC, datetime\n"
+        "def event(name, **kw):\n"
+        "    print(json.dumps({'event': name, 'time': datetime.now(UTC).isoformat(), **kw}), flush=True)\n"
+        "event('start'); event('plan'); event('generate', iteration=0); event('train', iteration=0)\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped', file=sys.stderr); sys.exit(130)\n")
+    began = time.monotonic()
+    marks = startup.time_setup([sys.executable, str(script)], {})
+    assert time.monotonic() - began < 30  # stopped, not left to sleep its minute
+    assert list(marks) == list(startup.MARKS) and all(0 <= v < 30 for v in marks.values())
+    # A run that ends before its first training is an error naming why.
+    script.write_text("import sys; print('no task', file=sys.stderr); sys.exit(2)\n")
+    with pytest.raises(SystemExit, match="exited 2 before iteration 0's train stage ended:\n.*no task"):
+        startup.time_setup([sys.executable, str(script)], {})
+
+
+def test_startup_runs_the_users_command_on_both_runtimes(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(config="demo", samples=64, iterations=2, set=["seed=1"])
+    ray_cmd = startup.distill_command("ray", tmp_path, args)
+    local_cmd = startup.distill_command("local", tmp_path, args)
+    assert ray_cmd[1:4] == ["-m", "gold_ray.cli", "distill"] and "--json-logs" in ray_cmd and "--local" not in ray_cmd
+    assert local_cmd == [*ray_cmd[:ray_cmd.index(str(tmp_path / "ray"))], str(tmp_path / "local"),
+                         *ray_cmd[ray_cmd.index(str(tmp_path / "ray")) + 1:], "--local"]
+    assert ray_cmd[-2:] == ["--set", "seed=1"]

@@ -4,7 +4,7 @@
 
     python -m benchmarks.perf.summary [--out DIR]
 
-Reads ``<DIR>/{generation,roof,scoring,scaling,e2e,memory,training,training-precision}.json`` (any that exist) and writes
+Reads ``<DIR>/{generation,roof,scoring,scaling,e2e,memory,training,training-precision,startup}.json`` (any that exist) and writes
 ``<DIR>/summary.json``: the headline keys (``ratio_vs_reference``, ``pipeline_fraction_of_engine``,
 ``teacher_roof_fraction``, ``scaling_efficiency_8``, ``scoring_fraction_of_loop``, ``peak_rss_gb``,
 ``e2e_ray_over_local``, ``e2e_speedup_vs_authors_loop``, ``train_fixed_cost_ray_s`` and the others each benchmark reports),
@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks.perf.common import RESULTS_DIR, fmt, log, markdown_table, read_result
 
-SOURCES = ("generation", "roof", "scoring", "scaling", "e2e", "memory", "training", "training-precision")
+SOURCES = ("generation", "roof", "scoring", "scaling", "e2e", "memory", "training", "training-precision", "startup")
 
 TARGETS: dict[str, tuple[str, float]] = {
     "ratio_vs_reference": (">=", 15.0),
