@@ -85,7 +85,10 @@ def time_setup(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
     """
     launched = time.time()
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True)
+        # Ctrl-C is SIGINT at its default: a shell's background job (and a pytest-xdist worker) starts
+        # with it ignored, and a Python child then never raises KeyboardInterrupt.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert proc.stdout is not None
         lines: list[str] = []
         stopped = False
