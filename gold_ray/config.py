@@ -161,8 +161,9 @@ class TeacherConfig(_Section):
             ones), with the per-prompt parts (style hint, GOLD's probe request) after the demos,
             so a group's prompts share a long token prefix that the ``hf`` engine computes once,
             vLLM caches and the Serve router sends to one replica. The default stays 1 until the
-            quality benchmark (SST-2 ``gold`` and ``zerogen``, 3 seeds) shows that fewer distinct
-            demo sets lose no accuracy: fewer demo sets may mean less diverse samples.
+            quality benchmark (SST-2 ``gold`` and ``zerogen``, 3 seeds:
+            ``benchmarks/quality/demo_sets.sh``) shows that fewer distinct demo sets lose no
+            accuracy: fewer demo sets may mean less diverse samples.
         check_labels: Classification: the teacher reads every sample it wrote back as a few-shot
             classifier (its seed demos, one scoring pass per label, as the teacher row does), and a
             sample it reads as another label than the one it was asked to write is rejected
