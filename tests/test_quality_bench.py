@@ -228,3 +228,12 @@ def test_summary_has_the_majority_class_and_pooled_paired_differences(bench, tmp
     assert "| +22.5 (met) (2, 40) |" in md and "| +5.0 (10.0 short) (1, 12) |" in md
     assert goals["energy_over_random_band"]["met"] is False  # its interval contains 0
     assert "## Against the targets" in md and "| energy band over random band (interval above 0) | +0.33 |" in md
+
+
+def test_a_result_records_its_command_without_the_machines_runs_folder(bench):
+    assert bench.recorded_command(["--task", "sst2", "--runs-dir", "/home/me/runs", "--tag", "main"]) == \
+        "python benchmarks/quality/run.py --task sst2 --runs-dir $RUNS --tag main"
+    assert bench.recorded_command(["--runs-dir=/srv/x", "--set", "a=b c"]) == \
+        "python benchmarks/quality/run.py --runs-dir=$RUNS --set 'a=b c'"
+    assert bench.recorded_command(["--runs-dir", "runs/quality"]) == \
+        "python benchmarks/quality/run.py --runs-dir runs/quality"

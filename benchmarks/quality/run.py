@@ -117,6 +117,18 @@ def run_teacher_fewshot(task: str, overrides: list[str], command: str, tag: str 
     return row
 
 
+def recorded_command(argv: list[str]) -> str:
+    """The command line a result file records: an absolute ``--runs-dir`` is written as ``"$RUNS"``, as
+    ``plan.sh`` and ``variants.sh`` name it, so no machine's folders go into the results."""
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg == "--runs-dir" and i + 1 < len(args) and Path(args[i + 1]).is_absolute():
+            args[i + 1] = "$RUNS"
+        elif arg.startswith("--runs-dir=") and Path(arg.split("=", 1)[1]).is_absolute():
+            args[i] = "--runs-dir=$RUNS"
+    return "python benchmarks/quality/run.py " + " ".join(a if a.endswith("$RUNS") else shlex.quote(a) for a in args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the teacher step (with ``--teacher-fewshot``) and every (strategy, seed) pair not yet finished."""
     from gold_ray.config import load_config
@@ -143,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fork and not args.tag:
         p.error("--fork starts a tagged variant from its untagged twin's first teacher pass: give --tag")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/quality/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = recorded_command(argv or sys.argv[1:])
     if args.teacher_fewshot:
         run_teacher_fewshot(args.task, args.set, command, args.tag, args.runs_dir)
     strategies = parse_strategies(args.strategies) if args.strategies.strip() else []
