@@ -118,7 +118,7 @@ def run_teacher_fewshot(task: str, overrides: list[str], command: str, tag: str 
 
 
 def recorded_command(argv: list[str]) -> str:
-    """The command line a result file records: an absolute ``--runs-dir`` is written as ``"$RUNS"``, as
+    """The command line a result file records: an absolute ``--runs-dir`` is written as ``$RUNS``, as
     ``plan.sh`` and ``variants.sh`` name it, so no machine's folders go into the results."""
     args = list(argv)
     for i, arg in enumerate(args):

@@ -59,9 +59,19 @@ def test_a_local_run_starts_its_own_ray_beside_one_already_running(ray_cluster, 
 
     # The checkout is on PYTHONPATH (tests/conftest.py), so `actors` imports from any folder.
     # And it prestarts no idle workers (Ray's default starts one per logical CPU at once).
-    code = ("import time, psutil; from actors.connect import connect_ray; print('GCS', connect_ray()); time.sleep(5); "
-            "print('IDLE', sum(' '.join(p.cmdline()).startswith('ray::IDLE') "
-            "for p in psutil.Process().children(recursive=True)))")
+    code = """
+import time, psutil
+from actors.connect import connect_ray
+print('GCS', connect_ray())
+time.sleep(5)
+titles = []
+for p in psutil.Process().children(recursive=True):
+    try:
+        titles.append(' '.join(p.cmdline()))
+    except psutil.Error:  # gone since it was listed
+        pass
+print('IDLE', sum(t.startswith('ray::IDLE') for t in titles))
+"""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
