@@ -420,12 +420,13 @@ def _event(name: str, launched: float, after_s: float, **fields) -> str:
 def test_startup_marks_the_first_of_each_event_from_launch():
     lines = [_event("start", 100.0, 2.0), "Ray's banner, not an event", _event("plan", 100.0, 30.0),
              _event("progress", 100.0, 31.0, stage="generate", iteration=0), _event("generate", 100.0, 50.0, iteration=0),
-             _event("train", 100.0, 80.0, iteration=0), _event("generate", 100.0, 99.0, iteration=1)]
+             _event("train", 100.0, 80.0, iteration=0), _event("generate", 100.0, 99.0, iteration=1),
+             _event("plan", 100.0, 120.0)]  # a resumed run plans again: the first one counts
     assert startup.event_marks(lines, 100.0) == pytest.approx({"start": 2.0, "plan": 30.0, "generate0": 50.0,
                                                                "train0": 80.0})
 
 
-def test_startup_stops_a_real_run_after_its_first_training_and_reads_its_marks(tmp_path):
+def test_startup_stops_a_child_after_its_first_training_and_reads_its_marks(tmp_path):
     import sys
     import time
 
@@ -449,9 +450,15 @@ def test_startup_stops_a_real_run_after_its_first_training_and_reads_its_marks(t
     script.write_text("import sys; print('no task', file=sys.stderr); sys.exit(2)\n")
     with pytest.raises(SystemExit, match="exited 2 before iteration 0's train stage ended:\n.*no task"):
         startup.time_setup([sys.executable, str(script)], {})
+    # One that hangs before it is killed at the deadline, not waited on for ever.
+    script.write_text("import time; print('{}', flush=True); time.sleep(60)\n")
+    began = time.monotonic()
+    with pytest.raises(SystemExit, match="exited -9 before"):
+        startup.time_setup([sys.executable, str(script)], {}, timeout_s=2.0)
+    assert time.monotonic() - began < 30
 
 
-def test_startup_runs_the_users_command_on_both_runtimes(tmp_path):
+def test_startup_builds_the_users_command_for_both_runtimes(tmp_path):
     import argparse
 
     args = argparse.Namespace(config="demo", samples=64, iterations=2, set=["seed=1"])
@@ -461,3 +468,9 @@ def test_startup_runs_the_users_command_on_both_runtimes(tmp_path):
     assert local_cmd == [*ray_cmd[:ray_cmd.index(str(tmp_path / "ray"))], str(tmp_path / "local"),
                          *ray_cmd[ray_cmd.index(str(tmp_path / "ray")) + 1:], "--local"]
     assert ray_cmd[-2:] == ["--set", "seed=1"]
+
+
+def test_startup_refuses_a_runtime_it_does_not_know(capsys):
+    with pytest.raises(SystemExit):
+        startup.main(["--runtimes", "rays"])
+    assert "--runtimes: 'rays' names none or other than local, ray" in capsys.readouterr().err

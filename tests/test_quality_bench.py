@@ -235,5 +235,5 @@ def test_a_result_records_its_command_without_the_machines_runs_folder(bench):
         "python benchmarks/quality/run.py --task sst2 --runs-dir $RUNS --tag main"
     assert bench.recorded_command(["--runs-dir=/srv/x", "--set", "a=b c"]) == \
         "python benchmarks/quality/run.py --runs-dir=$RUNS --set 'a=b c'"
-    assert bench.recorded_command(["--runs-dir", "runs/quality"]) == \
-        "python benchmarks/quality/run.py --runs-dir runs/quality"
+    assert bench.recorded_command(["--runs-dir", "runs/quality", "--tag", "a$RUNS"]) == \
+        "python benchmarks/quality/run.py --runs-dir runs/quality --tag 'a$RUNS'"

@@ -27,10 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -56,6 +58,9 @@ MARKS = ("start", "plan", "generate0", "train0")
 RUNTIMES = ("local", "ray")
 STOP_AFTER = "train0"
 EXIT_WAIT_S = 180.0
+"""Seconds a run may take to exit after its Ctrl-C."""
+RUN_TIMEOUT_S = 1800.0
+"""Seconds a run may take from launch to its exit."""
 
 
 def event_marks(lines: Iterable[str], launched: float) -> dict[str, float]:
@@ -76,12 +81,15 @@ def event_marks(lines: Iterable[str], launched: float) -> dict[str, float]:
     return marks
 
 
-def time_setup(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+def time_setup(cmd: list[str], env: dict[str, str], timeout_s: float = RUN_TIMEOUT_S) -> dict[str, float]:
     """Launch ``cmd`` (a ``gold-ray distill --json-logs`` command), stop it with Ctrl-C once
     :data:`STOP_AFTER` has passed, and return :func:`event_marks` of its events.
 
+    A run still going ``timeout_s`` after launch, or :data:`EXIT_WAIT_S` after its Ctrl-C, is
+    killed with its whole process group (its own Ray too), as is a run whose benchmark is stopped.
+
     Raises:
-        SystemExit: the run ended before :data:`STOP_AFTER` (its stderr's tail in the message).
+        SystemExit: the run ended, or was killed, before :data:`STOP_AFTER` (its stderr's tail in the message).
     """
     launched = time.time()
     with tempfile.TemporaryFile("w+") as err:
@@ -89,21 +97,38 @@ def time_setup(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
         # with it ignored, and a Python child then never raises KeyboardInterrupt.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        assert proc.stdout is not None
-        lines: list[str] = []
-        stopped = False
-        # Read to the end, also after Ctrl-C: a full pipe would block the run's shutdown.
-        for line in proc.stdout:
-            lines.append(line)
-            if not stopped and STOP_AFTER in event_marks([line], launched):
-                proc.send_signal(signal.SIGINT)
-                stopped = True
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def read() -> None:
+            # To the end, also after Ctrl-C: a full pipe would block the run's shutdown.
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        seen: list[str] = []
+        deadline, stopped = launched + timeout_s, False
         try:
-            proc.wait(timeout=EXIT_WAIT_S)
+            while True:
+                try:
+                    line = lines.get(timeout=max(0.0, deadline - time.time()))
+                except queue.Empty:
+                    break  # past the deadline: killed below
+                if line is None:
+                    break
+                seen.append(line)
+                if not stopped and STOP_AFTER in event_marks([line], launched):
+                    proc.send_signal(signal.SIGINT)
+                    deadline, stopped = time.time() + EXIT_WAIT_S, True
+            proc.wait(timeout=max(0.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        marks = event_marks(lines, launched)
+            pass  # killed below
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        marks = event_marks(seen, launched)
         if STOP_AFTER not in marks:
             err.seek(0)
             raise SystemExit(f"startup: {' '.join(cmd)} exited {proc.returncode} before iteration 0's train stage "
@@ -134,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         "config": args.config, "overrides": args.set, "samples": args.samples, "iterations": args.iterations,
         "repeats": repeats, "quick": args.quick, "data_folder": bool(os.environ.get("GOLD_RAY_DATA")),
     })
-    runtimes = [r for r in RUNTIMES if r in args.runtimes.split(",")]
+    asked = {r.strip() for r in args.runtimes.split(",") if r.strip()}
+    if not asked or asked - set(RUNTIMES):
+        p.error(f"--runtimes: {args.runtimes!r} names none or other than {', '.join(RUNTIMES)}")
+    runtimes = [r for r in RUNTIMES if r in asked]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     runs: dict[str, list[dict[str, float]]] = {r: [] for r in runtimes}
     with tempfile.TemporaryDirectory(prefix="gold-ray-startup-") as tmp:

@@ -119,14 +119,14 @@ def run_teacher_fewshot(task: str, overrides: list[str], command: str, tag: str 
 
 def recorded_command(argv: list[str]) -> str:
     """The command line a result file records: an absolute ``--runs-dir`` is written as ``$RUNS``, as
-    ``plan.sh`` and ``variants.sh`` name it, so no machine's folders go into the results."""
-    args = list(argv)
-    for i, arg in enumerate(args):
-        if arg == "--runs-dir" and i + 1 < len(args) and Path(args[i + 1]).is_absolute():
-            args[i + 1] = "$RUNS"
+    ``variants.sh`` and ``demo_sets.sh`` name it, so no machine's folders go into the results."""
+    shown = [shlex.quote(a) for a in argv]
+    for i, arg in enumerate(argv):
+        if arg == "--runs-dir" and i + 1 < len(argv) and Path(argv[i + 1]).is_absolute():
+            shown[i + 1] = "$RUNS"
         elif arg.startswith("--runs-dir=") and Path(arg.split("=", 1)[1]).is_absolute():
-            args[i] = "--runs-dir=$RUNS"
-    return "python benchmarks/quality/run.py " + " ".join(a if a.endswith("$RUNS") else shlex.quote(a) for a in args)
+            shown[i] = "--runs-dir=$RUNS"
+    return "python benchmarks/quality/run.py " + " ".join(shown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -556,7 +556,8 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
     machines = sorted({_machine_text(r["machine"]) for r in everything if r.get("machine")})
     commands = sorted({r["command"] for r in everything if r.get("command")})
     lines += ["## Machines", ""] + [f"- {m}" for m in machines] + [""]
-    lines += ["## Commands", ""] + [f"- `{c}`" for c in commands] + [""]
+    lines += ["## Commands", "", "`$RUNS`: the runs folder the command was given (`variants.sh`, `demo_sets.sh`).", ""]
+    lines += [f"- `{c}`" for c in commands] + [""]
     if other_rows:
         lines += ["## Smaller budgets (superseded; not in summary.json)", "",
                   markdown_table(["task", "strategy", "budget", "seeds", "accuracy mean", "std"], other_rows)]

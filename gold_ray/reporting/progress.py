@@ -245,6 +245,13 @@ class ProgressTracker:
         return 0.0 if self.done else self._remaining(self._plan(whole_run=True))
 
 
+def shows_eta_iteration(event: str) -> bool:
+    """Whether the line or record of ``event`` carries the running iteration's ETA: not an
+    iteration's last stage, after which the tracker already counts the next iteration (its ETA
+    there read as the finished one's)."""
+    return event != ITERATION_STAGES[-1]
+
+
 def format_line(stage: str, info: dict[str, Any], tracker: ProgressTracker | None = None) -> str:
     """One log line for a finished stage (the ``plain`` view)."""
     it = info.get("iteration", 0)
@@ -275,9 +282,7 @@ def format_line(stage: str, info: dict[str, Any], tracker: ProgressTracker | Non
     if info.get("band_held"):
         parts.append("the student is near chance: no band added, the feedback pool kept as it was")
     if tracker is not None and not tracker.done:
-        # After an iteration's last stage the tracker already counts the next iteration: its ETA
-        # on this iteration's line read as this one's.
-        if stage != ITERATION_STAGES[-1]:
+        if shows_eta_iteration(stage):
             parts.append(f"eta_iteration={format_seconds(tracker.eta_iteration())}")
         parts.append(f"eta_run={format_seconds(tracker.eta_run())}")
     return f"{head} {' '.join(parts)}"
@@ -325,7 +330,9 @@ def event_record(event: str, info: dict[str, Any], tracker: ProgressTracker | No
     rec.update(_json_safe(info))
     if tracker is not None:
         rec["elapsed_s"] = round(tracker.elapsed(), 3)
-        etas = [("eta_iteration_s", tracker.eta_iteration()), ("eta_run_s", tracker.eta_run())]
+        etas = [("eta_run_s", tracker.eta_run())]
+        if shows_eta_iteration(event):
+            etas.insert(0, ("eta_iteration_s", tracker.eta_iteration()))
         if event == "progress":
             etas.insert(0, ("eta_stage_s", tracker.eta_stage()))
         for key, value in etas:

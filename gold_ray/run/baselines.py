@@ -256,7 +256,7 @@ def reference_verdict(final: dict[str, Any]) -> str | None:
     if (teacher := base.get("teacher_fewshot")) and isinstance(teacher.get(metric), int | float):
         refs.append(("the teacher as a few-shot classifier", float(teacher[metric])))
     if (majority := base.get("majority")) and isinstance(majority.get("accuracy"), int | float):
-        refs.append((f"the majority class ({majority['label']})", float(majority["accuracy"])))
+        refs.append((f"the {majority_name(majority)}", float(majority["accuracy"])))
     if not refs:
         return None
     below = [(name, ref) for name, ref in refs if value <= ref]

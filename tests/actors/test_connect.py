@@ -64,13 +64,16 @@ import time, psutil
 from actors.connect import connect_ray
 print('GCS', connect_ray())
 time.sleep(5)
-titles = []
+workers = 0
 for p in psutil.Process().children(recursive=True):
     try:
-        titles.append(' '.join(p.cmdline()))
+        cmd = p.cmdline()
     except psutil.Error:  # gone since it was listed
-        pass
-print('IDLE', sum(t.startswith('ray::IDLE') for t in titles))
+        continue
+    # Nothing was submitted: any worker is a prestarted one, titled or still starting (the raylet's
+    # own command line names the worker script too, in an option).
+    workers += bool(cmd) and (cmd[0].startswith('ray::IDLE') or any(a.endswith('default_worker.py') for a in cmd[1:3]))
+print('IDLE', workers)
 """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,

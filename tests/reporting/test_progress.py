@@ -132,6 +132,8 @@ def test_json_view_is_json_only_and_moves_other_stdout_to_stderr(capsys):
     assert rows[1]["rejected_by_reason"] == {"duplicate": 1, "too_short": 1} and rows[1]["iteration"] == 0
     assert rows[5]["loss"] is None  # NaN is not JSON
     assert rows[4]["eta_run_s"] is not None and "time" in rows[4]
+    # The feedback record ends iteration 1, as its plain line does: no ETA of iteration 2.
+    assert "eta_iteration_s" in rows[1] and "eta_iteration_s" not in rows[4]
     assert rows[-1]["final"] == {"accuracy": 0.7}
     assert "a library print" in err and "a library print" not in out
 

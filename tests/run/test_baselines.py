@@ -118,6 +118,8 @@ def test_majority_class_is_the_most_frequent_label():
     tie = baselines.majority_class(SST2, records[:6])  # 3 and 3
     assert tie == {"label": SST2.label_names[0], "accuracy": 0.5, "n": 6, "tied": [SST2.label_names[1]]}
     assert baselines.majority_name(tie) == f"majority class ({SST2.label_names[0]}, tied with {SST2.label_names[1]})"
+    final = {"accuracy": 0.4, "baselines": {"majority": tie}}
+    assert f"the {baselines.majority_name(tie)} (0.5000)" in baselines.reference_verdict(final)
     assert baselines.majority_class(load_task("svamp"), [{"question": "q", "answer": "1"}]) is None
 
 
