@@ -86,7 +86,8 @@ def time_setup(cmd: list[str], env: dict[str, str], timeout_s: float = RUN_TIMEO
     :data:`STOP_AFTER` has passed, and return :func:`event_marks` of its events.
 
     A run still going ``timeout_s`` after launch, or :data:`EXIT_WAIT_S` after its Ctrl-C, is
-    killed with its whole process group (its own Ray too), as is a run whose benchmark is stopped.
+    killed with its process group (the Ray it started follows it, ``actors.reaper``), as is a run
+    whose benchmark is stopped.
 
     Raises:
         SystemExit: the run ended, or was killed, before :data:`STOP_AFTER` (its stderr's tail in the message).
