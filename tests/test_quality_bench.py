@@ -237,3 +237,30 @@ def test_a_result_records_its_command_without_the_machines_runs_folder(bench):
         "python benchmarks/quality/run.py --runs-dir=$RUNS --set 'a=b c'"
     assert bench.recorded_command(["--runs-dir", "runs/quality", "--tag", "a$RUNS"]) == \
         "python benchmarks/quality/run.py --runs-dir runs/quality --tag 'a$RUNS'"
+
+
+def test_results_without_diversity_get_it_from_their_run_folder(bench, tmp_path):
+    from gold_ray.run.store import make_record, write_part
+    from gold_ray.run.tasks import load_task, shipped_tasks
+
+    _result(bench, "sst2", "gold", 0, 1000, 0.80)
+    _result(bench, "sst2", "gold", 1, 1000, 0.82)  # its run folder is gone: stays without
+    run = tmp_path / "runs" / "sst2-gold-s0-n1000"
+    (run / "data").mkdir(parents=True)
+    (run / "task.yaml").write_text(shipped_tasks()["sst2"].read_text())
+    task = load_task(run / "task.yaml")
+    texts = ["a fine film", "a fine film", "a dull film"]
+    train = [make_record(task, iteration=0, kind="train", index=i, requested_label="positive", raw_text=t,
+                         reject_reason=None, fields={"text": t}) for i, t in enumerate(texts)]
+    write_part(run / "data" / "train-it000.parquet", task, train)
+    write_part(run / "data" / "rejects-train-it000.parquet", task,
+               [make_record(task, iteration=0, kind="train", index=9, requested_label="negative",
+                            raw_text="a rejected film", reject_reason="too_short")])
+    (run / "state.json").write_text(json.dumps({"parts": ["data/train-it000.parquet", "data/rejects-train-it000.parquet"]}))
+
+    summary_md = (bench.write_summary(str(tmp_path / "runs")), (bench.RESULTS / "summary.md").read_text())[1]
+    row = json.loads((bench.RESULTS / "sst2-gold-s0-n1000.json").read_text())
+    # Accepted records only (not the reject): two copies share all their word pairs, the third none.
+    assert row["diversity"]["texts"] == 3 and row["diversity"]["nearest_overlap"] == pytest.approx(2 / 3)
+    assert "diversity" not in json.loads((bench.RESULTS / "sst2-gold-s1-n1000.json").read_text())
+    assert f"| {4 / 6:.3f} / {2 / 3:.3f} (1) |" in summary_md  # 4 distinct word pairs of 6

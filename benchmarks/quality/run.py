@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 "final_records": final.get("records"),
                 "per_iteration_accuracy": [m.get("train", {}).get("accuracy") for m in metrics["iterations"]],
                 "first_band_student": first_band_student(metrics),
+                "diversity": final.get("diversity"),
                 "totals": metrics["totals"], "teacher_tokens": metrics["teacher_tokens"],
                 "forked_from": metrics.get("forked_from") and Path(metrics["forked_from"]).name,
                 "wall_s": round(time.time() - t0, 1), "resumed": status != "new", "runtime": args.runtime,
@@ -231,6 +232,42 @@ def backfill_first_band(runs_dir: str) -> list[Path]:
         path.write_text(json.dumps(row, indent=2))
         changed.append(path)
     return changed
+
+
+def backfill_diversity(runs_dir: str) -> list[Path]:
+    """Add ``diversity`` (:func:`gold_ray.run.diversity.records_diversity` of every accepted training and
+    probe record, as a run's final stage now measures it) to result files written before the field
+    existed, from their run folders under ``runs_dir`` where those still exist; returns the files changed.
+    A run whose synthetic test split was held out counts it here (the final stage leaves it out)."""
+    from gold_ray.run.diversity import records_diversity
+    from gold_ray.run.loop import TRAINING_PARTS
+    from gold_ray.run.store import read_parts
+    from gold_ray.run.tasks import load_task
+
+    changed = []
+    for path in sorted(RESULTS.glob(RESULT_GLOB)):
+        row = json.loads(path.read_text())
+        if "strategy" not in row or row.get("diversity"):
+            continue
+        run_dir = Path(runs_dir) / path.stem
+        if not (run_dir / "state.json").is_file() or not (run_dir / "task.yaml").is_file():
+            continue
+        parts = [run_dir / p for p in json.loads((run_dir / "state.json").read_text()).get("parts", [])
+                 if Path(p).name.startswith(TRAINING_PARTS)]
+        task = load_task(str(run_dir / "task.yaml"))
+        row["diversity"] = records_diversity(read_parts(parts), task.field_names)
+        path.write_text(json.dumps(row, indent=2))
+        changed.append(path)
+    return changed
+
+
+def _diversity_cell(rows: list[dict]) -> str:
+    """Mean distinct-bigram share and nearest-other overlap of the rows that measured them."""
+    found = [r["diversity"] for r in rows if (r.get("diversity") or {}).get("nearest_overlap") is not None]
+    if not found:
+        return "—"
+    return (f"{statistics.mean(d['distinct_2'] for d in found):.3f} / "
+            f"{statistics.mean(d['nearest_overlap'] for d in found):.3f} ({len(found)})")
 
 
 def _machine_text(m: dict) -> str:
@@ -410,6 +447,7 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
     from gold_ray.run.compare import markdown_table, metric_stats
 
     backfill_first_band(runs_dir)
+    backfill_diversity(runs_dir)
     groups: dict[tuple[str, str], dict[int, list[dict]]] = {}
     for path in sorted(RESULTS.glob(RESULT_GLOB)):
         if path.name.endswith(FEWSHOT_SUFFIX):
@@ -449,7 +487,8 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
                           ", ".join(f"{r['wall_s']:.0f}" + (" (resumed)" if r.get("resumed") else "") for r in rows),
                           rows[0].get("teacher") or "not recorded",
                           # Rows from before the field existed ran the default of their time, CE.
-                          ", ".join(sorted({r.get("final_loss") or "ce" for r in rows}))])
+                          ", ".join(sorted({r.get("final_loss") or "ce" for r in rows})),
+                          _diversity_cell(rows)])
         for small in sorted(b for b in by_budget if b != budget):
             old = sorted(by_budget[small], key=lambda r: r["seed"])
             s = metric_stats([r["accuracy"] for r in old])
@@ -487,7 +526,12 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
         "that has results for the task and strategy.",
         "",
         markdown_table(["task", "strategy", "budget", "seeds", "accuracy mean", "std", "per seed",
-                        "wall time per run (s)", "teacher", "final loss"], main_rows),
+                        "wall time per run (s)", "teacher", "final loss", "distinct-2 / nearest overlap (runs)"],
+                       main_rows),
+        "",
+        "The last column measures the generated data (`gold_ray.run.diversity`, 1,000 sampled texts "
+        "of every accepted record): the share of distinct word pairs, and how much of a text's word pairs its "
+        "nearest other text shares on average (lower is more varied); — where no run of the row measured it.",
     ]
     lines += ["## Majority class", "",
               "Every example predicted as the most frequent label of the task's evaluation examples (the same "

@@ -39,6 +39,7 @@ from gold_ray.errors import UserError
 from gold_ray.models import allow_remote_code, is_chat_model, resolve_model
 from gold_ray.reporting.tracking import NullTracker, Tracker, build_tracker
 from gold_ray.run import store
+from gold_ray.run.diversity import records_diversity
 from gold_ray.run.faults import fault_point
 from gold_ray.run.fork import check_fork, copy_fork
 from gold_ray.run.runtime import InProcessRuntime, Produced, RunContext, Runtime, StageProgress, no_progress
@@ -985,6 +986,8 @@ class Distiller:
             "records": len(train),
             "val_records": len(val),
             "dropped_by_noise_filter": len(records) - len(kept),
+            # Of every accepted record, before the noise filter: what the strategy made the teacher write.
+            "diversity": records_diversity(records, self.task.field_names),
             "loss": recipe.loss,
             "recipe": recipe.name,
             "recipes": [{"recipe": r.name, **{k: v for k, v in f.items() if k != "curve"}} for r, _, f in trials],

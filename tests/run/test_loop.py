@@ -60,6 +60,10 @@ def test_gold_loop_feeds_back_rejects_and_saves(tmp_path, tiny_student, eval_fil
     assert len(ds) == sum(m["generate"]["accepted"] for m in metrics["iterations"])
     card = (run / "dataset_card.md").read_text()
     assert f"Accepted samples (train and probe parts): {metrics['totals']['accepted']}" in card
+    # The final stage measures the diversity of every accepted record, and the card says it.
+    diversity = metrics["final"]["diversity"]
+    assert diversity["texts"] == metrics["totals"]["accepted"] and 0 < diversity["distinct_2"] <= 1
+    assert f"Diversity of {diversity['texts']} sampled texts" in card
 
 
 def test_zerogen_has_no_probes_or_feedback(tmp_path, tiny_student, eval_file):
