@@ -102,6 +102,7 @@ def test_local_distill_is_an_mlflow_run_that_a_resume_continues(setup, monkeypat
     run = client.get_run(failed.info.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["final.accuracy"] == pytest.approx(metrics["final"]["accuracy"])
+    assert run.data.metrics["final.diversity.distinct_2"] == pytest.approx(metrics["final"]["diversity"]["distinct_2"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train.loss")] == [0, 1]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "final.accuracy")] == [2]  # logged once
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

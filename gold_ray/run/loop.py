@@ -1062,8 +1062,15 @@ PASS_SHARED = ("seconds", "output_tokens", "prompt_tokens", "tokens_per_s", "sam
 
 
 def stage_metrics(stage: str, info: dict[str, Any]) -> dict[str, Any]:
-    """A stage's numbers as MLflow metric names (``train.loss``); the tracker keeps the numeric ones."""
-    return {f"{stage}.{k}": v for k, v in info.items()}
+    """A stage's numbers as MLflow metric names (``train.loss``, nested ones as ``final.diversity.distinct_2``);
+    the tracker keeps the numeric ones."""
+    out: dict[str, Any] = {}
+    for key, value in info.items():
+        if isinstance(value, dict):
+            out.update(stage_metrics(f"{stage}.{key}", value))
+        else:
+            out[f"{stage}.{key}"] = value
+    return out
 
 
 def split_pass_stats(stats: dict[str, Any], counts: list[int], tokens: list[int]) -> list[dict[str, Any]]:

@@ -37,3 +37,4 @@ def test_records_join_their_input_fields():
     rec = {"premise": "It rained.", "hypothesis": "The ground is wet.", "label": "entailment"}
     assert record_text(rec, ["premise", "hypothesis"]) == "It rained. The ground is wet."
     assert records_diversity([rec, rec], ["premise", "hypothesis"])["near_copies"] == 1.0
+

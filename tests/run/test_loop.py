@@ -6,7 +6,14 @@ import zlib
 
 import pytest
 
-from gold_ray.run.loop import LABEL_CHECK_MIN_READ, STAGES, Distiller, RunDirError, label_check_skip_reason
+from gold_ray.run.loop import (
+    LABEL_CHECK_MIN_READ,
+    STAGES,
+    Distiller,
+    RunDirError,
+    label_check_skip_reason,
+    stage_metrics,
+)
 from gold_ray.run.store import StateFileError, read_parts
 from gold_ray.testing import FakeTeacherEngine, RecordingEngine, tiny_run_config
 from tests.faults.faultkit import write_eval_file
@@ -377,3 +384,8 @@ def test_the_label_check_off_asks_the_teacher_nothing(tmp_path, tiny_student, ev
     assert engine.read == 0 and "label_check" not in metrics["iterations"][0]["generate"]
     assert {r["label"] for r in read_parts([tmp_path / "off" / "run" / "data" / "train-it000.parquet"])} == {
         "negative", "positive"}
+
+
+def test_a_stages_nested_numbers_get_dotted_metric_names():
+    assert stage_metrics("final", {"accuracy": 0.8, "diversity": {"distinct_2": 0.5, "texts": 3}, "loss": "sce"}) == {
+        "final.accuracy": 0.8, "final.diversity.distinct_2": 0.5, "final.diversity.texts": 3, "final.loss": "sce"}
