@@ -497,6 +497,8 @@ def run_row(run: PlannedRun, metrics: dict[str, Any], metric: str, status: str) 
         "teacher_prompt_tokens": metrics.get("teacher_prompt_tokens") or None,
         "accepted": metrics.get("totals", {}).get("accepted"),
         "final_records": final.get("records"),
+        "distinct_2": (final.get("diversity") or {}).get("distinct_2"),
+        "nearest_overlap": (final.get("diversity") or {}).get("nearest_overlap"),
         "status": status,
         "mlflow_run_id": (metrics.get("mlflow") or {}).get("run_id"),
     }
@@ -504,17 +506,19 @@ def run_row(run: PlannedRun, metrics: dict[str, Any], metric: str, status: str) 
 
 def aggregate(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, dict[str, Any]]:
     """Per strategy (in first-seen order): :func:`metric_stats` of ``metric`` over its rows, the
-    per-seed values, and the mean teacher output and prompt tokens and final training records."""
+    per-seed values, and the means of the teacher output and prompt tokens, the final training records
+    and the data's diversity (:func:`gold_ray.run.diversity.text_diversity`)."""
     out: dict[str, dict[str, Any]] = {}
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
         mine = [r for r in rows if r["strategy"] == strategy]
         spend = {k: metric_stats([r.get(k) for r in mine])["mean"]
-                 for k in ("teacher_tokens", "teacher_prompt_tokens", "final_records")}
+                 for k in ("teacher_tokens", "teacher_prompt_tokens", "final_records", "distinct_2", "nearest_overlap")}
         out[strategy] = {**metric_stats([r.get(metric) for r in mine]),
                          "per_seed": {str(r["seed"]): r.get(metric) for r in mine},
                          "teacher_tokens_mean": spend["teacher_tokens"],
                          "teacher_prompt_tokens_mean": spend["teacher_prompt_tokens"],
-                         "final_records_mean": spend["final_records"]}
+                         "final_records_mean": spend["final_records"],
+                         "distinct_2_mean": spend["distinct_2"], "nearest_overlap_mean": spend["nearest_overlap"]}
     return out
 
 
@@ -558,6 +562,12 @@ def _count(value: float | None) -> str | None:
     return None if value is None else f"{value:.0f}"
 
 
+def _diversity(s: dict[str, Any]) -> str | None:
+    if s.get("distinct_2_mean") is None or s.get("nearest_overlap_mean") is None:
+        return None
+    return f"{s['distinct_2_mean']:.3f} / {s['nearest_overlap_mean']:.3f}"
+
+
 def _mean_std(s: dict[str, Any]) -> str | None:
     if s.get("mean") is None:
         return None
@@ -587,18 +597,19 @@ def render_markdown(table: dict[str, Any]) -> str:
         per_seed = ", ".join(f"{v:.4f}" if v is not None else "–" for v in s["per_seed"].values())
         versus = "reference" if strategy == reference else format_difference(paired.get(strategy, {}))
         rows.append([strategy, s["seeds"], _mean_std(s), per_seed, versus, _count(s["teacher_tokens_mean"]),
-                     _count(s.get("teacher_prompt_tokens_mean")), _count(s["final_records_mean"])])
+                     _count(s.get("teacher_prompt_tokens_mean")), _count(s["final_records_mean"]), _diversity(s)])
     majority = table.get("majority")
     if majority:
-        rows.append([baselines.majority_name(majority), "–", majority["accuracy"], "–", "–", "–", "–", "–"])
+        rows.append([baselines.majority_name(majority), "–", majority["accuracy"], "–", "–", "–", "–", "–", "–"])
     fewshot = table.get("teacher_fewshot")
     if fewshot:
         n = f", n={fewshot['n']}" if fewshot.get("n") != table["eval_n"] else ""
         rows.append([f"{TEACHER_ROW} ({fewshot['prompt_style']}, {fewshot['demos']} demos{n})", "–",
-                     fewshot.get(metric), "–", "–", "–", "–", "–"])
+                     fewshot.get(metric), "–", "–", "–", "–", "–", "–"])
     body = markdown_table([
         "strategy", "seeds", f"{metric} mean ± std", "per seed", f"vs {reference} (paired)",
-        "teacher output tokens (mean)", "teacher prompt tokens (mean)", "final training records (mean)"], rows)
+        "teacher output tokens (mean)", "teacher prompt tokens (mean)", "final training records (mean)",
+        "distinct word pairs / nearest overlap (mean)"], rows)
     lines = []
     for strategy, d in paired.items():
         if d["verdict"] in ("ahead", "behind"):

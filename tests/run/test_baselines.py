@@ -75,7 +75,8 @@ def test_reference_defaults_to_zerogen_and_must_be_compared():
 def test_compare_table_rows_show_spread_pairs_tokens_and_both_references():
     strategies = {
         "gold": {"mean": 0.75, "std": 0.01, "seeds": 3, "per_seed": {"0": 0.74, "1": 0.75, "2": 0.76},
-                 "teacher_tokens_mean": 40600.0, "teacher_prompt_tokens_mean": 512000.0, "final_records_mean": 900.0},
+                 "teacher_tokens_mean": 40600.0, "teacher_prompt_tokens_mean": 512000.0, "final_records_mean": 900.0,
+                 "distinct_2_mean": 0.55, "nearest_overlap_mean": 0.081},
         "zerogen": {"mean": 0.72, "std": 0.01, "seeds": 3, "per_seed": {"0": 0.71, "1": 0.72, "2": 0.73},
                     "teacher_tokens_mean": 30300.0, "teacher_prompt_tokens_mean": None, "final_records_mean": 950.0},
     }
@@ -87,8 +88,9 @@ def test_compare_table_rows_show_spread_pairs_tokens_and_both_references():
              "teacher_fewshot": {"accuracy": 0.693, "n": 872, "prompt_style": "chat", "demos": 8}, "notes": []}
     md = render_markdown(table)
     assert "| gold | 3 | 0.7500 ± 0.0100 | 0.7400, 0.7500, 0.7600 | +3.0 points [+3.0, +3.0], 3 pairs: ahead " \
-           "| 40600 | 512000 | 900 |" in md
-    assert "| zerogen | 3 | 0.7200 ± 0.0100 |" in md and "| reference | 30300 | – | 950 |" in md
+           "| 40600 | 512000 | 900 | 0.550 / 0.081 |" in md
+    # A strategy whose runs predate the diversity measure shows none.
+    assert "| zerogen | 3 | 0.7200 ± 0.0100 |" in md and "| reference | 30300 | – | 950 | – |" in md
     assert "| majority class (positive) | – | 0.5092 |" in md
     assert "| teacher few-shot (chat, 8 demos) | – | 0.6930 |" in md
     assert "`gold` is ahead of `zerogen`" in md

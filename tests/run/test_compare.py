@@ -95,6 +95,9 @@ def test_table_has_every_strategy_and_seed_with_mean_and_std(done):
         assert row["mean"] == pytest.approx(statistics.fmean(accs))
         assert row["std"] == pytest.approx(float(np.std(accs, ddof=1)))
         assert row["per_seed"] == {str(s): a for s, a in zip(SEEDS, accs, strict=True)}
+        distinct = [json.loads((out / "runs" / f"{strategy}-s{seed}" / "metrics.json").read_text())["final"]
+                    ["diversity"]["distinct_2"] for seed in SEEDS]
+        assert row["distinct_2_mean"] == pytest.approx(statistics.fmean(distinct))
     # Same budget for everyone: every run asked the teacher for exactly budget.samples samples.
     for row in table["runs"]:
         metrics = json.loads((out / "runs" / f"{row['strategy']}-s{row['seed']}" / "metrics.json").read_text())
