@@ -1,7 +1,9 @@
 """What the machine's processors can do fast: the default torch device and the dtypes to compute in.
 
 Both the teacher (its weights' dtype) and the student (the dtype its training computes in) ask
-here, so a machine's answer is the same for both.
+here, so a machine's answer is the same for both. Torch is imported where a function needs it:
+the Ray processes that only forward teacher calls import this module (``shared_threads``) and
+never load torch.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import os
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def shared_threads(sharers: int) -> int:
@@ -30,6 +34,8 @@ def shared_threads(sharers: int) -> int:
 
 def default_device() -> str:
     """``cuda`` when a CUDA GPU is visible, else ``cpu``."""
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -65,6 +71,8 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     Raises:
         ValueError: an unknown name.
     """
+    import torch
+
     if dtype != "auto":
         if dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype {dtype!r}: expected auto, bfloat16, float16 or float32")
@@ -88,6 +96,8 @@ def training_dtype(precision: str, device: str) -> torch.dtype:
     Raises:
         ValueError: an unknown name.
     """
+    import torch
+
     if precision == "auto":
         # Where the device's own best dtype is float16 (a GPU without bf16), train in float32.
         return torch.bfloat16 if resolve_dtype("auto", device) is torch.bfloat16 else torch.float32
@@ -98,6 +108,8 @@ def training_dtype(precision: str, device: str) -> torch.dtype:
 
 def autocast(dtype: torch.dtype, device: str) -> AbstractContextManager[object]:
     """A context that computes in ``dtype`` (torch autocast), or does nothing for float32."""
+    import torch
+
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
