@@ -529,8 +529,8 @@ def write_summary(runs_dir: str = "runs/quality") -> dict:
                         "wall time per run (s)", "teacher", "final loss", "distinct-2 / nearest overlap (runs)"],
                        main_rows),
         "",
-        "The last column measures the generated data (`gold_ray.run.diversity`, 1,000 sampled texts "
-        "of every accepted record): the share of distinct word pairs, and how much of a text's word pairs its "
+        "The last column measures the generated data (`gold_ray.run.diversity`, up to 1,000 sampled "
+        "texts of every accepted record): the share of distinct word pairs, and how much of a text's word pairs its "
         "nearest other text shares on average (lower is more varied); — where no run of the row measured it.",
     ]
     lines += ["## Majority class", "",
