@@ -986,7 +986,7 @@ class Distiller:
             "records": len(train),
             "val_records": len(val),
             "dropped_by_noise_filter": len(records) - len(kept),
-            # Of every accepted record, before the noise filter: what the strategy made the teacher write.
+            # Of the records the stage starts from (before the noise filter): what the strategy had the teacher write.
             "diversity": records_diversity(records, self.task.field_names),
             "loss": recipe.loss,
             "recipe": recipe.name,
