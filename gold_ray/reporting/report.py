@@ -403,6 +403,12 @@ def _final_rows(run: RunData) -> list[list[Any]]:
         # Which label the student misses: the first thing to read when it loses to a reference row.
         rows.append(["accuracy per label", " · ".join(f"{label} {acc:.3f}" for label, acc
                                                       in final["per_label_accuracy"].items())])
+    diversity = final.get("diversity") or {}
+    if diversity.get("nearest_overlap") is not None:
+        # Whether the teacher repeated itself: a text's nearest other near 1 is a paraphrase of it.
+        rows.append(["data diversity", f"distinct word pairs {diversity['distinct_2']:.3f} · nearest-other overlap "
+                                       f"{diversity['nearest_overlap']:.3f} · near copies {diversity['near_copies']:.3f} "
+                                       f"({diversity['texts']} texts)"])
     for trial in final.get("recipes") or []:
         rows.append([f"candidate {trial.get('recipe')}",
                      f"val_accuracy {trial.get('val_accuracy', '')} · epochs {trial.get('epochs', '')} · "

@@ -118,6 +118,8 @@ def test_report_is_written_at_the_end_with_every_section_and_plot(runs):
     assert f"{runs['metrics_a']['final']['accuracy']:.4f}" in page
     per_label = runs["metrics_a"]["final"]["per_label_accuracy"]
     assert "accuracy per label" in page and all(f"{label} {acc:.3f}" in page for label, acc in per_label.items())
+    diversity = runs["metrics_a"]["final"]["diversity"]
+    assert f"distinct word pairs {diversity['distinct_2']:.3f} · nearest-other overlap" in page
 
 
 def test_report_is_self_contained(runs):
