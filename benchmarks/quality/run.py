@@ -35,7 +35,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -217,21 +219,35 @@ def first_band_student(metrics: dict) -> dict | None:
     return {"accuracy": train["val_accuracy"], "majority": train["val_majority"], "records": train.get("val_records")}
 
 
-def backfill_first_band(runs_dir: str) -> list[Path]:
-    """Add ``first_band_student`` to result files written before the field existed, from their run
-    folders under ``runs_dir`` where those still exist; returns the files changed."""
+NO_RUN = object()
+"""What a :func:`_backfill` reader returns when the run folder lacks what it reads (the file is left as is)."""
+
+
+def _backfill(runs_dir: str, field: str, missing: Callable[[dict], bool], value: Callable[[Path], Any]) -> list[Path]:
+    """Set ``field`` of every strategy result file for which ``missing(row)`` holds to ``value(run_dir)``,
+    read from its run folder under ``runs_dir`` unless that returns :data:`NO_RUN`; returns the files changed."""
     changed = []
     for path in sorted(RESULTS.glob(RESULT_GLOB)):
         row = json.loads(path.read_text())
-        if "strategy" not in row or "first_band_student" in row:
+        if "strategy" not in row or not missing(row):
             continue
-        metrics_file = Path(runs_dir) / path.stem / "metrics.json"
-        if not metrics_file.is_file():
+        found = value(Path(runs_dir) / path.stem)
+        if found is NO_RUN:
             continue
-        row["first_band_student"] = first_band_student(json.loads(metrics_file.read_text()))
+        row[field] = found
         path.write_text(json.dumps(row, indent=2))
         changed.append(path)
     return changed
+
+
+def backfill_first_band(runs_dir: str) -> list[Path]:
+    """Add ``first_band_student`` to result files written before the field existed, from their run
+    folders under ``runs_dir`` where those still exist; returns the files changed."""
+    def value(run_dir: Path) -> Any:
+        metrics_file = run_dir / "metrics.json"
+        return first_band_student(json.loads(metrics_file.read_text())) if metrics_file.is_file() else NO_RUN
+
+    return _backfill(runs_dir, "first_band_student", lambda row: "first_band_student" not in row, value)
 
 
 def backfill_diversity(runs_dir: str) -> list[Path]:
@@ -244,21 +260,14 @@ def backfill_diversity(runs_dir: str) -> list[Path]:
     from gold_ray.run.store import read_parts
     from gold_ray.run.tasks import load_task
 
-    changed = []
-    for path in sorted(RESULTS.glob(RESULT_GLOB)):
-        row = json.loads(path.read_text())
-        if "strategy" not in row or row.get("diversity"):
-            continue
-        run_dir = Path(runs_dir) / path.stem
+    def value(run_dir: Path) -> Any:
         if not (run_dir / "state.json").is_file() or not (run_dir / "task.yaml").is_file():
-            continue
+            return NO_RUN
         parts = [run_dir / p for p in json.loads((run_dir / "state.json").read_text()).get("parts", [])
                  if Path(p).name.startswith(TRAINING_PARTS)]
-        task = load_task(str(run_dir / "task.yaml"))
-        row["diversity"] = records_diversity(read_parts(parts), task.field_names)
-        path.write_text(json.dumps(row, indent=2))
-        changed.append(path)
-    return changed
+        return records_diversity(read_parts(parts), load_task(str(run_dir / "task.yaml")).field_names)
+
+    return _backfill(runs_dir, "diversity", lambda row: not row.get("diversity"), value)
 
 
 def _diversity_cell(rows: list[dict]) -> str:
