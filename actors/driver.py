@@ -24,14 +24,16 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from actors.connect import ensure_ray, on_this_node
 from gold_ray.config import RunConfig
 from gold_ray.reporting.logs import library_output
-from gold_ray.run.loop import Distiller, EventFn
+
+if TYPE_CHECKING:
+    from gold_ray.run.loop import EventFn
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,10 @@ class DistillationDriver:
 
     def run(self) -> dict[str, Any]:
         """Run the loop on the Ray runtime (teacher started and stopped by it); returns the run metrics."""
+        # Imported here, not at the top: the process that launches a run (the CLI) imports this
+        # module too, and the loop brings torch, which only the driver actor needs.
         from actors.runtime import RayRuntime
+        from gold_ray.run.loop import Distiller
 
         runtime = RayRuntime(self.app_name, self.engine_factory)
         with library_output(self.cfg.output.dir), _forward_logs(self._log_event):

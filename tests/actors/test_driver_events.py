@@ -1,5 +1,8 @@
 """The driver's event batches: what the poll loop passes on to the display; what a restarted driver resumes."""
 
+import subprocess
+import sys
+
 from actors.driver import newest_progress, resume_after_restart
 from gold_ray.config import RunConfig
 
@@ -35,3 +38,11 @@ def test_a_restarted_driver_replaces_an_old_run_until_its_own_run_was_prepared(t
     assert resume_after_restart(plain, resume=False, prepared=False) is True
     assert resume_after_restart(RunConfig(output={"dir": str(tmp_path / "none")}), resume=False, prepared=False) is False
     assert resume_after_restart(overwrite, resume=True, prepared=False) is True
+
+
+def test_the_process_that_launches_a_run_on_ray_loads_no_torch():
+    # `gold-ray distill` imports the driver module before it starts Ray; the loop (and torch, about
+    # 1.7 CPU-seconds and 230 MB) is needed only inside the driver actor.
+    code = "import sys, gold_ray.cli, actors.driver; sys.exit('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr or "torch was imported"
