@@ -155,15 +155,16 @@ class TeacherConfig(_Section):
         vllm_cpu_kv_cache_gib: KV cache the ``vllm`` engine reserves on a CPU-only host, in GiB
             (``VLLM_CPU_KVCACHE_SPACE``, which wins when set). Without it vllm-cpu sizes the
             cache from free RAM and refuses to start on a host with less than 92 % of it free.
-        prompts_per_demo_set: How many prompts share one set of demonstrations. 1 (the default):
-            every prompt draws its own demos, as GOLD's authors do. Above 1: prompts of one label
-            are grouped by this many and each group draws one demo set (groups draw different
-            ones), with the per-prompt parts (style hint, GOLD's probe request) after the demos,
-            so a group's prompts share a long token prefix that the ``hf`` engine computes once,
-            vLLM caches and the Serve router sends to one replica. The default stays 1 until the
-            quality benchmark (SST-2 ``gold`` and ``zerogen``, 3 seeds:
-            ``benchmarks/quality/demo_sets.sh``) shows that fewer distinct demo sets lose no
-            accuracy: fewer demo sets may mean less diverse samples.
+        prompts_per_demo_set: How many prompts share one set of demonstrations. Prompts of one
+            label are grouped by this many and each group draws one demo set (groups draw
+            different ones), with the per-prompt parts (style hint, GOLD's probe request) after the
+            demos, so a group's prompts share a long token prefix that the ``hf`` engine computes
+            once, vLLM caches and the Serve router sends to one replica. 1: every prompt draws its
+            own demos, as GOLD's authors do. The default 8 was chosen for speed (1.19 x the
+            teacher's samples/s of 1 on the demo's prompts, ``benchmarks/perf/results/
+            generation_prefix.md``) and checked for harm: the generated data's diversity (distinct
+            word pairs, nearest-other overlap) stayed level, and SST-2 GOLD and ZeroGen over 3
+            seeds scored within the seed spread of runs at 1 (``benchmarks/quality/demo_sets.sh``).
         check_labels: Classification: the teacher reads every sample it wrote back as a few-shot
             classifier (its seed demos, one scoring pass per label, as the teacher row does), and a
             sample it reads as another label than the one it was asked to write is rejected
@@ -199,7 +200,7 @@ class TeacherConfig(_Section):
     max_retries: int = Field(default=3, ge=0)
     retry_backoff_s: float = Field(default=1.0, ge=0)
     vllm_cpu_kv_cache_gib: int = Field(default=4, ge=1)
-    prompts_per_demo_set: int = Field(default=1, ge=1)
+    prompts_per_demo_set: int = Field(default=8, ge=1)
     check_labels: bool = False
     serve: ServeConfig = Field(default_factory=ServeConfig)
 

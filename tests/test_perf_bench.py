@@ -202,6 +202,16 @@ def test_e2e_runtimes_are_checked_and_run_in_a_fixed_order():
                                                             "ray": Path("runs/x/ray")}
 
 
+def test_e2e_authors_loop_draws_demonstrations_per_prompt_and_the_others_run_the_default():
+    import argparse
+
+    args = argparse.Namespace(config="demo", set=[])
+    per_set = {name: common.load_run_config(args, e2e.runtime_overrides(name)).teacher.prompts_per_demo_set
+               for name in e2e.RUNTIMES}
+    assert per_set["authors"] == 1
+    assert per_set["local"] == per_set["ray"] == common.load_run_config(args).teacher.prompts_per_demo_set > 1
+
+
 def test_e2e_stops_before_running_when_the_evaluation_set_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("GOLD_RAY_DATA", raising=False)
     ran = []

@@ -13,8 +13,9 @@ one after another in this process, each into ``RUN_DIR/<runtime>``:
 - ``authors``: the in-process loop (:func:`gold_ray.run.loop.distill_in_process`) whose teacher
   generates the way the GOLD authors' code does: a transformers ``text-generation`` pipeline
   called once per prompt (:func:`benchmarks.perf.generation.reference_runner`, wrapped as a
-  teacher engine by :class:`AuthorsLoopEngine`). Training recipe, data sizes and evaluation are
-  ours, so only generation and orchestration differ from the other two.
+  teacher engine by :class:`AuthorsLoopEngine`), each prompt with demonstrations of its own as
+  theirs are (``teacher.prompts_per_demo_set=1``, :func:`runtime_overrides`). Training recipe,
+  data sizes and evaluation are ours, so only generation and orchestration differ from the other two.
 - ``local``: ``gold-ray distill --local``: the same loop with the config's own engine.
 - ``ray``: ``gold-ray distill``: :func:`actors.driver.run_on_ray` on a private local Ray
   (its start-up timed and counted in the run's wall time).
@@ -421,6 +422,13 @@ def stage_table(rows: list[dict[str, Any]]) -> str:
           r["output_tokens"]] for r in rows])
 
 
+def runtime_overrides(runtime: str) -> list[str]:
+    """Config overrides a runtime runs with beside the benchmark's own: the authors' loop draws
+    demonstrations per prompt, as their code does, so it shares no demo sets (it could not use
+    the shared prefix anyway: one pipeline call per prompt)."""
+    return ["teacher.prompts_per_demo_set=1"] if runtime == "authors" else []
+
+
 def run_all(args: argparse.Namespace, runtimes: list[str]) -> dict[str, dict[str, Any]]:
     """Run the config once per runtime, one after another; returns each run's timings and metrics.
 
@@ -442,7 +450,7 @@ def run_all(args: argparse.Namespace, runtimes: list[str]) -> dict[str, dict[str
     out: dict[str, dict[str, Any]] = {}
     try:
         for name in runtimes:
-            extra = [f"output.dir={dirs[name]}", f"teacher.serve.port={free_port()}"]
+            extra = [f"output.dir={dirs[name]}", f"teacher.serve.port={free_port()}", *runtime_overrides(name)]
             extra += list(QUICK_OVERRIDES) if args.quick else []
             extra += ["output.overwrite=true"] if args.overwrite else []
             cfg = load_run_config(args, extra)
@@ -582,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             "local Ray; each stage's wall time is the gap since the previous stage's commit, so iteration 0's "
             "generate includes the run's set-up (model loads, Ray actors, Serve).",
             "authors: only generation differs from local (per-prompt transformers pipeline, top_k=10, no stop "
-            "strings, output cut at the stop strings afterwards); option scoring for the label check and the "
+            "strings, output cut at the stop strings afterwards, demonstrations drawn per prompt); option scoring for the label check and the "
             "teacher row uses our hf engine in both.",
             "Ratios: ray / local = Ray's whole-run wall over local's (target <= 1.15); authors / ray = the "
             "authors' loop's whole-run wall over Ray's (target >= 5).",
