@@ -15,7 +15,8 @@ RUNS=${RUNS:-runs/quality}
 TASKS=${TASKS:-sst2}
 SEEDS=${SEEDS:-0 1 2}
 STRATEGIES=${STRATEGIES:-zerogen gold}
-limit() { case $1 in ag_news|cola) echo "--set task.eval_limit=1000" ;; esac; }
+# shellcheck source=benchmarks/quality/common.sh
+source benchmarks/quality/common.sh
 run() {  # run TASK SEED STRATEGY [run.py arguments]
     # shellcheck disable=SC2046  # limit's words are meant to split
     $PY benchmarks/quality/run.py --samples 1000 --runs-dir "$RUNS" --task "$1" --seeds "$2" \

@@ -8,7 +8,8 @@ PY=${PY:-.venv/bin/python}
 RUN="$PY benchmarks/quality/run.py --samples 1000"
 TASKS="sst2 ag_news rte cola math_ops"   # math_ops: written from scratch in tasks/, as a newcomer would
 # Sets larger than 1,000 examples are evaluated on the same seeded 1,000, the teacher row too.
-limit() { case $1 in ag_news|cola) echo "--set task.eval_limit=1000" ;; esac; }
+# shellcheck source=benchmarks/quality/common.sh
+source benchmarks/quality/common.sh
 for t in $TASKS; do
     $PY benchmarks/quality/run.py --task "$t" --strategies '' --teacher-fewshot $(limit "$t")
 done

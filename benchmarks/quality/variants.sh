@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs/quality}
-limit() { case $1 in ag_news|cola) echo "--set task.eval_limit=1000" ;; esac; }
+# shellcheck source=benchmarks/quality/common.sh
+source benchmarks/quality/common.sh
 fork() {  # fork TASK TAG [run.py arguments]
     $PY benchmarks/quality/run.py --samples 1000 --runs-dir "$RUNS" --task "$1" --strategies gold --seeds 2 \
         --fork --tag "$2" $(limit "$1") "${@:3}"
